@@ -1,0 +1,109 @@
+"""``/metrics`` and ``/healthz`` on the agent's port, from the latest snapshot on a private registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from agent.core import Agent
+from agent.families import Family
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotCollector:
+    """A prometheus-client custom collector: yields the agent's latest snapshot at scrape time.
+
+    ``rename`` maps our families to another naming scheme (dcgm-exporter's) on the way out.
+    """
+
+    def __init__(self, agent: Agent, extra: Callable[[], list[Family]] | None = None,
+                 rename: Callable[[list[Family]], list[Family]] | None = None) -> None:
+        self._agent = agent
+        self._extra = extra
+        self._rename = rename
+
+    def collect(self) -> Iterator[Metric]:
+        families = list(self._agent.latest.families)
+        if self._extra:
+            families += self._extra()
+        if self._rename:
+            families = self._rename(families)
+        for fam in families:
+            if not fam.samples:
+                continue
+            label_names = sorted({k for labels, _ in fam.samples for k in labels})
+            if fam.kind == "counter":
+                base = fam.name[:-6] if fam.name.endswith("_total") else fam.name
+                out: Metric = CounterMetricFamily(base, fam.help, labels=label_names)
+            else:
+                out = GaugeMetricFamily(fam.name, fam.help, labels=label_names)
+            for labels, value in fam.samples:
+                out.add_metric([labels.get(k, "") for k in label_names], value)
+            yield out
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds are not news
+        return None
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+Route = Callable[[dict, Callable], list[bytes]]
+
+
+def json_response(start_response: Callable, status: str, body: Any) -> list[bytes]:
+    data = json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+class AgentServer:
+    """Serves the agent's HTTP endpoints in a background thread."""
+
+    def __init__(self, host: str, port: int, agent: Agent, *, health: Callable[[], dict],
+                 routes: dict[tuple[str, str], Route] | None = None,
+                 extra: Callable[[], list[Family]] | None = None,
+                 rename: Callable[[list[Family]], list[Family]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(agent, extra, rename))
+        self._metrics_app = make_wsgi_app(self.registry)
+        self._health = health
+        self._routes = routes or {}
+        self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread: threading.Thread | None = None
+
+    def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
+        path, method = environ.get("PATH_INFO", "/"), environ.get("REQUEST_METHOD", "GET")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path == "/healthz":
+            body = self._health()
+            return json_response(start_response, "200 OK" if body.get("ok") else "503 Service Unavailable", body)
+        route = self._routes.get((method, path))
+        if route is not None:
+            return route(environ, start_response)
+        return json_response(start_response, "404 Not Found",
+                             {"error": f"no such endpoint {method} {path}; try /metrics or /healthz"})
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="agent-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,168 @@
+"""Assembles and runs the agent from its settings: sources, sampling loop, /metrics server, pusher."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.core import Agent
+from agent.exporter import AgentServer, json_response
+from agent.nvml import Nvml, NvmlUnavailable
+from agent.push import Pusher
+from agent.sources import SOURCES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentSettings:
+    listen: str = "0.0.0.0:9445"
+    collector: str | None = None
+    token: str | None = None
+    simulate: int = 0
+    node: str = field(default_factory=socket.gethostname)
+    cluster: str | None = None
+    interval: float = 1.0
+    push_interval: float = 5.0
+    sources: tuple[str, ...] = ()  # empty: every source that is on by default
+    metric_names: str = "gpufleet"
+    seed: int | None = None
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"--listen {listen!r} is not HOST:PORT (for example 0.0.0.0:9445)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class RunningAgent:
+    """An agent with its threads started; ``stop()`` ends them."""
+
+    def __init__(self, settings: AgentSettings, *, nvml_lib: Any | None = None, http: Any | None = None) -> None:
+        self.settings = settings
+        self.simulator = None
+        if settings.simulate:
+            from agent.simulator import SimulatedNVML
+
+            self.simulator = nvml_lib = SimulatedNVML(settings.simulate, seed=settings.seed)
+        self.nvml = Nvml(nvml_lib)
+        wanted = set(settings.sources) or {s.name for s in SOURCES if s.default_on}
+        unknown = wanted - {s.name for s in SOURCES}
+        if unknown:
+            raise ValueError(f"unknown source(s) {sorted(unknown)}; known: {[s.name for s in SOURCES]}")
+        self.agent = Agent([], node=settings.node, interval=settings.interval)
+        sources = []
+        for spec in SOURCES:
+            if spec.name in wanted:
+                sources.append(self._make_source(spec.name))
+        for src in sources:
+            src.start()
+        self.agent.sources = sources
+        self.pusher = None
+        if settings.collector:
+            self.pusher = Pusher(settings.collector, interval=settings.push_interval, token=settings.token, http=http)
+            self.agent.add_sink(self.pusher)
+        host, port = split_listen(settings.listen)
+        routes = {}
+        if self.simulator is not None:
+            routes[("POST", "/simulate/faults")] = self._inject
+            routes[("GET", "/simulate/gpus")] = lambda env, sr: json_response(sr, "200 OK", self.simulator.describe())
+        rename = None
+        if settings.metric_names == "dcgm":
+            from agent.dcgm_names import to_dcgm
+
+            rename = to_dcgm
+        self.server = AgentServer(host, port, self.agent, health=self.health, routes=routes,
+                                  extra=self._own_metrics, rename=rename)
+        self._threads: list[threading.Thread] = []
+
+    def _make_source(self, name: str) -> Any:
+        s = self.settings
+        if name == "gpu":
+            from agent.sources.gpu import GpuSource
+
+            return GpuSource(self.nvml, s.node, cluster=s.cluster, on_event=self._on_gpu_event)
+        module = importlib.import_module(f"agent.sources.{name}")
+        cls = next(v for k, v in vars(module).items() if k.endswith("Source") and isinstance(v, type))
+        return cls(s.node, cluster=s.cluster)
+
+    def _on_gpu_event(self) -> None:
+        self.agent.wake()
+
+    def _inject(self, environ: dict, start_response: Callable) -> list[bytes]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = json.loads(environ["wsgi.input"].read(min(length, 65536)) or b"{}")
+            what = self.simulator.inject(int(body.get("gpu", 0)), str(body.get("kind", "")),
+                                         xid=body.get("xid"), duration=float(body.get("duration", 120)),
+                                         count=int(body.get("count", 1)))
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            return json_response(start_response, "400 Bad Request", {"error": str(exc)})
+        log.warning("simulated fault injected: %s", what)
+        self.agent.wake()
+        return json_response(start_response, "200 OK", {"injected": what})
+
+    def _own_metrics(self) -> list:
+        from agent.families import Family
+
+        labels = {"node": self.settings.node}
+        fams = [Family("gpufleet_agent_simulated", "gauge", "1 when the GPUs are simulated, not real.")]
+        fams[0].add(labels, 1.0 if self.simulator is not None else 0.0)
+        if self.pusher is not None:
+            p = self.pusher
+            for name, kind, help_text, value in (
+                ("gpufleet_agent_push_samples_total", "counter", "Samples the collector acknowledged.", p.sent_samples),
+                ("gpufleet_agent_push_failures_total", "counter", "Pushes that failed and were kept for retry.",
+                 p.failed_pushes),
+                ("gpufleet_agent_push_dropped_samples_total", "counter",
+                 "Samples dropped: refused by the collector, or over the pending limit.", p.dropped_samples),
+                ("gpufleet_agent_push_pending_samples", "gauge", "Samples waiting to be pushed.", p.pending_samples()),
+            ):
+                f = Family(name, kind, help_text)
+                f.add(labels, value)
+                fams.append(f)
+        return fams
+
+    def health(self) -> dict:
+        body: dict[str, Any] = {"ok": True, "node": self.settings.node, "simulated": self.simulator is not None,
+                                "samples": self.agent.samples_taken}
+        gpu = next((s for s in self.agent.sources if s.name == "gpu"), None)
+        if gpu is not None:
+            body["gpus"] = len(gpu.gpus)
+            body["driver"] = gpu.driver
+        if self.pusher is not None:
+            body["collector"] = self.pusher.url
+            body["push_error"] = self.pusher.last_error
+        return body
+
+    def start(self) -> RunningAgent:
+        self.agent.sample()
+        t = threading.Thread(target=self.agent.run, name="sampler", daemon=True)
+        t.start()
+        self._threads.append(t)
+        if self.pusher is not None:
+            self.pusher.start()
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.agent.stop()
+        if self.pusher is not None:
+            self.pusher.stop()
+        self.server.stop()
+        self.nvml.shutdown()
+
+
+def start_agent(settings: AgentSettings, **kwargs: Any) -> RunningAgent:
+    """Build and start an agent. Raises :class:`NvmlUnavailable` with a next step when NVML cannot start."""
+    return RunningAgent(settings, **kwargs).start()
+
+
+__all__ = ["AgentSettings", "NvmlUnavailable", "RunningAgent", "start_agent", "split_listen"]

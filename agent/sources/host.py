@@ -1,0 +1,40 @@
+"""Host source: CPU, memory and load of the node, through psutil."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from agent.families import Family
+
+
+class HostSource:
+    name = "host"
+
+    def __init__(self, node: str, *, cluster: str | None = None, psutil_module: Any | None = None) -> None:
+        if psutil_module is None:
+            import psutil as psutil_module
+        self._ps = psutil_module
+        self._labels = {"node": node, **({"cluster": cluster} if cluster else {})}
+        self._ps.cpu_percent(interval=None)  # prime: the first call has no period to measure
+
+    def start(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def collect(self) -> list[Family]:
+        ps, labels = self._ps, self._labels
+        cpu = Family("gpufleet_host_cpu_utilization_ratio", "gauge", "Share of all CPU cores busy since the last sample.")
+        cpu.add(labels, ps.cpu_percent(interval=None) / 100.0)
+        vm = ps.virtual_memory()
+        used = Family("gpufleet_host_memory_used_bytes", "gauge", "Host memory in use (total minus available), bytes.")
+        used.add(labels, vm.total - vm.available)
+        total = Family("gpufleet_host_memory_total_bytes", "gauge", "Host memory in total, bytes.")
+        total.add(labels, vm.total)
+        load = Family("gpufleet_host_load1", "gauge", "One-minute load average.")
+        load.add(labels, os.getloadavg()[0])
+        cores = Family("gpufleet_host_cpu_cores", "gauge", "Logical CPU cores.")
+        cores.add(labels, ps.cpu_count() or 0)
+        return [cpu, used, total, load, cores]

@@ -1,0 +1,79 @@
+"""Initial schema: series, samples, latest, alerts, rule memory, notifications.
+
+Revision ID: 0001
+Revises:
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "series",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("fingerprint", sa.BigInteger, nullable=False, unique=True),
+        sa.Column("metric", sa.String(200), nullable=False),
+        sa.Column("labels", sa.Text, nullable=False),
+        sa.Column("node", sa.String(253)),
+        sa.Column("uuid", sa.String(64)),
+        sa.Column("created_ms", sa.BigInteger, nullable=False),
+    )
+    op.create_index("ix_series_metric", "series", ["metric"])
+    op.create_index("ix_series_uuid", "series", ["uuid"])
+    op.create_table(
+        "samples",
+        sa.Column("series_id", sa.Integer, primary_key=True),
+        sa.Column("ts", sa.BigInteger, primary_key=True),
+        sa.Column("value", sa.Float(53), nullable=False),
+    )
+    op.create_table(
+        "latest",
+        sa.Column("series_id", sa.Integer, primary_key=True),
+        sa.Column("ts", sa.BigInteger, nullable=False),
+        sa.Column("value", sa.Float(53), nullable=False),
+    )
+    op.create_table(
+        "alerts",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("rule", sa.String(200), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("labels", sa.Text, nullable=False),
+        sa.Column("annotations", sa.Text, nullable=False),
+        sa.Column("value", sa.Float(53)),
+        sa.Column("active_since", sa.BigInteger),
+        sa.Column("last_true", sa.BigInteger),
+        sa.Column("fired_at", sa.BigInteger),
+        sa.Column("resolved_at", sa.BigInteger),
+        sa.Column("updated_at", sa.BigInteger, nullable=False),
+    )
+    op.create_index("ix_alerts_state", "alerts", ["state"])
+    op.create_table(
+        "rule_memory",
+        sa.Column("rule", sa.String(200), primary_key=True),
+        sa.Column("series_fingerprint", sa.BigInteger, primary_key=True),
+        sa.Column("value", sa.Float(53), nullable=False),
+        sa.Column("ts", sa.BigInteger, nullable=False),
+    )
+    op.create_table(
+        "notifications",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("alert_id", sa.String(32), nullable=False),
+        sa.Column("notifier", sa.String(32), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("channel", sa.String(100)),
+        sa.Column("message_ts", sa.String(40)),
+        sa.Column("sent_at", sa.BigInteger, nullable=False),
+        sa.Column("text", sa.Text, nullable=False),
+    )
+    op.create_index("ix_notifications_alert", "notifications", ["alert_id"])
+
+
+def downgrade() -> None:
+    for table in ("notifications", "rule_memory", "alerts", "latest", "samples", "series"):
+        op.drop_table(table)

@@ -1,0 +1,1 @@
+"""Alert rules: loading and validating YAML, evaluating in event time, tracking alert state."""

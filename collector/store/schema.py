@@ -1,0 +1,77 @@
+"""Tables of the collector's store (SQLAlchemy Core). Changes go through an Alembic migration."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+# One row per distinct label set. `fingerprint` is a 64-bit hash of the sorted labels.
+series = Table(
+    "series", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("fingerprint", BigInteger, nullable=False, unique=True),
+    Column("metric", String(200), nullable=False),
+    Column("labels", Text, nullable=False),  # JSON object, __name__ excluded
+    Column("node", String(253)),
+    Column("uuid", String(64)),
+    Column("created_ms", BigInteger, nullable=False),
+    Index("ix_series_metric", "metric"),
+    Index("ix_series_uuid", "uuid"),
+)
+
+# Raw samples. The primary key makes a retried batch a no-op instead of a duplicate.
+samples = Table(
+    "samples", metadata,
+    Column("series_id", Integer, primary_key=True),
+    Column("ts", BigInteger, primary_key=True),  # Unix milliseconds
+    Column("value", Float(53), nullable=False),
+)
+
+# The newest sample of every series: what /api/v1/gpus and the rule engine read.
+latest = Table(
+    "latest", metadata,
+    Column("series_id", Integer, primary_key=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("value", Float(53), nullable=False),
+)
+
+# Alert instances and their state; survives a collector restart.
+alerts = Table(
+    "alerts", metadata,
+    Column("id", String(32), primary_key=True),  # hash of rule name + labels
+    Column("rule", String(200), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | firing | resolved
+    Column("labels", Text, nullable=False),
+    Column("annotations", Text, nullable=False),
+    Column("value", Float(53)),
+    Column("active_since", BigInteger),
+    Column("last_true", BigInteger),
+    Column("fired_at", BigInteger),
+    Column("resolved_at", BigInteger),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_alerts_state", "state"),
+)
+
+# Per-series memory of rules (the last counter value an event rule saw).
+rule_memory = Table(
+    "rule_memory", metadata,
+    Column("rule", String(200), primary_key=True),
+    Column("series_fingerprint", BigInteger, primary_key=True),
+    Column("value", Float(53), nullable=False),
+    Column("ts", BigInteger, nullable=False),
+)
+
+# Every notification sent, and where it landed (Slack channel and message ts), to edit it on resolve.
+notifications = Table(
+    "notifications", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_id", String(32), nullable=False),
+    Column("notifier", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("channel", String(100)),
+    Column("message_ts", String(40)),
+    Column("sent_at", BigInteger, nullable=False),
+    Column("text", Text, nullable=False),
+    Index("ix_notifications_alert", "alert_id"),
+)
