@@ -24,28 +24,35 @@ def _config() -> Config:
 
 
 def current_revision(engine: Engine) -> str | None:
+    revs = current_revisions(engine)
+    return ",".join(revs) if revs else None
+
+
+def head_revisions() -> tuple[str, ...]:
+    """Every head of the migration graph (independent schema changes may form separate branches)."""
+    return tuple(sorted(ScriptDirectory.from_config(_config()).get_heads()))
+
+
+def current_revisions(engine: Engine) -> tuple[str, ...]:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
 
 
-def head_revision() -> str:
-    return ScriptDirectory.from_config(_config()).get_current_head()
-
-
-def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the schema to this code's head. Refuses a database migrated by newer code."""
+def upgrade(engine: Engine) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Bring the schema to this code's heads. Refuses a database migrated by newer code."""
     cfg = _config()
     script = ScriptDirectory.from_config(cfg)
-    current = current_revision(engine)
-    if current is not None:
+    current = current_revisions(engine)
+    for rev in current:
         try:
-            script.get_revision(current)
+            known = script.get_revision(rev) is not None
         except Exception:
+            known = False
+        if not known:
             raise SchemaTooNew(
-                f"the database schema is at revision {current!r}, newer than this gpufleet knows "
-                f"(its newest is {script.get_current_head()!r}); upgrade gpufleet, or point --db at another database"
-            ) from None
+                f"the database schema is at revision {rev!r}, newer than this gpufleet knows "
+                f"(its newest: {', '.join(head_revisions())}); upgrade gpufleet, or point --db at another database")
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-    return current, script.get_current_head()
+        command.upgrade(cfg, "heads")
+    return current, head_revisions()

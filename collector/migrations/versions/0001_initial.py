@@ -72,8 +72,32 @@ def upgrade() -> None:
         sa.Column("text", sa.Text, nullable=False),
     )
     op.create_index("ix_notifications_alert", "notifications", ["alert_id"])
+    create_metric_samples_view()
+
+
+# `metric_samples` is the stable read contract for SQL consumers (Grafana's PostgreSQL data source,
+# reports): one row per sample with its time, metric, identity labels and value. Storage layout
+# changes must keep this view's name and columns.
+def create_metric_samples_view() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("""
+            CREATE VIEW metric_samples AS
+            SELECT to_timestamp(sm.ts / 1000.0) AS time, sr.metric,
+                   sr.labels::jsonb ->> 'cluster' AS cluster, sr.node, sr.labels::jsonb ->> 'gpu' AS gpu, sr.uuid,
+                   sr.labels::jsonb ->> 'model' AS model, sr.labels::jsonb ->> 'pod' AS pod,
+                   sr.labels::jsonb ->> 'namespace' AS namespace, sr.labels::jsonb AS labels, sm.value
+            FROM samples sm JOIN series sr ON sr.id = sm.series_id""")
+    else:
+        op.execute("""
+            CREATE VIEW metric_samples AS
+            SELECT sm.ts / 1000.0 AS time, sr.metric,
+                   json_extract(sr.labels, '$.cluster') AS cluster, sr.node, json_extract(sr.labels, '$.gpu') AS gpu,
+                   sr.uuid, json_extract(sr.labels, '$.model') AS model, json_extract(sr.labels, '$.pod') AS pod,
+                   json_extract(sr.labels, '$.namespace') AS namespace, sr.labels, sm.value
+            FROM samples sm JOIN series sr ON sr.id = sm.series_id""")
 
 
 def downgrade() -> None:
+    op.execute("DROP VIEW IF EXISTS metric_samples")
     for table in ("notifications", "rule_memory", "alerts", "latest", "samples", "series"):
         op.drop_table(table)
