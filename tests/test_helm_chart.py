@@ -41,11 +41,12 @@ MATRIX: dict[str, dict] = {
                     "agent": {"podResources": {"enabled": False}, "nvidia": {"runtimeClassName": ""}},
                     "collector": {"persistence": {"enabled": False}}},
     "tokens-and-slack": {"auth": {"tokens": ["a" * 32, "b" * 32]}, "cluster": "prod-east",
-                         "slack": {"token": "xoxb-1-2-3", "channel": "C0123ONCALL"},
+                         "slack": {"token": "xoxb-1-2-3", "channel": "C0123ONCALL",
+                                   "baseUrl": "https://slack.example/api/"},
                          "grafana": {"url": "https://grafana.example", "token": "glsa_x"},
                          "rules": {"files": {"gpu.yaml": "groups: []\n", "site.yaml": "groups: []\n"}}},
     "agents-only": {"collector": {"enabled": False}, "podMonitor": {"enabled": True},
-                    "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True}},
+                    "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True, "sources": ["gpu", "host"]}},
 }
 
 
