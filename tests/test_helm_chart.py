@@ -236,6 +236,7 @@ def test_network_policies_admit_agents_and_listed_peers(rendered):
     ({"agent": {"interval": 0}}, "/agent/interval"),
     ({"agent": {"metricNames": "dcgm-exporter"}}, "/agent/metricNames"),
     ({"collector": {"replicas": 0}}, "/collector/replicas"),
+    ({"agent": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}, "/agent/resources/requests"),
     ({"database": {"url": "mysql://x"}}, "/database/url"),
     ({"auth": {"tokens": ["short"]}}, "/auth/tokens/0"),
     ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
