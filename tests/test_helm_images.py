@@ -4,6 +4,7 @@ the collector's carries the rule pack where the chart's --rules points."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def wheel_dir(tmp_path_factory) -> Path:
 
 def _install(extra: str, wheel_dir: Path, prefix: Path, *more: str) -> Path:
     result = subprocess.run(["sh", str(DOCKER / "install-wheel.sh"), extra, str(prefix), str(wheel_dir), *more],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout + result.stderr
     return prefix / "bin"
 
