@@ -1,0 +1,130 @@
+{{/* Names and labels shared by every object. */}}
+{{- define "gpufleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "gpufleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gpufleet.agent.fullname" -}}{{ include "gpufleet.fullname" . | trunc 57 | trimSuffix "-" }}-agent{{- end -}}
+{{- define "gpufleet.collector.fullname" -}}{{ include "gpufleet.fullname" . | trunc 53 | trimSuffix "-" }}-collector{{- end -}}
+{{- define "gpufleet.secret" -}}{{ include "gpufleet.fullname" . | trunc 55 | trimSuffix "-" }}-secrets{{- end -}}
+
+{{- define "gpufleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gpufleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "gpufleet.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "gpufleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gpufleet
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "gpufleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "gpufleet.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gpufleet.image" -}}
+{{- $img := index . 0 -}}{{- $root := index . 1 -}}
+{{- printf "%s:%s" $img.repository (default $root.Chart.AppVersion $img.tag) -}}
+{{- end -}}
+
+{{/* The collector's in-cluster URL, or the one given. Empty when agents do not push. */}}
+{{- define "gpufleet.collectorUrl" -}}
+{{- if .Values.agent.collectorUrl -}}
+{{- .Values.agent.collectorUrl -}}
+{{- else if .Values.collector.enabled -}}
+{{- printf "http://%s.%s.svc:%d" (include "gpufleet.collector.fullname" .) .Release.Namespace (int .Values.collector.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* True (non-empty) when the store is SQLite: no database URL and no Secret holding one. */}}
+{{- define "gpufleet.sqlite" -}}
+{{- if and (not .Values.database.existingSecret) (or (not .Values.database.url) (hasPrefix "sqlite" .Values.database.url)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Where the write tokens live: the user's Secret or the chart's. */}}
+{{- define "gpufleet.authSecret" -}}
+{{- default (include "gpufleet.secret" .) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "gpufleet.slackSecret" -}}
+{{- default (include "gpufleet.secret" .) .Values.slack.existingSecret -}}
+{{- end -}}
+
+{{- define "gpufleet.grafanaSecret" -}}
+{{- default (include "gpufleet.secret" .) .Values.grafana.existingSecret -}}
+{{- end -}}
+
+{{- define "gpufleet.dbSecret" -}}
+{{- default (include "gpufleet.secret" .) .Values.database.existingSecret -}}
+{{- end -}}
+
+{{/* Settings that contradict each other fail the render with the fix in the message. */}}
+{{- define "gpufleet.validate" -}}
+{{- if and .Values.collector.enabled (gt (int .Values.collector.replicas) 1) (include "gpufleet.sqlite" .) -}}
+{{- fail "collector.replicas > 1 needs PostgreSQL: SQLite is one file that one collector owns. Set database.url (postgresql+psycopg://...) or database.existingSecret, or collector.replicas=1." -}}
+{{- end -}}
+{{- if and .Values.slack.channel (not (or .Values.slack.token .Values.slack.existingSecret)) -}}
+{{- fail "slack.channel is set but there is no bot token: set slack.token or slack.existingSecret." -}}
+{{- end -}}
+{{- if and (or .Values.slack.token .Values.slack.existingSecret) (not .Values.slack.channel) -}}
+{{- fail "a Slack bot token is set but slack.channel is empty: set slack.channel to the channel ID (C0123...)." -}}
+{{- end -}}
+{{- if and (or .Values.grafana.token .Values.grafana.existingSecret) (not .Values.grafana.url) -}}
+{{- fail "a Grafana token is set but grafana.url is empty: set grafana.url (https://grafana.example.com)." -}}
+{{- end -}}
+{{- if and .Values.serviceMonitor.enabled .Values.podMonitor.enabled -}}
+{{- fail "serviceMonitor.enabled and podMonitor.enabled would scrape every agent twice: enable one of them." -}}
+{{- end -}}
+{{- if and .Values.serviceMonitor.enabled (not .Values.agent.service.enabled) -}}
+{{- fail "serviceMonitor.enabled selects the agents' Service: set agent.service.enabled=true, or use podMonitor.enabled." -}}
+{{- end -}}
+{{- if and (not .Values.rules.builtin) (not .Values.rules.files) .Values.collector.enabled -}}
+{{- fail "rules.builtin=false with no rules.files leaves the collector without rules: add rules.files or set rules.builtin=true." -}}
+{{- end -}}
+{{- range $name, $_ := .Values.rules.files -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]+\\.ya?ml$" $name) -}}
+{{- fail (printf "rules.files key %q is not a rule file name: use NAME.yaml" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $_ := .Values.grafana.dashboards.extra -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]+\\.json$" $name) -}}
+{{- fail (printf "grafana.dashboards.extra key %q is not a dashboard file name: use NAME.json" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod-level and container-level security of the agent: least privilege unless asked otherwise. */}}
+{{- define "gpufleet.agent.runAsUser" -}}
+{{- if not (kindIs "invalid" .Values.agent.runAsUser) -}}{{ .Values.agent.runAsUser }}
+{{- else if .Values.agent.podResources.enabled -}}0
+{{- else -}}10001
+{{- end -}}
+{{- end -}}
+
+{{/* Changes when a secret setting changes, so pods restart and read it (a generated token is kept, so it
+     does not change the sum). */}}
+{{- define "gpufleet.secretsChecksum" -}}
+{{- list .Values.auth .Values.database .Values.slack .Values.grafana.token .Values.grafana.existingSecret | toJson | sha256sum -}}
+{{- end -}}

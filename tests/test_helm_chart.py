@@ -1,0 +1,380 @@
+"""The Helm chart, rendered by Helm's own engine over the installs people do, every object valid for a
+current Kubernetes; wrong values fail at template time with a message that names the fix."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gpufleet.cli import main
+from tests.helm_render import CHART, NAMESPACE, container, env_of, find, objects, render, validate
+
+PG_URL = "postgresql+psycopg://gpufleet:s3cret@db.example:5432/gpufleet"
+
+# The installs the chart must get right; each is rendered and every object validated.
+MATRIX: dict[str, dict] = {
+    "defaults": {},
+    "per-process": {"agent": {"perProcess": True}},
+    "prometheus-operator": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                            "prometheusRule": {"enabled": True}},
+    "pod-monitor": {"podMonitor": {"enabled": True}, "agent": {"service": {"enabled": False}}},
+    "external-database": {"database": {"url": PG_URL}, "collector": {"replicas": 3}},
+    "existing-secrets": {
+        "database": {"existingSecret": "gpufleet-db", "existingSecretKey": "url"},
+        "auth": {"existingSecret": "gpufleet-auth"},
+        "slack": {"existingSecret": "gpufleet-slack", "channel": "C0123ONCALL"},
+        "grafana": {"url": "https://grafana.example", "existingSecret": "gpufleet-grafana"},
+        "collector": {"replicas": 2},
+    },
+    "locked-down": {"networkPolicy": {"enabled": True, "agentIngressFrom": [
+                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                        "collectorIngressFrom": [{"podSelector": {"matchLabels": {"app": "grafana"}}}]},
+                    "agent": {"podResources": {"enabled": False}, "nvidia": {"runtimeClassName": ""}},
+                    "collector": {"persistence": {"enabled": False}}},
+    "tokens-and-slack": {"auth": {"tokens": ["a" * 32, "b" * 32]}, "cluster": "prod-east",
+                         "slack": {"token": "xoxb-1-2-3", "channel": "C0123ONCALL",
+                                   "baseUrl": "https://slack.example/api/"},
+                         "grafana": {"url": "https://grafana.example", "token": "glsa_x"},
+                         "rules": {"files": {"gpu.yaml": "groups: []\n", "site.yaml": "groups: []\n"}}},
+    "agents-only": {"collector": {"enabled": False}, "podMonitor": {"enabled": True},
+                    "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True, "sources": ["gpu", "host"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: objects(render(values)) for name, values in MATRIX.items()}
+
+
+@pytest.mark.parametrize("scenario", list(MATRIX))
+def test_every_rendered_object_is_valid_for_current_kubernetes(rendered, scenario):
+    objs = rendered[scenario]
+    assert objs, "the chart rendered nothing"
+    for obj in objs:
+        try:
+            validate(obj)
+        except Exception as exc:  # name the object, the schema error alone does not say which one
+            pytest.fail(f"{scenario}: {obj['kind']} {obj['metadata'].get('name')} from {obj['__template__']}: {exc}")
+
+
+def test_agent_runs_only_on_gpu_nodes_and_tolerates_their_taint(rendered):
+    pod = find(rendered["defaults"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    keys = {t["matchExpressions"][0]["key"] for t in terms}
+    assert keys == {"nvidia.com/gpu.present", "feature.node.kubernetes.io/pci-10de.present"}
+    assert all(len(t["matchExpressions"]) == 1 for t in terms), "any one GPU label must be enough (terms are ORed)"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["runtimeClassName"] == "nvidia"
+    env = env_of(pod["containers"][0])
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
+    # It watches GPUs without taking one from the scheduler.
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0].get("resources", {}))
+    anywhere = find(rendered["agents-only"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    assert "affinity" not in anywhere
+
+
+def test_agent_node_name_comes_from_the_downward_api(rendered):
+    env = env_of(container(rendered["defaults"], "agent"))
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_agent_has_least_privilege_and_host_pid_only_for_per_process(rendered):
+    for scenario in MATRIX:
+        if "DaemonSet" not in {o["kind"] for o in rendered[scenario]}:
+            continue
+        pod = find(rendered[scenario], "DaemonSet", "-agent")["spec"]["template"]["spec"]
+        sc = pod["containers"][0]["securityContext"]
+        assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False, scenario
+        assert sc["capabilities"] == {"drop": ["ALL"]}, scenario
+        assert sc["readOnlyRootFilesystem"] is True
+        assert pod.get("hostPID", False) is (scenario == "per-process"), scenario
+        assert pod.get("hostNetwork", False) is False
+        assert pod["automountServiceAccountToken"] is False
+    per_process = env_of(container(rendered["per-process"], "agent"))
+    assert per_process["GPUFLEET_PER_PROCESS"]["value"] == "true"
+    assert "GPUFLEET_PER_PROCESS" not in env_of(container(rendered["defaults"], "agent"))
+    # Without the root-only kubelet socket the agent runs as the image's unprivileged user.
+    locked = find(rendered["locked-down"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    assert locked["securityContext"]["runAsNonRoot"] is True and locked["securityContext"]["runAsUser"] == 10001
+    assert "runtimeClassName" not in locked
+
+
+def test_privileged_and_profiling_are_explicit_options():
+    objs = objects(render({"agent": {"profilingCapability": True}}))
+    assert container(objs, "agent")["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    objs = objects(render({"agent": {"privileged": True}}))
+    assert container(objs, "agent")["securityContext"]["privileged"] is True
+    for o in objs:
+        validate(o)
+
+
+def test_pod_resources_socket_is_mounted_read_only(rendered):
+    ds = find(rendered["defaults"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    c = ds["containers"][0]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "pod-resources")
+    assert mount["readOnly"] is True and mount["mountPath"] == "/var/lib/kubelet/pod-resources"
+    vol = next(v for v in ds["volumes"] if v["name"] == "pod-resources")
+    assert vol["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert env_of(c)["GPUFLEET_POD_RESOURCES_SOCKET"]["value"] == "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+
+def test_agent_resources_and_health_probes(rendered):
+    c = container(rendered["defaults"], "agent")
+    assert c["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["ports"][0]["containerPort"] == 9445
+    c = container(rendered["defaults"], "collector")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+
+
+def _secret_data(objs) -> dict[str, str]:
+    secrets = [o for o in objs if o["kind"] == "Secret"]
+    return {k: base64.b64decode(v).decode() for s in secrets for k, v in s.get("data", {}).items()}
+
+
+def test_sqlite_by_default_on_a_kept_volume_with_one_replica(rendered):
+    objs = rendered["defaults"]
+    deploy = find(objs, "Deployment", "-collector")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert env_of(container(objs, "collector"))["GPUFLEET_DB"]["value"] == "sqlite:////var/lib/gpufleet/gpufleet.db"
+    pvc = find(objs, "PersistentVolumeClaim", "-collector")
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert find(objs, "PodDisruptionBudget", "-collector")["spec"]["maxUnavailable"] == 1
+
+
+def test_external_database_comes_from_a_secret_and_allows_replicas(rendered):
+    objs = rendered["external-database"]
+    deploy = find(objs, "Deployment", "-collector")
+    assert deploy["spec"]["replicas"] == 3 and deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    ref = env_of(container(objs, "collector"))["GPUFLEET_DB"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "gf-gpufleet-secrets", "key": "dsn"}
+    assert _secret_data(objs)["dsn"] == PG_URL
+    assert PG_URL not in json.dumps(deploy), "the DSN (with its password) must not sit in the Deployment"
+    assert not [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+
+
+def test_existing_secrets_are_referenced_not_created(rendered):
+    objs = rendered["existing-secrets"]
+    assert not [o for o in objs if o["kind"] == "Secret"], "every secret came from the user's Secrets"
+    col = env_of(container(objs, "collector"))
+    assert col["GPUFLEET_DB"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-db", "key": "url"}
+    assert col["GPUFLEET_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-auth", "key": "tokens"}
+    assert col["GPUFLEET_SLACK_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-slack",
+                                                                        "key": "slack-token"}
+    assert col["GPUFLEET_GRAFANA_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-grafana",
+                                                                          "key": "grafana-token"}
+    agent = env_of(container(objs, "agent"))
+    assert agent["GPUFLEET_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-auth", "key": "agent-token"}
+
+
+def test_write_tokens_agents_send_are_ones_the_collector_accepts(rendered):
+    for scenario in ("defaults", "tokens-and-slack"):
+        objs = rendered[scenario]
+        data = _secret_data(objs)
+        agent_ref = env_of(container(objs, "agent"))["GPUFLEET_TOKEN"]["valueFrom"]["secretKeyRef"]
+        col_ref = env_of(container(objs, "collector"))["GPUFLEET_TOKENS"]["valueFrom"]["secretKeyRef"]
+        accepted = data[col_ref["key"]].split(",")
+        assert data[agent_ref["key"]] in accepted and len(data[agent_ref["key"]]) >= 32, scenario
+    assert _secret_data(rendered["tokens-and-slack"])["tokens"] == "a" * 32 + "," + "b" * 32
+    assert _secret_data(rendered["tokens-and-slack"])["slack-token"] == "xoxb-1-2-3"
+
+
+def test_agents_push_to_this_releases_collector(rendered):
+    env = env_of(container(rendered["defaults"], "agent"))
+    assert env["GPUFLEET_COLLECTOR"]["value"] == f"http://gf-gpufleet-collector.{NAMESPACE}.svc:9446"
+    only = env_of(container(rendered["agents-only"], "agent"))
+    assert "GPUFLEET_COLLECTOR" not in only and "GPUFLEET_TOKEN" not in only
+
+
+def test_rule_files_replace_or_add_to_the_built_in_pack(rendered):
+    objs = rendered["tokens-and-slack"]
+    c = container(objs, "collector")
+    assert env_of(c)["GPUFLEET_RULES"]["value"] == "/usr/share/gpufleet/rules"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"] if m["name"] == "rules"}
+    assert set(mounts) == {"/usr/share/gpufleet/rules/gpu.yaml", "/usr/share/gpufleet/rules/site.yaml"}
+    cm = find(objs, "ConfigMap", "-rules")
+    assert set(cm["data"]) == {"gpu.yaml", "site.yaml"}
+    own = objects(render({"rules": {"builtin": False, "files": {"mine.yaml": "groups: []\n"}}}))
+    c = container(own, "collector")
+    assert env_of(c)["GPUFLEET_RULES"]["value"] == "/etc/gpufleet/rules"
+    assert [m["mountPath"] for m in c["volumeMounts"] if m["name"] == "rules"] == ["/etc/gpufleet/rules"]
+
+
+def test_service_monitor_scrapes_agents_with_their_own_pod_labels(rendered):
+    sm = find(rendered["prometheus-operator"], "ServiceMonitor")
+    agent_ep = next(e for e in sm["spec"]["endpoints"] if e["port"] == "metrics")
+    assert agent_ep["honorLabels"] is True and agent_ep["scrapeTimeout"] == "10s"
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    svc = find(rendered["prometheus-operator"], "Service", "-agent")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["name"] == "metrics"
+    pm = find(rendered["pod-monitor"], "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+
+
+def test_network_policies_admit_agents_and_listed_peers(rendered):
+    pols = {o["metadata"]["name"]: o for o in rendered["locked-down"] if o["kind"] == "NetworkPolicy"}
+    col = pols["gf-gpufleet-collector"]["spec"]["ingress"][0]["from"]
+    assert col[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "agent"
+    assert {"podSelector": {"matchLabels": {"app": "grafana"}}} in col
+    assert pols["gf-gpufleet-agent"]["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+
+
+# ---- wrong values fail at template time, with the fix in the message --------------------------------
+@pytest.mark.parametrize("values, says", [
+    ({"agent": {"perProccess": True}}, "additional properties 'perProccess' not allowed"),
+    ({"agent": {"interval": 0}}, "/agent/interval"),
+    ({"agent": {"metricNames": "dcgm-exporter"}}, "/agent/metricNames"),
+    ({"collector": {"replicas": 0}}, "/collector/replicas"),
+    ({"agent": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}, "/agent/resources/requests"),
+    ({"database": {"url": "mysql://x"}}, "/database/url"),
+    ({"auth": {"tokens": ["short"]}}, "/auth/tokens/0"),
+    ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
+    ({"collector": {"replicas": 2}}, "collector.replicas > 1 needs PostgreSQL"),
+    ({"collector": {"replicas": 2}, "database": {"url": "sqlite:////data/x.db"}}, "needs PostgreSQL"),
+    ({"slack": {"token": "xoxb-1"}}, "slack.channel is empty"),
+    ({"slack": {"channel": "C0123"}}, "there is no bot token"),
+    ({"grafana": {"token": "t"}}, "grafana.url is empty"),
+    ({"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}, "scrape every agent twice"),
+    ({"rules": {"builtin": False}}, "leaves the collector without rules"),
+    ({"rules": {"files": {"gpu.txt": "x"}}}, "is not a rule file name"),
+])
+def test_wrong_values_fail_with_a_clear_message(values, says):
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert says in str(err.value)
+
+
+def test_a_broken_template_fails_the_render(tmp_path):
+    chart = _copy_chart(tmp_path)
+    (chart / "templates" / "broken.yaml").write_text("{{ .Values.agent.port | nosuchfunction }}\n")
+    with pytest.raises(helm.HelmError, match="nosuchfunction"):
+        render({}, chart=chart)
+
+
+def test_an_invalid_object_fails_validation(tmp_path):
+    chart = _copy_chart(tmp_path)
+    ds = chart / "templates" / "agent-daemonset.yaml"
+    ds.write_text(ds.read_text().replace("containerPort: {{ $a.port }}", "containerPort: nine-four-four-five"))
+    bad = find(objects(render({}, chart=chart)), "DaemonSet", "-agent")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(bad)
+    sm = find(objects(render({"serviceMonitor": {"enabled": True, "interval": "5s", "scrapeTimeout": "10s"}})),
+              "ServiceMonitor")
+    with pytest.raises(AssertionError, match="exceeds interval"):
+        validate(sm)
+
+
+def _copy_chart(tmp_path: Path) -> Path:
+    dest = tmp_path / "gpufleet"
+    shutil.copytree(CHART, dest, symlinks=False)  # files/dashboards becomes a real folder
+    return dest
+
+
+# ---- dashboards for the Grafana sidecar -------------------------------------------------------------
+def test_chart_ships_the_repository_dashboards():
+    link = CHART / "files" / "dashboards"
+    assert link.resolve() == (CHART.parents[1] / "dashboards").resolve(), \
+        "files/dashboards must point at the repository's dashboards/ so the chart ships what `dashboards build` made"
+
+
+def test_dashboard_config_maps_for_sidecar_provisioning(tmp_path):
+    chart = _copy_chart(tmp_path)
+    shipped = chart / "files" / "dashboards"
+    for f in shipped.glob("*.json"):
+        f.unlink()
+    (shipped / "gpu-fleet.json").write_text(json.dumps({"title": "GPU fleet", "panels": []}))
+    (shipped / "gpu-health.json").write_text(json.dumps({"title": "GPU health", "panels": []}))
+    values = {"grafana": {"dashboards": {"configMaps": True, "namespace": "grafana",
+                                         "extra": {"gpu-health.json": json.dumps({"title": "Ours"}),
+                                                   "site.json": json.dumps({"title": "Site"})}}}}
+    cms = [o for o in objects(render(values, chart=chart)) if o["kind"] == "ConfigMap"]
+    by_file = {k: json.loads(v) for cm in cms for k, v in cm["data"].items()}
+    assert by_file == {"gpu-fleet.json": {"title": "GPU fleet", "panels": []}, "gpu-health.json": {"title": "Ours"},
+                       "site.json": {"title": "Site"}}
+    for cm in cms:
+        validate(cm)
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["namespace"] == "grafana"
+        assert cm["metadata"]["annotations"]["grafana_folder"] == "GPU fleet"
+
+
+# ---- PrometheusRule -----------------------------------------------------------------------------------
+def _rendered_rule_groups() -> dict:
+    rule = find(objects(render({"prometheusRule": {"enabled": True}})), "PrometheusRule")
+    return {"groups": rule["spec"]["groups"]}
+
+
+def test_rendered_prometheus_rule_passes_promtool(tmp_path):
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    path = tmp_path / "gpufleet-rules.yaml"
+    path.write_text(yaml.safe_dump(_rendered_rule_groups(), allow_unicode=True))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_catches_a_broken_expression(tmp_path):
+    groups = _rendered_rule_groups()
+    groups["groups"][0]["rules"][0]["expr"] = "increase(gpufleet_gpu_xid_errors_total[5m] > 0"
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(groups))
+    assert subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True).returncode != 0
+
+
+def _export_command():
+    alerts = main.commands.get("alerts")
+    return getattr(alerts, "commands", {}).get("export")
+
+
+def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path):
+    if _export_command() is None:
+        pytest.skip("`gpufleet alerts export` is not in this build yet: files/prometheusrule.yaml is kept by hand "
+                    "(see test_prometheus_rule_file_covers_the_built_in_pack)")
+    out = tmp_path / "prometheusrule.yaml"
+    result = CliRunner().invoke(main, ["alerts", "export", "--format", "prometheusrule", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    exported = yaml.safe_load(out.read_text())
+    committed = yaml.safe_load((CHART / "files" / "prometheusrule.yaml").read_text())
+    assert exported["spec"] == committed["spec"], (
+        "helm/gpufleet/files/prometheusrule.yaml is stale: regenerate it with "
+        "gpufleet alerts export --format prometheusrule -o helm/gpufleet/files/prometheusrule.yaml")
+
+
+def test_prometheus_rule_file_covers_the_built_in_pack():
+    if _export_command() is not None:
+        pytest.skip("`gpufleet alerts export` exists: test_prometheus_rule_file_matches_gpufleet_alerts_export "
+                    "checks the file against it")
+    from collector.rules.model import default_rules_path, load_rules
+
+    pack = {r.name: r for r in load_rules([default_rules_path()])}
+    chart_rules = {r["alert"]: r for g in _rendered_rule_groups()["groups"] for r in g["rules"]}
+    assert set(chart_rules) == set(pack)
+    for name, rule in pack.items():
+        assert chart_rules[name]["labels"]["severity"] == rule.severity, name
+        assert chart_rules[name]["annotations"] == rule.annotations, name
+
+
+def test_notes_tell_where_to_look_next():
+    notes = render({})["gpufleet/templates/NOTES.txt"]
+    assert "kubectl -n monitoring get daemonset gf-gpufleet-agent" in notes
+    assert "port-forward service/gf-gpufleet-collector 9446" in notes
+    assert "No Slack token" in notes
+    assert "docs/install.md" in notes
+    assert "WARNING: auth.enabled=false" in render({"auth": {"enabled": False}})["gpufleet/templates/NOTES.txt"]
+
+
+def test_helm_lint_is_clean():
+    report = helm.lint(str(CHART), strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
+    assert not problems, problems

@@ -1,0 +1,172 @@
+"""Chart values and the programs' flags do not drift apart: every environment variable the chart sets is one
+the program reads (read from the click commands themselves), every setting of the program has a chart value,
+and what the chart sets parses as the program expects."""
+
+from __future__ import annotations
+
+import base64
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from gpufleet.cli import main
+from tests.helm_render import container, env_of, objects, render
+from tests.test_helm_chart import MATRIX
+
+COMPONENTS = ("agent", "collector")
+
+# Read by the NVIDIA container runtime when it sets up the container, not by gpufleet.
+RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+
+# Settings whose flag is not in this build yet. The chart may set them now; once the flag exists it must read
+# exactly this variable (test_pending_flags_read_the_variable_the_chart_sets).
+PENDING: dict[str, tuple[str, str]] = {
+    "GPUFLEET_PER_PROCESS": ("agent", "--per-process"),
+    "GPUFLEET_POD_RESOURCES_SOCKET": ("agent", "--pod-resources-socket"),
+    "GPUFLEET_GRAFANA_URL": ("collector", "--grafana-url"),
+    "GPUFLEET_GRAFANA_TOKEN": ("collector", "--grafana-token"),
+}
+
+# Program settings deliberately left out of the chart, with the reason. Empty today: a new flag must either
+# get a chart value (values.yaml, values.schema.json, the template) or a line here saying why not.
+NOT_IN_CHART: dict[tuple[str, str], str] = {}
+
+# Flags without an environment variable, set through the container's args.
+ARG_VALUES = {("agent", "verbose"): ("agent", "verbose"), ("collector", "verbose"): ("collector", "verbose")}
+
+
+def program_envvars(command: str) -> dict[str, click.Parameter]:
+    """Environment variable -> parameter, for one subcommand, by click's own introspection."""
+    out: dict[str, click.Parameter] = {}
+    for param in main.commands[command].params:
+        names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
+        for name in names:
+            if name:
+                out[name] = param
+    return out
+
+
+def flag_of(command: str, flag: str) -> click.Parameter | None:
+    return next((p for p in main.commands[command].params if flag in getattr(p, "opts", [])), None)
+
+
+@pytest.fixture(scope="module")
+def chart_env() -> dict[str, dict[str, list[dict]]]:
+    """component -> env var name -> the entries the chart renders for it, over the whole values matrix."""
+    seen: dict[str, dict[str, list[dict]]] = {c: {} for c in COMPONENTS}
+    for values in MATRIX.values():
+        objs = objects(render(values))
+        kinds = {o["kind"] for o in objs}
+        for component in COMPONENTS:
+            if ("DaemonSet" if component == "agent" else "Deployment") not in kinds:
+                continue
+            for name, entry in env_of(container(objs, component)).items():
+                seen[component].setdefault(name, []).append(entry)
+    return seen
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_every_env_var_the_chart_sets_is_read_by_the_program(chart_env, component):
+    read = program_envvars(component)
+    assert chart_env[component], "the chart set no environment at all"
+    unknown = []
+    for name in chart_env[component]:
+        if name in read or name in RUNTIME_ENV:
+            continue
+        pending = PENDING.get(name)
+        if pending and pending[0] == component and flag_of(*pending) is None:
+            continue
+        unknown.append(name)
+    assert not unknown, (f"the chart sets {unknown} on the {component}, but `gpufleet {component}` reads none of "
+                         f"them (it reads {sorted(read)}): rename the chart's variable or add the flag")
+
+
+@pytest.mark.parametrize("env, where", sorted(PENDING.items()))
+def test_pending_flags_read_the_variable_the_chart_sets(env, where):
+    param = flag_of(*where)
+    if param is None:
+        pytest.skip(f"`gpufleet {where[0]} {where[1]}` is not in this build yet; the chart already sets {env}")
+    names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
+    assert env in names, f"`gpufleet {where[0]} {where[1]}` reads {names}, but the chart sets {env}"
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_every_program_setting_has_a_chart_value(chart_env, component):
+    missing = []
+    for param in main.commands[component].params:
+        if not isinstance(param, click.Option) or param.name in ("help",):
+            continue
+        if (component, param.name) in NOT_IN_CHART:
+            continue
+        if (component, param.name) in ARG_VALUES:
+            continue
+        names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
+        if not any(n in chart_env[component] for n in names if n):
+            missing.append(f"{param.opts[-1]} ({', '.join(n for n in names if n) or 'no environment variable'})")
+    assert not missing, (f"`gpufleet {component}` settings with no chart value: {missing}; add a value to "
+                         "helm/gpufleet (values.yaml, values.schema.json, the template) or a reason to NOT_IN_CHART")
+
+
+def test_verbose_flags_reach_the_container_args():
+    objs = objects(render({"agent": {"verbose": True}, "collector": {"verbose": True}}))
+    for component in COMPONENTS:
+        args = container(objs, component)["args"]
+        ctx = main.commands[component].make_context(component, args[1:])
+        assert ctx.params["verbose"] is True
+
+
+def _resolve(entries: list[dict], secrets: dict[str, str]) -> str:
+    entry = entries
+    if "value" in entry:
+        return entry["value"]
+    ref = entry["valueFrom"]
+    if "fieldRef" in ref:
+        return "gpu-node-7"  # what the kubelet fills in for spec.nodeName
+    key = ref["secretKeyRef"]
+    return secrets.get(key["key"], f"from-secret-{key['name']}-{key['key']}")
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "tokens-and-slack", "external-database", "existing-secrets",
+                                      "agents-only"])
+def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
+    """Feed each container's rendered environment to the real click command and read back its settings."""
+    from collector.rules.model import default_rules_path
+
+    objs = objects(render(MATRIX[scenario]))
+    secrets = {k: base64.b64decode(v).decode() for o in objs if o["kind"] == "Secret"
+               for k, v in o.get("data", {}).items()}
+    for component in COMPONENTS:
+        kind = "DaemonSet" if component == "agent" else "Deployment"
+        if kind not in {o["kind"] for o in objs}:
+            continue
+        c = container(objs, component)
+        env = {name: _resolve(e, secrets) for name, e in env_of(c).items()}
+        # The image copies the built-in rule pack (the alerts package's files) to this folder.
+        if "GPUFLEET_RULES" in env:
+            env["GPUFLEET_RULES"] = env["GPUFLEET_RULES"].replace("/usr/share/gpufleet/rules",
+                                                                  str(default_rules_path()))
+        with CliRunner(env=env).isolation():
+            ctx = main.commands[component].make_context(component, list(c["args"][1:]))
+        p = ctx.params
+        if component == "agent":
+            assert p["node"] == "gpu-node-7"
+            assert p["listen"] == "0.0.0.0:9445"
+            assert p["interval"] == 1.0 and p["push_interval"] == 5.0
+            if "GPUFLEET_COLLECTOR" in env:
+                assert p["collector"] == env["GPUFLEET_COLLECTOR"]
+                assert p["token"] == env["GPUFLEET_TOKEN"]
+            if scenario == "agents-only":
+                assert p["simulate"] == 4 and p["verbose"] is True and p["sources"] == "gpu,host"
+        else:
+            assert p["listen"] == "0.0.0.0:9446"
+            assert p["db"] == env["GPUFLEET_DB"]
+            assert p["tokens"] == env["GPUFLEET_TOKENS"]
+            assert p["console"] is False and p["eval_interval"] == 5.0
+            assert [str(r) for r in p["rules"]] == [env["GPUFLEET_RULES"]]
+            if scenario == "tokens-and-slack":
+                assert p["slack_token"] == "xoxb-1-2-3" and p["slack_channel"] == "C0123ONCALL"
+                assert p["slack_base_url"] == "https://slack.example/api/"
+    if scenario == "tokens-and-slack":
+        agent_env = env_of(container(objs, "agent"))
+        assert agent_env["GPUFLEET_CLUSTER"]["value"] == "prod-east"
