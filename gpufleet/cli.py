@@ -276,6 +276,7 @@ def report(since: str, until: str | None, fmt: str, db: str | None, collector_ur
     """Efficiency report: GPU-hours by state, wasted hours by pod, throttling, XID/ECC, energy, tokens per joule."""
     end = _unix_time(until)
     if collector_url:
+        import contextlib
         import json
         import urllib.error
         import urllib.parse
@@ -288,10 +289,8 @@ def report(since: str, until: str | None, fmt: str, db: str | None, collector_ur
                 body = resp.read().decode()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 detail = json.loads(detail)["detail"]
-            except (ValueError, KeyError, TypeError):
-                pass
             raise click.ClickException(f"the collector refused the report: {detail}") from None
         except OSError as exc:
             raise click.ClickException(f"cannot reach the collector at {collector_url} ({exc})") from None

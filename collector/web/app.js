@@ -2,7 +2,7 @@
 "use strict";
 
 const REFRESH_MS = 5000;
-const TREND_MS = 30000;
+const TREND_MS = 15000;
 const TREND_WINDOW_S = 15 * 60;
 const trends = {};  // uuid -> {sm: [[t, v]...], util: [...]}
 let lastFleet = null;
@@ -49,9 +49,12 @@ function trendSvg(uuid) {
   svg.setAttribute("aria-label", "SM activity and utilization, last 15 minutes");
   if (!t) return svg;
   const now = Date.now() / 1000;
+  // A young fleet has less than the full window: stretch what there is, but never below a minute.
+  const first = Math.min(...["util", "sm"].map((k) => (t[k] && t[k].length ? t[k][0][0] : now)));
+  const span = Math.max(60, Math.min(TREND_WINDOW_S, now - first));
   for (const kind of ["util", "sm"]) {
-    const pts = (t[kind] || []).map(([ts, v]) =>
-      `${(100 * (1 - (now - ts) / TREND_WINDOW_S)).toFixed(2)},${(29 - 28 * Math.max(0, Math.min(1, v))).toFixed(2)}`);
+    const pts = (t[kind] || []).filter(([ts]) => ts >= now - span).map(([ts, v]) =>
+      `${(100 * (1 - (now - ts) / span)).toFixed(2)},${(29 - 28 * Math.max(0, Math.min(1, v))).toFixed(2)}`);
     if (pts.length < 2) continue;
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("class", kind);
@@ -105,13 +108,14 @@ function alertItem(a) {
 function render(f) {
   const t = f.totals;
   const meanSm = t.sm_active === null ? "–" : pct(t.sm_active);
-  document.getElementById("totals").replaceChildren(
+  document.getElementById("totals").replaceChildren(...[
     el("span", null, el("b", null, `${t.up}/${t.gpus}`), " GPUs up"),
     el("span", null, el("b", null, t.nodes), t.nodes === 1 ? " node" : " nodes"),
     el("span", {class: t.alerts_firing ? "hot" : null}, el("b", null, t.alerts_firing), " firing"),
     el("span", null, "SM ", el("b", null, meanSm), " vs util ", el("b", null, pct(t.utilization))),
     el("span", null, el("b", null, (t.power_watts / 1000).toFixed(2)), " kW"),
-    t.throttled ? el("span", {class: "hot"}, el("b", null, t.throttled), " throttled") : null);
+    t.throttled ? el("span", {class: "hot"}, el("b", null, t.throttled), " throttled") : null,
+  ].filter(Boolean));
   document.getElementById("alerts").replaceChildren(...f.alerts.map(alertItem));
   document.getElementById("nodes").replaceChildren(...f.nodes.map((n) =>
     el("section", {class: "node", "data-node": n.node},
@@ -142,7 +146,7 @@ async function refresh() {
 async function refreshTrends() {
   const end = Date.now() / 1000;
   const start = end - TREND_WINDOW_S;
-  const q = (m) => getJson(`/api/v1/query_range?metric=${m}&start=${start}&end=${end}&step=15`);
+  const q = (m) => getJson(`/api/v1/query_range?metric=${m}&start=${start}&end=${end}&step=5`);
   try {
     const [sm, util] = await Promise.all([q("gpufleet_gpu_sm_active_ratio"), q("gpufleet_gpu_utilization_ratio")]);
     for (const [kind, body] of [["sm", sm], ["util", util]]) {
