@@ -83,11 +83,13 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_since(since: str, until: float | None = None, now: float | None = None) -> tuple[float, float]:
-    """``since``: a duration back from ``until`` (``7d``, ``24h``, ``90m``) or an ISO 8601 time."""
+    """``since``: a duration back from ``until`` (``7d``, ``24h``, ``90m``), Unix seconds or an ISO 8601 time."""
     end = float(until) if until is not None else (time.time() if now is None else now)
     m = _DURATION.match(since)
     if m:
         start = end - float(m[1]) * _UNIT_S[m[2]]
+    elif re.fullmatch(r"\d{9,}(?:\.\d+)?", since.strip()):  # Unix seconds
+        start = float(since)
     else:
         try:
             t = dt.datetime.fromisoformat(since)

@@ -126,12 +126,12 @@ def _collector_options(f):
 
 
 def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack_token, slack_channel,
-                        slack_base_url, tokens=(), console=False):
+                        slack_base_url, tokens=(), console=False, **extra):
     from collector.service import CollectorSettings
 
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
                              tokens=list(tokens), console=console, slack_token=slack_token,
-                             slack_channel=slack_channel, slack_base_url=slack_base_url)
+                             slack_channel=slack_channel, slack_base_url=slack_base_url, **extra)
 
 
 @main.command()
@@ -139,6 +139,12 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
 @click.option("--tokens", default=None, envvar="GPUFLEET_TOKENS",
               help="Comma-separated bearer tokens allowed to write; none: writes are open.")
 @click.option("--console/--no-console", default=False, envvar="GPUFLEET_CONSOLE", help="Print notifications.")
+@click.option("--report-cron", default=None, envvar="GPUFLEET_REPORT_CRON",
+              help="Post the weekly efficiency digest to Slack on this crontab schedule (UTC), e.g. '0 9 * * mon'.")
+@click.option("--report-channel", default=None, envvar="GPUFLEET_REPORT_CHANNEL",
+              help="Slack channel ID for the digest [default: --slack-channel].")
+@click.option("--public-url", default=None, envvar="GPUFLEET_PUBLIC_URL",
+              help="This collector's URL as people reach it; the digest links to the full report there.")
 @_collector_options
 def collector(verbose: bool, listen: str, tokens: str | None, console: bool, **kw) -> None:
     """Run the central collector: receive samples, store them, evaluate rules, notify."""
