@@ -7,11 +7,13 @@ import hmac
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -21,11 +23,13 @@ from prometheus_client import (
     generate_latest,
 )
 
+from collector.fleet import fleet_summary
 from collector.store import Store, StoreUnavailable
 from gpufleet import remote_write as rw
 
 log = logging.getLogger(__name__)
 
+WEB_DIR = Path(__file__).parent / "web"  # the fleet page: static HTML, JS and CSS over this API
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
@@ -149,6 +153,34 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
         return {"alerts": [{"rule": a["rule"], "state": a["state"], "labels": a["labels"],
                             "annotations": a["annotations"], "value": a["value"],
                             "active_since": a["active_since"] / 1000.0} for a in engine.active_alerts()]}
+
+    @app.get("/api/v1/fleet", summary="Every GPU by node with its key numbers, active alerts, fleet totals")
+    async def fleet() -> dict:
+        gpus = await run_in_threadpool(store.gpus)
+        return fleet_summary(gpus, engine.active_alerts() if engine is not None else [])
+
+    @app.get("/api/v1/report", summary="Efficiency report over a time range (GPU-hours by state, waste, "
+             "throttling, errors, energy)")
+    async def report(since: str = "7d", until: float | None = None, format: str = "json") -> Response:
+        from collector.report import ReportError, build_report, parse_since, render
+
+        try:
+            start, end = parse_since(since, until)
+            if format not in ("json", "markdown", "html"):
+                raise ReportError(f"format {format!r} is not one of json, markdown, html")
+        except ReportError as exc:
+            raise HTTPException(400, str(exc)) from None
+        rep = await run_in_threadpool(build_report, store.engine, start, end)
+        if format == "json":
+            return JSONResponse(rep.to_dict())
+        body = render(rep, format)
+        return HTMLResponse(body) if format == "html" else PlainTextResponse(body, media_type="text/markdown")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def fleet_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness and readiness")
     async def healthz() -> JSONResponse:

@@ -33,6 +33,11 @@ class CollectorSettings:
     slack_token: str | None = None
     slack_channel: str | None = None
     slack_base_url: str = "https://slack.com/api/"
+    # Weekly efficiency digest to Slack: a crontab line (UTC), e.g. "0 9 * * mon"; None: off.
+    report_cron: str | None = None
+    report_channel: str | None = None  # default: slack_channel
+    report_since: str = "7d"
+    public_url: str | None = None  # where the digest links to the full report
 
 
 class Collector:
@@ -55,6 +60,11 @@ class Collector:
 
                     slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
                 notifiers.append(SlackNotifier(slack_client, settings.slack_channel))
+        if settings.report_cron and slack_client is None and settings.slack_token:
+            from slack_sdk import WebClient
+
+            slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
+        self.slack_client = slack_client
         self.engine = Engine(self.rules, self.store, self.store, notifiers)
         self.metrics = Metrics()
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
@@ -63,6 +73,21 @@ class Collector:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
                                            id="rules", max_instances=1, coalesce=True)
+        self.digest_job = None
+        if settings.report_cron:
+            from apscheduler.triggers.cron import CronTrigger
+
+            if self.slack_client is None:
+                raise ValueError("--report-cron sends the digest to Slack: set --slack-token too")
+            if not (settings.report_channel or settings.slack_channel):
+                raise ValueError("--report-cron needs --report-channel or --slack-channel")
+            try:
+                trigger = CronTrigger.from_crontab(settings.report_cron, timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(f"--report-cron {settings.report_cron!r} is not a crontab line "
+                                 f"(minute hour day month weekday, e.g. '0 9 * * mon'): {exc}") from None
+            self.digest_job = self.scheduler.add_job(self.send_digest, trigger, id="digest", max_instances=1,
+                                                     coalesce=True, misfire_grace_time=3600)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -72,6 +97,25 @@ class Collector:
                 self.engine.tick(int(time.time() * 1000))
             except Exception:
                 log.exception("rule evaluation failed; next try at the next interval")
+
+    def send_digest(self, now: float | None = None) -> str | None:
+        """Build the efficiency report for the last ``report_since`` and post it to Slack; the message ts."""
+        from collector.report import build_report, parse_since, slack_blocks
+
+        start, end = parse_since(self.settings.report_since, now=now)
+        report = build_report(self.store.engine, start, end)
+        link = None
+        if self.settings.public_url:
+            link = (f"{self.settings.public_url.rstrip('/')}/api/v1/report?format=html"
+                    f"&since={int(start)}&until={int(end)}")
+        text, blocks = slack_blocks(report, link)
+        channel = self.settings.report_channel or self.settings.slack_channel
+        try:
+            resp = self.slack_client.chat_postMessage(channel=channel, text=text, blocks=blocks)
+        except Exception as exc:  # SlackApiError and transport errors: the next week tries again
+            log.error("weekly digest to %s failed: %s", channel, exc)
+            return None
+        return resp.get("ts")
 
     def _on_write(self, metric_names: set[str]) -> None:
         # An agent marked this write urgent (an XID, a GPU lost, a throttle switching on):

@@ -126,12 +126,12 @@ def _collector_options(f):
 
 
 def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack_token, slack_channel,
-                        slack_base_url, tokens=(), console=False):
+                        slack_base_url, tokens=(), console=False, **extra):
     from collector.service import CollectorSettings
 
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
                              tokens=list(tokens), console=console, slack_token=slack_token,
-                             slack_channel=slack_channel, slack_base_url=slack_base_url)
+                             slack_channel=slack_channel, slack_base_url=slack_base_url, **extra)
 
 
 @main.command()
@@ -139,6 +139,12 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
 @click.option("--tokens", default=None, envvar="GPUFLEET_TOKENS",
               help="Comma-separated bearer tokens allowed to write; none: writes are open.")
 @click.option("--console/--no-console", default=False, envvar="GPUFLEET_CONSOLE", help="Print notifications.")
+@click.option("--report-cron", default=None, envvar="GPUFLEET_REPORT_CRON",
+              help="Post the weekly efficiency digest to Slack on this crontab schedule (UTC), e.g. '0 9 * * mon'.")
+@click.option("--report-channel", default=None, envvar="GPUFLEET_REPORT_CHANNEL",
+              help="Slack channel ID for the digest [default: --slack-channel].")
+@click.option("--public-url", default=None, envvar="GPUFLEET_PUBLIC_URL",
+              help="This collector's URL as people reach it; the digest links to the full report there.")
 @_collector_options
 def collector(verbose: bool, listen: str, tokens: str | None, console: bool, **kw) -> None:
     """Run the central collector: receive samples, store them, evaluate rules, notify."""
@@ -209,6 +215,7 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
         c.close()
         raise click.ClickException(f"agent did not start: {exc}") from None
     click.echo(f"gpufleet up: {why}")
+    click.echo(f"  fleet page      http://{listen}/")
     click.echo(f"  agent metrics   http://{agent_listen}/metrics")
     click.echo(f"  GPUs            http://{listen}/api/v1/gpus")
     click.echo(f"  alerts          http://{listen}/api/v1/alerts")
@@ -220,6 +227,103 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
     click.echo("stopping…")
     running.stop()
     c.close()
+
+
+# ---- top and report ---------------------------------------------------------------------------------
+@main.command()
+@click.option("--collector", "collector_url", default="http://127.0.0.1:9446", envvar="GPUFLEET_COLLECTOR",
+              show_default=True, help="Collector URL.")
+@click.option("--interval", type=click.FloatRange(0.2), default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--sort", "sort_key", type=click.Choice(["node", "sm", "util", "memory", "temperature", "power", "alerts"]),
+              default="node", show_default=True)
+@click.option("--cluster", default=None, help="Only GPUs of this cluster.")
+@click.option("--node", default=None, help="Only GPUs whose node name contains this.")
+@click.option("--pod", default=None, help="Only GPUs whose pod (namespace/pod) contains this.")
+def top(collector_url: str, interval: float, sort_key: str, cluster, node, pod) -> None:
+    """A live terminal view of every GPU in the fleet. Keys: s SM, u util, m memory, t temperature, p power,
+    a alerts, n node; r reverses; / filters; q quits."""
+    try:
+        from gpufleet.top import Filters, run_top
+    except ImportError as exc:
+        raise click.ClickException(f"gpufleet top needs rich: pip install 'gpufleet[cli]' ({exc})") from None
+    try:
+        run_top(collector_url, interval=interval, sort_key=sort_key, filters=Filters(cluster, node, pod))
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _unix_time(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    import datetime as dt
+
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither Unix seconds nor an ISO 8601 time") from None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+@main.command()
+@click.option("--since", default="7d", show_default=True, help="How far back: 7d, 24h, 90m, or an ISO 8601 time.")
+@click.option("--until", default=None, help="End of the range, Unix seconds or ISO 8601 [default: now].")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "html"]), default="markdown", show_default=True)
+@click.option("--db", default=None, envvar="GPUFLEET_DB", help="Read the store directly (SQLAlchemy URL).")
+@click.option("--collector", "collector_url", default=None, envvar="GPUFLEET_COLLECTOR",
+              help="Ask a running collector instead (its /api/v1/report).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file [default: standard output].")
+def report(since: str, until: str | None, fmt: str, db: str | None, collector_url: str | None,
+           output: Path | None) -> None:
+    """Efficiency report: GPU-hours by state, wasted hours by pod, throttling, XID/ECC, energy, tokens per joule."""
+    end = _unix_time(until)
+    if collector_url:
+        import contextlib
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        query = {"since": since, "format": fmt, **({"until": str(end)} if end is not None else {})}
+        url = collector_url.rstrip("/") + "/api/v1/report?" + urllib.parse.urlencode(query)
+        try:
+            with urllib.request.urlopen(url, timeout=300) as resp:
+                body = resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                detail = json.loads(detail)["detail"]
+            raise click.ClickException(f"the collector refused the report: {detail}") from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot reach the collector at {collector_url} ({exc})") from None
+    else:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from collector.report import ReportError, build_report, parse_since, render
+        from collector.store import Store
+
+        try:
+            start, stop = parse_since(since, end)
+        except ReportError as exc:
+            raise click.ClickException(str(exc)) from None
+        store = Store.open(db or "sqlite:///gpufleet.db", migrate_schema=False)
+        try:
+            body = render(build_report(store.engine, start, stop), fmt)
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"cannot read the store at {store.engine.url.render_as_string()} "
+                                       f"({getattr(exc, 'orig', exc)}); is it a gpufleet store? "
+                                       "`gpufleet db upgrade --db URL` creates or upgrades one") from None
+        finally:
+            store.close()
+    if output:
+        output.write_text(body)
+        click.echo(f"report written to {output}", err=True)
+    else:
+        click.echo(body, nl=False)
 
 
 # ---- simulate ---------------------------------------------------------------------------------------

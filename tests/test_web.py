@@ -1,0 +1,131 @@
+"""The fleet page, as a newcomer sees it: `gpufleet up --simulate 8`, a fault, and a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, wait_until
+
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def get_text(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.headers.get("content-type", ""), resp.read().decode()
+
+
+@pytest.fixture
+def up_8(tmp_path):
+    """`gpufleet up --simulate 8` in a fresh directory, on free ports; yields (collector URL, agent URL, output)."""
+    agent_port, port = free_port(), free_port()
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "up", "--simulate", "8",
+                                 "--agent-listen", f"127.0.0.1:{agent_port}", "--listen", f"127.0.0.1:{port}",
+                                 "--interval", "0.5", "--push-interval", "1", "--eval-interval", "1"],
+                                cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _gpus(url) == 8, timeout=30)
+        yield url, f"http://127.0.0.1:{agent_port}", log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def _gpus(url: str) -> int:
+    try:
+        return len(get_json(url + "/api/v1/gpus")["gpus"])
+    except OSError:
+        return 0
+
+
+def test_up_prints_the_fleet_page_and_serves_it(up_8):
+    url, _, log = up_8
+    assert f"fleet page      {url}/" in log.read_text()
+    ctype, body = get_text(url + "/")
+    assert ctype.startswith("text/html") and "/web/app.js" in body
+    ctype, _ = get_text(url + "/web/app.js")
+    assert "javascript" in ctype
+    fleet = wait_until(lambda: (lambda f: f if all(g["sm_active"] is not None for n in f["nodes"] for g in n["gpus"])
+                                else None)(get_json(url + "/api/v1/fleet")))  # GPM needs two samples
+    assert fleet["totals"]["gpus"] == 8 and [len(n["gpus"]) for n in fleet["nodes"]] == [8]
+    g = fleet["nodes"][0]["gpus"][0]
+    assert 0 <= g["sm_active"] <= 1 and 0 <= g["utilization"] <= 1 and g["memory_total_bytes"] > 0
+
+
+def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(up_8):
+    from tests.cdp import Chromium
+
+    url, agent_url, _ = up_8
+    subprocess.run([sys.executable, "-m", "gpufleet.cli", "simulate", "inject", "--agent", agent_url,
+                    "--gpu", "3", "xid", "--xid", "79"], check=True, capture_output=True, timeout=30)
+    wait_until(lambda: any(a["rule"] == "GpuXidCritical" for a in get_json(url + "/api/v1/alerts")["alerts"]),
+               timeout=20)
+    # a few samples for the trend lines before the picture is taken
+    wait_until(lambda: all(len(s["values"]) >= 15 for s in get_json(
+        f"{url}/api/v1/query_range?metric=gpufleet_gpu_sm_active_ratio&start={_now() - 60}&end={_now()}&step=1"
+    )["data"]["result"]), timeout=30)
+
+    browser = Chromium()
+    try:
+        browser.viewport(1280, 900)
+        browser.navigate(url + "/")
+        state = """(() => ({
+            gpus: document.querySelectorAll('article.gpu').length,
+            alerting: [...document.querySelectorAll('article.gpu.alerting')].map(e => e.dataset.gpu),
+            alerts: [...document.querySelectorAll('#alerts .alert')].map(e => e.innerText),
+            runbooks: [...document.querySelectorAll('#alerts a.runbook')].map(a => a.href),
+            trends: document.querySelectorAll('svg.trend polyline').length,
+            totals: document.getElementById('totals')?.innerText,
+        }))()"""
+        seen: list = []
+
+        def ready():
+            seen[:] = [browser.evaluate(state)]
+            s = seen[0]
+            return s if s["gpus"] == 8 and s["alerts"] and s["trends"] >= 8 else None
+
+        try:
+            page = wait_until(ready, timeout=30)
+        except AssertionError:
+            raise AssertionError(f"the page never showed 8 GPUs, the alert and the trends: {seen}") from None
+        assert page["alerting"] == ["3"]
+        (xid_alert,) = [a for a in page["alerts"] if "GpuXidCritical" in a]
+        assert "XID 79" in xid_alert and "GPU 3" in xid_alert
+        assert any(r.endswith("/docs/runbooks/xid.md") for r in page["runbooks"])
+        assert "8/8" in page["totals"] or "7/8" in page["totals"]
+        card = browser.evaluate("document.querySelector('article.gpu[data-gpu=\"3\"]').innerText")
+        assert "GpuXidCritical" in card and "SM active" in card and "utilization" in card and "°C" in card
+        browser.screenshot(SCREENSHOTS / "fleet.png")
+
+        # on a phone: one column, nothing wider than the screen
+        browser.viewport(390, 844, mobile=True, scale=2)
+        browser.navigate(url + "/")
+        wait_until(lambda: browser.evaluate("document.querySelectorAll('article.gpu').length") == 8, timeout=20)
+        widths = browser.evaluate("[document.documentElement.scrollWidth, window.innerWidth, "
+                                  "new Set([...document.querySelectorAll('article.gpu')].map(e => e.offsetLeft)).size]")
+        assert widths[0] <= widths[1] and widths[2] == 1, widths
+    finally:
+        browser.close()
+    assert (SCREENSHOTS / "fleet.png").stat().st_size > 20_000
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
