@@ -17,6 +17,14 @@ from tests.conftest import free_port, wait_until
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 
+def screenshot_dir(tmp_path: Path) -> Path:
+    """docs/screenshots when refreshing the README's picture (GPUFLEET_UPDATE_SCREENSHOTS=1), else a temp dir,
+    so a test run leaves the checkout as it found it."""
+    import os
+
+    return SCREENSHOTS if os.environ.get("GPUFLEET_UPDATE_SCREENSHOTS") == "1" else tmp_path
+
+
 def get_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
@@ -68,7 +76,7 @@ def test_up_prints_the_fleet_page_and_serves_it(up_8):
     assert 0 <= g["sm_active"] <= 1 and 0 <= g["utilization"] <= 1 and g["memory_total_bytes"] > 0
 
 
-def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(up_8):
+def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(up_8, tmp_path):
     from tests.cdp import Chromium
 
     url, agent_url, _ = up_8
@@ -111,7 +119,7 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
         assert "8/8" in page["totals"] or "7/8" in page["totals"]
         card = browser.evaluate("document.querySelector('article.gpu[data-gpu=\"3\"]').innerText")
         assert "GpuXidCritical" in card and "SM active" in card and "utilization" in card and "°C" in card
-        browser.screenshot(SCREENSHOTS / "fleet.png")
+        browser.screenshot(screenshot_dir(tmp_path) / "fleet.png")
 
         # on a phone: one column, nothing wider than the screen
         browser.viewport(390, 844, mobile=True, scale=2)
