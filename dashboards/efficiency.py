@@ -37,7 +37,7 @@ def _low_sm_hours_sql(by: str) -> str:
             f"    least(extract(epoch FROM lead(time) OVER (PARTITION BY uuid ORDER BY time) - time), "
             f"{MAX_SAMPLE_SECONDS}) AS seconds\n"
             f"  FROM metric_samples WHERE metric = '{SM}' AND $__timeFilter(time) AND {F}) s\n"
-            + (f"GROUP BY 1 ORDER BY 2 DESC" if by else ""))
+            + ("GROUP BY 1 ORDER BY 2 DESC" if by else ""))
 
 
 def _low_sm_hours_prom(by: str) -> str:

@@ -7,9 +7,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from grafana_foundation_sdk.builders import annotationslist, bargauge, common, dashboard, heatmap, prometheus, stat
+from grafana_foundation_sdk.builders import (
+    annotationslist,
+    bargauge,
+    common,
+    dashboard,
+    heatmap,
+    prometheus,
+    stat,
+    timeseries,
+)
 from grafana_foundation_sdk.builders import table as table_builder
-from grafana_foundation_sdk.builders import timeseries
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
