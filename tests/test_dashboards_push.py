@@ -7,6 +7,7 @@ import copy
 
 import pytest
 from click.testing import CliRunner
+from grafana_client.client import GrafanaBadInputError
 
 import dashboards
 from collector.grafana import GrafanaAnnotationNotifier, GrafanaPusher, collector_pusher, connect
@@ -91,7 +92,7 @@ def test_push_refuses_a_sqlite_store_and_says_what_to_do(grafana):
 
 def test_the_double_rejects_a_request_the_spec_does_not_allow(grafana):
     api = connect(grafana.url, grafana.token)
-    with pytest.raises(Exception):
+    with pytest.raises(GrafanaBadInputError):
         api.client.POST("/dashboards/db", json={"dashboard": {"title": "x"}, "folderUid": 7})
     assert grafana.problems and "folderUid: expected string" in grafana.problems[0]
 
