@@ -96,3 +96,15 @@ def test_json_files_are_valid_grafana_dashboards():
     for name, text in dashboards.committed().items():
         model = json.loads(text)
         assert model["schemaVersion"] >= 39 and model["uid"].startswith("gpufleet-"), name
+
+
+def test_the_docs_describe_every_dashboard_and_panel():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dashboards.md").read_text()
+    for d in dashboards.DASHBOARDS:
+        assert d.title in doc
+        for row in d.rows:
+            if row.title != "Every field the agent collects":
+                for p in row.panels:
+                    assert f"| {p.title} |" in doc, f"docs/dashboards.md does not describe {d.title} / {p.title}"

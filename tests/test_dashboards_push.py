@@ -112,3 +112,18 @@ def test_alert_firing_and_resolve_become_one_annotation_region(grafana):
     assert {"gpufleet", "GpuXidCritical", "critical", "node=gpu-node-7", "resolved"} <= set(a["tags"])
     assert a["text"].startswith("Resolved: [RESOLVED] GpuXidCritical")
     assert grafana.problems == []
+
+
+def test_the_collector_pushes_its_dashboards_on_start_when_grafana_is_configured(grafana, pg_url):
+    from collector.service import Collector, CollectorSettings
+    from tests.conftest import free_port, wait_until
+
+    c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url,
+                                    grafana_token=grafana.token)).start()
+    try:
+        wait_until(lambda: len(grafana.dashboards) == len(dashboards.DASHBOARDS), timeout=20)
+        assert {d["uid"] for d in grafana.datasources.values()} == {"gpufleet-postgres"}
+        assert "grafana" in [n.name for n in c.engine.notifiers]
+    finally:
+        c.close()
+    assert grafana.problems == []
