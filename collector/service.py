@@ -38,6 +38,8 @@ class CollectorSettings:
     report_channel: str | None = None  # default: slack_channel
     report_since: str = "7d"
     public_url: str | None = None  # where the digest links to the full report
+    grafana_url: str | None = None
+    grafana_token: str | None = None
 
 
 class Collector:
@@ -65,6 +67,17 @@ class Collector:
 
             slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
         self.slack_client = slack_client
+        self.grafana_pusher = None
+        if settings.grafana_url:
+            from collector.grafana import GrafanaAnnotationNotifier, collector_pusher, connect
+
+            grafana = connect(settings.grafana_url, settings.grafana_token)
+            notifiers = [*notifiers, GrafanaAnnotationNotifier(grafana)]
+            if settings.db.startswith("postgresql"):
+                self.grafana_pusher = collector_pusher(grafana, settings.db)
+            else:
+                log.warning("Grafana is configured but the store is %s, which Grafana cannot read: posting alert "
+                            "annotations only, no dashboards", settings.db.split(":", 1)[0])
         self.engine = Engine(self.rules, self.store, self.store, notifiers)
         self.metrics = Metrics()
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
@@ -128,9 +141,17 @@ class Collector:
         return uvicorn.Config(self.app, host=host.strip("[]") or "0.0.0.0", port=int(port), log_level="warning",
                               access_log=False, timeout_graceful_shutdown=5)
 
+    def _push_dashboards(self) -> None:
+        if self.grafana_pusher is not None:  # in the background: Grafana may start after the collector
+            from collector.grafana import push_with_retry
+
+            threading.Thread(target=push_with_retry, args=(self.grafana_pusher,), name="grafana-push",
+                             daemon=True).start()
+
     def serve(self) -> None:
         """Run in the foreground until interrupted (Ctrl-C / SIGTERM)."""
         self.scheduler.start()
+        self._push_dashboards()
         try:
             uvicorn.Server(self._server_config()).run()
         finally:
@@ -139,6 +160,7 @@ class Collector:
     def start(self) -> Collector:
         """Run in background threads (for `gpufleet up` and tests)."""
         self.scheduler.start()
+        self._push_dashboards()
         self._server = uvicorn.Server(self._server_config())
         self._thread = threading.Thread(target=self._server.run, name="collector-http", daemon=True)
         self._thread.start()

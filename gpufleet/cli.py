@@ -118,6 +118,10 @@ def _collector_options(f):
         click.option("--slack-channel", default=None, envvar="GPUFLEET_SLACK_CHANNEL", help="Slack channel ID."),
         click.option("--slack-base-url", default="https://slack.com/api/", envvar="GPUFLEET_SLACK_BASE_URL",
                      show_default=True, help="Slack Web API base URL."),
+        click.option("--grafana-url", default=None, envvar="GPUFLEET_GRAFANA_URL",
+                     help="Grafana URL: push dashboards and data sources on start, post alerts as annotations."),
+        click.option("--grafana-token", default=None, envvar="GPUFLEET_GRAFANA_TOKEN",
+                     help="Grafana service-account token (Editor role)."),
         click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options):
@@ -126,12 +130,14 @@ def _collector_options(f):
 
 
 def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack_token, slack_channel,
-                        slack_base_url, tokens=(), console=False, **extra):
+                        slack_base_url, tokens=(), console=False, grafana_url=None, grafana_token=None,
+                        **extra):
     from collector.service import CollectorSettings
 
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
                              tokens=list(tokens), console=console, slack_token=slack_token,
-                             slack_channel=slack_channel, slack_base_url=slack_base_url, **extra)
+                             slack_channel=slack_channel, slack_base_url=slack_base_url,
+                             grafana_url=grafana_url, grafana_token=grafana_token, **extra)
 
 
 @main.command()
@@ -376,6 +382,57 @@ def alerts_check(paths) -> None:
             click.echo(p, err=True)
         sys.exit(1)
     click.echo(f"{len(rules)} rules OK")
+
+
+# ---- dashboards -------------------------------------------------------------------------------------
+@main.group()
+def dashboards() -> None:
+    """Build the Grafana dashboards from code, or push them to a Grafana."""
+
+
+@dashboards.command("build")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write into [default: the dashboards package, where they are committed].")
+@click.option("--check", is_flag=True, help="Write nothing; fail if the files on disk differ from the code.")
+def dashboards_build(out: Path | None, check: bool) -> None:
+    """Generate dashboards/*.json (every dashboard, PostgreSQL and Prometheus flavours)."""
+    import dashboards as dash
+    from dashboards.render import dumps
+
+    directory = out or dash.HERE
+    if check:
+        want = {name: dumps(model) for name, model in dash.build().items()}
+        have = dash.committed(directory)
+        differ = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n))
+        if differ:
+            raise click.ClickException(f"{len(differ)} dashboard file(s) differ from the code: {', '.join(differ)}; "
+                                       "run `gpufleet dashboards build` and commit the result")
+        click.echo(f"{len(want)} dashboard files match the code")
+        return
+    for path in dash.write(directory):
+        click.echo(f"wrote {path}")
+
+
+@dashboards.command("push")
+@click.option("--grafana-url", required=True, envvar="GPUFLEET_GRAFANA_URL", help="Grafana URL, e.g. http://grafana:3000")
+@click.option("--grafana-token", default=None, envvar="GPUFLEET_GRAFANA_TOKEN",
+              help="Grafana service-account token (Editor role).")
+@click.option("--db", default=None, envvar="GPUFLEET_DB",
+              help="The collector's PostgreSQL store as Grafana reaches it (PostgreSQL flavour).")
+@click.option("--prometheus-url", default=None, envvar="GPUFLEET_PROMETHEUS_URL",
+              help="A Prometheus scraping the agents, as Grafana reaches it (Prometheus flavour).")
+def dashboards_push(grafana_url: str, grafana_token: str | None, db: str | None, prometheus_url: str | None) -> None:
+    """Create or update the gpufleet folder, data sources and dashboards in Grafana (idempotent)."""
+    from collector.grafana import collector_pusher, connect
+
+    try:
+        pusher = collector_pusher(connect(grafana_url, grafana_token), db or "", prometheus_url)
+        report = pusher.push()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        raise click.ClickException(f"pushing to Grafana at {grafana_url} failed: {exc}") from None
+    click.echo(f"Grafana at {grafana_url}: {report}")
 
 
 # ---- db ---------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Flavour-neutral dashboard definitions: each panel is written once with its SQL and its PromQL query.
+
+``render`` (dashboards/render.py) turns one :class:`DashboardDef` into a Grafana dashboard for a flavour:
+``postgres`` (Grafana's built-in PostgreSQL data source reading the collector's ``metric_samples`` view)
+or ``prometheus`` (a Prometheus that scrapes the agents). Tests execute every query of both flavours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Panel kinds and the data shape each expects from its query:
+#   timeseries, heatmap: a time series (SQL: a `time` column first, rows ordered by time, numeric values;
+#                        PromQL: a range query returning at least one series)
+#   stat, bargauge:      current values (SQL: rows of numbers, optionally a label column; PromQL: instant vector)
+#   table:               rows (SQL: the columns listed in `columns`; PromQL: instant vectors carrying `columns`
+#                        as labels, merged on them)
+#   annotations:         Grafana's own annotation list (the collector's alert annotations), no query
+KINDS = ("timeseries", "heatmap", "stat", "bargauge", "table", "annotations")
+
+
+@dataclass(frozen=True)
+class Query:
+    # SQL may be "" when another query of the same panel already returns this one's column in SQL
+    # (one SQL table query joins what PromQL needs several instant queries for).
+    sql: str
+    promql: str
+    legend: str = ""  # PromQL legend template, e.g. "{{node}} gpu {{gpu}}"
+    name: str = ""  # the series / column this query stands for (tables: the column header)
+
+
+@dataclass(frozen=True)
+class PanelDef:
+    title: str
+    question: str  # the question this panel answers; shown as the panel's description
+    kind: str
+    queries: tuple[Query, ...] = ()
+    unit: str = ""
+    width: int = 12
+    height: int = 8
+    min: float | None = None
+    max: float | None = None
+    stacked: bool = False
+    columns: tuple[str, ...] = ()  # table: the label/key columns every row carries
+    tags: tuple[str, ...] = ()  # annotations: the tags to list
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"panel {self.title!r}: kind {self.kind!r} is not one of {KINDS}")
+        if self.kind != "annotations" and not self.queries:
+            raise ValueError(f"panel {self.title!r} has no query")
+
+
+@dataclass(frozen=True)
+class Row:
+    title: str
+    panels: tuple[PanelDef, ...]
+
+
+@dataclass(frozen=True)
+class DashboardDef:
+    slug: str  # file and uid stem, e.g. "fleet-overview"
+    title: str
+    description: str
+    variables: tuple[str, ...]  # subset of VARIABLES, in order
+    rows: tuple[Row, ...] = field(default_factory=tuple)
+
+    def panels(self) -> list[PanelDef]:
+        return [p for r in self.rows for p in r.panels]
+
+
+# ---- template variables and filters --------------------------------------------------------------
+VARIABLES = ("cluster", "node", "gpu")
+
+# GPUs without a configured cluster carry no `cluster` label; SQL shows them as cluster "none".
+NO_CLUSTER = "none"
+
+
+def sql_filter(variables: tuple[str, ...], prefix: str = "") -> str:
+    """WHERE conditions selecting the dashboard's variables (multi-value, SQL-quoted by Grafana)."""
+    parts = []
+    for v in variables:
+        col = f"{prefix}{v}"
+        parts.append(f"coalesce({col}, '{NO_CLUSTER}') IN ($cluster)" if v == "cluster" else f"{col} IN (${v})")
+    return " AND ".join(parts) or "TRUE"
+
+
+def prom_matchers(variables: tuple[str, ...]) -> str:
+    """PromQL label matchers for the dashboard's variables (regex, `.*` for All)."""
+    return ", ".join(f'{v}=~"${v}"' for v in variables)

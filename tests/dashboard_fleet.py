@@ -1,0 +1,91 @@
+"""A simulated fleet for the dashboard tests: simulated agents with injected faults, plus the series the
+agents do not produce yet (inference servers, row remapping, PCIe/NVLink errors, pods, processes),
+written through remote-write like any other client would."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from typing import Any
+
+from agent.main import AgentSettings, start_agent
+from gpufleet import remote_write as rw
+from tests.conftest import free_port
+
+CLUSTER = "dc1"
+NODES = ("gpu-node-a", "gpu-node-b")
+INTERVAL = "2s"  # the $__interval the tests expand queries with
+SCRAPE_INTERVAL = 1.0
+
+
+def start_agents(collector_url: str | None) -> list[Any]:
+    agents = []
+    for i, node in enumerate(NODES):
+        agents.append(start_agent(AgentSettings(listen=f"127.0.0.1:{free_port()}", collector=collector_url,
+                                                simulate=2, node=node, cluster=CLUSTER, interval=0.5,
+                                                push_interval=1.0, seed=11 + i)))
+    a, b = agents
+    a.simulator.inject(0, "xid", xid=48)
+    a.simulator.inject(1, "ecc", count=2)
+    b.simulator.inject(0, "idle_memory", duration=600)
+    b.simulator.inject(1, "hw_slowdown", duration=600)
+    return agents
+
+
+def _gpu_labels(agent: Any, index: int) -> dict[str, str]:
+    gpu = agent.agent.sources[0].gpus[index]
+    return {"node": agent.settings.node, "gpu": str(index), "uuid": gpu.uuid, "model": gpu.model, "cluster": CLUSTER}
+
+
+def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
+    """One sample of every extra series at ``now_ms``; counters grow with ``step``."""
+    out = []
+
+    def add(name: str, labels: dict[str, str], value: float) -> None:
+        out.append(rw.Series({"__name__": name, **labels}, [(now_ms, float(value))]))
+
+    for agent in agents:
+        for i in range(2):
+            g = _gpu_labels(agent, i)
+            add("gpufleet_gpu_remapped_rows_total", {**g, "type": "correctable"}, i)
+            add("gpufleet_gpu_remapped_rows_total", {**g, "type": "uncorrectable"}, 0)
+            add("gpufleet_gpu_row_remap_pending", g, 1 if i == 1 else 0)
+            add("gpufleet_gpu_row_remap_failed", g, 0)
+            add("gpufleet_gpu_retired_pages_total", {**g, "cause": "double_bit_ecc"}, i)
+            add("gpufleet_gpu_pcie_replays_total", g, step * (i + 1))
+            add("gpufleet_gpu_nvlink_errors_total", {**g, "link": "0", "type": "crc_flit"}, step * i)
+            add("gpufleet_gpu_process_memory_used_bytes", {**g, "pid": str(4000 + i), "command": "python"},
+                (20 + i) * (1 << 30))
+            # the agent's Kubernetes attribution puts pod labels on the GPU series
+            add("gpufleet_gpu_utilization_ratio", {**g, "namespace": "ml", "pod": f"trainer-{i}"}, 0.9)
+    node = agents[0].settings.node
+    for model, server in (("llama-3-8b", "vllm-0"), ("mistral-7b", "vllm-1")):
+        lab = {"node": node, "cluster": CLUSTER, "model": model, "server": server}
+        for name, p50, p99 in (("gpufleet_inference_request_duration_seconds", 0.8, 2.5),
+                               ("gpufleet_inference_time_to_first_token_seconds", 0.05, 0.3),
+                               ("gpufleet_inference_inter_token_latency_seconds", 0.02, 0.06),
+                               ("gpufleet_inference_queue_time_seconds", 0.01, 0.2)):
+            add(name, {**lab, "quantile": "0.5"}, p50)
+            add(name, {**lab, "quantile": "0.99"}, p99)
+        add("gpufleet_inference_requests_per_second", lab, 12.0)
+        add("gpufleet_inference_tokens_per_second", lab, 2400.0)
+        add("gpufleet_inference_errors_per_second", lab, 0.1)
+    return out
+
+
+def write(url: str, series: list[rw.Series]) -> None:
+    req = urllib.request.Request(url, data=rw.encode(series), method="POST", headers={
+        "Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING,
+        "X-Prometheus-Remote-Write-Version": "0.1.0"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status in (200, 204), resp.status
+
+
+def run(agents: list[Any], write_url: str, seconds: float = 12.0) -> None:
+    """Let the agents run while the extra series are written once a second."""
+    for step in range(int(seconds)):
+        write(write_url, extra_series(agents, step, int(time.time() * 1000)))
+        if step == seconds // 2:
+            agents[0].simulator.inject(0, "xid", xid=48)  # a second XID, so increases are seen inside the range
+            agents[0].simulator.inject(1, "xid", xid=79)
+        time.sleep(1.0)
