@@ -53,6 +53,9 @@ class PodAttribution:
             response = self._list()
         except Exception as exc:  # grpc.RpcError, OSError: the kubelet is a state to report, not a crash
             self.failures += 1
+            # A fresh channel next time: the kubelet recreates its socket on restart, and a channel in
+            # reconnect backoff would keep failing fast after it is back.
+            self.close()
             error = str(getattr(exc, "details", lambda: None)() or exc)
             if self.last_error is None:
                 log.warning("cannot list pods from the kubelet pod-resources API at unix://%s (%s); GPUs carry no "
