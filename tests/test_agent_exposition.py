@@ -63,7 +63,7 @@ def exposition(request):
                 text = resp.read().decode()
             sm = "DCGM_FI_PROF_SM_ACTIVE{" if request.param == "dcgm" else "gpufleet_gpu_sm_active_ratio{"
             xid = "DCGM_FI_DEV_XID_ERRORS{" if request.param == "dcgm" else "gpufleet_gpu_xid_errors_total{"
-            return text if sm in text and xid in text and "_mig_" in text or "GPU_I_ID" in text else None
+            return text if sm in text and xid in text and ("_mig_" in text or "GPU_I_ID" in text) else None
 
         yield request.param, wait_until(scrape, timeout=15)
     finally:
@@ -91,14 +91,15 @@ def test_promtool_finds_nothing_but_what_dcgm_exporter_names_carry(exposition):
     allowed = {f'{name} counter metrics should have "_total" suffix' for name in exposed_dcgm
                if types[name] == "counter"}
     allowed |= {f"{name} label names should be written in 'snake_case' not 'camelCase'" for name in exposed_dcgm}
+    allowed |= {f"{name} metric name should not include type '{types[name]}'" for name in exposed_dcgm
+                if types[name] in name.lower()}  # DCGM_FI_DEV_PCIE_REPLAY_COUNTER
     assert findings == allowed
     assert rc == 3  # promtool's "lint problems found"
 
 
+@pytest.mark.parametrize("exposition", ["dcgm"], indirect=True)
 def test_dcgm_mode_carries_dcgm_exporter_labels_and_units(exposition):
-    mode, text = exposition
-    if mode != "dcgm":
-        pytest.skip("dcgm naming only")
+    _, text = exposition
     line = next(x for x in text.splitlines() if x.startswith("DCGM_FI_DEV_FB_TOTAL{") and 'gpu="0"' in x)
     for label in ("gpu=", "UUID=", 'device="nvidia0"', "modelName=", 'Hostname="gpu-node-1"', "pci_bus_id=",
                   'DCGM_FI_DRIVER_VERSION="555.42.06"'):

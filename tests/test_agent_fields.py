@@ -38,7 +38,7 @@ def test_every_nvml_function_and_field_id_the_table_names_exists_in_the_real_bin
         assert getattr(pynvml, "NVML_FI_DEV_" + const[3:]) == getattr(F, const), const
     used = {s.id for f in FIELDS for s in f.sources() if isinstance(s, FieldValue)}
     assert used <= {getattr(F, c) for c in dir(F) if c.startswith("FI_")}
-    assert F.MEMORY_V2 == pynvml.nvmlMemory_v2
+    assert pynvml.nvmlMemory_v2 == F.MEMORY_V2
     for reason, bit in F.CLOCK_EVENT_REASONS.items():
         assert bit in {v for k, v in vars(pynvml).items() if k.startswith("nvmlClocksEventReason")}, reason
     gpm = {v: k for k, v in vars(pynvml).items() if k.startswith("NVML_GPM_METRIC_")}
