@@ -17,7 +17,7 @@ served from its cache, so one sample of all GPUs stays cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 # nvml.h constants (stable ABI numbers).
@@ -106,7 +106,7 @@ class FieldValue:
 Source = Call | FieldValue
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity: rows are unique table entries
 class Field:
     name: str
     kind: str  # "gauge" | "counter"
@@ -342,10 +342,3 @@ def mig_name(name: str) -> str:
 MIG_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.mig)
 FAST_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if not f.slow)
 SLOW_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.slow)
-
-
-@dataclass(slots=True)
-class Reading:
-    """What one pass over some rows read on one device: ``values[(row name, label values)] = number``."""
-
-    values: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)

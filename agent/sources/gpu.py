@@ -44,6 +44,7 @@ NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId of a process outside MIG
 _GPM_IDS = [g.metric_id for g in GPM_FIELDS]
 
 Value = tuple[Field, tuple[str, ...], float]
+_IDS: dict[tuple[Field, ...], list[tuple[int, int]]] = {}  # row set -> its field ids, worked out once
 
 
 def read_rows(nvml: Nvml, handle: Any, rows: Iterable[Field]) -> list[Value]:
@@ -51,8 +52,10 @@ def read_rows(nvml: Nvml, handle: Any, rows: Iterable[Field]) -> list[Value]:
 
     Raises :class:`GpuLost` when the device stopped answering.
     """
-    rows = list(rows)
-    ids = sorted({(s.id, s.scope) for f in rows for s in f.sources() if isinstance(s, FieldValue)})
+    rows = tuple(rows)
+    ids = _IDS.get(rows)
+    if ids is None:
+        ids = _IDS[rows] = sorted({(s.id, s.scope) for f in rows for s in f.sources() if isinstance(s, FieldValue)})
     batched = nvml.field_values(handle, ids) if ids else {}
     answers: dict[tuple[str, tuple[Any, ...]], Any] = {}
     out: list[Value] = []
