@@ -277,3 +277,12 @@ def test_injected_memory_and_link_faults_show_in_their_rows():
     assert by_gpu(rows["gpufleet_gpu_row_remap_pending"]) == {("0",): 0, ("1",): 1}
     assert by_gpu(rows["gpufleet_gpu_pcie_replays_total"]) == {("0",): 0, ("1",): 3}
     assert by_gpu(rows["gpufleet_gpu_nvlink_errors_total"])[("0", "crc_flit")] == 2
+
+
+def test_docs_metrics_md_shows_the_table_as_it_is():
+    from pathlib import Path
+
+    from agent.metrics_doc import render
+
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    assert render() in doc, "docs/metrics.md is stale: run python -m agent.metrics_doc"
