@@ -1,53 +1,150 @@
-"""dcgm-exporter compatible names: the same samples under ``DCGM_FI_*`` names and dcgm-exporter's labels.
+"""dcgm-exporter compatible names: the same samples under ``DCGM_FI_*`` names, units, types and labels.
 
-Teams can swap gpufleet in under dashboards and alert rules written for dcgm-exporter.
-The mapping is the ``dcgm`` column of the field table (see docs/metrics.md).
+Teams can swap gpufleet in under dashboards and alert rules written for dcgm-exporter. The mapping is the
+``dcgm`` column of the field table (docs/metrics.md prints it): a name per row, or per label value where
+dcgm-exporter has one field per value (ECC, violations, NVLink errors). Labels become dcgm-exporter's
+(``gpu``, ``UUID``, ``device``, ``modelName``, ``Hostname``, ``pci_bus_id``, ``DCGM_FI_DRIVER_VERSION``,
+``GPU_I_ID``/``GPU_I_PROFILE`` on MIG instances, ``pod``/``namespace``/``container``). Series without a
+dcgm twin keep their gpufleet name and labels, so nothing is lost in this mode.
+
+dcgm-exporter exposes counters without ``_total``, which prometheus-client cannot write, so this mode has
+its own small text-format writer (:func:`render_text`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from prometheus_client.utils import floatToGoString
+
 from agent.families import Family
-from agent.fields import FIELDS, GPM_FIELDS
-
-# Our name -> (dcgm-exporter name, factor from our unit to dcgm's)
-MAPPING: dict[str, tuple[str, float]] = {f.name: (f.dcgm, f.dcgm_scale) for f in FIELDS if f.dcgm}
-MAPPING.update({name: (dcgm, 1.0) for name, _, _, dcgm in GPM_FIELDS})
-
-# dcgm-exporter's label names for the identity of a GPU.
-_LABELS = {"gpu": "gpu", "uuid": "UUID", "model": "modelName", "node": "Hostname",
-           "pod": "pod", "namespace": "namespace", "container": "container", "cluster": "cluster"}
+from agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
 
 
-def _labels(labels: dict[str, str]) -> dict[str, str]:
-    out = {_LABELS[k]: v for k, v in labels.items() if k in _LABELS}
+class Twin(NamedTuple):
+    dcgm: str | dict[tuple[str, ...], str]
+    kind: str
+    scale: float
+    labels: tuple[str, ...]  # our label names that the dcgm name spells out (consumed when ``dcgm`` is a dict)
+
+
+# Our family name -> its dcgm-exporter twin. MIG families share their GPU family's twin.
+MAPPING: dict[str, Twin] = {}
+for _f in FIELDS:
+    if _f.dcgm and _f.name != "gpufleet_gpu_clock_event_active":
+        MAPPING[_f.name] = Twin(_f.dcgm, _f.dcgm_kind, _f.dcgm_scale, _f.labels)
+        if _f.mig:
+            MAPPING[mig_name(_f.name)] = MAPPING[_f.name]
+for _g in GPM_FIELDS:
+    if _g.dcgm:
+        MAPPING[_g.name] = MAPPING[mig_name(_g.name)] = Twin(_g.dcgm, "gauge", 1.0, ())
+
+CLOCK_REASONS_NAME = "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"
+XID_NAME = "DCGM_FI_DEV_XID_ERRORS"
+
+# dcgm-exporter's label names for the identity of a GPU (and of a MIG instance).
+LABELS = {"gpu": "gpu", "uuid": "UUID", "model": "modelName", "node": "Hostname",
+          "gpu_instance": "GPU_I_ID", "mig_profile": "GPU_I_PROFILE"}
+
+
+def dcgm_names() -> dict[str, str]:
+    """Every dcgm-exporter name this mode writes -> its Prometheus type (for docs and tests)."""
+    out = {CLOCK_REASONS_NAME: "gauge", XID_NAME: "gauge"}
+    for twin in MAPPING.values():
+        for name in (twin.dcgm.values() if isinstance(twin.dcgm, dict) else [twin.dcgm]):
+            out[name] = twin.kind
+    return out
+
+
+def _gpu_facts(families: list[Family]) -> dict[str, dict[str, str]]:
+    facts: dict[str, dict[str, str]] = {}
+    for fam in families:
+        if fam.name == INFO[0]:
+            for labels, _ in fam.samples:
+                facts[labels.get("uuid", "")] = {"pci_bus_id": labels.get("pci_bus_id", ""),
+                                                 "DCGM_FI_DRIVER_VERSION": labels.get("driver", "")}
+    return facts
+
+
+def _labels(labels: dict[str, str], facts: dict[str, dict[str, str]], drop: tuple[str, ...] = ()) -> dict[str, str]:
+    out = {LABELS.get(k, k): v for k, v in labels.items() if k not in drop}
     if "gpu" in labels:
         out["device"] = f"nvidia{labels['gpu']}"
-    if "pci_bus_id" in labels:
-        out["pci_bus_id"] = labels["pci_bus_id"]
+    out.update(facts.get(labels.get("uuid", ""), {}))
     return out
 
 
 def to_dcgm(families: list[Family]) -> list[Family]:
     """Rename the families dcgm-exporter also has; keep the rest (they have no dcgm twin) unchanged."""
-    out = []
-    for fam in families:
-        mapped = MAPPING.get(fam.name)
-        if mapped is None:
-            if fam.name == "gpufleet_gpu_xid_errors_total":
-                # dcgm-exporter exports only the last XID seen, as a gauge.
-                last = Family("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.")
-                per_gpu: dict[str, tuple[dict[str, str], float]] = {}
-                for labels, _ in fam.samples:
-                    per_gpu[labels.get("uuid", "")] = (labels, float(labels.get("xid", 0)))
-                for labels, code in per_gpu.values():
-                    last.add(_labels(labels), code)
-                out.append(last)
-            out.append(fam)
+    facts = _gpu_facts(families)
+    out: dict[str, Family] = {}
+
+    def fam(name: str, kind: str, help_text: str) -> Family:
+        f = out.get(name)
+        if f is None:
+            f = out[name] = Family(name, kind, help_text)
+        return f
+
+    for f in families:
+        if f.name == XID[0]:
+            # dcgm-exporter keeps only the last XID seen, as a gauge; our per-code counter stays beside it.
+            last = fam(XID_NAME, "gauge", "Value of the last XID error encountered.")
+            per_gpu: dict[str, tuple[dict[str, str], float]] = {}
+            for labels, _ in f.samples:
+                per_gpu[labels.get("uuid", "")] = (labels, float(labels.get("xid", 0)))
+            for labels, code in per_gpu.values():
+                last.add(_labels(labels, facts, drop=("xid",)), code)
+            keep = fam(f.name, f.kind, f.help)
+            keep.samples.extend(f.samples)
             continue
-        name, scale = mapped
-        # dcgm-exporter types its fields as gauges, even the energy counter.
-        new = Family(name, "gauge", fam.help)
-        for labels, value in fam.samples:
-            new.add(_labels(labels), value * scale)
-        out.append(new)
-    return out
+        if f.name == "gpufleet_gpu_clock_event_active":
+            # dcgm-exporter exports the NVML reason bitmask; rebuild it from the per-reason series.
+            masks: dict[tuple, tuple[dict[str, str], int]] = {}
+            for labels, v in f.samples:
+                rest = {k: val for k, val in labels.items() if k != "reason"}
+                key = tuple(sorted(rest.items()))
+                prev = masks.get(key, (rest, 0))[1]
+                masks[key] = (rest, prev | (CLOCK_EVENT_REASONS.get(labels.get("reason", ""), 0) if v else 0))
+            reasons = fam(CLOCK_REASONS_NAME, "gauge", "Current clock throttle reasons (NVML bitmask).")
+            for rest, bits in masks.values():
+                reasons.add(_labels(rest, facts), float(bits))
+            continue
+        twin = MAPPING.get(f.name)
+        if twin is None:
+            keep = fam(f.name, f.kind, f.help)
+            keep.samples.extend(f.samples)
+            continue
+        for labels, value in f.samples:
+            if isinstance(twin.dcgm, dict):
+                name = twin.dcgm.get(tuple(labels.get(k, "") for k in twin.labels))
+                if name is None:  # a label value dcgm-exporter has no field for: keep our series
+                    fam(f.name, f.kind, f.help).add(labels, value)
+                    continue
+                new_labels = _labels(labels, facts, drop=twin.labels)
+            else:
+                name, new_labels = twin.dcgm, _labels(labels, facts)
+            help_text = f.help if twin.scale == 1 else f"{f.help} (gpufleet {f.name} x {twin.scale:g})"
+            fam(name, twin.kind, help_text).add(new_labels, value * twin.scale)
+    return list(out.values())
+
+
+def _escape(value: str, quote: bool) -> str:
+    value = value.replace("\\", r"\\").replace("\n", r"\n")
+    return value.replace('"', r"\"") if quote else value
+
+
+def render_text(families: list[Family]) -> bytes:
+    """Prometheus text format 0.0.4, names exactly as given (counters without ``_total`` included)."""
+    lines = []
+    for f in families:
+        if not f.samples:
+            continue
+        lines.append(f"# HELP {f.name} {_escape(f.help, quote=False)}")
+        lines.append(f"# TYPE {f.name} {f.kind}")
+        for labels, value in f.samples:
+            if labels:
+                body = ",".join(f'{k}="{_escape(str(v), quote=True)}"' for k, v in sorted(labels.items()))
+                lines.append(f"{f.name}{{{body}}} {floatToGoString(value)}")
+            else:
+                lines.append(f"{f.name} {floatToGoString(value)}")
+    return ("\n".join(lines) + "\n").encode()

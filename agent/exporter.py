@@ -31,13 +31,16 @@ class SnapshotCollector:
         self._extra = extra
         self._rename = rename
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> list[Family]:
         families = list(self._agent.latest.families)
         if self._extra:
             families += self._extra()
         if self._rename:
             families = self._rename(families)
-        for fam in families:
+        return families
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.families():
             if not fam.samples:
                 continue
             label_names = sorted({k for labels, _ in fam.samples for k in labels})
@@ -76,9 +79,14 @@ class AgentServer:
     def __init__(self, host: str, port: int, agent: Agent, *, health: Callable[[], dict],
                  routes: dict[tuple[str, str], Route] | None = None,
                  extra: Callable[[], list[Family]] | None = None,
-                 rename: Callable[[list[Family]], list[Family]] | None = None) -> None:
+                 rename: Callable[[list[Family]], list[Family]] | None = None,
+                 render: Callable[[list[Family]], bytes] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(agent, extra, rename))
+        self._snapshots = SnapshotCollector(agent, extra, rename)
+        self.registry.register(self._snapshots)
+        # A naming scheme whose names prometheus-client cannot write (dcgm-exporter's counters lack _total)
+        # brings its own text writer.
+        self._render = render
         self._metrics_app = make_wsgi_app(self.registry)
         self._health = health
         self._routes = routes or {}
@@ -90,6 +98,11 @@ class AgentServer:
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
         path, method = environ.get("PATH_INFO", "/"), environ.get("REQUEST_METHOD", "GET")
         if path == "/metrics":
+            if self._render is not None:
+                data = self._render(self._snapshots.families())
+                start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                                          ("Content-Length", str(len(data)))])
+                return [data]
             return self._metrics_app(environ, start_response)
         if path == "/healthz":
             body = self._health()

@@ -1,23 +1,51 @@
 """The GPU field table: one row per metric, read through the NVML gateway.
 
-Adding a metric is adding a row. ``read`` gets ``q(function, *args)``, an NVML
-call already bound to one GPU's handle that answers ``None`` for "no value",
-and returns a number, ``None``, or ``{label values: number}`` for fields with
-extra labels. Tests loop over every row against the simulator and fake NVML.
+Adding a metric is adding a row. A row says *what* to read, not how: ``Call``
+(an NVML function on the GPU's handle, then an attribute, list item or bit of
+its answer) or ``FieldValue`` (an NVML field id, read together with every other
+field id of the sample in one batched ``nvmlDeviceGetFieldValues`` call).
+Rows with extra labels map each label-value tuple to its own source. The GPU
+source reads the table, docs/metrics.md documents it, and tests loop over
+every row against the simulator, a scripted fake NVML and the real pynvml
+bindings (every function name and field id must exist there).
+
+``slow`` rows are calls that cost milliseconds (energy counter ~3 ms, PCIe
+throughput ~20 ms because NVML samples the bus) or values that never change;
+they are read by a background reader every ``slow_interval`` seconds and
+served from its cache, so one sample of all GPUs stays cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # nvml.h constants (stable ABI numbers).
 TEMPERATURE_GPU = 0
 THRESHOLD_SHUTDOWN, THRESHOLD_SLOWDOWN = 0, 1
 CLOCK_SM, CLOCK_MEM = 1, 2
-ECC_CORRECTED, ECC_UNCORRECTED = 0, 1
-ECC_VOLATILE, ECC_AGGREGATE = 0, 1
+PCIE_UTIL_TX_BYTES, PCIE_UTIL_RX_BYTES = 0, 1
+MEMORY_V2 = 0x02000028  # nvmlMemory_v2: sizeof(nvmlMemory_v2_t) | 2 << 24; adds `reserved`
+SCOPE_ALL_LINKS = 0xFFFFFFFF  # scopeId meaning "summed over every NVLink"
+
+# nvmlFieldValue ids (nvml.h NVML_FI_DEV_*), stable ABI numbers.
+FI_ECC_SBE_VOL_TOTAL, FI_ECC_DBE_VOL_TOTAL, FI_ECC_SBE_AGG_TOTAL, FI_ECC_DBE_AGG_TOTAL = 3, 4, 5, 6
+FI_RETIRED_SBE, FI_RETIRED_DBE, FI_RETIRED_PENDING = 29, 30, 31
+FI_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL = 38
+FI_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL = 45
+FI_NVLINK_REPLAY_ERROR_COUNT_TOTAL = 52
+FI_NVLINK_RECOVERY_ERROR_COUNT_TOTAL = 59
+FI_PERF_POLICY_POWER, FI_PERF_POLICY_THERMAL, FI_PERF_POLICY_SYNC_BOOST = 74, 75, 76
+FI_PERF_POLICY_BOARD_LIMIT, FI_PERF_POLICY_LOW_UTILIZATION, FI_PERF_POLICY_RELIABILITY = 77, 78, 79
+FI_MEMORY_TEMP = 82
+FI_TOTAL_ENERGY_CONSUMPTION = 83
+FI_PCIE_REPLAY_COUNTER = 94
+FI_NVLINK_THROUGHPUT_DATA_TX, FI_NVLINK_THROUGHPUT_DATA_RX = 138, 139
+FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE = 142, 143, 144, 145
+FI_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL = 160
+FI_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN = 269
+FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN = 270
+FI_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN = 271
 
 # nvmlClocksEventReason* bits -> the `reason` label.
 CLOCK_EVENT_REASONS = {
@@ -32,104 +60,285 @@ CLOCK_EVENT_REASONS = {
     "display_clocks": 0x100,
 }
 
-Reader = Callable[..., Any]
+# Cumulative time clocks were held down, per reason (nanoseconds in NVML).
+VIOLATION_FIELDS = {
+    "sw_power_cap": FI_PERF_POLICY_POWER,
+    "thermal": FI_PERF_POLICY_THERMAL,
+    "sync_boost": FI_PERF_POLICY_SYNC_BOOST,
+    "board_limit": FI_PERF_POLICY_BOARD_LIMIT,
+    "low_utilization": FI_PERF_POLICY_LOW_UTILIZATION,
+    "reliability": FI_PERF_POLICY_RELIABILITY,
+    "sw_thermal": FI_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN,
+    "hw_thermal": FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,
+    "hw_power_brake": FI_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,
+}
 
 
 @dataclass(frozen=True, slots=True)
+class Call:
+    """``fn(handle, *args)``, then ``.attr``, ``[item]`` or ``bool(answer & mask)`` of the answer."""
+
+    fn: str
+    args: tuple[Any, ...] = ()
+    attr: str | None = None
+    item: int | None = None
+    mask: int | None = None
+
+    def describe(self) -> str:
+        args = "".join(f", {a:#x}" if isinstance(a, int) and a > 0xFFFF else f", {a}" for a in self.args)
+        pick = f".{self.attr}" if self.attr else f"[{self.item}]" if self.item is not None else \
+            f" & {self.mask:#x}" if self.mask is not None else ""
+        return f"`{self.fn}(h{args}){pick}`"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldValue:
+    """One value of the batched ``nvmlDeviceGetFieldValues`` call."""
+
+    id: int
+    scope: int = 0
+
+    def describe(self) -> str:
+        scope = "" if not self.scope else " (all links)" if self.scope == SCOPE_ALL_LINKS else f" scope {self.scope}"
+        return f"field {self.id}{scope}"
+
+
+Source = Call | FieldValue
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity: rows are unique table entries
 class Field:
     name: str
     kind: str  # "gauge" | "counter"
+    unit: str
     help: str
-    read: Callable[[Reader], Any]
+    read: Source | dict[tuple[str, ...], Source]
     labels: tuple[str, ...] = ()
-    # dcgm-exporter compatible name and the factor from our base unit to its unit.
-    dcgm: str | None = None
+    scale: float = 1.0  # NVML unit -> our base unit
+    # dcgm-exporter's name (one, or one per label-value tuple), its type, and the factor from our unit to its unit.
+    dcgm: str | dict[tuple[str, ...], str] | None = None
+    dcgm_kind: str = "gauge"
     dcgm_scale: float = 1.0
     # A change in this field is pushed to the collector at once, not at the next batch.
     urgent: bool = False
+    # Read off the hot path by the background reader (costly or static values).
+    slow: bool = False
+    # Also read on every MIG device of a GPU in MIG mode (as gpufleet_mig_*).
+    mig: bool = False
 
-
-def _attr(obj: Any, name: str, scale: float = 1.0) -> float | None:
-    return None if obj is None else getattr(obj, name) * scale
-
-
-def _scaled(value: Any, scale: float) -> float | None:
-    return None if value is None else value * scale
-
-
-def _clock_events(q: Reader) -> dict[tuple[str, ...], float] | None:
-    bits = q("nvmlDeviceGetCurrentClocksEventReasons")
-    if bits is None:
-        return None
-    return {(reason,): float(bool(bits & mask)) for reason, mask in CLOCK_EVENT_REASONS.items()}
-
-
-def _ecc(q: Reader) -> dict[tuple[str, ...], float] | None:
-    out = {}
-    for type_name, etype in (("corrected", ECC_CORRECTED), ("uncorrected", ECC_UNCORRECTED)):
-        for scope, ctype in (("volatile", ECC_VOLATILE), ("aggregate", ECC_AGGREGATE)):
-            v = q("nvmlDeviceGetTotalEccErrors", etype, ctype)
-            if v is not None:
-                out[(type_name, scope)] = float(v)
-    return out or None
+    def sources(self) -> list[Source]:
+        return list(self.read.values()) if isinstance(self.read, dict) else [self.read]
 
 
 MIB = 1 << 20
+KIB = 1 << 10
+
 
 FIELDS: tuple[Field, ...] = (
-    Field("gpufleet_gpu_utilization_ratio", "gauge",
+    # ---- utilization ------------------------------------------------------------------------------
+    Field("gpufleet_gpu_utilization_ratio", "gauge", "ratio",
           "Share of the last sample period in which a kernel was running on the GPU (NVML utilization.gpu).",
-          lambda q: _attr(q("nvmlDeviceGetUtilizationRates"), "gpu", 0.01), dcgm="DCGM_FI_DEV_GPU_UTIL", dcgm_scale=100),
-    Field("gpufleet_gpu_memory_bandwidth_utilization_ratio", "gauge",
+          Call("nvmlDeviceGetUtilizationRates", attr="gpu"), scale=0.01,
+          dcgm="DCGM_FI_DEV_GPU_UTIL", dcgm_scale=100),
+    Field("gpufleet_gpu_memory_bandwidth_utilization_ratio", "gauge", "ratio",
           "Share of the last sample period in which device memory was being read or written (NVML utilization.memory).",
-          lambda q: _attr(q("nvmlDeviceGetUtilizationRates"), "memory", 0.01), dcgm="DCGM_FI_DEV_MEM_COPY_UTIL",
-          dcgm_scale=100),
-    Field("gpufleet_gpu_memory_used_bytes", "gauge", "Framebuffer memory in use, in bytes.",
-          lambda q: _attr(q("nvmlDeviceGetMemoryInfo"), "used"), dcgm="DCGM_FI_DEV_FB_USED", dcgm_scale=1 / MIB),
-    Field("gpufleet_gpu_memory_free_bytes", "gauge", "Framebuffer memory free, in bytes.",
-          lambda q: _attr(q("nvmlDeviceGetMemoryInfo"), "free"), dcgm="DCGM_FI_DEV_FB_FREE", dcgm_scale=1 / MIB),
-    Field("gpufleet_gpu_memory_total_bytes", "gauge", "Framebuffer memory in total, in bytes.",
-          lambda q: _attr(q("nvmlDeviceGetMemoryInfo"), "total"), dcgm="DCGM_FI_DEV_FB_TOTAL", dcgm_scale=1 / MIB),
-    Field("gpufleet_gpu_temperature_celsius", "gauge", "GPU core temperature in degrees Celsius.",
-          lambda q: q("nvmlDeviceGetTemperature", TEMPERATURE_GPU), dcgm="DCGM_FI_DEV_GPU_TEMP"),
-    Field("gpufleet_gpu_slowdown_temperature_celsius", "gauge",
+          Call("nvmlDeviceGetUtilizationRates", attr="memory"), scale=0.01,
+          dcgm="DCGM_FI_DEV_MEM_COPY_UTIL", dcgm_scale=100),
+    Field("gpufleet_gpu_encoder_utilization_ratio", "gauge", "ratio",
+          "Share of the last sample period the video encoder was busy.",
+          Call("nvmlDeviceGetEncoderUtilization", item=0), scale=0.01, dcgm="DCGM_FI_DEV_ENC_UTIL", dcgm_scale=100),
+    Field("gpufleet_gpu_decoder_utilization_ratio", "gauge", "ratio",
+          "Share of the last sample period the video decoder was busy.",
+          Call("nvmlDeviceGetDecoderUtilization", item=0), scale=0.01, dcgm="DCGM_FI_DEV_DEC_UTIL", dcgm_scale=100),
+    # ---- framebuffer ------------------------------------------------------------------------------
+    Field("gpufleet_gpu_memory_used_bytes", "gauge", "bytes",
+          "Framebuffer memory allocated by processes, in bytes (driver-reserved memory not included).",
+          Call("nvmlDeviceGetMemoryInfo", (MEMORY_V2,), attr="used"), mig=True,
+          dcgm="DCGM_FI_DEV_FB_USED", dcgm_scale=1 / MIB),
+    Field("gpufleet_gpu_memory_free_bytes", "gauge", "bytes", "Framebuffer memory free, in bytes.",
+          Call("nvmlDeviceGetMemoryInfo", (MEMORY_V2,), attr="free"), mig=True,
+          dcgm="DCGM_FI_DEV_FB_FREE", dcgm_scale=1 / MIB),
+    Field("gpufleet_gpu_memory_total_bytes", "gauge", "bytes", "Framebuffer memory in total, in bytes.",
+          Call("nvmlDeviceGetMemoryInfo", (MEMORY_V2,), attr="total"), mig=True,
+          dcgm="DCGM_FI_DEV_FB_TOTAL", dcgm_scale=1 / MIB),
+    Field("gpufleet_gpu_memory_reserved_bytes", "gauge", "bytes",
+          "Framebuffer memory reserved by the driver and firmware, in bytes.",
+          Call("nvmlDeviceGetMemoryInfo", (MEMORY_V2,), attr="reserved"), mig=True,
+          dcgm="DCGM_FI_DEV_FB_RESERVED", dcgm_scale=1 / MIB),
+    # ---- temperature ------------------------------------------------------------------------------
+    Field("gpufleet_gpu_temperature_celsius", "gauge", "celsius", "GPU core temperature in degrees Celsius.",
+          Call("nvmlDeviceGetTemperature", (TEMPERATURE_GPU,)), dcgm="DCGM_FI_DEV_GPU_TEMP"),
+    Field("gpufleet_gpu_memory_temperature_celsius", "gauge", "celsius",
+          "GPU memory (HBM) temperature in degrees Celsius.",
+          FieldValue(FI_MEMORY_TEMP), dcgm="DCGM_FI_DEV_MEMORY_TEMP"),
+    Field("gpufleet_gpu_slowdown_temperature_celsius", "gauge", "celsius",
           "Temperature at which the GPU slows its clocks to cool down (its own threshold).",
-          lambda q: q("nvmlDeviceGetTemperatureThreshold", THRESHOLD_SLOWDOWN), dcgm="DCGM_FI_DEV_SLOWDOWN_TEMP"),
-    Field("gpufleet_gpu_shutdown_temperature_celsius", "gauge", "Temperature at which the GPU shuts down.",
-          lambda q: q("nvmlDeviceGetTemperatureThreshold", THRESHOLD_SHUTDOWN), dcgm="DCGM_FI_DEV_SHUTDOWN_TEMP"),
-    Field("gpufleet_gpu_power_watts", "gauge", "Power draw in watts.",
-          lambda q: _scaled(q("nvmlDeviceGetPowerUsage"), 1e-3), dcgm="DCGM_FI_DEV_POWER_USAGE"),
-    Field("gpufleet_gpu_power_limit_watts", "gauge", "Power limit the driver enforces, in watts.",
-          lambda q: _scaled(q("nvmlDeviceGetEnforcedPowerLimit"), 1e-3), dcgm="DCGM_FI_DEV_ENFORCED_POWER_LIMIT"),
-    Field("gpufleet_gpu_energy_joules_total", "counter", "Energy used since the driver loaded, in joules.",
-          lambda q: _scaled(q("nvmlDeviceGetTotalEnergyConsumption"), 1e-3),
-          dcgm="DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", dcgm_scale=1e3),
-    Field("gpufleet_gpu_sm_clock_hertz", "gauge", "SM clock in hertz.",
-          lambda q: _scaled(q("nvmlDeviceGetClockInfo", CLOCK_SM), 1e6), dcgm="DCGM_FI_DEV_SM_CLOCK", dcgm_scale=1e-6),
-    Field("gpufleet_gpu_memory_clock_hertz", "gauge", "Memory clock in hertz.",
-          lambda q: _scaled(q("nvmlDeviceGetClockInfo", CLOCK_MEM), 1e6), dcgm="DCGM_FI_DEV_MEM_CLOCK", dcgm_scale=1e-6),
-    Field("gpufleet_gpu_clock_event_active", "gauge",
+          Call("nvmlDeviceGetTemperatureThreshold", (THRESHOLD_SLOWDOWN,)), slow=True,
+          dcgm="DCGM_FI_DEV_SLOWDOWN_TEMP"),
+    Field("gpufleet_gpu_shutdown_temperature_celsius", "gauge", "celsius", "Temperature at which the GPU shuts down.",
+          Call("nvmlDeviceGetTemperatureThreshold", (THRESHOLD_SHUTDOWN,)), slow=True,
+          dcgm="DCGM_FI_DEV_SHUTDOWN_TEMP"),
+    # ---- power ------------------------------------------------------------------------------------
+    Field("gpufleet_gpu_power_watts", "gauge", "watts", "Power draw in watts.",
+          Call("nvmlDeviceGetPowerUsage"), scale=1e-3, dcgm="DCGM_FI_DEV_POWER_USAGE"),
+    Field("gpufleet_gpu_power_limit_watts", "gauge", "watts", "Power limit the driver enforces, in watts.",
+          Call("nvmlDeviceGetEnforcedPowerLimit"), scale=1e-3, slow=True, dcgm="DCGM_FI_DEV_ENFORCED_POWER_LIMIT"),
+    # ~3 ms on an H200: off the hot path; rate() over a counter does not need every second.
+    Field("gpufleet_gpu_energy_joules_total", "counter", "joules", "Energy used since the driver loaded, in joules.",
+          FieldValue(FI_TOTAL_ENERGY_CONSUMPTION), scale=1e-3, slow=True,
+          dcgm="DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", dcgm_kind="counter", dcgm_scale=1e3),
+    # ---- clocks -----------------------------------------------------------------------------------
+    Field("gpufleet_gpu_sm_clock_hertz", "gauge", "hertz", "SM clock in hertz.",
+          Call("nvmlDeviceGetClockInfo", (CLOCK_SM,)), scale=1e6, dcgm="DCGM_FI_DEV_SM_CLOCK", dcgm_scale=1e-6),
+    Field("gpufleet_gpu_memory_clock_hertz", "gauge", "hertz", "Memory clock in hertz.",
+          Call("nvmlDeviceGetClockInfo", (CLOCK_MEM,)), scale=1e6, dcgm="DCGM_FI_DEV_MEM_CLOCK", dcgm_scale=1e-6),
+    Field("gpufleet_gpu_clock_event_active", "gauge", "",
           "1 while the clock-event (throttle) reason is active, else 0.",
-          _clock_events, labels=("reason",), urgent=True),
-    Field("gpufleet_gpu_ecc_errors_total", "counter", "ECC memory errors by type (corrected/uncorrected) and scope.",
-          _ecc, labels=("type", "scope"), urgent=True),
+          {(reason,): Call("nvmlDeviceGetCurrentClocksEventReasons", mask=bit)
+           for reason, bit in CLOCK_EVENT_REASONS.items()},
+          labels=("reason",), urgent=True, dcgm="DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"),
+    Field("gpufleet_gpu_clock_event_violation_seconds_total", "counter", "seconds",
+          "Time the clocks were held below the requested clocks, per reason, since the driver loaded.",
+          {(reason,): FieldValue(fid) for reason, fid in VIOLATION_FIELDS.items()}, labels=("reason",), scale=1e-9,
+          dcgm={("sw_power_cap",): "DCGM_FI_DEV_POWER_VIOLATION", ("thermal",): "DCGM_FI_DEV_THERMAL_VIOLATION",
+                ("sync_boost",): "DCGM_FI_DEV_SYNC_BOOST_VIOLATION",
+                ("board_limit",): "DCGM_FI_DEV_BOARD_LIMIT_VIOLATION",
+                ("low_utilization",): "DCGM_FI_DEV_LOW_UTIL_VIOLATION",
+                ("reliability",): "DCGM_FI_DEV_RELIABILITY_VIOLATION"},
+          dcgm_kind="counter", dcgm_scale=1e9),
+    # ---- memory errors ----------------------------------------------------------------------------
+    Field("gpufleet_gpu_ecc_errors_total", "counter", "",
+          "ECC memory errors by type (corrected/uncorrected) and scope (volatile: since the driver loaded; "
+          "aggregate: over the GPU's life).",
+          {("corrected", "volatile"): FieldValue(FI_ECC_SBE_VOL_TOTAL),
+           ("uncorrected", "volatile"): FieldValue(FI_ECC_DBE_VOL_TOTAL),
+           ("corrected", "aggregate"): FieldValue(FI_ECC_SBE_AGG_TOTAL),
+           ("uncorrected", "aggregate"): FieldValue(FI_ECC_DBE_AGG_TOTAL)},
+          labels=("type", "scope"), urgent=True,
+          dcgm={("corrected", "volatile"): "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+                ("uncorrected", "volatile"): "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+                ("corrected", "aggregate"): "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
+                ("uncorrected", "aggregate"): "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL"}, dcgm_kind="counter"),
+    Field("gpufleet_gpu_remapped_rows_total", "counter", "",
+          "Memory rows remapped to spares, by the kind of error that caused it (Ampere and newer).",
+          {("correctable",): FieldValue(FI_REMAPPED_COR), ("uncorrectable",): FieldValue(FI_REMAPPED_UNC)},
+          labels=("type",), urgent=True,
+          dcgm={("correctable",): "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+                ("uncorrectable",): "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS"}, dcgm_kind="counter"),
+    Field("gpufleet_gpu_row_remap_pending", "gauge", "",
+          "1 when a row remapping waits for a GPU reset to take effect.",
+          FieldValue(FI_REMAPPED_PENDING), urgent=True, dcgm="DCGM_FI_DEV_ROW_REMAP_PENDING"),
+    Field("gpufleet_gpu_row_remap_failure", "gauge", "",
+          "1 when a row could not be remapped (no spare rows left): the GPU needs service.",
+          FieldValue(FI_REMAPPED_FAILURE), urgent=True, dcgm="DCGM_FI_DEV_ROW_REMAP_FAILURE"),
+    Field("gpufleet_gpu_retired_pages_total", "counter", "",
+          "Memory pages retired, by cause (pre-Ampere GPUs; newer ones remap rows instead).",
+          {("single_bit",): FieldValue(FI_RETIRED_SBE), ("double_bit",): FieldValue(FI_RETIRED_DBE)},
+          labels=("cause",), urgent=True,
+          dcgm={("single_bit",): "DCGM_FI_DEV_RETIRED_SBE", ("double_bit",): "DCGM_FI_DEV_RETIRED_DBE"},
+          dcgm_kind="counter"),
+    Field("gpufleet_gpu_retired_pages_pending", "gauge", "",
+          "1 when a page retirement waits for a GPU reset to take effect.",
+          FieldValue(FI_RETIRED_PENDING), dcgm="DCGM_FI_DEV_RETIRED_PENDING", dcgm_kind="counter"),
+    # ---- PCIe -------------------------------------------------------------------------------------
+    Field("gpufleet_gpu_pcie_link_generation", "gauge", "",
+          "Current PCIe link generation (drops when the GPU idles to save power).",
+          Call("nvmlDeviceGetCurrPcieLinkGeneration"), dcgm="DCGM_FI_DEV_PCIE_LINK_GEN"),
+    Field("gpufleet_gpu_pcie_link_width", "gauge", "", "Current PCIe link width in lanes.",
+          Call("nvmlDeviceGetCurrPcieLinkWidth"), dcgm="DCGM_FI_DEV_PCIE_LINK_WIDTH"),
+    Field("gpufleet_gpu_pcie_link_max_generation", "gauge", "",
+          "Highest PCIe link generation the GPU and system support together.",
+          Call("nvmlDeviceGetMaxPcieLinkGeneration"), slow=True, dcgm="DCGM_FI_DEV_PCIE_MAX_LINK_GEN"),
+    Field("gpufleet_gpu_pcie_link_max_width", "gauge", "", "Widest PCIe link the GPU and system support together.",
+          Call("nvmlDeviceGetMaxPcieLinkWidth"), slow=True, dcgm="DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH"),
+    Field("gpufleet_gpu_pcie_replays_total", "counter", "",
+          "PCIe packets replayed after link errors; a rising count means a flaky slot, riser or cable.",
+          FieldValue(FI_PCIE_REPLAY_COUNTER), dcgm="DCGM_FI_DEV_PCIE_REPLAY_COUNTER", dcgm_kind="counter"),
+    # ~20 ms each on an H200 (NVML samples the bus): off the hot path.
+    Field("gpufleet_gpu_pcie_transmit_bytes_per_second", "gauge", "bytes",
+          "PCIe traffic from the GPU, in bytes per second (NVML samples it over 20 ms).",
+          Call("nvmlDeviceGetPcieThroughput", (PCIE_UTIL_TX_BYTES,)), scale=KIB, slow=True,
+          dcgm="DCGM_FI_PROF_PCIE_TX_BYTES"),
+    Field("gpufleet_gpu_pcie_receive_bytes_per_second", "gauge", "bytes",
+          "PCIe traffic to the GPU, in bytes per second (NVML samples it over 20 ms).",
+          Call("nvmlDeviceGetPcieThroughput", (PCIE_UTIL_RX_BYTES,)), scale=KIB, slow=True,
+          dcgm="DCGM_FI_PROF_PCIE_RX_BYTES"),
+    # ---- NVLink -----------------------------------------------------------------------------------
+    Field("gpufleet_gpu_nvlink_errors_total", "counter", "",
+          "NVLink errors summed over all links, by type.",
+          {("crc_flit",): FieldValue(FI_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL),
+           ("crc_data",): FieldValue(FI_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL),
+           ("replay",): FieldValue(FI_NVLINK_REPLAY_ERROR_COUNT_TOTAL),
+           ("recovery",): FieldValue(FI_NVLINK_RECOVERY_ERROR_COUNT_TOTAL),
+           ("ecc_data",): FieldValue(FI_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL)},
+          labels=("type",), urgent=True,
+          dcgm={("crc_flit",): "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+                ("crc_data",): "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
+                ("replay",): "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
+                ("recovery",): "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+                ("ecc_data",): "DCGM_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL"}, dcgm_kind="counter"),
+    Field("gpufleet_gpu_nvlink_transmit_bytes_total", "counter", "bytes",
+          "NVLink payload data sent, summed over all links, in bytes.",
+          FieldValue(FI_NVLINK_THROUGHPUT_DATA_TX, SCOPE_ALL_LINKS), scale=KIB),
+    Field("gpufleet_gpu_nvlink_receive_bytes_total", "counter", "bytes",
+          "NVLink payload data received, summed over all links, in bytes.",
+          FieldValue(FI_NVLINK_THROUGHPUT_DATA_RX, SCOPE_ALL_LINKS), scale=KIB),
 )
 
-# GPM (Hopper and newer) profiling metrics: computed from two GPM samples, no DCGM needed.
-# (name, NVML_GPM_METRIC_* id, help, dcgm name)
-GPM_FIELDS: tuple[tuple[str, int, str, str], ...] = (
-    ("gpufleet_gpu_sm_active_ratio", 2, "Share of SM cycles with at least one warp resident (GPM SM_UTIL).",
-     "DCGM_FI_PROF_SM_ACTIVE"),
-    ("gpufleet_gpu_sm_occupancy_ratio", 3, "Resident warps as a share of the SMs' maximum (GPM SM_OCCUPANCY).",
-     "DCGM_FI_PROF_SM_OCCUPANCY"),
-    ("gpufleet_gpu_tensor_active_ratio", 5, "Share of cycles any tensor pipe was active (GPM ANY_TENSOR_UTIL).",
-     "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"),
-    ("gpufleet_gpu_dram_active_ratio", 10, "Share of cycles the memory interface was active (GPM DRAM_BW_UTIL).",
-     "DCGM_FI_PROF_DRAM_ACTIVE"),
-    ("gpufleet_gpu_fp64_active_ratio", 11, "Share of cycles the FP64 pipe was active (GPM FP64_UTIL).",
-     "DCGM_FI_PROF_PIPE_FP64_ACTIVE"),
-    ("gpufleet_gpu_fp32_active_ratio", 12, "Share of cycles the FP32 pipe was active (GPM FP32_UTIL).",
-     "DCGM_FI_PROF_PIPE_FP32_ACTIVE"),
-    ("gpufleet_gpu_fp16_active_ratio", 13, "Share of cycles the FP16 pipe was active (GPM FP16_UTIL).",
-     "DCGM_FI_PROF_PIPE_FP16_ACTIVE"),
+
+class GpmField(NamedTuple):
+    """A GPM (Hopper and newer) metric: computed by NVML from two GPM samples, no DCGM needed."""
+
+    name: str
+    metric_id: int  # NVML_GPM_METRIC_*
+    help: str
+    dcgm: str | None
+    unit: str = "ratio"
+    scale: float = 0.01  # NVML's unit (percent, MiB/s) -> ours (ratio, bytes/s)
+
+
+GPM_FIELDS: tuple[GpmField, ...] = (
+    GpmField("gpufleet_gpu_graphics_engine_active_ratio", 1,
+             "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL).", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"),
+    GpmField("gpufleet_gpu_sm_active_ratio", 2, "Share of SM cycles with at least one warp resident (GPM SM_UTIL).",
+             "DCGM_FI_PROF_SM_ACTIVE"),
+    GpmField("gpufleet_gpu_sm_occupancy_ratio", 3,
+             "Resident warps as a share of the SMs' maximum (GPM SM_OCCUPANCY).", "DCGM_FI_PROF_SM_OCCUPANCY"),
+    GpmField("gpufleet_gpu_tensor_active_ratio", 5, "Share of cycles any tensor pipe was active (GPM ANY_TENSOR_UTIL).",
+             "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"),
+    GpmField("gpufleet_gpu_dram_active_ratio", 10,
+             "Share of cycles the memory interface was active (GPM DRAM_BW_UTIL).", "DCGM_FI_PROF_DRAM_ACTIVE"),
+    GpmField("gpufleet_gpu_fp64_active_ratio", 11, "Share of cycles the FP64 pipe was active (GPM FP64_UTIL).",
+             "DCGM_FI_PROF_PIPE_FP64_ACTIVE"),
+    GpmField("gpufleet_gpu_fp32_active_ratio", 12, "Share of cycles the FP32 pipe was active (GPM FP32_UTIL).",
+             "DCGM_FI_PROF_PIPE_FP32_ACTIVE"),
+    GpmField("gpufleet_gpu_fp16_active_ratio", 13, "Share of cycles the FP16 pipe was active (GPM FP16_UTIL).",
+             "DCGM_FI_PROF_PIPE_FP16_ACTIVE"),
+    GpmField("gpufleet_gpu_nvlink_transmit_bytes_per_second", 61,
+             "NVLink traffic sent over all links, in bytes per second (GPM NVLINK_TOTAL_TX_PER_SEC).",
+             "DCGM_FI_PROF_NVLINK_TX_BYTES", "bytes", float(MIB)),
+    GpmField("gpufleet_gpu_nvlink_receive_bytes_per_second", 60,
+             "NVLink traffic received over all links, in bytes per second (GPM NVLINK_TOTAL_RX_PER_SEC).",
+             "DCGM_FI_PROF_NVLINK_RX_BYTES", "bytes", float(MIB)),
 )
+
+# Series of the GPU source that are not table rows.
+UP = ("gpufleet_gpu_up", "1 when the GPU answers NVML, 0 when it is lost.")
+INFO = ("gpufleet_gpu_info", "Static facts about the GPU (driver, serial, PCI bus id, MIG mode); the value is always 1.")
+XID = ("gpufleet_gpu_xid_errors_total", "XID errors reported by the driver, per XID code.")
+MIG_INFO = ("gpufleet_mig_info", "A MIG instance of a GPU (profile, instance ids, UUID); the value is always 1.")
+PROCESS_MEMORY = ("gpufleet_gpu_process_memory_used_bytes",
+                  "Framebuffer memory a process holds on the GPU, in bytes (opt-in: --process-metrics).")
+PROCESS_SM = ("gpufleet_gpu_process_sm_utilization_ratio",
+              "Share of the last sample period the process had a kernel running on the GPU (opt-in).")
+MIG_LABELS = ("gpu_instance", "compute_instance", "mig_profile", "mig_uuid")
+
+
+def mig_name(name: str) -> str:
+    """The MIG-instance family of a GPU family: ``gpufleet_gpu_x`` -> ``gpufleet_mig_x``."""
+    return "gpufleet_mig_" + name.removeprefix("gpufleet_gpu_")
+
+
+MIG_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.mig)
+FAST_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if not f.slow)
+SLOW_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.slow)

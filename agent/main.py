@@ -33,6 +33,15 @@ class AgentSettings:
     sources: tuple[str, ...] = ()  # empty: every source that is on by default
     metric_names: str = "gpufleet"
     seed: int | None = None
+    # Kubernetes pod attribution through the kubelet pod-resources API; None: off.
+    pod_resources_socket: str | None = None
+    # Per-process GPU memory and SM utilization (multiplies series), and where to find host processes.
+    process_metrics: bool = False
+    proc_root: str = "/proc"
+    # Seconds between reads of the slow GPU fields (energy counter, PCIe throughput, static values).
+    slow_interval: float = 10.0
+    # Simulated MIG layout: {GPU index: [profile, ...]} (only with simulate).
+    simulate_mig: dict[int, list[str]] | None = None
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -48,10 +57,11 @@ class RunningAgent:
     def __init__(self, settings: AgentSettings, *, nvml_lib: Any | None = None, http: Any | None = None) -> None:
         self.settings = settings
         self.simulator = None
+        self.pod_attribution: Any = None
         if settings.simulate:
             from agent.simulator import SimulatedNVML
 
-            self.simulator = nvml_lib = SimulatedNVML(settings.simulate, seed=settings.seed)
+            self.simulator = nvml_lib = SimulatedNVML(settings.simulate, seed=settings.seed, mig=settings.simulate_mig)
         self.nvml = Nvml(nvml_lib)
         wanted = set(settings.sources) or {s.name for s in SOURCES if s.default_on}
         unknown = wanted - {s.name for s in SOURCES}
@@ -74,13 +84,13 @@ class RunningAgent:
         if self.simulator is not None:
             routes[("POST", "/simulate/faults")] = self._inject
             routes[("GET", "/simulate/gpus")] = lambda env, sr: json_response(sr, "200 OK", self.simulator.describe())
-        rename = None
+        rename = render = None
         if settings.metric_names == "dcgm":
-            from agent.dcgm_names import to_dcgm
+            from agent.dcgm_names import render_text, to_dcgm
 
-            rename = to_dcgm
+            rename, render = to_dcgm, render_text
         self.server = AgentServer(host, port, self.agent, health=self.health, routes=routes,
-                                  extra=self._own_metrics, rename=rename)
+                                  extra=self._own_metrics, rename=rename, render=render)
         self._threads: list[threading.Thread] = []
 
     def _make_source(self, name: str) -> Any:
@@ -88,7 +98,14 @@ class RunningAgent:
         if name == "gpu":
             from agent.sources.gpu import GpuSource
 
-            return GpuSource(self.nvml, s.node, cluster=s.cluster, on_event=self._on_gpu_event)
+            attribution = None
+            if s.pod_resources_socket:
+                from agent.attribution import PodAttribution
+
+                attribution = self.pod_attribution = PodAttribution(s.pod_resources_socket)
+            return GpuSource(self.nvml, s.node, cluster=s.cluster, on_event=self._on_gpu_event,
+                             attribution=attribution, slow_interval=s.slow_interval,
+                             process_metrics=s.process_metrics, proc_root=s.proc_root)
         module = importlib.import_module(f"agent.sources.{name}")
         cls = next(v for k, v in vars(module).items() if k.endswith("Source") and isinstance(v, type))
         return cls(s.node, cluster=s.cluster)
@@ -115,6 +132,11 @@ class RunningAgent:
         labels = {"node": self.settings.node}
         fams = [Family("gpufleet_agent_simulated", "gauge", "1 when the GPUs are simulated, not real.")]
         fams[0].add(labels, 1.0 if self.simulator is not None else 0.0)
+        if self.pod_attribution is not None:
+            f = Family("gpufleet_agent_pod_resources_failures_total", "counter",
+                       "Failed calls to the kubelet pod-resources API (GPU pod labels may be stale or missing).")
+            f.add(labels, self.pod_attribution.failures)
+            fams.append(f)
         if self.pusher is not None:
             p = self.pusher
             for name, kind, help_text, value in (
@@ -157,6 +179,8 @@ class RunningAgent:
         if self.pusher is not None:
             self.pusher.stop()
         self.server.stop()
+        if self.pod_attribution is not None:
+            self.pod_attribution.close()
         self.nvml.shutdown()
 
 

@@ -32,6 +32,9 @@ ERROR_TIMEOUT = 10
 ERROR_NO_DATA = 26
 ERROR_UNKNOWN = 999
 
+# nvmlValueType_t -> the member of the nvmlValue_t union that holds the value.
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
 # Answers that mean "no value here", not "something is wrong".
 _NO_VALUE = {ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_FUNCTION_NOT_FOUND, ERROR_NOT_FOUND, ERROR_NO_DATA}
 # Answers that mean the GPU itself has gone (fell off the bus, needs a reset).
@@ -159,6 +162,23 @@ class Nvml:
             return dict.fromkeys(metric_ids)
         return {mid: (mg.metrics[i].value if mg.metrics[i].nvmlReturn == 0 else None)
                 for i, mid in enumerate(metric_ids)}
+
+    def field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], float | None]:
+        """One batched ``nvmlDeviceGetFieldValues`` read: ``{(field id, scope): value}``, ``None`` per missing value."""
+        answer = self.call("nvmlDeviceGetFieldValues", handle, ids)
+        if answer is None:
+            return dict.fromkeys(ids)
+        out: dict[tuple[int, int], float | None] = {}
+        for want, fv in zip(ids, answer, strict=False):
+            ret = int(getattr(fv, "nvmlReturn", ERROR_UNKNOWN))
+            if ret in _LOST:
+                raise GpuLost(f"nvmlDeviceGetFieldValues field {want[0]}: NVML error {ret}")
+            if ret != 0:
+                out[want] = None
+                continue
+            member = _VALUE_MEMBERS.get(int(fv.valueType))
+            out[want] = None if member is None else float(getattr(fv.value, member))
+        return out
 
     def call_ok(self, function: str, *args: Any) -> bool:
         """Call an NVML function for its effect; True when it succeeded (``call`` cannot tell, as it answers None)."""

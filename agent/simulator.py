@@ -6,8 +6,11 @@ agent's NVML gateway, field table and sources run the same code path on a
 laptop and in CI as on a GPU node. GPUs follow believable, load-driven
 dynamics: jobs come and go, power follows SM activity, temperature follows
 power with a thermal time constant, memory is held by jobs. Faults can be
-injected: XIDs, thermal slowdown, power brake, ECC errors, a GPU falling off
-the bus, a job that holds memory but does nothing.
+injected: XIDs, thermal slowdown, power brake, ECC errors, row remapping,
+PCIe replays, NVLink errors, a GPU falling off the bus, a job that holds
+memory but does nothing. GPUs can be put in MIG mode with instances of given
+profiles (``mig={0: ["3g.40gb", "2g.20gb"]}``); the simulator never changes
+MIG settings on its own, as the agent never does on a real GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_NOT_FOUND = 6
+NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+NVML_VALUE_TYPE_SIGNED_INT = 5
+NVML_PCIE_UTIL_TX_BYTES = 0
+SCOPE_ALL_LINKS = 0xFFFFFFFF
 NVML_TEMPERATURE_GPU = 0
 NVML_CLOCK_SM = 1
 NVML_CLOCK_MEM = 2
@@ -51,6 +60,8 @@ REASON_HW_POWER_BRAKE = 0x80
 
 GPM_SM_UTIL, GPM_SM_OCCUPANCY, GPM_ANY_TENSOR_UTIL, GPM_DRAM_BW_UTIL = 2, 3, 5, 10
 GPM_FP64_UTIL, GPM_FP32_UTIL, GPM_FP16_UTIL = 11, 12, 13
+GPM_GRAPHICS_UTIL, GPM_NVLINK_RX_PER_SEC, GPM_NVLINK_TX_PER_SEC = 1, 60, 61
+MIB = 1 << 20
 
 GIB = 1 << 30
 
@@ -79,6 +90,12 @@ class _Profile:
     thermal_tau_s: float = 40.0
     slowdown_celsius: int = 87
     shutdown_celsius: int = 92
+    memory_above_core_celsius: float = 6.0
+    pcie_generation: int = 5
+    pcie_width: int = 16
+    nvlink_links: int = 18
+    nvlink_bytes_per_s: float = 120e9  # payload one direction at full training load
+    mig_slices: int = 7
 
 
 # Workload phases: (name, NVML utilization, SM activity per unit of utilization, tensor share, DRAM share, memory GiB)
@@ -111,6 +128,33 @@ class _Gpu:
     ecc: dict[tuple[int, int], int] = field(default_factory=dict)
     gpm_counter: float = 0.0
     gpm_accum: dict[int, float] = field(default_factory=dict)
+    # field-value counters (nvml.h NVML_FI_DEV_*), in NVML units
+    nvlink_kib: dict[str, float] = field(default_factory=lambda: {"tx": 0.0, "rx": 0.0})
+    violation_ns: dict[int, float] = field(default_factory=dict)
+    nvlink_errors: dict[int, int] = field(default_factory=dict)
+    pcie_replays: int = 0
+    remapped: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # correctable, uncorrectable, pending, failure
+    mig: list[_Mig] = field(default_factory=list)
+    pid: int = 0
+
+
+@dataclass
+class _Mig:
+    """One MIG instance (a GPU instance with one compute instance) of a simulated GPU."""
+
+    slot: int
+    gpu_instance: int
+    compute_instance: int
+    slices: int
+    memory_mb: int
+    uuid: str
+    load: float  # the instance's share of the parent's activity model
+    gpm_accum: dict[int, float] = field(default_factory=dict)
+
+
+# MIG profiles: name -> (GPU slices, memory MiB) on an 80 GB H100.
+MIG_PROFILES = {"1g.10gb": (1, 9984), "1g.20gb": (1, 19968), "2g.20gb": (2, 19968), "3g.40gb": (3, 40192),
+                "4g.40gb": (4, 40192), "7g.80gb": (7, 80896)}
 
 
 class SimulatedNVML:
@@ -120,7 +164,8 @@ class SimulatedNVML:
     NVMLError = NVMLError
 
     def __init__(self, count: int = 2, *, clock: Callable[[], float] = time.time, seed: int | None = None,
-                 profile: _Profile | None = None, workload: str = "mixed", driver: str = "555.42.06") -> None:
+                 profile: _Profile | None = None, workload: str = "mixed", driver: str = "555.42.06",
+                 mig: dict[int, list[str]] | None = None) -> None:
         self._clock = clock
         self._profile = profile or _Profile()
         rng = random.Random(seed)
@@ -134,7 +179,22 @@ class SimulatedNVML:
         for i in range(count):
             uid = "GPU-" + "-".join(f"{rng.getrandbits(b):0{b // 4}x}" for b in (32, 16, 16, 16, 48))
             self._gpus.append(_Gpu(i, uid, f"165{rng.randrange(10**9, 10**10)}", f"00000000:{0x18 + i * 0x10:02X}:00.0",
-                                   self._profile, random.Random(rng.random())))
+                                   self._profile, random.Random(rng.random()), pid=41000 + 100 * i))
+        for gpu_index, profiles in (mig or {}).items():
+            if not 0 <= gpu_index < count:
+                raise ValueError(f"mig: no simulated GPU {gpu_index}; there are {count}")
+            used = 0
+            for slot, name in enumerate(profiles):
+                if name not in MIG_PROFILES:
+                    raise ValueError(f"mig: unknown profile {name!r}; choose from {sorted(MIG_PROFILES)}")
+                slices, mem = MIG_PROFILES[name]
+                used += slices
+                if used > self._profile.mig_slices:
+                    raise ValueError(f"mig: profiles {profiles} need more than {self._profile.mig_slices} slices")
+                muid = "MIG-" + "-".join(f"{rng.getrandbits(b):0{b // 4}x}" for b in (32, 16, 16, 16, 48))
+                self._gpus[gpu_index].mig.append(_Mig(slot, gpu_instance=[1, 5, 13, 11, 9, 7, 14][slot],
+                                                      compute_instance=0, slices=slices, memory_mb=mem, uuid=muid,
+                                                      load=0.3 + 0.7 * rng.random()))
         self._initialised = False
 
     # ---- fault injection -------------------------------------------------------------------------
@@ -170,18 +230,34 @@ class SimulatedNVML:
                 self._events.append((gpu, nvmlEventTypeDoubleBitEccError, 0))
                 self._event_cv.notify_all()
                 return f"{count} uncorrectable ECC error(s) on GPU {gpu}"
+            if kind == "row_remap":  # an uncorrectable error remapped a row; takes effect at the next reset
+                g.remapped[1] += count
+                g.remapped[2] = 1
+                return f"{count} row(s) remapped after uncorrectable errors on GPU {gpu}, reset pending"
+            if kind == "remap_failure":
+                g.remapped[3] = 1
+                return f"row remapping failed on GPU {gpu}: no spare rows left"
+            if kind == "pcie_replay":
+                g.pcie_replays += count
+                return f"{count} PCIe replay(s) on GPU {gpu}"
+            if kind == "nvlink_error":
+                g.nvlink_errors[38] = g.nvlink_errors.get(38, 0) + count  # CRC flit errors
+                return f"{count} NVLink CRC error(s) on GPU {gpu}"
             if kind == "recover":
                 g.lost = False
                 g.faults.clear()
                 return f"GPU {gpu} recovered"
             raise ValueError(f"unknown fault {kind!r}; choose one of xid, lost, thermal, sw_thermal, "
-                             "hw_slowdown, power_brake, idle_memory, ecc, recover")
+                             "hw_slowdown, power_brake, idle_memory, ecc, row_remap, remap_failure, pcie_replay, "
+                             "nvlink_error, recover")
 
     # ---- dynamics --------------------------------------------------------------------------------
     def _advance(self) -> None:
         now = self._clock()
         dt = now - self._t
-        if dt <= 0:
+        # Dynamics have time constants of seconds: integrating more often than every 50 ms only costs CPU
+        # (every NVML call lands here), so calls within 50 ms see the same state, as NVML's own sampling does.
+        if dt < 0.05:
             return
         # Integrate in steps of at most 1 s so a long gap behaves like many short ones.
         steps = max(1, min(int(math.ceil(dt)), 3600))
@@ -224,12 +300,28 @@ class SimulatedNVML:
         g.temp += (1 - math.exp(-h / p.thermal_tau_s)) * (target_temp - g.temp)
         g.mem_used += (1 - math.exp(-h / 5.0)) * (mem_gib * GIB - g.mem_used)
         g.energy_mj += g.power * h * 1000.0
-        # GPM counters: accumulate activity-seconds per metric, read as deltas like real GPM samples.
+        # GPM counters: accumulate percent-seconds (and MiB for bandwidths) per metric, read as deltas between
+        # two samples like real GPM samples.
         g.gpm_counter += h
-        for mid, share in ((GPM_SM_UTIL, g.sm), (GPM_SM_OCCUPANCY, g.sm * 0.6), (GPM_ANY_TENSOR_UTIL, g.sm * tensor),
-                           (GPM_DRAM_BW_UTIL, g.util * dram), (GPM_FP16_UTIL, g.sm * tensor * 0.9),
-                           (GPM_FP32_UTIL, g.sm * 0.2), (GPM_FP64_UTIL, 0.0)):
-            g.gpm_accum[mid] = g.gpm_accum.get(mid, 0.0) + share * h
+        nvlink = p.nvlink_bytes_per_s * g.sm * tensor if g.phase[0] == "training" else 0.0
+        rates = {GPM_GRAPHICS_UTIL: 100 * g.util, GPM_SM_UTIL: 100 * g.sm, GPM_SM_OCCUPANCY: 60 * g.sm,
+                 GPM_ANY_TENSOR_UTIL: 100 * g.sm * tensor, GPM_DRAM_BW_UTIL: 100 * g.util * dram,
+                 GPM_FP16_UTIL: 90 * g.sm * tensor, GPM_FP32_UTIL: 20 * g.sm, GPM_FP64_UTIL: 0.0,
+                 GPM_NVLINK_TX_PER_SEC: nvlink / MIB, GPM_NVLINK_RX_PER_SEC: nvlink / MIB}
+        for mid, rate in rates.items():
+            g.gpm_accum[mid] = g.gpm_accum.get(mid, 0.0) + rate * h
+        for m in g.mig:
+            for mid, rate in rates.items():
+                m.gpm_accum[mid] = m.gpm_accum.get(mid, 0.0) + rate * m.load * h
+        g.nvlink_kib["tx"] += nvlink * h / 1024
+        g.nvlink_kib["rx"] += nvlink * h / 1024
+        # Violation counters (nanoseconds) follow the clock-event reasons that hold the clocks down.
+        bits = self._reasons(g)
+        for fid, mask in ((74, REASON_SW_POWER_CAP), (75, REASON_SW_THERMAL | REASON_HW_THERMAL),
+                          (78, REASON_GPU_IDLE), (269, REASON_SW_THERMAL), (270, REASON_HW_THERMAL),
+                          (271, REASON_HW_POWER_BRAKE)):
+            if bits & mask:
+                g.violation_ns[fid] = g.violation_ns.get(fid, 0.0) + h * 1e9
 
     def _reasons(self, g: _Gpu) -> int:
         bits = 0
@@ -247,14 +339,23 @@ class SimulatedNVML:
             bits |= REASON_HW_POWER_BRAKE | REASON_HW_SLOWDOWN
         return bits
 
-    def _gpu(self, handle: Any) -> _Gpu:
+    def _gpu(self, handle: Any, *, mig_ok: bool = False) -> _Gpu:
+        """The GPU of a handle; a MIG device handle is refused unless the function works on MIG devices."""
         if not self._initialised:
             raise NVMLError(1)
         self._advance()
         g = self._gpus[handle.index]
         if g.lost:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+        if getattr(handle, "mig", None) is not None and not mig_ok:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return g
+
+    def _mig(self, handle: Any) -> _Mig:
+        g = self._gpu(handle, mig_ok=True)
+        if getattr(handle, "mig", None) is None:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return g.mig[handle.mig]
 
     # ---- the pynvml surface ----------------------------------------------------------------------
     def nvmlInit(self) -> None:
@@ -276,6 +377,8 @@ class SimulatedNVML:
 
     def nvmlDeviceGetUUID(self, h: Any) -> str:
         with self._lock:
+            if getattr(h, "mig", None) is not None:
+                return self._mig(h).uuid
             return self._gpu(h).uuid
 
     def nvmlDeviceGetName(self, h: Any) -> str:
@@ -293,14 +396,35 @@ class SimulatedNVML:
     def nvmlDeviceGetUtilizationRates(self, h: Any) -> Any:
         with self._lock:
             g = self._gpu(h)
+            if g.mig:  # NVML has no whole-GPU utilization in MIG mode
+                raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
             return SimpleNamespace(gpu=round(g.util * 100), memory=round(g.util * g.phase[4] * 100))
 
-    def nvmlDeviceGetMemoryInfo(self, h: Any) -> Any:
+    def nvmlDeviceGetEncoderUtilization(self, h: Any) -> list[int]:
+        with self._lock:
+            self._gpu(h)
+            return [0, 167000]
+
+    def nvmlDeviceGetDecoderUtilization(self, h: Any) -> list[int]:
         with self._lock:
             g = self._gpu(h)
-            total = g.profile.memory_bytes
-            used = int(g.mem_used) + g.profile.reserved_bytes
-            return SimpleNamespace(total=total, used=used, free=total - used)
+            # inference services decode video/images on the NVDEC engines
+            return [round(g.util * 20) if g.phase[0] == "inference" else 0, 167000]
+
+    def nvmlDeviceGetMemoryInfo(self, h: Any, version: int | None = None) -> Any:
+        """v1 counts driver-reserved memory as used; v2 (``version=nvmlMemory_v2``) reports it apart."""
+        with self._lock:
+            g = self._gpu(h, mig_ok=True)
+            if getattr(h, "mig", None) is not None:
+                m = g.mig[h.mig]
+                total, reserved = m.memory_mb * MIB, 0
+                used = int(min(total * 0.95, g.mem_used * m.load * m.slices / g.profile.mig_slices))
+            else:
+                total, reserved, used = g.profile.memory_bytes, g.profile.reserved_bytes, int(g.mem_used)
+            if version:
+                return SimpleNamespace(version=version, total=total, reserved=reserved, used=used,
+                                       free=total - reserved - used)
+            return SimpleNamespace(total=total, used=used + reserved, free=total - used - reserved)
 
     def nvmlDeviceGetTemperature(self, h: Any, sensor: int) -> int:
         with self._lock:
@@ -341,6 +465,139 @@ class SimulatedNVML:
         with self._lock:
             return self._gpu(h).ecc.get((error_type, counter_type), 0)
 
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, h: Any) -> int:
+        with self._lock:
+            g = self._gpu(h)
+            return 1 if g.util < 0.01 else g.profile.pcie_generation  # the link downshifts while idle
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, h: Any) -> int:
+        with self._lock:
+            return self._gpu(h).profile.pcie_generation
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h: Any) -> int:
+        with self._lock:
+            return self._gpu(h).profile.pcie_width
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, h: Any) -> int:
+        with self._lock:
+            return self._gpu(h).profile.pcie_width
+
+    def nvmlDeviceGetPcieThroughput(self, h: Any, counter: int) -> int:
+        """KB/s over NVML's 20 ms sampling window: input batches in, a little out."""
+        with self._lock:
+            g = self._gpu(h)
+            rate = (6e9 if g.phase[0] == "dataloader_bound" else 1.5e9) * g.util
+            if counter != NVML_PCIE_UTIL_TX_BYTES:
+                rate *= 4
+            return int(rate * (1 + 0.05 * g.rng.gauss(0, 1)) / 1024) if rate else 0
+
+    def nvmlDeviceGetFieldValues(self, h: Any, ids: list) -> list[Any]:
+        """Like pynvml: ``ids`` are field ids or (field id, scope id) pairs; each answer has its own return code."""
+        with self._lock:
+            g = self._gpu(h)
+            out = []
+            for want in ids:
+                fid, scope = want if isinstance(want, tuple) else (want, 0)
+                got = self._field_value(g, fid, scope)
+                entry = SimpleNamespace(fieldId=fid, scopeId=scope, timestamp=int(self._t * 1e6), latencyUsec=0,
+                                        valueType=0, nvmlReturn=NVML_ERROR_NOT_SUPPORTED, value=SimpleNamespace())
+                if got is not None:
+                    vtype, number = got
+                    member = {NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal", NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                              NVML_VALUE_TYPE_SIGNED_INT: "siVal"}[vtype]
+                    entry.valueType, entry.nvmlReturn = vtype, 0
+                    setattr(entry.value, member, int(number))
+                out.append(entry)
+            return out
+
+    def _field_value(self, g: _Gpu, fid: int, scope: int) -> tuple[int, float] | None:
+        ull, ui = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, NVML_VALUE_TYPE_UNSIGNED_INT
+        ecc = {3: (0, 0), 4: (1, 0), 5: (0, 1), 6: (1, 1)}
+        if fid in ecc:
+            return ull, g.ecc.get(ecc[fid], 0)
+        if fid in (29, 30, 31):  # page retirement: H100 remaps rows instead, so nothing is ever retired
+            return ui, 0
+        if fid in (38, 45, 52, 59, 160):
+            return ull, g.nvlink_errors.get(fid, 0)
+        if fid in (74, 75, 76, 77, 78, 79, 269, 270, 271):
+            return ull, g.violation_ns.get(fid, 0.0)
+        if fid == 82:
+            return ui, round(g.temp + g.profile.memory_above_core_celsius)
+        if fid == 83:
+            return ull, g.energy_mj
+        if fid == 94:
+            return ui, g.pcie_replays
+        if fid in (138, 139):
+            kib = g.nvlink_kib["tx" if fid == 138 else "rx"]
+            return ull, kib if scope == SCOPE_ALL_LINKS else kib / g.profile.nvlink_links
+        if fid in (142, 143, 144, 145):
+            return ui, g.remapped[fid - 142]
+        return None
+
+    # MIG: instances were set up when the simulator was made; nothing here changes MIG settings.
+    def nvmlDeviceGetMigMode(self, h: Any) -> list[int]:
+        with self._lock:
+            on = int(bool(self._gpu(h).mig))
+            return [on, on]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: Any) -> int:
+        with self._lock:
+            return self._gpu(h).profile.mig_slices
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: Any, index: int) -> Any:
+        with self._lock:
+            g = self._gpu(h)
+            if not 0 <= index < len(g.mig):
+                raise NVMLError(NVML_ERROR_NOT_FOUND)
+            return SimpleNamespace(index=h.index, mig=index)
+
+    def nvmlDeviceGetGpuInstanceId(self, h: Any) -> int:
+        with self._lock:
+            return self._mig(h).gpu_instance
+
+    def nvmlDeviceGetComputeInstanceId(self, h: Any) -> int:
+        with self._lock:
+            return self._mig(h).compute_instance
+
+    def nvmlDeviceGetAttributes(self, h: Any) -> Any:
+        with self._lock:
+            m = self._mig(h)
+            return SimpleNamespace(multiprocessorCount=16 * m.slices, gpuInstanceSliceCount=m.slices,
+                                   computeInstanceSliceCount=m.slices, memorySizeMB=m.memory_mb)
+
+    def nvmlGpmMigSampleGet(self, h: Any, gpu_instance: int, sample: Any) -> Any:
+        with self._lock:
+            g = self._gpu(h)
+            m = next((m for m in g.mig if m.gpu_instance == gpu_instance), None)
+            if m is None:
+                raise NVMLError(NVML_ERROR_NOT_FOUND)
+            sample.t = g.gpm_counter
+            sample.accum = dict(m.gpm_accum)
+            return sample
+
+    # Processes: one job process per busy GPU (per MIG instance in MIG mode).
+    def nvmlDeviceGetComputeRunningProcesses(self, h: Any) -> list[Any]:
+        with self._lock:
+            g = self._gpu(h)
+            if g.mem_used < GIB:
+                return []
+            if g.mig:
+                return [SimpleNamespace(pid=g.pid + 1 + m.slot, gpuInstanceId=m.gpu_instance,
+                                        computeInstanceId=m.compute_instance,
+                                        usedGpuMemory=int(g.mem_used * m.load * m.slices / g.profile.mig_slices))
+                        for m in g.mig]
+            return [SimpleNamespace(pid=g.pid, usedGpuMemory=int(g.mem_used), gpuInstanceId=0xFFFFFFFF,
+                                    computeInstanceId=0xFFFFFFFF)]
+
+    def nvmlDeviceGetProcessUtilization(self, h: Any, last_seen_us: int) -> list[Any]:
+        with self._lock:
+            g = self._gpu(h)
+            now_us = int(self._t * 1e6)
+            if g.mem_used < GIB or now_us <= last_seen_us:
+                raise NVMLError(NVML_ERROR_NOT_FOUND)  # no samples newer than last_seen_us
+            return [SimpleNamespace(pid=g.pid, timeStamp=now_us, smUtil=round(g.util * 100),
+                                    memUtil=round(g.util * g.phase[4] * 100), encUtil=0, decUtil=0)]
+
     # GPM: samples snapshot cumulative activity; metrics are the activity share between two samples.
     def nvmlGpmQueryDeviceSupport(self, h: Any) -> Any:
         with self._lock:
@@ -356,6 +613,8 @@ class SimulatedNVML:
     def nvmlGpmSampleGet(self, h: Any, sample: Any) -> Any:
         with self._lock:
             g = self._gpu(h)
+            if g.mig:  # whole-GPU GPM samples are not available in MIG mode; per instance they are
+                raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
             sample.t = g.gpm_counter
             sample.accum = dict(g.gpm_accum)
             return sample
@@ -373,7 +632,7 @@ class SimulatedNVML:
                 m.nvmlReturn, m.value = NVML_ERROR_NOT_SUPPORTED, 0.0
             else:
                 m.nvmlReturn = 0
-                m.value = 100.0 * (s2.accum[m.metricId] - s1.accum.get(m.metricId, 0.0)) / span
+                m.value = (s2.accum[m.metricId] - s1.accum.get(m.metricId, 0.0)) / span
         return mg
 
     # Events: XIDs and ECC errors arrive on an event set, as from the driver.
@@ -407,9 +666,12 @@ class SimulatedNVML:
         with self._lock:
             self._advance()
             return [{"gpu": g.index, "uuid": g.uuid, "phase": g.phase[0], "lost": g.lost,
-                     "faults": sorted(g.faults)} for g in self._gpus]
+                     "faults": sorted(g.faults), "pid": g.pid,
+                     "mig": [{"uuid": m.uuid, "gpu_instance": m.gpu_instance, "slices": m.slices} for m in g.mig]}
+                    for g in self._gpus]
 
     @staticmethod
     def handle_key(handle: Any) -> int:
         """Identity of a device handle, as the gateway compares event-data devices with handles."""
-        return handle.index
+        mig = getattr(handle, "mig", None)
+        return handle.index if mig is None else (handle.index, mig)

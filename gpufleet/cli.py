@@ -59,6 +59,13 @@ def _agent_options(f):
         click.option("--metric-names", type=click.Choice(["gpufleet", "dcgm"]), default="gpufleet",
                      envvar="GPUFLEET_METRIC_NAMES", show_default=True,
                      help="Name metrics as gpufleet does or as dcgm-exporter does."),
+        click.option("--pod-resources-socket", default=None, envvar="GPUFLEET_POD_RESOURCES_SOCKET",
+                     help="Label GPUs with the pod/namespace/container holding them, from the kubelet "
+                          "pod-resources API at this unix socket (usually /var/lib/kubelet/pod-resources/kubelet.sock)."),
+        click.option("--process-metrics/--no-process-metrics", default=False, envvar="GPUFLEET_PROCESS_METRICS",
+                     help="Per-process GPU memory and SM utilization with each process's container (more series)."),
+        click.option("--proc-root", default="/proc", envvar="GPUFLEET_PROC_ROOT", show_default=True,
+                     help="The host's /proc (mount it, e.g. /host/proc, when the agent runs in a container)."),
         click.option("--sources", default="", envvar="GPUFLEET_SOURCES",
                      help="Comma-separated sources to run [default: all on by default]."),
         click.option("-v", "--verbose", is_flag=True),
@@ -73,7 +80,8 @@ def _agent_settings(**kw):
 
     s = AgentSettings(listen=kw["listen"], collector=kw.get("collector"), token=kw["token"], simulate=kw["simulate"],
                       cluster=kw["cluster"], interval=kw["interval"], push_interval=kw["push_interval"],
-                      metric_names=kw["metric_names"],
+                      metric_names=kw["metric_names"], pod_resources_socket=kw["pod_resources_socket"],
+                      process_metrics=kw["process_metrics"], proc_root=kw["proc_root"],
                       sources=tuple(x.strip() for x in kw["sources"].split(",") if x.strip()))
     if kw.get("node"):
         s.node = kw["node"]

@@ -1,0 +1,143 @@
+"""Who holds a GPU: Kubernetes pod/namespace/container from the kubelet, and a process's container from /proc.
+
+:class:`PodAttribution` asks the kubelet's pod-resources API (gRPC ``v1.PodResourcesLister/List`` on a unix
+socket) which container each device was given to, at most every ``refresh`` seconds, and answers
+``attribution(uuid) -> {"pod": …, "namespace": …, "container": …}`` for the GPU source. Device ids are GPU
+or MIG UUIDs as the NVIDIA device plugin reports them (its default ``uuid`` strategy); time-sliced
+replicas (``GPU-…::3``) count for their GPU, and a GPU shared by several containers lists them all,
+comma-separated.
+
+:func:`container_of` reads ``<proc root>/<pid>/cgroup`` to find the container and pod of a process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GPU_RESOURCE_PREFIX = "nvidia.com/"
+
+
+class PodAttribution:
+    """GPU UUID -> pod labels, from the kubelet pod-resources API. Pass ``list_pods`` to replace the gRPC call."""
+
+    def __init__(self, socket_path: str, *, refresh: float = 10.0, timeout: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 list_pods: Callable[[], Any] | None = None) -> None:
+        self.socket_path = socket_path
+        self._refresh = refresh
+        self._timeout = timeout
+        self._clock = clock
+        self._list = list_pods or self._grpc_list
+        self._channel: Any = None
+        self._by_device: dict[str, dict[str, str]] = {}
+        self._at: float | None = None
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def __call__(self, uuid: str) -> dict[str, str]:
+        if self._at is None or self._clock() - self._at >= self._refresh:
+            self.update()
+        return dict(self._by_device.get(uuid, {}))
+
+    def update(self) -> None:
+        """Ask the kubelet now. On failure the last known assignment stays and the failure is logged once."""
+        self._at = self._clock()
+        try:
+            response = self._list()
+        except Exception as exc:  # grpc.RpcError, OSError: the kubelet is a state to report, not a crash
+            self.failures += 1
+            # A fresh channel next time: the kubelet recreates its socket on restart, and a channel in
+            # reconnect backoff would keep failing fast after it is back.
+            self.close()
+            error = str(getattr(exc, "details", lambda: None)() or exc)
+            if self.last_error is None:
+                log.warning("cannot list pods from the kubelet pod-resources API at unix://%s (%s); GPUs carry no "
+                            "pod/namespace/container labels until it answers. Mount /var/lib/kubelet/pod-resources "
+                            "into the agent's pod or set --pod-resources-socket", self.socket_path, error)
+            self.last_error = error
+            return
+        if self.last_error is not None:
+            log.info("the kubelet pod-resources API answers again")
+        self.last_error = None
+        self._by_device = devices_to_pods(response)
+
+    def _grpc_list(self) -> Any:
+        import grpc
+
+        from agent.podresources import LIST_METHOD, ListPodResourcesRequest, ListPodResourcesResponse
+
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix://{self.socket_path}",
+                                                  options=[("grpc.max_receive_message_length", 16 << 20)])
+        call = self._channel.unary_unary(LIST_METHOD, request_serializer=ListPodResourcesRequest.SerializeToString,
+                                         response_deserializer=ListPodResourcesResponse.FromString)
+        return call(ListPodResourcesRequest(), timeout=self._timeout)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+def devices_to_pods(response: Any) -> dict[str, dict[str, str]]:
+    """``ListPodResourcesResponse`` -> {device id: {"pod", "namespace", "container"}} for NVIDIA devices."""
+    holders: dict[str, list[tuple[str, str, str]]] = {}
+    for pod in response.pod_resources:
+        for container in pod.containers:
+            for dev in container.devices:
+                if not dev.resource_name.startswith(GPU_RESOURCE_PREFIX):
+                    continue
+                for device_id in dev.device_ids:
+                    uuid = device_id.split("::", 1)[0]  # time-slicing replicas: GPU-…::N
+                    holder = (pod.name, pod.namespace, container.name)
+                    if holder not in holders.setdefault(uuid, []):
+                        holders[uuid].append(holder)
+    out = {}
+    for uuid, hs in holders.items():
+        hs.sort()
+        out[uuid] = {"pod": ",".join(h[0] for h in hs), "namespace": ",".join(sorted({h[1] for h in hs})),
+                     "container": ",".join(h[2] for h in hs)}
+    return out
+
+
+# A container id (64 hex) as the last part of a cgroup path, in the forms container runtimes write:
+# /docker/<id>, /kubepods/burstable/pod<uid>/<id>, …/cri-containerd-<id>.scope, …/crio-<id>.scope, docker-<id>.scope
+_CONTAINER = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+# The pod UID: pod<uid> with dashes (cgroupfs driver) or underscores (systemd driver).
+_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+
+
+def container_of(pid: int, proc_root: str | Path = "/proc") -> tuple[str, str, str]:
+    """(command, container id, pod UID) of a process; empty strings for what cannot be known.
+
+    With the agent in a container, point ``proc_root`` at the host's /proc (and run with hostPID), since
+    NVML reports host PIDs.
+    """
+    base = Path(proc_root) / str(pid)
+    try:
+        command = (base / "comm").read_text().strip()
+    except OSError:
+        command = ""
+    try:
+        cgroup = (base / "cgroup").read_text()
+    except OSError:
+        return command, "", ""
+    container = pod = ""
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1].strip()
+        if not container:
+            m = _CONTAINER.search(path)
+            if m:
+                container = m.group(1)
+        if not pod:
+            m = _POD.search(path)
+            if m:
+                pod = m.group(1).replace("_", "-")
+    return command, container, pod

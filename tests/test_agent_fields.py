@@ -1,0 +1,288 @@
+"""The field table, row by row: real NVML names, simulator, scripted NVML answers, slow rows off the hot path."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pynvml
+import pytest
+
+from agent import fields as F
+from agent.fields import FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
+from agent.nvml import Nvml
+from agent.simulator import SimulatedNVML
+from agent.sources.gpu import GpuSource
+from tests.fake_nvml import GPU_IS_LOST, FakeNVML
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def by_series(families):
+    return {(f.name, tuple(sorted(lab.items()))): v for f in families for lab, v in f.samples}
+
+
+def row_values(families, row):
+    fam = next(f for f in families if f.name == row.name)
+    return {tuple(lab[k] for k in row.labels): v for lab, v in fam.samples}
+
+
+def calls_of(table=FIELDS):
+    return sorted({s.fn for f in table for s in f.sources() if isinstance(s, Call)})
+
+
+def test_every_nvml_function_and_field_id_the_table_names_exists_in_the_real_bindings():
+    for fn in calls_of():
+        assert callable(getattr(pynvml, fn, None)), f"pynvml has no {fn}"
+    # our FI_* constants are nvml.h's NVML_FI_DEV_* numbers
+    for const in [c for c in dir(F) if c.startswith("FI_")]:
+        assert getattr(pynvml, "NVML_FI_DEV_" + const[3:]) == getattr(F, const), const
+    used = {s.id for f in FIELDS for s in f.sources() if isinstance(s, FieldValue)}
+    assert used <= {getattr(F, c) for c in dir(F) if c.startswith("FI_")}
+    assert pynvml.nvmlMemory_v2 == F.MEMORY_V2
+    for reason, bit in F.CLOCK_EVENT_REASONS.items():
+        assert bit in {v for k, v in vars(pynvml).items() if k.startswith("nvmlClocksEventReason")}, reason
+    gpm = {v: k for k, v in vars(pynvml).items() if k.startswith("NVML_GPM_METRIC_")}
+    for g in GPM_FIELDS:
+        assert g.metric_id in gpm, g.name
+
+
+def test_the_simulator_offers_every_function_the_table_and_the_source_call():
+    sim = SimulatedNVML(1)
+    for fn in calls_of() + ["nvmlDeviceGetFieldValues", "nvmlGpmMigSampleGet", "nvmlDeviceGetMigMode",
+                            "nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetComputeRunningProcesses",
+                            "nvmlDeviceGetProcessUtilization"]:
+        assert callable(getattr(sim, fn, None)), f"the simulator lacks {fn}"
+
+
+def test_every_row_reads_a_believable_value_on_the_simulator():
+    clock = SimpleNamespace(t=1000.0)
+    sim = SimulatedNVML(1, clock=lambda: clock.t, seed=3, workload="busy")
+    src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t)
+    src.start()
+    src.collect()
+    clock.t += 120  # two minutes of a training job
+    fams = src.collect()
+    ranges = {"ratio": (0, 1), "celsius": (20, 100), "watts": (50, 1000), "hertz": (1e8, 4e9),
+              "bytes": (0, 200 * GIB), "joules": (1, 1e9), "seconds": (0, 1e6), "": (0, 64)}
+    for row in FIELDS:
+        got = row_values(fams, row)
+        expected_keys = set(row.read) if isinstance(row.read, dict) else {()}
+        assert set(got) == expected_keys, f"{row.name} read {sorted(got)} on the simulator"
+        lo, hi = ranges[row.unit]
+        if row.kind == "counter" and row.unit == "bytes":
+            hi = 120 * 1e12  # two minutes at no more than 1 TB/s
+        for key, v in got.items():
+            assert lo <= v <= hi, (row.name, key, v)
+    gpm = {g.name: g for g in GPM_FIELDS}
+    for name, g in gpm.items():
+        assert row_values(fams, SimpleNamespace(name=name, labels=())), f"{name} read no value"
+        if g.unit == "ratio":
+            assert 0 <= row_values(fams, SimpleNamespace(name=name, labels=()))[()] <= 1
+    sm = row_values(fams, SimpleNamespace(name="gpufleet_gpu_sm_active_ratio", labels=()))[()]
+    assert sm > 0.6  # a training job keeps the SMs busy
+    power = row_values(fams, SimpleNamespace(name="gpufleet_gpu_power_watts", labels=()))[()]
+    energy = row_values(fams, SimpleNamespace(name="gpufleet_gpu_energy_joules_total", labels=()))[()]
+    assert power > 300 and energy > 120 * 70  # at least idle power over two minutes
+
+
+def _field_answer(values: dict[int, tuple[int, int]]):
+    """A scripted nvmlDeviceGetFieldValues: {field id: (value type, value)}; others answer NOT_SUPPORTED."""
+    members = {1: "uiVal", 3: "ullVal", 5: "siVal", 0: "dVal"}
+
+    def answer(ids):
+        out = []
+        for fid, scope in ids:
+            entry = SimpleNamespace(fieldId=fid, scopeId=scope, valueType=0, nvmlReturn=3, value=SimpleNamespace())
+            if fid in values:
+                vtype, v = values[fid]
+                entry.valueType, entry.nvmlReturn = vtype, 0
+                setattr(entry.value, members[vtype], v)
+            out.append(entry)
+        return out
+
+    return answer
+
+
+def scripted_gpu() -> dict:
+    """NVML answers in NVML units for every function and field id the table reads."""
+    fields = {3: (3, 2), 4: (3, 0), 5: (3, 17), 6: (3, 1), 29: (1, 0), 30: (1, 0), 31: (1, 0),
+              38: (3, 4), 45: (3, 0), 52: (3, 9), 59: (3, 1), 160: (3, 0),
+              74: (3, 2_500_000_000), 75: (3, 0), 76: (3, 0), 77: (3, 0), 78: (3, 61_000_000_000), 79: (3, 0),
+              269: (3, 0), 270: (3, 0), 271: (3, 500_000_000),
+              82: (1, 71), 83: (3, 123_456_789), 94: (1, 12), 138: (3, 2048), 139: (3, 1024),
+              142: (1, 3), 143: (1, 1), 144: (1, 1), 145: (1, 0)}
+    return {
+        "nvmlDeviceGetUtilizationRates": SimpleNamespace(gpu=87, memory=40),
+        "nvmlDeviceGetEncoderUtilization": [5, 167000],
+        "nvmlDeviceGetDecoderUtilization": [7, 167000],
+        "nvmlDeviceGetMemoryInfo": lambda version: SimpleNamespace(
+            version=version, total=80 * GIB, reserved=512 * MIB, used=10 * GIB, free=80 * GIB - 512 * MIB - 10 * GIB),
+        "nvmlDeviceGetTemperature": 61,
+        "nvmlDeviceGetTemperatureThreshold": lambda kind: {0: 92, 1: 87}[kind],
+        "nvmlDeviceGetPowerUsage": 312_500,
+        "nvmlDeviceGetEnforcedPowerLimit": 700_000,
+        "nvmlDeviceGetClockInfo": lambda kind: {1: 1980, 2: 2619}[kind],
+        "nvmlDeviceGetCurrentClocksEventReasons": 0x4 | 0x80,
+        "nvmlDeviceGetCurrPcieLinkGeneration": 4,
+        "nvmlDeviceGetCurrPcieLinkWidth": 16,
+        "nvmlDeviceGetMaxPcieLinkGeneration": 5,
+        "nvmlDeviceGetMaxPcieLinkWidth": 16,
+        "nvmlDeviceGetPcieThroughput": lambda counter: {0: 1000, 1: 4000}[counter],
+        "nvmlDeviceGetFieldValues": _field_answer(fields),
+    }
+
+
+# What each row must read from scripted_gpu(), in base units.
+EXPECTED = {
+    ("gpufleet_gpu_utilization_ratio", ()): 0.87,
+    ("gpufleet_gpu_memory_bandwidth_utilization_ratio", ()): 0.40,
+    ("gpufleet_gpu_encoder_utilization_ratio", ()): 0.05,
+    ("gpufleet_gpu_decoder_utilization_ratio", ()): 0.07,
+    ("gpufleet_gpu_memory_used_bytes", ()): 10 * GIB,
+    ("gpufleet_gpu_memory_free_bytes", ()): 80 * GIB - 512 * MIB - 10 * GIB,
+    ("gpufleet_gpu_memory_total_bytes", ()): 80 * GIB,
+    ("gpufleet_gpu_memory_reserved_bytes", ()): 512 * MIB,
+    ("gpufleet_gpu_temperature_celsius", ()): 61,
+    ("gpufleet_gpu_memory_temperature_celsius", ()): 71,
+    ("gpufleet_gpu_slowdown_temperature_celsius", ()): 87,
+    ("gpufleet_gpu_shutdown_temperature_celsius", ()): 92,
+    ("gpufleet_gpu_power_watts", ()): 312.5,
+    ("gpufleet_gpu_power_limit_watts", ()): 700,
+    ("gpufleet_gpu_energy_joules_total", ()): 123_456.789,
+    ("gpufleet_gpu_sm_clock_hertz", ()): 1.98e9,
+    ("gpufleet_gpu_memory_clock_hertz", ()): 2.619e9,
+    **{("gpufleet_gpu_clock_event_active", (r,)): float(r in ("sw_power_cap", "hw_power_brake"))
+       for r in F.CLOCK_EVENT_REASONS},
+    **{("gpufleet_gpu_clock_event_violation_seconds_total", (r,)): v for r, v in {
+        "sw_power_cap": 2.5, "thermal": 0, "sync_boost": 0, "board_limit": 0, "low_utilization": 61,
+        "reliability": 0, "sw_thermal": 0, "hw_thermal": 0, "hw_power_brake": 0.5}.items()},
+    ("gpufleet_gpu_ecc_errors_total", ("corrected", "volatile")): 2,
+    ("gpufleet_gpu_ecc_errors_total", ("uncorrected", "volatile")): 0,
+    ("gpufleet_gpu_ecc_errors_total", ("corrected", "aggregate")): 17,
+    ("gpufleet_gpu_ecc_errors_total", ("uncorrected", "aggregate")): 1,
+    ("gpufleet_gpu_remapped_rows_total", ("correctable",)): 3,
+    ("gpufleet_gpu_remapped_rows_total", ("uncorrectable",)): 1,
+    ("gpufleet_gpu_row_remap_pending", ()): 1,
+    ("gpufleet_gpu_row_remap_failure", ()): 0,
+    ("gpufleet_gpu_retired_pages_total", ("single_bit",)): 0,
+    ("gpufleet_gpu_retired_pages_total", ("double_bit",)): 0,
+    ("gpufleet_gpu_retired_pages_pending", ()): 0,
+    ("gpufleet_gpu_pcie_link_generation", ()): 4,
+    ("gpufleet_gpu_pcie_link_width", ()): 16,
+    ("gpufleet_gpu_pcie_link_max_generation", ()): 5,
+    ("gpufleet_gpu_pcie_link_max_width", ()): 16,
+    ("gpufleet_gpu_pcie_replays_total", ()): 12,
+    ("gpufleet_gpu_pcie_transmit_bytes_per_second", ()): 1000 * 1024,
+    ("gpufleet_gpu_pcie_receive_bytes_per_second", ()): 4000 * 1024,
+    ("gpufleet_gpu_nvlink_errors_total", ("crc_flit",)): 4,
+    ("gpufleet_gpu_nvlink_errors_total", ("crc_data",)): 0,
+    ("gpufleet_gpu_nvlink_errors_total", ("replay",)): 9,
+    ("gpufleet_gpu_nvlink_errors_total", ("recovery",)): 1,
+    ("gpufleet_gpu_nvlink_errors_total", ("ecc_data",)): 0,
+    ("gpufleet_gpu_nvlink_transmit_bytes_total", ()): 2048 * 1024,
+    ("gpufleet_gpu_nvlink_receive_bytes_total", ()): 1024 * 1024,
+}
+
+
+def test_every_row_converts_scripted_nvml_answers_to_base_units():
+    fake = FakeNVML(["GPU-a"], scripted_gpu())
+    src = GpuSource(Nvml(fake), "n", watch_events=False, background=False)
+    src.start()
+    fams = src.collect()
+    got = {(row.name, key): v for row in FIELDS for key, v in row_values(fams, row).items()}
+    every_series = {(row.name, key) for row in FIELDS
+                    for key in (row.read if isinstance(row.read, dict) else {(): None})}
+    assert set(EXPECTED) == every_series, "EXPECTED must name every series of the table"
+    assert got.keys() == EXPECTED.keys()
+    for key, want in EXPECTED.items():
+        assert got[key] == pytest.approx(want), key
+
+
+def test_one_sample_makes_each_nvml_call_once_per_gpu_and_leaves_slow_rows_to_the_slow_reader():
+    clock = SimpleNamespace(t=0.0)
+    fake = FakeNVML(["GPU-a", "GPU-b"], scripted_gpu())
+    src = GpuSource(Nvml(fake), "n", watch_events=False, background=False, clock=lambda: clock.t,
+                    slow_interval=10.0)
+    src.start()  # reads the slow rows once
+    fake.calls.clear()
+    for _ in range(5):
+        clock.t += 1.0
+        src.collect()
+    per_sample = {fn: fake.calls.count(fn) / 5 for fn in set(fake.calls)}
+    assert per_sample["nvmlDeviceGetFieldValues"] == 2  # one batched read per GPU
+    assert per_sample["nvmlDeviceGetMemoryInfo"] == 2  # four rows, one call
+    assert per_sample["nvmlDeviceGetCurrentClocksEventReasons"] == 2  # nine reasons, one call
+    slow_only = {s.fn for f in SLOW_FIELDS for s in f.sources() if isinstance(s, Call)}
+    assert slow_only & set(fake.calls) == set(), "slow rows were read on the hot path"
+    # ... yet their values are in every sample, from the slow reader's cache
+    assert row_values(src.collect(), SLOW_FIELDS[0])
+    fake.calls.clear()
+    clock.t += 10.0
+    src.collect()
+    assert fake.calls.count("nvmlDeviceGetPcieThroughput") == 4  # due again: 2 GPUs x tx, rx
+
+
+def test_the_background_reader_refreshes_slow_rows_without_a_sample():
+    from tests.conftest import wait_until
+
+    fake = FakeNVML(["GPU-a"], scripted_gpu())
+    src = GpuSource(Nvml(fake), "n", watch_events=False, background=True, slow_interval=0.05)
+    src.start()
+    try:
+        fake.calls.clear()
+        wait_until(lambda: fake.calls.count("nvmlDeviceGetPcieThroughput") >= 4, timeout=5)
+    finally:
+        src.close()
+
+
+def test_a_gpu_lost_inside_the_batched_read_reads_down_while_the_others_go_on():
+    answers = scripted_gpu()
+
+    def lost_fields(ids):
+        return [SimpleNamespace(fieldId=fid, scopeId=s, valueType=0, nvmlReturn=GPU_IS_LOST, value=SimpleNamespace())
+                for fid, s in ids]
+
+    answers[("nvmlDeviceGetFieldValues", 1)] = lost_fields
+    src = GpuSource(Nvml(FakeNVML(["GPU-a", "GPU-b"], answers)), "n", watch_events=False, background=False)
+    src.start()
+    up = next(f for f in src.collect() if f.name == "gpufleet_gpu_up")
+    assert {lab["gpu"]: v for lab, v in up.samples} == {"0": 1.0, "1": 0.0}
+
+
+def test_an_old_gpu_without_field_values_or_gpm_still_reports_what_it_has():
+    answers = {k: v for k, v in scripted_gpu().items() if k != "nvmlDeviceGetFieldValues"}
+    src = GpuSource(Nvml(FakeNVML(["GPU-a"], answers)), "n", watch_events=False, background=False)
+    src.start()
+    s = by_series(src.collect())
+    names = {name for name, _ in s}
+    assert "gpufleet_gpu_power_watts" in names and "gpufleet_gpu_ecc_errors_total" not in names
+    assert s[("gpufleet_gpu_up", (("gpu", "0"), ("model", "NVIDIA H100 80GB HBM3"), ("node", "n"),
+                                  ("uuid", "GPU-a")))] == 1.0
+
+
+def test_injected_memory_and_link_faults_show_in_their_rows():
+    clock = SimpleNamespace(t=0.0)
+    sim = SimulatedNVML(2, clock=lambda: clock.t, seed=5)
+    src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t)
+    src.start()
+    sim.inject(1, "row_remap")
+    sim.inject(1, "pcie_replay", count=3)
+    sim.inject(0, "nvlink_error", count=2)
+    clock.t += 1
+    fams = src.collect()
+    rows = {f.name: f for f in FIELDS}
+    by_gpu = lambda row: {(lab["gpu"], *(lab[k] for k in row.labels)): v  # noqa: E731
+                          for f in fams if f.name == row.name for lab, v in f.samples}
+    assert by_gpu(rows["gpufleet_gpu_remapped_rows_total"])[("1", "uncorrectable")] == 1
+    assert by_gpu(rows["gpufleet_gpu_row_remap_pending"]) == {("0",): 0, ("1",): 1}
+    assert by_gpu(rows["gpufleet_gpu_pcie_replays_total"]) == {("0",): 0, ("1",): 3}
+    assert by_gpu(rows["gpufleet_gpu_nvlink_errors_total"])[("0", "crc_flit")] == 2
+
+
+def test_docs_metrics_md_shows_the_table_as_it_is():
+    from pathlib import Path
+
+    from agent.metrics_doc import render
+
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    assert render() in doc, "docs/metrics.md is stale: run python -m agent.metrics_doc"
