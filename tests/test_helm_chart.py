@@ -101,8 +101,8 @@ def test_agent_has_least_privilege_and_host_pid_only_for_per_process(rendered):
         assert pod.get("hostNetwork", False) is False
         assert pod["automountServiceAccountToken"] is False
     per_process = env_of(container(rendered["per-process"], "agent"))
-    assert per_process["GPUFLEET_PER_PROCESS"]["value"] == "true"
-    assert "GPUFLEET_PER_PROCESS" not in env_of(container(rendered["defaults"], "agent"))
+    assert per_process["GPUFLEET_PROCESS_METRICS"]["value"] == "true"
+    assert "GPUFLEET_PROCESS_METRICS" not in env_of(container(rendered["defaults"], "agent"))
     # Without the root-only kubelet socket the agent runs as the image's unprivileged user.
     locked = find(rendered["locked-down"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
     assert locked["securityContext"]["runAsNonRoot"] is True and locked["securityContext"]["runAsUser"] == 10001

@@ -19,18 +19,12 @@ COMPONENTS = ("agent", "collector")
 # Read by the NVIDIA container runtime when it sets up the container, not by gpufleet.
 RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
 
-# Settings whose flag is not in this build yet. The chart may set them now; once the flag exists it must read
-# exactly this variable (test_pending_flags_read_the_variable_the_chart_sets).
-PENDING: dict[str, tuple[str, str]] = {
-    "GPUFLEET_PER_PROCESS": ("agent", "--per-process"),
-    "GPUFLEET_POD_RESOURCES_SOCKET": ("agent", "--pod-resources-socket"),
-    "GPUFLEET_GRAFANA_URL": ("collector", "--grafana-url"),
-    "GPUFLEET_GRAFANA_TOKEN": ("collector", "--grafana-token"),
-}
-
 # Program settings deliberately left out of the chart, with the reason. Empty today: a new flag must either
 # get a chart value (values.yaml, values.schema.json, the template) or a line here saying why not.
-NOT_IN_CHART: dict[tuple[str, str], str] = {}
+NOT_IN_CHART: dict[tuple[str, str], str] = {
+    ("agent", "proc_root"): "the container sees the host's processes at /proc itself once hostPID is on "
+                            "(agent.perProcess); the flag exists for tests and for agents run outside a pod",
+}
 
 # Flags without an environment variable, set through the container's args.
 ARG_VALUES = {("agent", "verbose"): ("agent", "verbose"), ("collector", "verbose"): ("collector", "verbose")}
@@ -74,21 +68,9 @@ def test_every_env_var_the_chart_sets_is_read_by_the_program(chart_env, componen
     for name in chart_env[component]:
         if name in read or name in RUNTIME_ENV:
             continue
-        pending = PENDING.get(name)
-        if pending and pending[0] == component and flag_of(*pending) is None:
-            continue
         unknown.append(name)
     assert not unknown, (f"the chart sets {unknown} on the {component}, but `gpufleet {component}` reads none of "
                          f"them (it reads {sorted(read)}): rename the chart's variable or add the flag")
-
-
-@pytest.mark.parametrize("env, where", sorted(PENDING.items()))
-def test_pending_flags_read_the_variable_the_chart_sets(env, where):
-    param = flag_of(*where)
-    if param is None:
-        pytest.skip(f"`gpufleet {where[0]} {where[1]}` is not in this build yet; the chart already sets {env}")
-    names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
-    assert env in names, f"`gpufleet {where[0]} {where[1]}` reads {names}, but the chart sets {env}"
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
