@@ -275,3 +275,33 @@ def load_config(path: str | Path, base: InferenceSettings | None = None) -> Infe
     if dup:
         raise ConfigError(f"{p}: endpoint name(s) {sorted(dup)} used twice; names label the series, make them unique")
     return s
+
+
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+def settings_from_flags(*, endpoints: tuple[str, ...] = (), config: str | None = None, kubelet: str | None = None,
+                        interval: float = 10.0, slo: str | None = None, probes: tuple[str, ...] = (),
+                        probe_interval: float = 30.0, probe_timeout: float = 10.0, probe_prompt: str | None = None,
+                        probe_model: str | None = None, probe_max_tokens: int | None = None,
+                        receiver: str | None = None) -> InferenceSettings:
+    """The ``--inference-*`` flags (and their environment twins), then the config file on top."""
+    s = InferenceSettings(interval=interval)
+    s.endpoints = [parse_endpoint_flag(e) for e in endpoints]
+    s.probes = [parse_probe_flag(p, interval=probe_interval, timeout=probe_timeout, prompt=probe_prompt,
+                                 model=probe_model, max_tokens=probe_max_tokens) for p in probes]
+    if slo:
+        s.slo = parse_slo(slo, "--inference-slo")
+    if receiver:
+        s.receiver = check_receiver(receiver, "--inference-receiver")
+    if kubelet:
+        url = _check_url(kubelet, "--inference-kubelet")
+        token = SERVICE_ACCOUNT_TOKEN if url.startswith("https://") and Path(SERVICE_ACCOUNT_TOKEN).exists() else None
+        s.kubernetes = Kubernetes(kubelet=url, token_file=token)
+    if config:
+        s = load_config(config, s)
+    names = [e.name for e in s.endpoints]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"inference endpoint name(s) {dup} used twice; names label the series, make them unique")
+    return s
