@@ -78,9 +78,15 @@ class ModelState:
         self.windows = SloWindows()
         self.baseline: float | None = None
         self.baseline_age = 0.0
+        self._from_zero = False
+
+    def seed_empty(self, at: float) -> None:
+        """The model appeared between two scrapes of a known endpoint: at ``at`` it had counted nothing."""
+        self.previous, self.previous_at, self._from_zero = ModelReading(), at, True
 
     def update(self, reading: ModelReading, at: float, slo: Slo | None) -> IntervalResult | None:
         prev, prev_at = self.previous, self.previous_at
+        from_zero, self._from_zero = self._from_zero, False
         self.previous, self.previous_at = reading, at
         if prev is None or prev_at is None or at <= prev_at:
             return None
@@ -97,10 +103,10 @@ class ModelState:
                 out.quantiles[key] = {q: qs[q] for q in QUANTILES if q in qs}
         inc: dict[str, float] = {}
         for key, value in reading.counters.items():
-            d = counter_delta(value, prev.counters.get(key))
+            d = counter_delta(value, prev.counters.get(key, 0.0 if from_zero else None))
             if d is not None:
                 inc[key] = d
-        if "requests" not in inc and "e2e" in deltas and "e2e" in prev.histograms:
+        if "requests" not in inc and "e2e" in deltas and ("e2e" in prev.histograms or from_zero):
             inc["requests"] = deltas["e2e"].count
         for key, value in inc.items():
             if key.endswith("_seconds"):

@@ -72,6 +72,7 @@ class _EndpointState:
         self.failures = 0
         self.last_error: str | None = None
         self.scrape_seconds = 0.0
+        self.last_success_at: float | None = None
 
 
 class InferenceSource:
@@ -258,9 +259,14 @@ class InferenceSource:
             if reading is None:
                 continue
             slo = e.slo or self.settings.slo
+            seen_at, state.last_success_at = state.last_success_at, now
             for model, r in reading.items():
                 labels = {**base, "model": model}
-                ms = state.models.setdefault(model, ModelState())
+                ms = state.models.get(model)
+                if ms is None:
+                    ms = state.models[model] = ModelState()
+                    if seen_at is not None:  # a new model on an endpoint read before: it started from zero
+                        ms.seed_empty(seen_at)
                 for key, value in r.gauges.items():
                     name, help_text = _GAUGE_FAMILIES[key]
                     add(name, "gauge", help_text, labels, value)
