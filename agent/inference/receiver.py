@@ -47,6 +47,8 @@ class Receiver:
             os.chmod(self._path, 0o666)  # applications run as other users
         else:
             raise ValueError(f"receiver {address!r} is not udp://HOST:PORT or unix:///PATH")
+        # bursts of records arrive faster than one thread reads them; the kernel caps this at net.core.rmem_max
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self._sock.settimeout(0.5)
         self._lock = threading.Lock()
         self._e2e: dict[str, Recorder] = {}
