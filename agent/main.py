@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.core import Agent
 from agent.exporter import AgentServer, json_response
+from agent.inference.config import InferenceSettings
 from agent.nvml import Nvml, NvmlUnavailable
 from agent.push import Pusher
 from agent.sources import SOURCES
@@ -42,6 +43,7 @@ class AgentSettings:
     slow_interval: float = 10.0
     # Simulated MIG layout: {GPU index: [profile, ...]} (only with simulate).
     simulate_mig: dict[int, list[str]] | None = None
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -64,6 +66,8 @@ class RunningAgent:
             self.simulator = nvml_lib = SimulatedNVML(settings.simulate, seed=settings.seed, mig=settings.simulate_mig)
         self.nvml = Nvml(nvml_lib)
         wanted = set(settings.sources) or {s.name for s in SOURCES if s.default_on}
+        if not settings.sources and settings.inference.configured():
+            wanted.add("inference")
         unknown = wanted - {s.name for s in SOURCES}
         if unknown:
             raise ValueError(f"unknown source(s) {sorted(unknown)}; known: {[s.name for s in SOURCES]}")
@@ -106,9 +110,17 @@ class RunningAgent:
             return GpuSource(self.nvml, s.node, cluster=s.cluster, on_event=self._on_gpu_event,
                              attribution=attribution, slow_interval=s.slow_interval,
                              process_metrics=s.process_metrics, proc_root=s.proc_root)
+        if name == "inference":
+            from agent.sources.inference import InferenceSource
+
+            return InferenceSource(s.inference, s.node, cluster=s.cluster, gpu_lookup=self._gpu_indices)
         module = importlib.import_module(f"agent.sources.{name}")
         cls = next(v for k, v in vars(module).items() if k.endswith("Source") and isinstance(v, type))
         return cls(s.node, cluster=s.cluster)
+
+    def _gpu_indices(self) -> list[tuple[str, str]]:
+        gpu = next((src for src in self.agent.sources if src.name == "gpu"), None)
+        return [(str(g.index), g.uuid) for g in gpu.gpus] if gpu is not None else []
 
     def _on_gpu_event(self) -> None:
         self.agent.wake()

@@ -70,9 +70,61 @@ def _agent_options(f):
                      help="Comma-separated sources to run [default: all on by default]."),
         click.option("-v", "--verbose", is_flag=True),
     ]
-    for opt in reversed(options):
+    for opt in reversed(options + _inference_options()):
         f = opt(f)
     return f
+
+
+def _inference_options() -> list:
+    """Inference latency (docs/inference.md): the source runs only when one of these gives it work."""
+    return [
+        click.option("--inference-endpoint", "inference_endpoints", multiple=True, metavar="NAME=URL",
+                     envvar="GPUFLEET_INFERENCE_ENDPOINTS",
+                     help="Scrape an inference server's metrics page (vLLM, Triton, TGI; told apart by its metric "
+                          "names). Repeatable; the variable takes a space-separated list."),
+        click.option("--inference-config", type=click.Path(dir_okay=False), envvar="GPUFLEET_INFERENCE_CONFIG",
+                     help="YAML file of endpoints, probes, Kubernetes discovery, receiver and SLOs."),
+        click.option("--inference-kubelet", metavar="URL", envvar="GPUFLEET_INFERENCE_KUBELET",
+                     help="Discover annotated inference pods on this node from the kubelet, "
+                          "e.g. http://$NODE_IP:10255."),
+        click.option("--inference-interval", type=click.FloatRange(0.1), default=10.0,
+                     envvar="GPUFLEET_INFERENCE_INTERVAL", show_default=True,
+                     help="Seconds between scrapes; quantiles and rates cover this interval."),
+        click.option("--inference-slo", metavar="SECONDS:TARGET", envvar="GPUFLEET_INFERENCE_SLO",
+                     help="Default latency objective per model, e.g. 2.5:0.99 (99% within 2.5 s)."),
+        click.option("--inference-probe", "inference_probes", multiple=True, metavar="NAME=URL",
+                     envvar="GPUFLEET_INFERENCE_PROBES",
+                     help="Probe a URL: .../v1/chat/completions or .../v1/completions streams a tiny prompt "
+                          "(time to first token, total time); anything else is an HTTP probe. Repeatable."),
+        click.option("--inference-probe-interval", type=click.FloatRange(0.1), default=30.0,
+                     envvar="GPUFLEET_INFERENCE_PROBE_INTERVAL", show_default=True, help="Seconds between probes."),
+        click.option("--inference-probe-timeout", type=click.FloatRange(0.1), default=10.0,
+                     envvar="GPUFLEET_INFERENCE_PROBE_TIMEOUT", show_default=True,
+                     help="A probe slower than this fails with reason timeout."),
+        click.option("--inference-probe-prompt", default=None, envvar="GPUFLEET_INFERENCE_PROBE_PROMPT",
+                     help="Prompt of the OpenAI probes [default: Say OK.]."),
+        click.option("--inference-probe-model", default=None, envvar="GPUFLEET_INFERENCE_PROBE_MODEL",
+                     help="Model of the OpenAI probes [default: the first of the server's /v1/models]."),
+        click.option("--inference-probe-max-tokens", type=click.IntRange(1), default=None,
+                     envvar="GPUFLEET_INFERENCE_PROBE_MAX_TOKENS", help="max_tokens of the OpenAI probes [default: 8]."),
+        click.option("--inference-receiver", metavar="ADDRESS", envvar="GPUFLEET_INFERENCE_RECEIVER",
+                     help="Receive latencies from gpufleet.inference_client: udp://127.0.0.1:9447 or unix:///PATH."),
+    ]
+
+
+def _inference_settings(kw: dict):
+    from agent.inference.config import ConfigError, settings_from_flags
+
+    try:
+        return settings_from_flags(
+            endpoints=kw.get("inference_endpoints") or (), config=kw.get("inference_config"),
+            kubelet=kw.get("inference_kubelet"), interval=kw.get("inference_interval", 10.0),
+            slo=kw.get("inference_slo"), probes=kw.get("inference_probes") or (),
+            probe_interval=kw.get("inference_probe_interval", 30.0), probe_timeout=kw.get("inference_probe_timeout", 10.0),
+            probe_prompt=kw.get("inference_probe_prompt"), probe_model=kw.get("inference_probe_model"),
+            probe_max_tokens=kw.get("inference_probe_max_tokens"), receiver=kw.get("inference_receiver"))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _agent_settings(**kw):
@@ -82,7 +134,8 @@ def _agent_settings(**kw):
                       cluster=kw["cluster"], interval=kw["interval"], push_interval=kw["push_interval"],
                       metric_names=kw["metric_names"], pod_resources_socket=kw["pod_resources_socket"],
                       process_metrics=kw["process_metrics"], proc_root=kw["proc_root"],
-                      sources=tuple(x.strip() for x in kw["sources"].split(",") if x.strip()))
+                      sources=tuple(x.strip() for x in kw["sources"].split(",") if x.strip()),
+                      inference=_inference_settings(kw))
     if kw.get("node"):
         s.node = kw["node"]
     return s
@@ -105,8 +158,14 @@ def agent(verbose: bool, **kw) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {settings.listen}: {exc}") from None
+    gpu = next((src for src in running.agent.sources if src.name == "gpu"), None)
     what = f"{settings.simulate} simulated GPUs" if settings.simulate else \
-        f"{len(running.agent.sources[0].gpus) if running.agent.sources else 0} GPUs through NVML"
+        f"{len(gpu.gpus) if gpu is not None else 0} GPUs through NVML"
+    inference = next((src for src in running.agent.sources if src.name == "inference"), None)
+    if inference is not None:
+        what += (f"; inference: {len(inference.endpoints)} endpoint(s), {len(settings.inference.probes)} probe(s)"
+                 + (", kubelet discovery" if settings.inference.kubernetes else "")
+                 + (f", client API at {settings.inference.receiver}" if settings.inference.receiver else ""))
     click.echo(f"gpufleet agent on {settings.node}: {what}; metrics at http://{settings.listen}/metrics"
                + (f"; pushing to {running.pusher.url}" if running.pusher else ""))
     _wait_for_signal()
