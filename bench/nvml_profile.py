@@ -1,0 +1,91 @@
+"""Where one agent sample spends its time: every NVML call the GPU source makes, timed, and every field id
+of the batched field-value read timed on its own.
+
+Real GPUs (repository root):  OUT=out python3 bench/nvml_profile.py [--samples 50]
+Writes $OUT/nvml_profile.md: per NVML function, calls per sample and mean microseconds per call, sorted by
+time per sample; and the field ids whose single read costs most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.fields import FIELDS, FieldValue  # noqa: E402
+from agent.nvml import Nvml, load_library  # noqa: E402
+from agent.sources.gpu import GpuSource  # noqa: E402
+
+
+class TimedLibrary:
+    """The NVML bindings, with every function call timed."""
+
+    def __init__(self, lib) -> None:
+        self._lib = lib
+        self.times: dict[str, list[float]] = defaultdict(list)
+
+    def __getattr__(self, name):
+        attr = getattr(self._lib, name)
+        if not callable(attr) or not name.startswith("nvml"):
+            return attr
+
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kw)
+            finally:
+                self.times[name].append(time.perf_counter() - t0)
+
+        return timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=50)
+    args = ap.parse_args()
+    lib = TimedLibrary(load_library())
+    nvml = Nvml(lib)
+    src = GpuSource(nvml, "profile", watch_events=False, background=False, slow_interval=1e9)
+    src.start()
+    src.collect()
+    lib.times.clear()
+    t0 = time.perf_counter()
+    for _ in range(args.samples):
+        src.collect()
+    total = (time.perf_counter() - t0) / args.samples
+    nvml_total = sum(sum(v) for v in lib.times.values()) / args.samples
+    rows = sorted(lib.times.items(), key=lambda kv: -sum(kv[1]))
+    out = [f"One sample of {len(src.gpus)} GPU(s): {total * 1e3:.3f} ms, of which NVML calls {nvml_total * 1e3:.3f} ms",
+           "", "| NVML function | calls per sample | mean µs per call | µs per sample |", "| --- | --- | --- | --- |"]
+    for name, ts in rows:
+        out.append(f"| {name} | {len(ts) / args.samples:g} | {sum(ts) / len(ts) * 1e6:.1f} | "
+                   f"{sum(ts) / args.samples * 1e6:.1f} |")
+    # each field id of the batched read, on its own
+    h = src.gpus[0].handle
+    ids = sorted({(s.id, s.scope) for f in FIELDS if not f.slow for s in f.sources() if isinstance(s, FieldValue)})
+    per_id = []
+    for fid, scope in ids:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            try:
+                lib._lib.nvmlDeviceGetFieldValues(h, [(fid, scope)] if scope else [fid])
+            except Exception:
+                pass
+        per_id.append(((time.perf_counter() - t0) / 10, fid, scope))
+    per_id.sort(reverse=True)
+    out += ["", "| field id (scope) | µs for a read of it alone |", "| --- | --- |"]
+    out += [f"| {fid} ({scope}) | {t * 1e6:.1f} |" for t, fid, scope in per_id[:15]]
+    text = "\n".join(out)
+    print(text)
+    d = Path(os.environ.get("OUT", "out"))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nvml_profile.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
