@@ -59,6 +59,18 @@ def _agent_options(f):
         click.option("--metric-names", type=click.Choice(["gpufleet", "dcgm"]), default="gpufleet",
                      envvar="GPUFLEET_METRIC_NAMES", show_default=True,
                      help="Name metrics as gpufleet does or as dcgm-exporter does."),
+        click.option("--spool-dir", default="/var/lib/gpufleet/spool", envvar="GPUFLEET_SPOOL_DIR",
+                     show_default=True, help="Folder for batches the collector cannot take yet ('' : memory only)."),
+        click.option("--spool-max-bytes", default="512MiB", envvar="GPUFLEET_SPOOL_MAX_BYTES", show_default=True,
+                     help="Spool size limit; the oldest batches are dropped (and counted) past it."),
+        click.option("--spool-max-age", default="24h", envvar="GPUFLEET_SPOOL_MAX_AGE", show_default=True,
+                     help="Spooled batches older than this are dropped (and counted)."),
+        click.option("--ca-bundle", default=None, envvar="GPUFLEET_CA_BUNDLE", type=click.Path(exists=True),
+                     help="CA file to verify an https collector [default: the system's CAs]."),
+        click.option("--client-cert", default=None, envvar="GPUFLEET_CLIENT_CERT", type=click.Path(exists=True),
+                     help="Client certificate (PEM) for a collector that requires mutual TLS."),
+        click.option("--client-key", default=None, envvar="GPUFLEET_CLIENT_KEY", type=click.Path(exists=True),
+                     help="Key of --client-cert (PEM)."),
         click.option("--sources", default="", envvar="GPUFLEET_SOURCES",
                      help="Comma-separated sources to run [default: all on by default]."),
         click.option("-v", "--verbose", is_flag=True),
@@ -77,6 +89,17 @@ def _agent_settings(**kw):
                       sources=tuple(x.strip() for x in kw["sources"].split(",") if x.strip()))
     if kw.get("node"):
         s.node = kw["node"]
+    from agent.spool import parse_age, parse_size
+
+    try:
+        s.spool_max_bytes = parse_size(kw["spool_max_bytes"])
+        s.spool_max_age = parse_age(kw["spool_max_age"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    s.spool_dir = kw["spool_dir"] or None
+    s.ca_bundle, s.client_cert, s.client_key = kw["ca_bundle"], kw["client_cert"], kw["client_key"]
+    if s.client_cert and not s.client_key:
+        raise click.BadParameter("--client-cert needs --client-key (GPUFLEET_CLIENT_KEY)")
     return s
 
 
