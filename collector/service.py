@@ -70,7 +70,8 @@ class Collector:
                 notifiers.append(SlackNotifier(slack_client, settings.slack_channel))
         self.engine = Engine(self.rules, self.store, self.store, notifiers)
         self.metrics = Metrics()
-        self.info: dict[str, Any] = {"rules": len(self.rules), "leader": False}
+        # ticks: evaluation slots seen (led or not); leader_since_tick: the slot this replica took over in
+        self.info: dict[str, Any] = {"rules": len(self.rules), "leader": False, "ticks": 0, "leader_since_tick": None}
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
                               metrics=self.metrics, info=self.info, limits=settings.limits)
         self._tick_lock = threading.Lock()
@@ -103,7 +104,10 @@ class Collector:
         with self._tick_lock:
             was = self.leadership.is_leader
             leader = self.leadership.check()
+            self.info["ticks"] += 1
             self.info["leader"] = leader
+            if leader and not was:
+                self.info["leader_since_tick"] = self.info["ticks"]
             self.metrics.leader.set(1 if leader else 0)
             if not leader:
                 return
