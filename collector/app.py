@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import (
@@ -19,6 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from collector.auth import Token, TokenSet, scope_problem
@@ -29,6 +30,7 @@ from gpufleet import remote_write as rw
 log = logging.getLogger(__name__)
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+MAX_UNIX_S = 1e11  # the year 5138: bounds query times well inside 64-bit milliseconds
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
@@ -64,6 +66,32 @@ class Metrics:
         self.inflight = Gauge("gpufleet_collector_inflight_writes", "Writes being stored now.", registry=r)
 
 
+class ErrorBody(BaseModel):
+    error: str
+
+
+class DetailBody(BaseModel):
+    detail: str
+
+
+def _errors(**codes: str) -> dict[int | str, dict[str, Any]]:
+    return {int(k[1:]): {"model": ErrorBody, "description": v} for k, v in codes.items()}
+
+
+WRITE_RESPONSES = {
+    204: {"description": "Stored, every sample of it."},
+    **_errors(e400="Not a valid remote-write body, or a series breaks a label rule; nothing was stored.",
+              e401="Tokens are configured and the request has none of them.",
+              e403="The token is scoped to another cluster than a series carries; nothing was stored.",
+              e413="Over a size cap (body, inflated body, series or samples per request); nothing was stored.",
+              e503="The store cannot take writes now (database down or busy); retry after Retry-After seconds."),
+}
+WRITE_BODY = {"requestBody": {"required": True, "description": "A snappy-compressed (block format) protobuf "
+                              "prometheus.WriteRequest, as remote-write 1.0 sends it.",
+                              "content": {"application/x-protobuf": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}}}
+
+
 def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
                limits: Limits | None = None, on_write: Any = None, metrics: Metrics | None = None,
                info: dict | None = None) -> FastAPI:
@@ -82,7 +110,8 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         metrics.requests.labels(outcome).inc()
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.post("/api/v1/write", status_code=204, summary="Prometheus remote-write 1.0 receiver")
+    @app.post("/api/v1/write", status_code=204, summary="Prometheus remote-write 1.0 receiver",
+              responses=WRITE_RESPONSES, openapi_extra=WRITE_BODY, response_class=Response)
     async def write(request: Request) -> Response:
         nonlocal inflight
         token = token_set.check(request.headers.get("authorization")) if token_set else None
@@ -145,8 +174,14 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
     async def gpus() -> dict:
         return {"gpus": await run_in_threadpool(store.gpus)}
 
-    @app.get("/api/v1/query_range", summary="One metric over a time range")
-    async def query_range(request: Request, metric: str, start: float, end: float, step: float = 15.0) -> dict:
+    @app.get("/api/v1/query_range", summary="One metric over a time range",
+             responses={400: {"model": DetailBody, "description": "Bad metric name, range or step."}})
+    async def query_range(request: Request,
+                          metric: str = Query(pattern=_METRIC_NAME.pattern, max_length=200),
+                          # found by fuzzing: times past 64-bit milliseconds overflowed into a 500
+                          start: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
+                          end: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
+                          step: float = Query(15.0, gt=0, le=MAX_UNIX_S, description="Seconds")) -> dict:
         if not _METRIC_NAME.match(metric):
             raise HTTPException(400, f"metric {metric!r} is not a metric name")
         if end < start:
@@ -165,7 +200,9 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
                             "annotations": a["annotations"], "value": a["value"],
                             "active_since": a["active_since"] / 1000.0} for a in engine.active_alerts()]}
 
-    @app.get("/healthz", summary="Liveness and readiness")
+    @app.get("/healthz", summary="Liveness and readiness",
+             responses={200: {"description": "Up, and the store answers."},
+                        503: {"description": "Up, but the store does not answer (body says why)."}})
     async def healthz() -> JSONResponse:
         body = {"ok": True, **(info or {})}
         try:
@@ -174,7 +211,9 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             body.update(ok=False, store_error=str(exc))
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
-    @app.get("/metrics", summary="The collector's own metrics (Prometheus text format)")
+    @app.get("/metrics", summary="The collector's own metrics (Prometheus text format)", response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format.",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def own_metrics() -> Response:
         if engine is not None:
             metrics.evaluations.set(engine.evaluations)
