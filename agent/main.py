@@ -44,6 +44,12 @@ class AgentSettings:
     # Simulated MIG layout: {GPU index: [profile, ...]} (only with simulate).
     simulate_mig: dict[int, list[str]] | None = None
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    spool_dir: str | None = None  # none: failed batches wait in memory only
+    spool_max_bytes: int = 512 << 20
+    spool_max_age: float = 24 * 3600.0
+    ca_bundle: str | None = None  # CA file to verify an https collector [default: the system's]
+    client_cert: str | None = None  # client certificate and key, for a collector that requires mutual TLS
+    client_key: str | None = None
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -81,7 +87,18 @@ class RunningAgent:
         self.agent.sources = sources
         self.pusher = None
         if settings.collector:
-            self.pusher = Pusher(settings.collector, interval=settings.push_interval, token=settings.token, http=http)
+            spool = None
+            if settings.spool_dir:
+                from agent.spool import Spool, SpoolError
+
+                try:
+                    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
+                                  max_age_s=settings.spool_max_age)
+                except SpoolError as exc:  # a missing folder must not stop the agent: it degrades to memory
+                    log.error("%s; until then batches the collector cannot take wait in memory only", exc)
+            self.pusher = Pusher(settings.collector, interval=settings.push_interval, token=settings.token, http=http,
+                                 spool=spool, ca_bundle=settings.ca_bundle, client_cert=settings.client_cert,
+                                 client_key=settings.client_key)
             self.agent.add_sink(self.pusher)
         host, port = split_listen(settings.listen)
         routes = {}
@@ -162,6 +179,20 @@ class RunningAgent:
                 f = Family(name, kind, help_text)
                 f.add(labels, value)
                 fams.append(f)
+            if p.spool is not None:
+                sp = p.spool
+                for name, help_text, value in (
+                        ("gpufleet_agent_spool_bytes", "Bytes of batches waiting in the on-disk spool.", sp.bytes),
+                        ("gpufleet_agent_spool_batches", "Batches waiting in the on-disk spool.", len(sp)),
+                        ("gpufleet_agent_spool_samples", "Samples waiting in the on-disk spool.", sp.samples)):
+                    f = Family(name, "gauge", help_text)
+                    f.add(labels, value)
+                    fams.append(f)
+                f = Family("gpufleet_agent_spool_dropped_samples_total", "counter",
+                           "Samples the spool dropped, by reason: size and age limits, or refused by the collector.")
+                for reason, n in sorted(sp.dropped_samples.items()):
+                    f.add({**labels, "reason": reason}, n)
+                fams.append(f)
         return fams
 
     def health(self) -> dict:
@@ -174,6 +205,9 @@ class RunningAgent:
         if self.pusher is not None:
             body["collector"] = self.pusher.url
             body["push_error"] = self.pusher.last_error
+            if self.pusher.spool is not None:
+                body["spool"] = {"dir": str(self.pusher.spool.dir), "batches": len(self.pusher.spool),
+                                 "bytes": self.pusher.spool.bytes}
         return body
 
     def start(self) -> RunningAgent:

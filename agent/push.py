@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -11,6 +12,7 @@ from typing import Any
 
 from agent.core import Snapshot
 from agent.fields import FIELDS
+from agent.spool import Spool
 from gpufleet import remote_write as rw
 
 log = logging.getLogger(__name__)
@@ -23,16 +25,18 @@ class Pusher:
     """Buffers snapshots and sends them every ``interval`` seconds, or at once when an urgent value changes.
 
     Batches that fail stay queued (bounded by ``max_pending_samples``; what has to be dropped is counted)
-    and are retried in order with backoff.
+    and are retried in order with backoff and jitter. With a ``spool``, failed batches go to disk instead,
+    survive a restart, and are replayed urgent-first once the collector answers again.
     """
 
     def __init__(self, url: str, *, interval: float = 5.0, token: str | None = None, http: Any | None = None,
                  max_pending_samples: int = 2_000_000, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, spool: Spool | None = None,
+                 rng: random.Random | None = None, min_backoff: float = 0.5, max_backoff: float = 30.0,
+                 ca_bundle: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None) -> None:
         if http is None:
-            import urllib3
-
-            http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=timeout))
+            http = make_http(timeout, ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key)
         self.url = url.rstrip("/") + "/api/v1/write" if not url.rstrip("/").endswith("/api/v1/write") else url
         self._http = http
         self._token = token
@@ -53,6 +57,15 @@ class Pusher:
         self.dropped_samples = 0
         self.last_error: str | None = None
         self._backoff = 0.0
+        self._retry_after = 0.0
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._rng = rng or random.Random()
+        self._spool = spool
+
+    @property
+    def spool(self) -> Spool | None:
+        return self._spool
 
     def __call__(self, snap: Snapshot) -> None:
         """Agent sink: take a snapshot; flag an immediate push if an urgent value changed."""
@@ -77,7 +90,8 @@ class Pusher:
     def pending_samples(self) -> int:
         with self._lock:
             queued = sum(n for _, n, _ in self._queue)
-            return queued + sum(len(f.samples) for snap in self._buffer for f in snap.families)
+            queued += sum(len(f.samples) for snap in self._buffer for f in snap.families)
+        return queued + (self._spool.samples if self._spool is not None else 0)
 
     def _encode_buffer(self) -> None:
         with self._lock:
@@ -111,30 +125,83 @@ class Pusher:
                           dropped, self._max_pending)
 
     def flush(self) -> bool:
-        """Encode what is buffered and send every queued batch in order. True when nothing is left."""
+        """Encode what is buffered and send every waiting batch in order: the spool first (urgent batches
+        ahead of the rest), then the memory queue. True when nothing is left."""
         self._encode_buffer()
+        if self._spool is not None:
+            self._spool.expire()
+            if len(self._spool):
+                # Newer batches go behind the spooled ones (or ahead, if urgent): spool them too.
+                self._spill()
+            while True:
+                entries = self._spool.entries()
+                if not entries:
+                    break
+                entry = entries[0]
+                try:
+                    body = entry.read()
+                except FileNotFoundError:  # dropped by the age or size limit meanwhile
+                    continue
+                outcome = self._send(body, entry.samples, entry.urgent)
+                if outcome == "retry":
+                    return False
+                self._spool.remove(entry, refused=outcome == "refused")
+                if outcome == "ok":
+                    self.sent_samples += entry.samples
+                else:
+                    self.dropped_samples += entry.samples
         while True:
             with self._lock:
                 if not self._queue:
                     return True
                 body, n, urgent = self._queue[0]
-            if not self._send(body, urgent):
+            outcome = self._send(body, n, urgent)
+            if outcome == "retry":
+                if self._spool is not None:
+                    self._spill()
                 return False
             with self._lock:
                 self._queue.popleft()
-            self.sent_samples += n
+            if outcome == "ok":
+                self.sent_samples += n
+            else:
+                self.dropped_samples += n
 
-    def _send(self, body: bytes, urgent: bool = False) -> bool:
+    def _spill(self) -> None:
+        """Move the memory queue to the spool, in order."""
+        assert self._spool is not None
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                body, n, urgent = self._queue[0]
+            try:
+                self._spool.put(body, n, urgent)
+            except OSError as exc:  # disk full, folder gone: keep the batch in memory, say why once
+                msg = f"cannot write to spool {self._spool.dir} ({exc}); batches are kept in memory only"
+                if msg != self.last_error:
+                    log.error(msg)
+                self.last_error = msg
+                return
+            with self._lock:
+                self._queue.popleft()
+
+    def _send(self, body: bytes, n: int, urgent: bool = False) -> str:
+        """POST one batch: ``ok``, ``refused`` (a 4xx that retrying cannot fix) or ``retry``."""
         headers = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING,
                    "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION, "User-Agent": "gpufleet-agent"}
         if urgent:  # tells the collector to evaluate its rules now rather than at the next interval
             headers["X-Gpufleet-Urgent"] = "1"
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
+        retry_after = 0.0
         try:
             resp = self._http.request("POST", self.url, body=body, headers=headers)
             status = resp.status
-            detail = resp.data[:200].decode(errors="replace") if status >= 300 else ""
+            detail = resp.data[:300].decode(errors="replace") if status >= 300 else ""
+            ra = (resp.headers or {}).get("Retry-After")
+            if ra and str(ra).strip().isdigit():
+                retry_after = float(ra)
         except Exception as exc:
             status, detail = 0, str(exc)
         if 200 <= status < 300:
@@ -142,30 +209,39 @@ class Pusher:
                 log.info("collector at %s accepts samples again", self.url)
             self.last_error = None
             self._backoff = 0.0
-            return True
+            self._retry_after = 0.0
+            return "ok"
         self.failed_pushes += 1
         if 400 <= status < 500 and status not in (408, 429):
             # The collector refused this batch for what it is; retrying the same bytes cannot succeed.
-            with self._lock:
-                _, n, _ = self._queue.popleft()
-            self.dropped_samples += n
             log.error("collector at %s refused a batch of %d samples (HTTP %d): %s", self.url, n, status, detail)
-            return True
-        msg = f"cannot push to collector at {self.url} ({f'HTTP {status}' if status else detail}); samples are kept and retried"
+            return "refused"
+        where = f"spooled to {self._spool.dir}" if self._spool is not None else "kept in memory"
+        msg = (f"cannot push to collector at {self.url} ({f'HTTP {status}: {detail}' if status else detail}); "
+               f"samples are {where} and retried")
         if msg != self.last_error:
             log.warning(msg)
         self.last_error = msg
-        self._backoff = min(max(self._backoff * 2, 0.5), 30.0)
-        return False
+        self._backoff = min(max(self._backoff * 2, self.min_backoff), self.max_backoff)
+        self._retry_after = min(retry_after, self.max_backoff)
+        return "retry"
+
+    def next_delay(self) -> float:
+        """Seconds until the next try: the push interval, or after a failure an exponential backoff with
+        jitter (so a thousand agents do not return in step), never sooner than the collector's Retry-After."""
+        if not self._backoff:
+            return self.interval
+        return max(self._backoff * self._rng.uniform(0.5, 1.0), self._retry_after)
 
     def run(self) -> None:
         while not self._stop.is_set():
-            self._flush.wait(self.interval if not self._backoff else self._backoff)
+            self._flush.wait(self.next_delay())
             self._flush.clear()
             if self._stop.is_set():
                 break
             self.flush()
-        self.flush()
+        if not self.flush() and self._spool is not None:
+            self._spill()  # what the collector did not take before shutdown waits on disk for the next start
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="pusher", daemon=True)
@@ -179,3 +255,18 @@ class Pusher:
         self._flush.set()
         if self._thread:
             self._thread.join(timeout)
+
+
+def make_http(timeout: float = 10.0, *, ca_bundle: str | None = None, client_cert: str | None = None,
+              client_key: str | None = None) -> Any:
+    """An urllib3 pool that verifies HTTPS collectors (system CAs, or ``ca_bundle``) and can present a
+    client certificate for mutual TLS."""
+    import urllib3
+
+    kw: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}  # without ca_bundle: the system's CA store
+    if ca_bundle:
+        kw["ca_certs"] = ca_bundle
+    if client_cert:
+        kw["cert_file"] = client_cert
+        kw["key_file"] = client_key
+    return urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=timeout), **kw)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from agent.fields import FIELDS, FieldValue  # noqa: E402
 from agent.nvml import Nvml, load_library  # noqa: E402
 from agent.sources.gpu import GpuSource  # noqa: E402
@@ -72,10 +74,8 @@ def main() -> None:
     for fid, scope in ids:
         t0 = time.perf_counter()
         for _ in range(10):
-            try:
+            with contextlib.suppress(Exception):
                 lib._lib.nvmlDeviceGetFieldValues(h, [(fid, scope)] if scope else [fid])
-            except Exception:
-                pass
         per_id.append(((time.perf_counter() - t0) / 10, fid, scope))
     per_id.sort(reverse=True)
     out += ["", "| field id (scope) | µs for a read of it alone |", "| --- | --- |"]

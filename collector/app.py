@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -22,7 +21,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from collector.auth import Token, TokenSet, scope_problem
+from collector.auth import hash_token as hash_token  # kept importable from here
 from collector.fleet import fleet_summary
 from collector.store import Store, StoreUnavailable
 from gpufleet import remote_write as rw
@@ -31,15 +34,22 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"  # the fleet page: static HTML, JS and CSS over this API
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+MAX_UNIX_S = 1e11  # the year 5138: bounds query times well inside 64-bit milliseconds
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
+@dataclass
 class Limits:
-    max_body_bytes = 16 << 20
-    max_uncompressed_bytes = 64 << 20
-    max_series = 100_000
-    max_labels = 40
-    max_label_length = 2048
+    """What one remote-write request may hold; past any of these the whole request is refused (4xx)."""
+
+    max_body_bytes: int = 16 << 20
+    max_uncompressed_bytes: int = 64 << 20
+    max_series: int = 100_000
+    max_samples: int = 2_000_000
+    max_labels: int = 40
+    max_label_length: int = 2048
+    # Writes stored at once; past it the collector answers 503 + Retry-After instead of queueing without end.
+    max_inflight_writes: int = 64
 
 
 class Metrics:
@@ -55,42 +65,61 @@ class Metrics:
         self.evaluations = Gauge("gpufleet_collector_rule_evaluations", "Rule evaluations since start.", registry=r)
         self.notifications = Gauge("gpufleet_collector_notifications_sent", "Notifications sent since start.",
                                    registry=r)
+        self.leader = Gauge("gpufleet_collector_leader", "1 while this collector evaluates rules and notifies.",
+                            registry=r)
+        self.inflight = Gauge("gpufleet_collector_inflight_writes", "Writes being stored now.", registry=r)
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+class ErrorBody(BaseModel):
+    error: str
 
 
-def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = None, limits: Limits | None = None,
-               on_write: Any = None, metrics: Metrics | None = None, info: dict | None = None) -> FastAPI:
-    """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes); none means open."""
+class DetailBody(BaseModel):
+    detail: str
+
+
+def _errors(**codes: str) -> dict[int | str, dict[str, Any]]:
+    return {int(k[1:]): {"model": ErrorBody, "description": v} for k, v in codes.items()}
+
+
+WRITE_RESPONSES = {
+    204: {"description": "Stored, every sample of it."},
+    **_errors(e400="Not a valid remote-write body, or a series breaks a label rule; nothing was stored.",
+              e401="Tokens are configured and the request has none of them.",
+              e403="The token is scoped to another cluster than a series carries; nothing was stored.",
+              e413="Over a size cap (body, inflated body, series or samples per request); nothing was stored.",
+              e503="The store cannot take writes now (database down or busy); retry after Retry-After seconds."),
+}
+WRITE_BODY = {"requestBody": {"required": True, "description": "A snappy-compressed (block format) protobuf "
+                              "prometheus.WriteRequest, as remote-write 1.0 sends it.",
+                              "content": {"application/x-protobuf": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}}}
+
+
+def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
+               limits: Limits | None = None, on_write: Any = None, metrics: Metrics | None = None,
+               info: dict | None = None) -> FastAPI:
+    """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
+    to a cluster, see :mod:`collector.auth`); none means open."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
-    token_hashes = [hash_token(t) for t in tokens or []]
+    token_set = tokens if isinstance(tokens, TokenSet) else TokenSet.parse(tokens or [])
+    inflight = 0
     app = FastAPI(title="gpufleet collector", version="0.1.0",
                   description="Receives Prometheus remote-write from gpufleet agents, stores GPU time series, "
                               "evaluates alert rules.")
     app.state.metrics = metrics
 
-    def authorised(request: Request) -> bool:
-        if not token_hashes:
-            return True
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            return False
-        offered = hash_token(header[7:].strip())
-        ok = False
-        for h in token_hashes:  # compare with every hash, in constant time, whatever matches first
-            ok |= hmac.compare_digest(offered, h)
-        return ok
-
     def fail(status: int, outcome: str, message: str) -> JSONResponse:
         metrics.requests.labels(outcome).inc()
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.post("/api/v1/write", status_code=204, summary="Prometheus remote-write 1.0 receiver")
+    @app.post("/api/v1/write", status_code=204, summary="Prometheus remote-write 1.0 receiver",
+              responses=WRITE_RESPONSES, openapi_extra=WRITE_BODY, response_class=Response)
     async def write(request: Request) -> Response:
-        if not authorised(request):
+        nonlocal inflight
+        token = token_set.check(request.headers.get("authorization")) if token_set else None
+        if token_set and token is None:
             return fail(401, "unauthorised", "missing or wrong bearer token; set the agent's --token "
                         "(GPUFLEET_TOKEN) to one of the collector's tokens")
         length = request.headers.get("content-length")
@@ -110,15 +139,30 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
             return fail(400, "bad_request", str(exc))
         problem = _validate(req, limits)
         if problem:
-            return fail(400, "bad_request", problem)
+            status = 413 if problem.startswith("too many") else 400
+            return fail(status, "bad_request" if status == 400 else "too_large", problem)
+        if token is not None:
+            problem = scope_problem(token, (s.labels for s in req.series))
+            if problem:
+                log.warning("refused a write: %s", problem)
+                return fail(403, "forbidden", problem)
+        if inflight >= limits.max_inflight_writes:
+            metrics.requests.labels("busy").inc()
+            return JSONResponse({"error": f"collector busy ({inflight} writes being stored); retry later"},
+                                status_code=503, headers={"Retry-After": "1"})
+        inflight += 1
+        metrics.inflight.set(inflight)
         t0 = time.perf_counter()
         try:
             n = await run_in_threadpool(store.write, req.series)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, PoolTimeout) as exc:
             log.warning("refusing a write while the store is unavailable: %s", exc)
             metrics.requests.labels("unavailable").inc()
             return JSONResponse({"error": f"store unavailable, retry later: {exc}"}, status_code=503,
                                 headers={"Retry-After": "5"})
+        finally:
+            inflight -= 1
+            metrics.inflight.set(inflight)
         metrics.write_seconds.observe(time.perf_counter() - t0)
         metrics.samples.inc(n)
         metrics.requests.labels("ok").inc()
@@ -134,8 +178,14 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
     async def gpus() -> dict:
         return {"gpus": await run_in_threadpool(store.gpus)}
 
-    @app.get("/api/v1/query_range", summary="One metric over a time range")
-    async def query_range(request: Request, metric: str, start: float, end: float, step: float = 15.0) -> dict:
+    @app.get("/api/v1/query_range", summary="One metric over a time range",
+             responses={400: {"model": DetailBody, "description": "Bad metric name, range or step."}})
+    async def query_range(request: Request,
+                          metric: str = Query(pattern=_METRIC_NAME.pattern, max_length=200),
+                          # found by fuzzing: times past 64-bit milliseconds overflowed into a 500
+                          start: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
+                          end: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
+                          step: float = Query(15.0, gt=0, le=MAX_UNIX_S, description="Seconds")) -> dict:
         if not _METRIC_NAME.match(metric):
             raise HTTPException(400, f"metric {metric!r} is not a metric name")
         if end < start:
@@ -182,7 +232,9 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
     async def fleet_page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz", summary="Liveness and readiness")
+    @app.get("/healthz", summary="Liveness and readiness",
+             responses={200: {"description": "Up, and the store answers."},
+                        503: {"description": "Up, but the store does not answer (body says why)."}})
     async def healthz() -> JSONResponse:
         body = {"ok": True, **(info or {})}
         try:
@@ -191,7 +243,9 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
             body.update(ok=False, store_error=str(exc))
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
-    @app.get("/metrics", summary="The collector's own metrics (Prometheus text format)")
+    @app.get("/metrics", summary="The collector's own metrics (Prometheus text format)", response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format.",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def own_metrics() -> Response:
         if engine is not None:
             metrics.evaluations.set(engine.evaluations)
@@ -202,8 +256,13 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
 
 
 def _validate(req: rw.WriteRequest, limits: Limits) -> str | None:
+    """The first reason to refuse the whole request, or None. Runs before anything is stored."""
     if len(req.series) > limits.max_series:
-        return f"{len(req.series)} series in one request, over the limit of {limits.max_series}; send smaller batches"
+        return (f"too many series: {len(req.series)} in one request, over the limit of {limits.max_series}; "
+                "send smaller batches")
+    n = req.sample_count
+    if n > limits.max_samples:
+        return f"too many samples: {n} in one request, over the limit of {limits.max_samples}; send smaller batches"
     for s in req.series:
         if not s.labels.get("__name__"):
             return f"a series has no __name__ label (labels {dict(list(s.labels.items())[:5])})"

@@ -13,7 +13,8 @@ from typing import Any
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from collector.app import Metrics, create_app
+from collector.app import Limits, Metrics, create_app
+from collector.leader import leadership_for
 from collector.notify.console import ConsoleNotifier
 from collector.rules.engine import Engine
 from collector.rules.model import default_rules_path, load_rules
@@ -40,13 +41,25 @@ class CollectorSettings:
     public_url: str | None = None  # where the digest links to the full report
     grafana_url: str | None = None
     grafana_token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    tls_cert: str | None = None  # PEM certificate (chain) and key: serve HTTPS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # CA of client certificates: require mutual TLS
+    name: str = ""  # replica name in logs (default: host:port)
 
 
 class Collector:
     def __init__(self, settings: CollectorSettings, *, notifiers: list[Any] | None = None,
                  slack_client: Any | None = None) -> None:
         self.settings = settings
-        self.store = Store.open(settings.db)
+        self._check_tls(settings)
+        # A database that hangs must turn into a quick 503 for the agents (which spool and retry), not into
+        # requests piling up: bound the wait for a connection and for connecting.
+        engine_kw: dict[str, Any] = {}
+        if not settings.db.startswith("sqlite"):
+            engine_kw = {"pool_timeout": 5, "connect_args": {"connect_timeout": 5}}
+        self.store = Store.open(settings.db, **engine_kw)
+        self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
         self.rules = load_rules(settings.rules or [default_rules_path()])
         if notifiers is None:
             notifiers = []
@@ -80,8 +93,10 @@ class Collector:
                             "annotations only, no dashboards", settings.db.split(":", 1)[0])
         self.engine = Engine(self.rules, self.store, self.store, notifiers)
         self.metrics = Metrics()
+        # ticks: evaluation slots seen (led or not); leader_since_tick: the slot this replica took over in
+        self.info: dict[str, Any] = {"rules": len(self.rules), "leader": False, "ticks": 0, "leader_since_tick": None}
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
-                              metrics=self.metrics, info={"rules": len(self.rules)})
+                              metrics=self.metrics, info=self.info, limits=settings.limits)
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
@@ -104,9 +119,39 @@ class Collector:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
+    @staticmethod
+    def _check_tls(settings: CollectorSettings) -> None:
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together (GPUFLEET_TLS_CERT, GPUFLEET_TLS_KEY)")
+        if settings.tls_client_ca and not settings.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if settings.tls_cert:
+            import ssl
+
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+                if settings.tls_client_ca:
+                    ctx.load_verify_locations(settings.tls_client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot use the TLS files ({settings.tls_cert}, {settings.tls_key}"
+                                 f"{', ' + settings.tls_client_ca if settings.tls_client_ca else ''}): {exc}; "
+                                 "give a PEM certificate and its unencrypted PEM key") from None
+
     def evaluate(self) -> None:
         with self._tick_lock:
+            was = self.leadership.is_leader
+            leader = self.leadership.check()
+            self.info["ticks"] += 1
+            self.info["leader"] = leader
+            if leader and not was:
+                self.info["leader_since_tick"] = self.info["ticks"]
+            self.metrics.leader.set(1 if leader else 0)
+            if not leader:
+                return
             try:
+                if not was:  # continue from the state the previous leader stored
+                    self.engine.reload()
                 self.engine.tick(int(time.time() * 1000))
             except Exception:
                 log.exception("rule evaluation failed; next try at the next interval")
@@ -138,8 +183,19 @@ class Collector:
 
     def _server_config(self) -> uvicorn.Config:
         host, _, port = self.settings.listen.rpartition(":")
+        tls: dict[str, Any] = {}
+        if self.settings.tls_cert:
+            tls = {"ssl_certfile": self.settings.tls_cert, "ssl_keyfile": self.settings.tls_key}
+            if self.settings.tls_client_ca:
+                import ssl
+
+                tls.update(ssl_ca_certs=self.settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         return uvicorn.Config(self.app, host=host.strip("[]") or "0.0.0.0", port=int(port), log_level="warning",
-                              access_log=False, timeout_graceful_shutdown=5)
+                              access_log=False, timeout_graceful_shutdown=5, **tls)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.settings.tls_cert else "http"
 
     def _push_dashboards(self) -> None:
         if self.grafana_pusher is not None:  # in the background: Grafana may start after the collector
@@ -152,6 +208,7 @@ class Collector:
         """Run in the foreground until interrupted (Ctrl-C / SIGTERM)."""
         self.scheduler.start()
         self._push_dashboards()
+        self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))  # learn leadership at once
         try:
             uvicorn.Server(self._server_config()).run()
         finally:
@@ -161,6 +218,7 @@ class Collector:
         """Run in background threads (for `gpufleet up` and tests)."""
         self.scheduler.start()
         self._push_dashboards()
+        self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
         self._server = uvicorn.Server(self._server_config())
         self._thread = threading.Thread(target=self._server.run, name="collector-http", daemon=True)
         self._thread.start()
@@ -178,4 +236,5 @@ class Collector:
                 self._thread.join(timeout=10)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        self.leadership.release()
         self.store.close()

@@ -66,6 +66,18 @@ def _agent_options(f):
                      help="Per-process GPU memory and SM utilization with each process's container (more series)."),
         click.option("--proc-root", default="/proc", envvar="GPUFLEET_PROC_ROOT", show_default=True,
                      help="The host's /proc (mount it, e.g. /host/proc, when the agent runs in a container)."),
+        click.option("--spool-dir", default="/var/lib/gpufleet/spool", envvar="GPUFLEET_SPOOL_DIR",
+                     show_default=True, help="Folder for batches the collector cannot take yet ('' : memory only)."),
+        click.option("--spool-max-bytes", default="512MiB", envvar="GPUFLEET_SPOOL_MAX_BYTES", show_default=True,
+                     help="Spool size limit; the oldest batches are dropped (and counted) past it."),
+        click.option("--spool-max-age", default="24h", envvar="GPUFLEET_SPOOL_MAX_AGE", show_default=True,
+                     help="Spooled batches older than this are dropped (and counted)."),
+        click.option("--ca-bundle", default=None, envvar="GPUFLEET_CA_BUNDLE", type=click.Path(exists=True),
+                     help="CA file to verify an https collector [default: the system's CAs]."),
+        click.option("--client-cert", default=None, envvar="GPUFLEET_CLIENT_CERT", type=click.Path(exists=True),
+                     help="Client certificate (PEM) for a collector that requires mutual TLS."),
+        click.option("--client-key", default=None, envvar="GPUFLEET_CLIENT_KEY", type=click.Path(exists=True),
+                     help="Key of --client-cert (PEM)."),
         click.option("--sources", default="", envvar="GPUFLEET_SOURCES",
                      help="Comma-separated sources to run [default: all on by default]."),
         click.option("-v", "--verbose", is_flag=True),
@@ -138,6 +150,17 @@ def _agent_settings(**kw):
                       inference=_inference_settings(kw))
     if kw.get("node"):
         s.node = kw["node"]
+    from agent.spool import parse_age, parse_size
+
+    try:
+        s.spool_max_bytes = parse_size(kw["spool_max_bytes"])
+        s.spool_max_age = parse_age(kw["spool_max_age"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    s.spool_dir = kw["spool_dir"] or None
+    s.ca_bundle, s.client_cert, s.client_key = kw["ca_bundle"], kw["client_cert"], kw["client_key"]
+    if s.client_cert and not s.client_key:
+        raise click.BadParameter("--client-cert needs --client-key (GPUFLEET_CLIENT_KEY)")
     return s
 
 
@@ -206,6 +229,46 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
                              slack_channel=slack_channel, slack_base_url=slack_base_url,
                              grafana_url=grafana_url, grafana_token=grafana_token, **extra)
 
+def _is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def _security_options(f):
+    options = [
+        click.option("--token-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     envvar="GPUFLEET_TOKEN_FILE",
+                     help="File of write tokens, one a line (SECRET or sha256:HEX, optionally @CLUSTER)."),
+        click.option("--allow-open-writes", is_flag=True, envvar="GPUFLEET_ALLOW_OPEN_WRITES",
+                     help="Accept writes without a token on a non-loopback address (not recommended)."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                     envvar="GPUFLEET_TLS_CERT", help="PEM certificate (chain): serve HTTPS."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     envvar="GPUFLEET_TLS_KEY", help="PEM key of --tls-cert."),
+        click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+                     envvar="GPUFLEET_TLS_CLIENT_CA", help="Require client certificates signed by this CA (mTLS)."),
+        click.option("--max-body-bytes", type=click.IntRange(1024), default=16 << 20, envvar="GPUFLEET_MAX_BODY_BYTES",
+                     show_default=True, help="Largest compressed remote-write body."),
+        click.option("--max-uncompressed-bytes", type=click.IntRange(1024), default=64 << 20,
+                     envvar="GPUFLEET_MAX_UNCOMPRESSED_BYTES", show_default=True,
+                     help="Largest body once inflated (checked before inflating)."),
+        click.option("--max-series", type=click.IntRange(1), default=100_000, envvar="GPUFLEET_MAX_SERIES",
+                     show_default=True, help="Series per request."),
+        click.option("--max-samples", type=click.IntRange(1), default=2_000_000, envvar="GPUFLEET_MAX_SAMPLES",
+                     show_default=True, help="Samples per request."),
+        click.option("--max-labels", type=click.IntRange(1), default=40, envvar="GPUFLEET_MAX_LABELS",
+                     show_default=True, help="Labels per series."),
+        click.option("--max-label-length", type=click.IntRange(1), default=2048, envvar="GPUFLEET_MAX_LABEL_LENGTH",
+                     show_default=True, help="Characters per label value."),
+        click.option("--max-inflight-writes", type=click.IntRange(1), default=64,
+                     envvar="GPUFLEET_MAX_INFLIGHT_WRITES", show_default=True,
+                     help="Writes stored at once; past it: 503 + Retry-After."),
+        click.option("--name", default="", envvar="GPUFLEET_NAME", help="Replica name in logs [default: --listen]."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
 
 @main.command()
 @click.option("--listen", default="0.0.0.0:9446", envvar="GPUFLEET_LISTEN", show_default=True)
@@ -219,24 +282,54 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
 @click.option("--public-url", default=None, envvar="GPUFLEET_PUBLIC_URL",
               help="This collector's URL as people reach it; the digest links to the full report there.")
 @_collector_options
-def collector(verbose: bool, listen: str, tokens: str | None, console: bool, **kw) -> None:
+@_security_options
+def collector(verbose: bool, listen: str, tokens: str | None, console: bool, token_file, allow_open_writes: bool,
+              tls_cert, tls_key, tls_client_ca, name: str, **kw) -> None:
     """Run the central collector: receive samples, store them, evaluate rules, notify."""
     _logging(verbose)
+    from collector.app import Limits
+    from collector.auth import TokenSet, parse_token
     from collector.rules.model import RuleError
     from collector.service import Collector
     from collector.store import StoreUnavailable
     from collector.store.migrate import SchemaTooNew
 
-    settings = _collector_settings(listen, tokens=_tokens(tokens), console=console, **kw)
+    limits = Limits(**{k: kw.pop(k) for k in list(kw) if k.startswith("max_")})
+    try:
+        token_list = [parse_token(t) for t in _tokens(tokens)]
+        if token_file:
+            token_list += TokenSet.from_file(token_file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tokens / --token-file") from None
+    settings = _collector_settings(listen, tokens=token_list, console=console, limits=limits, tls_cert=tls_cert,
+                                   tls_key=tls_key, tls_client_ca=tls_client_ca, name=name, **kw)
     if not settings.tokens:
+        if not _is_loopback(listen) and not allow_open_writes:
+            raise click.ClickException(
+                f"no write tokens configured and --listen {listen} is reachable from other hosts: give "
+                "--tokens / --token-file (GPUFLEET_TOKENS, GPUFLEET_TOKEN_FILE), listen on 127.0.0.1, or pass "
+                "--allow-open-writes to accept writes from anyone")
         logging.getLogger("gpufleet").warning("no write tokens configured: anyone who reaches %s can write", listen)
     try:
         c = Collector(settings)
     except (RuleError, StoreUnavailable, SchemaTooNew, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"gpufleet collector on http://{listen} (store: {c.store.engine.url.render_as_string()}, "
-               f"{len(c.rules)} rules)")
+    click.echo(f"gpufleet collector on {c.scheme}://{listen} (store: {c.store.engine.url.render_as_string()}, "
+               f"{len(c.rules)} rules, {len(settings.tokens)} write tokens"
+               f"{', client certificates required' if tls_client_ca else ''})")
     c.serve()
+
+
+@main.command("hash-token")
+@click.argument("token", required=False)
+def hash_token_cmd(token: str | None) -> None:
+    """Print the sha256:HEX form of a write token (read from stdin when not given), for --tokens."""
+    from collector.auth import hash_token
+
+    secret = token if token is not None else sys.stdin.read().strip()
+    if not secret:
+        raise click.UsageError("give the token as an argument or on stdin")
+    click.echo(f"sha256:{hash_token(secret)}")
 
 
 # ---- up ---------------------------------------------------------------------------------------------

@@ -78,6 +78,12 @@ class Engine:
         self.sent = 0
         self.send_failures = 0
 
+    def reload(self) -> None:
+        """Read alert state and rule memory back from the store: a replica that takes over evaluation
+        continues where the previous leader stopped (and does not re-send what it already sent)."""
+        self.alerts = {a["id"]: a for a in self.state.load_alerts()}
+        self.memory = self.state.load_rule_memory()
+
     def tick(self, now_ms: int) -> list[Notification]:
         out: list[Notification] = []
         changed: dict[str, dict[str, Any]] = {}

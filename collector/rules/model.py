@@ -104,20 +104,28 @@ def _rule_from(doc: dict, where: str, problems: list[str]) -> Rule | None:
             durations[key] = parse_duration(doc.get(key, 0))
         except ValueError as exc:
             problems.append(f"{label}: '{key}': {exc}")
-    matchers = {k: str(v) for k, v in (doc.get("match") or {}).items() if k != "__line__"}
+    def mapping(key: str) -> dict:
+        value = doc.get(key) or {}
+        if not isinstance(value, dict):  # found by fuzzing: a list or scalar here crashed the loader
+            problems.append(f"{label}: '{key}' must be a mapping of label names to values, not {value!r:.40}")
+            return {}
+        return {str(k): v for k, v in value.items() if k != "__line__"}
+
+    matchers = {k: str(v) for k, v in mapping("match").items()}
     for k, rx in matchers.items():
         try:
             re.compile(rx)
         except re.error as exc:
             problems.append(f"{label}: match {k}: {rx!r} is not a regular expression ({exc})")
-    annotations = {k: str(v) for k, v in (doc.get("annotations") or {}).items() if k != "__line__"}
+    annotations = {k: str(v) for k, v in mapping("annotations").items()}
+    labels = {k: str(v) for k, v in mapping("labels").items()}
     if "summary" not in annotations:
         problems.append(f"{label}: annotations need a 'summary' (the one line the on-call engineer reads first)")
     if len(problems) > before:
         return None
     return Rule(name=name, kind=kind, metric=metric, severity=severity, matchers=matchers, op=op,
                 threshold=float(threshold), for_s=durations["for"], keep_firing_for_s=durations["keep_firing_for"],
-                labels={k: str(v) for k, v in (doc.get("labels") or {}).items() if k != "__line__"},
+                labels=labels,
                 annotations=annotations, send_resolved=bool(doc.get("send_resolved", kind != "event")), source=at)
 
 
@@ -144,16 +152,28 @@ def load_rules(paths: list[Path]) -> list[Rule]:
     seen: dict[str, str] = {}
     for f in files:
         try:
-            doc = yaml.load(f.read_text(), Loader=_LineLoader) or {}
+            doc = yaml.load(f.read_text(encoding="utf-8"), Loader=_LineLoader) or {}
         except yaml.YAMLError as exc:
             problems.append(f"{f}: not valid YAML: {exc}")
+            continue
+        except UnicodeDecodeError as exc:  # found by fuzzing: a binary file crashed the loader
+            problems.append(f"{f}: not UTF-8 text (byte {exc.start}); rule files are UTF-8 YAML")
             continue
         groups = doc.get("groups") if isinstance(doc, dict) else None
         if not isinstance(groups, list):
             problems.append(f"{f}:1: expected a top-level 'groups:' list, each with 'name' and 'rules'")
             continue
         for group in groups:
+            # found by fuzzing: a group or rule that is not a mapping crashed the loader
+            if not isinstance(group, dict) or not isinstance(group.get("rules") or [], list):
+                where = group.get("__line__", 1) if isinstance(group, dict) else 1
+                problems.append(f"{f}:{where}: each group must be a mapping with 'name' and a 'rules' list")
+                continue
             for r in group.get("rules") or []:
+                if not isinstance(r, dict):
+                    problems.append(f"{f}:{group.get('__line__', 1)}: each rule must be a mapping "
+                                    f"(alert, metric, …), not {r!r:.40}")
+                    continue
                 rule = _rule_from(r, str(f), problems)
                 if rule is None:
                     continue
