@@ -58,12 +58,14 @@ class TinyDecoder(torch.nn.Module):
 class ModelServer:
     """Batches waiting requests (up to ``max_batch``) and decodes them together, one token per step."""
 
-    def __init__(self, device: str, dim: int, layers: int, max_batch: int = 32) -> None:
+    def __init__(self, device: str, dim: int, layers: int, max_batch: int = 32, prompt_tokens: int = 16) -> None:
         self.device = device
         self.model = TinyDecoder(4096, dim, layers).to(device).eval()
         if device == "cuda":
             self.model = self.model.half()
         self.max_batch = max_batch
+        # Each decode step re-reads the whole sequence (no KV cache), so GPU work grows with batch and prompt.
+        self.prompt_tokens = prompt_tokens
         self.pending: queue.Queue = queue.Queue()
         reg = self.registry = CollectorRegistry()
         self.e2e = Histogram("bench_request_duration_seconds", "Request latency.", ["model"], buckets=BUCKETS,
@@ -130,7 +132,7 @@ class ModelServer:
                 except queue.Empty:
                     break
             steps = max(n for n, _ in batch)
-            seq = torch.randint(0, 4096, (len(batch), 16), device=self.device)
+            seq = torch.randint(0, 4096, (len(batch), self.prompt_tokens), device=self.device)
             for step in range(steps):
                 nxt = self.model(seq).argmax(-1, keepdim=True)
                 seq = torch.cat([seq, nxt], dim=1)
@@ -173,13 +175,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small model, short levels (a CPU check)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dim, layers = (1024, 8) if device == "cuda" else (128, 2)
+    # On a GPU the model is big enough (about 1.6 B parameters) that GPU work, not Python, bounds each step.
+    dim, layers, prompt = (4096, 8, 128) if device == "cuda" else (128, 2, 16)
     if args.quick:
         args.seconds, args.levels, args.max_tokens, dim, layers = 6.0, "1,4", 8, 64, 1
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    server = ModelServer(device, dim, layers)
+    server = ModelServer(device, dim, layers, prompt_tokens=prompt)
     gpu_source, gpu_label = None, "none (CPU run)"
     if device == "cuda":
         from agent.nvml import Nvml
