@@ -41,7 +41,7 @@ def smi() -> dict[str, dict[str, float]]:
     rows = {}
     for line in out.strip().splitlines():
         vals = [v.strip() for v in line.split(",")]
-        rows[vals[0]] = {k: float(v) for k, v in zip(SMI_FIELDS[1:], vals[1:]) if v not in ("[N/A]", "N/A")}
+        rows[vals[0]] = {k: float(v) for k, v in zip(SMI_FIELDS[1:], vals[1:], strict=False) if v not in ("[N/A]", "N/A")}
     return rows
 
 

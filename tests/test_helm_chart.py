@@ -20,6 +20,20 @@ from tests.helm_render import CHART, NAMESPACE, container, env_of, find, objects
 
 PG_URL = "postgresql+psycopg://gpufleet:s3cret@db.example:5432/gpufleet"
 
+# An inference config file as a user writes it (docs/inference.md, "Config file").
+INFERENCE_CONFIG = """\
+endpoints:
+  - name: ranker
+    url: http://10.0.0.13:9100/metrics
+    server: generic
+    histogram: ranker_latency_milliseconds
+    scale: 0.001
+    gpus: [0, 1]
+    slo: {latency_seconds: 0.2, target: 0.995}
+probes:
+  - {name: ranker-health, url: "http://10.0.0.13:9100/healthz", interval: 30s, timeout: 2s}
+"""
+
 # The installs the chart must get right; each is rendered and every object validated.
 MATRIX: dict[str, dict] = {
     "defaults": {},
@@ -48,6 +62,14 @@ MATRIX: dict[str, dict] = {
                          "rules": {"files": {"gpu.yaml": "groups: []\n", "site.yaml": "groups: []\n"}}},
     "agents-only": {"collector": {"enabled": False}, "podMonitor": {"enabled": True},
                     "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True, "sources": ["gpu", "host"]}},
+    "inference": {"networkPolicy": {"enabled": True}, "agent": {"inference": {
+        "endpoints": ["llama=http://10.0.0.12:8000/metrics", "tgi=http://tgi.serving.svc:3000/metrics"],
+        "config": INFERENCE_CONFIG,
+        "kubelet": {"url": "https://$(NODE_IP):10250", "rbac": {"create": True}},
+        "interval": 5, "slo": "2.5:0.99",
+        "probes": ["llama-chat=http://10.0.0.12:8000/v1/chat/completions", "tgi-health=http://tgi.serving.svc:3000/health"],
+        "probeInterval": 15, "probeTimeout": 4, "probePrompt": "Say OK.", "probeModel": "llama-3-8b",
+        "probeMaxTokens": 4, "receiver": {"address": "udp://0.0.0.0:9447", "hostPort": True}}}},
 }
 
 
@@ -223,6 +245,65 @@ def test_service_monitor_scrapes_agents_with_their_own_pod_labels(rendered):
     assert pm["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
 
 
+def test_inference_latency_settings_reach_the_agent(rendered):
+    objs = rendered["inference"]
+    pod = find(objs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = [e["name"] for e in c["env"]]
+    # Kubernetes expands $(NODE_IP) only from a variable listed before the one that uses it.
+    assert env.index("NODE_IP") < env.index("GPUFLEET_INFERENCE_KUBELET")
+    assert env_of(c)["NODE_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+    # The config file: a ConfigMap mounted read-only where GPUFLEET_INFERENCE_CONFIG points.
+    cm = find(objs, "ConfigMap", "-agent-inference")
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == yaml.safe_load(MATRIX["inference"]["agent"]["inference"]["config"])
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "inference-config")
+    assert mount["readOnly"] is True
+    assert env_of(c)["GPUFLEET_INFERENCE_CONFIG"]["value"] == mount["mountPath"] + "/config.yaml"
+    assert next(v for v in pod["volumes"] if v["name"] == "inference-config")["configMap"]["name"] == cm["metadata"]["name"]
+    assert "checksum/inference-config" in find(objs, "DaemonSet", "-agent")["spec"]["template"]["metadata"]["annotations"]
+    # Kubelet discovery on the authenticated port: RBAC for the agent's ServiceAccount and a token in the agent only.
+    role = find(objs, "ClusterRole", "-agent-kubelet")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
+    binding = find(objs, "ClusterRoleBinding", "-agent-kubelet")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}]
+    assert pod["automountServiceAccountToken"] is False
+    token = next(m for m in c["volumeMounts"] if m["name"] == "kubelet-token")
+    assert token == {"name": "kubelet-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                     "readOnly": True}
+    from agent.inference.config import SERVICE_ACCOUNT_TOKEN
+    assert token["mountPath"] + "/token" == SERVICE_ACCOUNT_TOKEN, "the agent reads the token where the chart mounts it"
+    # The UDP receiver on the node's port, admitted by the agent's NetworkPolicy.
+    assert {"name": "inference", "containerPort": 9447, "protocol": "UDP", "hostPort": 9447} in c["ports"]
+    pol = find(objs, "NetworkPolicy", "-agent")
+    assert {"ports": [{"port": "inference", "protocol": "UDP"}]} in pol["spec"]["ingress"]
+    # None of it without inference values.
+    defaults = rendered["defaults"]
+    plain = container(defaults, "agent")
+    assert not [n for n in env_of(plain) if "INFERENCE" in n or n == "NODE_IP"]
+    assert not [o for o in defaults if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "ConfigMap")
+                and "agent" in o["metadata"]["name"]]
+    assert {m["name"] for m in plain["volumeMounts"]} == {"tmp", "pod-resources"}
+
+
+def test_inference_receiver_socket_and_read_only_kubelet_port():
+    objs = objects(render({"agent": {"inference": {
+        "kubelet": {"url": "http://$(NODE_IP):10255"}, "interval": 2.5,
+        "receiver": {"address": "unix:///run/gpufleet/inference.sock", "hostPath": "/run/gpufleet"}}}}))
+    for o in objs:
+        validate(o)
+    pod = find(objs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert next(m for m in c["volumeMounts"] if m["name"] == "inference-socket")["mountPath"] == "/run/gpufleet"
+    vol = next(v for v in pod["volumes"] if v["name"] == "inference-socket")
+    assert vol["hostPath"] == {"path": "/run/gpufleet", "type": "DirectoryOrCreate"}
+    assert env_of(c)["GPUFLEET_INFERENCE_INTERVAL"]["value"] == "2.5"
+    # The read-only port takes no token and there is no RBAC to bind.
+    assert "kubelet-token" not in {v["name"] for v in pod["volumes"]}
+    assert not [o for o in objs if o["kind"].startswith("ClusterRole")]
+    assert [p["name"] for p in c["ports"]] == ["metrics"]
+
+
 def test_network_policies_admit_agents_and_listed_peers(rendered):
     pols = {o["metadata"]["name"]: o for o in rendered["locked-down"] if o["kind"] == "NetworkPolicy"}
     col = pols["gf-gpufleet-collector"]["spec"]["ingress"][0]["from"]
@@ -249,6 +330,17 @@ def test_network_policies_admit_agents_and_listed_peers(rendered):
     ({"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}, "scrape every agent twice"),
     ({"rules": {"builtin": False}}, "leaves the collector without rules"),
     ({"rules": {"files": {"gpu.txt": "x"}}}, "is not a rule file name"),
+    ({"agent": {"inference": {"endpoints": ["http://127.0.0.1:8000/metrics"]}}}, "/agent/inference/endpoints/0"),
+    ({"agent": {"inference": {"probes": ["a=http://x/v1 b=http://y/v1"]}}}, "/agent/inference/probes/0"),
+    ({"agent": {"inference": {"slo": "99%"}}}, "/agent/inference/slo"),
+    ({"agent": {"inference": {"kubelet": {"url": "10.0.0.1:10250"}}}}, "/agent/inference/kubelet/url"),
+    ({"agent": {"inference": {"kubelet": {"rbac": {"resources": ["nodes"]}}}}}, "/agent/inference/kubelet/rbac"),
+    ({"agent": {"inference": {"receiver": {"address": "tcp://0.0.0.0:9447"}}}}, "/agent/inference/receiver/address"),
+    ({"agent": {"inference": {"config": "endpoints: [unclosed"}}}, "agent.inference.config is not a YAML mapping"),
+    ({"agent": {"inference": {"config": "- just a list"}}}, "agent.inference.config is not a YAML mapping"),
+    ({"agent": {"inference": {"receiver": {"hostPort": True}}}}, "set agent.inference.receiver.address to udp://"),
+    ({"agent": {"inference": {"receiver": {"address": "unix:///run/gpufleet/inference.sock"}}}},
+     "set agent.inference.receiver.hostPath"),
 ])
 def test_wrong_values_fail_with_a_clear_message(values, says):
     with pytest.raises(helm.HelmError) as err:

@@ -5,6 +5,8 @@ and what the chart sets parses as the program expects."""
 from __future__ import annotations
 
 import base64
+import re
+from pathlib import Path
 
 import click
 import pytest
@@ -18,6 +20,10 @@ COMPONENTS = ("agent", "collector")
 
 # Read by the NVIDIA container runtime when it sets up the container, not by gpufleet.
 RUNTIME_ENV = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+
+# Filled in from the downward API only so that later variables can refer to them as $(NAME): the kubelet
+# expands the reference, gpufleet never reads the variable itself.
+EXPANDED_ONLY = {"NODE_IP"}
 
 # Program settings deliberately left out of the chart, with the reason. Empty today: a new flag must either
 # get a chart value (values.yaml, values.schema.json, the template) or a line here saying why not.
@@ -68,6 +74,10 @@ def test_every_env_var_the_chart_sets_is_read_by_the_program(chart_env, componen
     for name in chart_env[component]:
         if name in read or name in RUNTIME_ENV:
             continue
+        if name in EXPANDED_ONLY:
+            refs = [e.get("value", "") for entries in chart_env[component].values() for e in entries]
+            assert any(f"$({name})" in v for v in refs), f"the chart sets {name} but no variable refers to it"
+            continue
         unknown.append(name)
     assert not unknown, (f"the chart sets {unknown} on the {component}, but `gpufleet {component}` reads none of "
                          f"them (it reads {sorted(read)}): rename the chart's variable or add the flag")
@@ -98,19 +108,24 @@ def test_verbose_flags_reach_the_container_args():
         assert ctx.params["verbose"] is True
 
 
-def _resolve(entries: list[dict], secrets: dict[str, str]) -> str:
-    entry = entries
+# What the kubelet fills in from the downward API on the node the pod runs on.
+FIELDS = {"spec.nodeName": "gpu-node-7", "status.hostIP": "10.1.2.3"}
+
+
+def _resolve(entry: dict, secrets: dict[str, str], earlier: dict[str, str]) -> str:
     if "value" in entry:
-        return entry["value"]
+        # Dependent variables: $(NAME) of a variable defined earlier in the list is expanded, as the kubelet does.
+        return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: earlier.get(m.group(1), m.group(0)),
+                      entry["value"])
     ref = entry["valueFrom"]
     if "fieldRef" in ref:
-        return "gpu-node-7"  # what the kubelet fills in for spec.nodeName
+        return FIELDS[ref["fieldRef"]["fieldPath"]]
     key = ref["secretKeyRef"]
     return secrets.get(key["key"], f"from-secret-{key['name']}-{key['key']}")
 
 
 @pytest.mark.parametrize("scenario", ["defaults", "tokens-and-slack", "external-database", "existing-secrets",
-                                      "agents-only"])
+                                      "agents-only", "inference"])
 def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
     """Feed each container's rendered environment to the real click command and read back its settings."""
     from collector.rules.model import default_rules_path
@@ -123,7 +138,15 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
         if kind not in {o["kind"] for o in objs}:
             continue
         c = container(objs, component)
-        env = {name: _resolve(e, secrets) for name, e in env_of(c).items()}
+        env: dict[str, str] = {}
+        for name, e in env_of(c).items():
+            env[name] = _resolve(e, secrets, env)
+        # The ConfigMap the chart mounts at the config's path, written where this machine can read it.
+        if "GPUFLEET_INFERENCE_CONFIG" in env:
+            cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-inference"))
+            path = tmp_path / Path(env["GPUFLEET_INFERENCE_CONFIG"]).name
+            path.write_text(cm["data"][path.name])
+            env["GPUFLEET_INFERENCE_CONFIG"] = str(path)
         # The image copies the built-in rule pack (the alerts package's files) to this folder.
         if "GPUFLEET_RULES" in env:
             env["GPUFLEET_RULES"] = env["GPUFLEET_RULES"].replace("/usr/share/gpufleet/rules",
@@ -140,6 +163,8 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
                 assert p["token"] == env["GPUFLEET_TOKEN"]
             if scenario == "agents-only":
                 assert p["simulate"] == 4 and p["verbose"] is True and p["sources"] == "gpu,host"
+            if scenario == "inference":
+                _check_inference(p, MATRIX[scenario]["agent"]["inference"])
         else:
             assert p["listen"] == "0.0.0.0:9446"
             assert p["db"] == env["GPUFLEET_DB"]
@@ -152,3 +177,26 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
     if scenario == "tokens-and-slack":
         agent_env = env_of(container(objs, "agent"))
         assert agent_env["GPUFLEET_CLUSTER"]["value"] == "prod-east"
+
+
+def _check_inference(p: dict, values: dict) -> None:
+    """The agent's own settings loader takes what the chart rendered: flags, the mounted file, the node IP."""
+    from gpufleet.cli import _inference_settings
+
+    assert p["inference_endpoints"] == tuple(values["endpoints"])
+    assert p["inference_probes"] == tuple(values["probes"])
+    assert p["inference_kubelet"] == "https://10.1.2.3:10250"
+    assert p["inference_interval"] == 5.0 and p["inference_slo"] == "2.5:0.99"
+    assert (p["inference_probe_interval"], p["inference_probe_timeout"]) == (15.0, 4.0)
+    assert (p["inference_probe_prompt"], p["inference_probe_model"], p["inference_probe_max_tokens"]) == \
+        ("Say OK.", "llama-3-8b", 4)
+    assert p["inference_receiver"] == "udp://0.0.0.0:9447"
+    s = _inference_settings(p)
+    assert [e.name for e in s.endpoints] == ["llama", "tgi", "ranker"]
+    ranker = s.endpoints[2]
+    assert ranker.server == "generic" and ranker.gpus == ("0", "1") and ranker.slo.target == 0.995
+    assert [(pr.name, pr.kind) for pr in s.probes] == [
+        ("llama-chat", "openai-chat"), ("tgi-health", "http"), ("ranker-health", "http")]
+    assert s.probes[0].model == "llama-3-8b" and s.probes[0].max_tokens == 4 and s.probes[0].timeout == 4.0
+    assert s.kubernetes.kubelet == "https://10.1.2.3:10250"
+    assert s.slo.latency_seconds == 2.5 and s.interval == 5.0 and s.receiver == "udp://0.0.0.0:9447"

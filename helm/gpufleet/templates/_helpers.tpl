@@ -108,6 +108,20 @@ app.kubernetes.io/part-of: gpufleet
 {{- fail (printf "rules.files key %q is not a rule file name: use NAME.yaml" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- $inf := .Values.agent.inference -}}
+{{- if $inf.config -}}
+{{- $doc := fromYaml $inf.config -}}
+{{- if hasKey $doc "Error" -}}
+{{- fail (printf "agent.inference.config is not a YAML mapping (%s): write the agent's inference config file (endpoints:, probes:, kubernetes:, receiver:, slo:), see docs/inference.md." (get $doc "Error")) -}}
+{{- end -}}
+{{- end -}}
+{{- $receiver := $inf.receiver.address -}}
+{{- if and $inf.receiver.hostPort (not (hasPrefix "udp://" $receiver)) -}}
+{{- fail "agent.inference.receiver.hostPort opens a UDP port: set agent.inference.receiver.address to udp://0.0.0.0:PORT." -}}
+{{- end -}}
+{{- if and (hasPrefix "unix://" $receiver) (not $inf.receiver.hostPath) -}}
+{{- fail "agent.inference.receiver.address is a unix socket: set agent.inference.receiver.hostPath to the host folder that holds it (application pods mount the same folder)." -}}
+{{- end -}}
 {{- range $name, $_ := .Values.grafana.dashboards.extra -}}
 {{- if not (regexMatch "^[A-Za-z0-9._-]+\\.json$" $name) -}}
 {{- fail (printf "grafana.dashboards.extra key %q is not a dashboard file name: use NAME.json" $name) -}}
@@ -127,4 +141,9 @@ app.kubernetes.io/part-of: gpufleet
      does not change the sum). */}}
 {{- define "gpufleet.secretsChecksum" -}}
 {{- list .Values.auth .Values.database .Values.slack .Values.grafana.token .Values.grafana.existingSecret | toJson | sha256sum -}}
+{{- end -}}
+
+{{/* Non-empty when the agent needs a service-account token: for the kubelet's authenticated port. */}}
+{{- define "gpufleet.agent.kubeletToken" -}}
+{{- if or .Values.agent.inference.kubelet.rbac.create (hasPrefix "https://" .Values.agent.inference.kubelet.url) -}}true{{- end -}}
 {{- end -}}
