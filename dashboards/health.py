@@ -21,10 +21,10 @@ F = sql_filter(V)
 # NVLink fields). Renaming one is a change here only.
 REMAPPED_ROWS = "gpufleet_gpu_remapped_rows_total"  # {type="correctable"|"uncorrectable"}
 REMAP_PENDING = "gpufleet_gpu_row_remap_pending"  # 1 while a remap waits for a GPU reset
-REMAP_FAILED = "gpufleet_gpu_row_remap_failed"  # 1 when a remap failed: the GPU needs service
+REMAP_FAILED = "gpufleet_gpu_row_remap_failure"  # 1 when a remap failed: the GPU needs service
 RETIRED_PAGES = "gpufleet_gpu_retired_pages_total"  # {cause="single_bit_ecc"|"double_bit_ecc"}
 PCIE_REPLAYS = "gpufleet_gpu_pcie_replays_total"
-NVLINK_ERRORS = "gpufleet_gpu_nvlink_errors_total"  # {link, type="crc_flit"|"crc_data"|"replay"|"recovery"}
+NVLINK_ERRORS = "gpufleet_gpu_nvlink_errors_total"  # {type="crc_flit"|"crc_data"|"replay"|"recovery"|"ecc_data"}, all links
 XID = "gpufleet_gpu_xid_errors_total"
 ECC = "gpufleet_gpu_ecc_errors_total"
 CLOCK_EVENT = "gpufleet_gpu_clock_event_active"

@@ -37,7 +37,7 @@ def _field_panel(name: str, kind: str, help_text: str, labels: tuple[str, ...]) 
 
 every_field = Row("Every field the agent collects", tuple(
     [_field_panel(f.name, f.kind, f.help, f.labels) for f in FIELDS]
-    + [_field_panel(name, "gauge", help_text, ()) for name, _, help_text, _ in GPM_FIELDS]))
+    + [_field_panel(g.name, "gauge", g.help, ()) for g in GPM_FIELDS]))
 
 _reasons_sql = (f"SELECT $__timeGroupAlias(time, $__interval), labels ->> 'reason' AS metric, max(value) AS value\n"
                 f"FROM metric_samples WHERE metric = 'gpufleet_gpu_clock_event_active' AND $__timeFilter(time) AND {F}\n"

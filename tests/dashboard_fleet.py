@@ -50,10 +50,10 @@ def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
             add("gpufleet_gpu_remapped_rows_total", {**g, "type": "correctable"}, i)
             add("gpufleet_gpu_remapped_rows_total", {**g, "type": "uncorrectable"}, 0)
             add("gpufleet_gpu_row_remap_pending", g, 1 if i == 1 else 0)
-            add("gpufleet_gpu_row_remap_failed", g, 0)
+            add("gpufleet_gpu_row_remap_failure", g, 0)
             add("gpufleet_gpu_retired_pages_total", {**g, "cause": "double_bit_ecc"}, i)
             add("gpufleet_gpu_pcie_replays_total", g, step * (i + 1))
-            add("gpufleet_gpu_nvlink_errors_total", {**g, "link": "0", "type": "crc_flit"}, step * i)
+            add("gpufleet_gpu_nvlink_errors_total", {**g, "type": "crc_flit"}, step * i)
             add("gpufleet_gpu_process_memory_used_bytes", {**g, "pid": str(4000 + i), "command": "python"},
                 (20 + i) * (1 << 30))
             # the agent's Kubernetes attribution puts pod labels on the GPU series
