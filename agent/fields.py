@@ -199,7 +199,9 @@ FIELDS: tuple[Field, ...] = (
           labels=("reason",), urgent=True, dcgm="DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"),
     Field("gpufleet_gpu_clock_event_violation_seconds_total", "counter", "seconds",
           "Time the clocks were held below the requested clocks, per reason, since the driver loaded.",
+          # 0.8–1 ms per reason id on an H200 (bench/nvml_profile.py): a counter, so the slow cadence loses nothing.
           {(reason,): FieldValue(fid) for reason, fid in VIOLATION_FIELDS.items()}, labels=("reason",), scale=1e-9,
+          slow=True,
           dcgm={("sw_power_cap",): "DCGM_FI_DEV_POWER_VIOLATION", ("thermal",): "DCGM_FI_DEV_THERMAL_VIOLATION",
                 ("sync_boost",): "DCGM_FI_DEV_SYNC_BOOST_VIOLATION",
                 ("board_limit",): "DCGM_FI_DEV_BOARD_LIMIT_VIOLATION",
@@ -245,7 +247,7 @@ FIELDS: tuple[Field, ...] = (
           "Current PCIe link generation (drops when the GPU idles to save power).",
           Call("nvmlDeviceGetCurrPcieLinkGeneration"), dcgm="DCGM_FI_DEV_PCIE_LINK_GEN"),
     Field("gpufleet_gpu_pcie_link_width", "gauge", "", "Current PCIe link width in lanes.",
-          Call("nvmlDeviceGetCurrPcieLinkWidth"), dcgm="DCGM_FI_DEV_PCIE_LINK_WIDTH"),
+          Call("nvmlDeviceGetCurrPcieLinkWidth"), slow=True, dcgm="DCGM_FI_DEV_PCIE_LINK_WIDTH"),
     Field("gpufleet_gpu_pcie_link_max_generation", "gauge", "",
           "Highest PCIe link generation the GPU and system support together.",
           Call("nvmlDeviceGetMaxPcieLinkGeneration"), slow=True, dcgm="DCGM_FI_DEV_PCIE_MAX_LINK_GEN"),
@@ -253,7 +255,8 @@ FIELDS: tuple[Field, ...] = (
           Call("nvmlDeviceGetMaxPcieLinkWidth"), slow=True, dcgm="DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH"),
     Field("gpufleet_gpu_pcie_replays_total", "counter", "",
           "PCIe packets replayed after link errors; a rising count means a flaky slot, riser or cable.",
-          FieldValue(FI_PCIE_REPLAY_COUNTER), dcgm="DCGM_FI_DEV_PCIE_REPLAY_COUNTER", dcgm_kind="counter"),
+          # about 0.45 ms on an H200 (bench/nvml_profile.py): a counter, read on the slow cadence.
+          FieldValue(FI_PCIE_REPLAY_COUNTER), slow=True, dcgm="DCGM_FI_DEV_PCIE_REPLAY_COUNTER", dcgm_kind="counter"),
     # ~20 ms each on an H200 (NVML samples the bus): off the hot path.
     Field("gpufleet_gpu_pcie_transmit_bytes_per_second", "gauge", "bytes",
           "PCIe traffic from the GPU, in bytes per second (NVML samples it over 20 ms).",
@@ -295,11 +298,15 @@ class GpmField(NamedTuple):
     dcgm: str | None
     unit: str = "ratio"
     scale: float = 0.01  # NVML's unit (percent, MiB/s) -> ours (ratio, bytes/s)
+    # Computed over the slow cadence's window instead of every sample (GRAPHICS_UTIL alone costs about 1.7 ms
+    # per nvmlGpmMetricsGet on an H200, the other metrics about 7 µs: bench/nvml_profile.py).
+    slow: bool = False
 
 
 GPM_FIELDS: tuple[GpmField, ...] = (
     GpmField("gpufleet_gpu_graphics_engine_active_ratio", 1,
-             "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL).", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"),
+             "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), over the slow-field window.",
+             "DCGM_FI_PROF_GR_ENGINE_ACTIVE", slow=True),
     GpmField("gpufleet_gpu_sm_active_ratio", 2, "Share of SM cycles with at least one warp resident (GPM SM_UTIL).",
              "DCGM_FI_PROF_SM_ACTIVE"),
     GpmField("gpufleet_gpu_sm_occupancy_ratio", 3,

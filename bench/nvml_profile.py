@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
-from agent.fields import FIELDS, FieldValue  # noqa: E402
+from agent.fields import FIELDS, GPM_FIELDS, FieldValue  # noqa: E402
 from agent.nvml import Nvml, load_library  # noqa: E402
 from agent.sources.gpu import GpuSource  # noqa: E402
 
@@ -80,6 +80,23 @@ def main() -> None:
     per_id.sort(reverse=True)
     out += ["", "| field id (scope) | µs for a read of it alone |", "| --- | --- |"]
     out += [f"| {fid} ({scope}) | {t * 1e6:.1f} |" for t, fid, scope in per_id[:15]]
+    # each GPM metric computed on its own, and the whole set, between the same two samples
+    raw = lib._lib
+    s1, s2 = raw.nvmlGpmSampleAlloc(), raw.nvmlGpmSampleAlloc()
+    raw.nvmlGpmSampleGet(h, s1)
+    time.sleep(0.2)
+    raw.nvmlGpmSampleGet(h, s2)
+
+    def gpm_time(ids: list[int]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            nvml.gpm_metrics(h, s1, s2, ids)
+        return (time.perf_counter() - t0) / 5
+
+    out += ["", "| GPM metrics computed | µs per nvmlGpmMetricsGet |", "| --- | --- |"]
+    out.append(f"| all {len(GPM_FIELDS)} | {gpm_time([g.metric_id for g in GPM_FIELDS]) * 1e6:.1f} |")
+    for g in GPM_FIELDS:
+        out.append(f"| {g.name} ({g.metric_id}) alone | {gpm_time([g.metric_id]) * 1e6:.1f} |")
     text = "\n".join(out)
     print(text)
     d = Path(os.environ.get("OUT", "out"))

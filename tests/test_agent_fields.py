@@ -268,7 +268,7 @@ def test_injected_memory_and_link_faults_show_in_their_rows():
     sim.inject(1, "row_remap")
     sim.inject(1, "pcie_replay", count=3)
     sim.inject(0, "nvlink_error", count=2)
-    clock.t += 1
+    clock.t += 11  # past the slow cadence (10 s): the replay counter is a slow row
     fams = src.collect()
     rows = {f.name: f for f in FIELDS}
     by_gpu = lambda row: {(lab["gpu"], *(lab[k] for k in row.labels)): v  # noqa: E731

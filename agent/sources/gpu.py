@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
 EVENT_DBE = 0x2  # nvmlEventTypeDoubleBitEccError
 NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId of a process outside MIG
-_GPM_IDS = [g.metric_id for g in GPM_FIELDS]
+_GPM_IDS = [g.metric_id for g in GPM_FIELDS if not g.slow]
+_GPM_SLOW_IDS = [g.metric_id for g in GPM_FIELDS if g.slow]
 
 Value = tuple[Field, tuple[str, ...], float]
 _IDS: dict[tuple[Field, ...], list[tuple[int, int]]] = {}  # row set -> its field ids, worked out once
@@ -120,6 +121,7 @@ class GpuSource:
         self._lost: set[str] = set()
         self._gpm_samples: dict[str, list[Any]] = {}  # uuid (or MIG uuid) -> [previous, spare]
         self._gpm_supported: dict[str, bool] = {}
+        self._gpm_slow: dict[str, list[Any]] = {}  # uuid -> [window-start sample, its time, cached values]
         self._xid_counts: dict[tuple[str, int], int] = {}
         self._slow: dict[str, list[Value]] = {}
         self._slow_at: float | None = None
@@ -156,6 +158,9 @@ class GpuSource:
             for sample in pair[:2]:
                 self._nvml.call("nvmlGpmSampleFree", sample)
         self._gpm_samples.clear()
+        for window in self._gpm_slow.values():
+            self._nvml.call("nvmlGpmSampleFree", window[0])
+        self._gpm_slow.clear()
 
     @property
     def gpus(self) -> list[Gpu]:
@@ -303,9 +308,11 @@ class GpuSource:
             return
         # the new sample becomes "previous"; the old previous is reused next time
         self._gpm_samples[key] = [spare, prev, True]
+        slow_values = self._slow_gpm(key, spare, take)
         if not have_prev:
             return
         values = self._nvml.gpm_metrics(None, prev, spare, _GPM_IDS)
+        values.update(slow_values)
         for g in GPM_FIELDS:
             v = values.get(g.metric_id)
             if v is None:
@@ -315,6 +322,25 @@ class GpuSource:
                 v = min(max(v, 0.0), 1.0)
             name = rename(g.name) if rename else g.name
             fam(name, "gauge", g.help).add(labels, v)
+
+    def _slow_gpm(self, key: str, current: Any, take: Callable[[Any], Any]) -> dict[int, float | None]:
+        """Costly GPM metrics, computed once per slow window (between a window-start sample and ``current``)
+        and served from a cache in between."""
+        if not _GPM_SLOW_IDS:
+            return {}
+        window = self._gpm_slow.get(key)
+        now = self._clock()
+        if window is None:
+            start = self._nvml.call("nvmlGpmSampleAlloc")
+            if start is None or take(start) is None:
+                return {}
+            window = self._gpm_slow[key] = [start, now, {}]
+        start, started_at, cached = window
+        if now - started_at >= self._slow_interval:
+            cached = self._nvml.gpm_metrics(None, start, current, _GPM_SLOW_IDS)
+            if take(start) is not None:  # the next window starts now
+                window[:] = [start, now, cached]
+        return cached
 
     def _sample_mig(self, gpu: Gpu, m: MigDevice, gpu_labels: dict[str, str], fam: Callable[..., Family]) -> None:
         labels = {k: v for k, v in gpu_labels.items() if k not in ("pod", "namespace", "container")}
