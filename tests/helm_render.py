@@ -69,8 +69,16 @@ _SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
                        "values": {"type": "array", "items": {"type": "string"}}}}}}}
 _NS_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
     "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}}
+_KEY_REF = {"type": "object", "additionalProperties": False, "required": ["name", "key"], "properties": {
+    "name": {"type": "string", "minLength": 1}, "key": {"type": "string", "minLength": 1}}}
+_SECRET_OR_CONFIGMAP = {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+                        "properties": {"secret": _KEY_REF, "configMap": _KEY_REF}}
+_TLS_CONFIG = {"type": "object", "additionalProperties": False, "properties": {
+    "serverName": {"type": "string"}, "insecureSkipVerify": {"type": "boolean"}, "ca": _SECRET_OR_CONFIGMAP,
+    "cert": _SECRET_OR_CONFIGMAP, "keySecret": _KEY_REF}}
 _ENDPOINT = {"type": "object", "additionalProperties": False, "required": ["port"], "properties": {
     "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
+    "scheme": {"enum": ["http", "https"]}, "tlsConfig": _TLS_CONFIG,
     "interval": {"type": "string", "pattern": _DURATION}, "scrapeTimeout": {"type": "string", "pattern": _DURATION},
     "honorLabels": {"type": "boolean"}}}
 _RULE = {"type": "object", "additionalProperties": False, "required": ["expr"], "oneOf": [

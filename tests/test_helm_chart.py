@@ -70,6 +70,19 @@ MATRIX: dict[str, dict] = {
         "probes": ["llama-chat=http://10.0.0.12:8000/v1/chat/completions", "tgi-health=http://tgi.serving.svc:3000/health"],
         "probeInterval": 15, "probeTimeout": 4, "probePrompt": "Say OK.", "probeModel": "llama-3-8b",
         "probeMaxTokens": 4, "receiver": {"address": "udp://0.0.0.0:9447", "hostPort": True}}}},
+    # Every reliability and security setting at once: a non-root agent spooling on a host folder, mutual TLS
+    # between agents and collector, more tokens from a file, every request limit.
+    "tls-and-spool": {
+        "agent": {"runAsUser": 10001, "spool": {"maxBytes": "2GiB", "maxAge": "2d"},
+                  "tls": {"ca": {"existingConfigMap": "fleet-ca"}, "clientCert": {"existingSecret": "agent-client"}}},
+        "collector": {"tls": {"existingSecret": "collector-tls", "clientCAKey": "ca.crt"},
+                      "limits": {"maxBodyBytes": 32 << 20, "maxUncompressedBytes": 128 << 20, "maxSeries": 200_000,
+                                 "maxSamples": 4_000_000, "maxLabels": 60, "maxLabelLength": 4096,
+                                 "maxInflightWrites": 128}},
+        "auth": {"tokenFile": {"existingSecret": "fleet-tokens"}},
+        "serviceMonitor": {"enabled": True},
+    },
+    "open-writes": {"auth": {"enabled": False}},
 }
 
 
@@ -122,6 +135,12 @@ def test_agent_has_least_privilege_and_host_pid_only_for_per_process(rendered):
         assert pod.get("hostPID", False) is (scenario == "per-process"), scenario
         assert pod.get("hostNetwork", False) is False
         assert pod["automountServiceAccountToken"] is False
+    # The spool's init container: root for one chown, CAP_CHOWN alone, never privileged.
+    init = find(rendered["tls-and-spool"], "DaemonSet", "-agent")["spec"]["template"]["spec"]["initContainers"]
+    assert [i["name"] for i in init] == ["spool-owner"]
+    isc = init[0]["securityContext"]
+    assert isc["privileged"] is False and isc["allowPrivilegeEscalation"] is False
+    assert isc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]} and isc["readOnlyRootFilesystem"] is True
     per_process = env_of(container(rendered["per-process"], "agent"))
     assert per_process["GPUFLEET_PROCESS_METRICS"]["value"] == "true"
     assert "GPUFLEET_PROCESS_METRICS" not in env_of(container(rendered["defaults"], "agent"))
@@ -283,7 +302,7 @@ def test_inference_latency_settings_reach_the_agent(rendered):
     assert not [n for n in env_of(plain) if "INFERENCE" in n or n == "NODE_IP"]
     assert not [o for o in defaults if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "ConfigMap")
                 and "agent" in o["metadata"]["name"]]
-    assert {m["name"] for m in plain["volumeMounts"]} == {"tmp", "pod-resources"}
+    assert {m["name"] for m in plain["volumeMounts"]} == {"tmp", "spool", "pod-resources"}
 
 
 def test_inference_receiver_socket_and_read_only_kubelet_port():
@@ -302,6 +321,133 @@ def test_inference_receiver_socket_and_read_only_kubelet_port():
     assert "kubelet-token" not in {v["name"] for v in pod["volumes"]}
     assert not [o for o in objs if o["kind"].startswith("ClusterRole")]
     assert [p["name"] for p in c["ports"]] == ["metrics"]
+
+
+def _pod(objs, component: str) -> dict:
+    return find(objs, "DaemonSet" if component == "agent" else "Deployment", f"-{component}")["spec"]["template"]["spec"]
+
+
+def _volume(pod: dict, name: str) -> dict:
+    return next(v for v in pod["volumes"] if v["name"] == name)
+
+
+def _mount(c: dict, name: str) -> dict:
+    return next(m for m in c["volumeMounts"] if m["name"] == name)
+
+
+def test_spool_on_a_host_folder_outlives_the_agent_pod(rendered):
+    # A non-root agent: the kubelet creates the folder as root, the init container hands it to uid 10001.
+    pod = _pod(rendered["tls-and-spool"], "agent")
+    c = pod["containers"][0]
+    assert _volume(pod, "spool")["hostPath"] == {"path": "/var/lib/gpufleet/spool", "type": "DirectoryOrCreate"}
+    assert env_of(c)["GPUFLEET_SPOOL_DIR"]["value"] == _mount(c, "spool")["mountPath"] == "/var/lib/gpufleet/spool"
+    assert _mount(c, "spool").get("readOnly", False) is False
+    init = pod["initContainers"][0]
+    assert init["command"] == ["chown", "-R", "10001:10001", "/var/lib/gpufleet/spool"]
+    assert _mount(init, "spool")["mountPath"] == "/var/lib/gpufleet/spool"
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["fsGroup"] == 10001
+    env = env_of(c)
+    assert (env["GPUFLEET_SPOOL_MAX_BYTES"]["value"], env["GPUFLEET_SPOOL_MAX_AGE"]["value"]) == ("2GiB", "2d")
+    # By default the agent is root (the kubelet socket is root-only): the host folder, no init container, and
+    # the limits left to the agent.
+    pod = _pod(rendered["defaults"], "agent")
+    assert _volume(pod, "spool")["hostPath"]["type"] == "DirectoryOrCreate" and "initContainers" not in pod
+    assert "GPUFLEET_SPOOL_MAX_BYTES" not in env_of(pod["containers"][0])
+    # emptyDir: writable by anyone, nothing to chown; none: memory only.
+    pod = _pod(objects(render({"agent": {"runAsUser": 10001, "spool": {"type": "emptyDir"}}})), "agent")
+    assert _volume(pod, "spool") == {"name": "spool", "emptyDir": {}} and "initContainers" not in pod
+    pod = _pod(objects(render({"agent": {"spool": {"type": "none"}}})), "agent")
+    assert env_of(pod["containers"][0])["GPUFLEET_SPOOL_DIR"]["value"] == ""
+    assert "spool" not in {v["name"] for v in pod["volumes"]}
+    pod = _pod(objects(render({"agent": {"runAsUser": 10001, "spool": {"chownInit": False,
+                                                                       "hostPath": "/data/gpufleet/spool"}}})), "agent")
+    assert "initContainers" not in pod and _volume(pod, "spool")["hostPath"]["path"] == "/data/gpufleet/spool"
+
+
+def test_https_collector_with_probes_over_https_and_agents_verifying_it():
+    objs = objects(render({"collector": {"tls": {"existingSecret": "collector-tls"}},
+                           "agent": {"tls": {"ca": {"existingSecret": "fleet-ca", "key": "bundle.pem"}}}}))
+    for o in objs:
+        validate(o)
+    pod = _pod(objs, "collector")
+    c = pod["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}, probe
+    assert _mount(c, "tls") == {"name": "tls", "mountPath": "/etc/gpufleet/tls", "readOnly": True}
+    vol = _volume(pod, "tls")["secret"]
+    assert vol["secretName"] == "collector-tls" and vol["defaultMode"] == 0o440
+    assert [i["key"] for i in vol["items"]] == ["tls.crt", "tls.key"]
+    env = env_of(c)
+    assert env["GPUFLEET_TLS_CERT"]["value"] == "/etc/gpufleet/tls/tls.crt"
+    assert env["GPUFLEET_TLS_KEY"]["value"] == "/etc/gpufleet/tls/tls.key"
+    assert "GPUFLEET_TLS_CLIENT_CA" not in env
+    # The agents push to https:// and verify the collector with the CA from the Secret.
+    apod = _pod(objs, "agent")
+    a = apod["containers"][0]
+    aenv = env_of(a)
+    assert aenv["GPUFLEET_COLLECTOR"]["value"] == f"https://gf-gpufleet-collector.{NAMESPACE}.svc:9446"
+    assert aenv["GPUFLEET_CA_BUNDLE"]["value"] == "/etc/gpufleet/tls/ca/bundle.pem"
+    assert _mount(a, "tls-ca") == {"name": "tls-ca", "mountPath": "/etc/gpufleet/tls/ca", "readOnly": True}
+    assert _volume(apod, "tls-ca")["secret"]["items"] == [{"key": "bundle.pem", "path": "bundle.pem"}]
+    assert "GPUFLEET_CLIENT_CERT" not in aenv
+    # Plain HTTP by default.
+    plain = container(objects(render({})), "collector")
+    assert "GPUFLEET_TLS_CERT" not in env_of(plain) and "scheme" not in plain["livenessProbe"]["httpGet"]
+
+
+def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
+    objs = rendered["tls-and-spool"]
+    pod = _pod(objs, "collector")
+    c = pod["containers"][0]
+    env = env_of(c)
+    assert env["GPUFLEET_TLS_CLIENT_CA"]["value"] == "/etc/gpufleet/tls/ca.crt"
+    assert [i["key"] for i in _volume(pod, "tls")["secret"]["items"]] == ["tls.crt", "tls.key", "ca.crt"]
+    # The kubelet's probes present no client certificate: they check the port.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["tcpSocket"] == {"port": "http"} and "httpGet" not in c[probe], probe
+    # More tokens from a file in the user's Secret, next to the generated one the agents send.
+    assert env["GPUFLEET_TOKEN_FILE"]["value"] == "/etc/gpufleet/auth/tokens"
+    assert _mount(c, "token-file") == {"name": "token-file", "mountPath": "/etc/gpufleet/auth", "readOnly": True}
+    assert _volume(pod, "token-file")["secret"]["items"] == [{"key": "token-file", "path": "tokens"}]
+    assert "GPUFLEET_TOKENS" in env
+    limits = MATRIX["tls-and-spool"]["collector"]["limits"]
+    names = {"maxBodyBytes": "GPUFLEET_MAX_BODY_BYTES", "maxUncompressedBytes": "GPUFLEET_MAX_UNCOMPRESSED_BYTES",
+             "maxSeries": "GPUFLEET_MAX_SERIES", "maxSamples": "GPUFLEET_MAX_SAMPLES", "maxLabels": "GPUFLEET_MAX_LABELS",
+             "maxLabelLength": "GPUFLEET_MAX_LABEL_LENGTH", "maxInflightWrites": "GPUFLEET_MAX_INFLIGHT_WRITES"}
+    assert {names[k]: str(v) for k, v in limits.items()} == {n: env[n]["value"] for n in names.values()}
+    assert not [n for n in env_of(container(rendered["defaults"], "collector")) if n.startswith("GPUFLEET_MAX_")]
+    assert env["GPUFLEET_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # The agents present their client certificate; the key is readable by their group only.
+    apod = _pod(objs, "agent")
+    a = apod["containers"][0]
+    aenv = env_of(a)
+    assert aenv["GPUFLEET_COLLECTOR"]["value"].startswith("https://")
+    assert (aenv["GPUFLEET_CLIENT_CERT"]["value"], aenv["GPUFLEET_CLIENT_KEY"]["value"]) == \
+        ("/etc/gpufleet/tls/client/tls.crt", "/etc/gpufleet/tls/client/tls.key")
+    assert _mount(a, "tls-client")["readOnly"] is True
+    client = _volume(apod, "tls-client")["secret"]
+    assert client["secretName"] == "agent-client" and client["defaultMode"] == 0o440
+    assert _volume(apod, "tls-ca")["configMap"]["name"] == "fleet-ca"
+    assert aenv["GPUFLEET_CA_BUNDLE"]["value"] == "/etc/gpufleet/tls/ca/ca.crt"
+    # Prometheus scrapes the collector over HTTPS with the same CA and client certificate.
+    sm = find(objs, "ServiceMonitor")
+    ep = next(e for e in sm["spec"]["endpoints"] if e["port"] == "http")
+    assert ep["scheme"] == "https"
+    assert ep["tlsConfig"] == {"serverName": f"gf-gpufleet-collector.{NAMESPACE}.svc",
+                               "ca": {"configMap": {"name": "fleet-ca", "key": "ca.crt"}},
+                               "cert": {"secret": {"name": "agent-client", "key": "tls.crt"}},
+                               "keySecret": {"name": "agent-client", "key": "tls.key"}}
+
+
+def test_collector_gets_tokens_or_an_explicit_open_door(rendered):
+    """`gpufleet collector` refuses to listen on 0.0.0.0 without tokens unless told: the default install
+    passes the generated token, auth.enabled=false passes GPUFLEET_ALLOW_OPEN_WRITES."""
+    env = env_of(container(rendered["defaults"], "collector"))
+    assert env["GPUFLEET_TOKENS"]["valueFrom"]["secretKeyRef"]["key"] == "tokens"
+    assert _secret_data(rendered["defaults"])["tokens"]
+    assert "GPUFLEET_ALLOW_OPEN_WRITES" not in env
+    env = env_of(container(rendered["open-writes"], "collector"))
+    assert env["GPUFLEET_ALLOW_OPEN_WRITES"]["value"] == "true" and "GPUFLEET_TOKENS" not in env
 
 
 def test_network_policies_admit_agents_and_listed_peers(rendered):
@@ -341,6 +487,22 @@ def test_network_policies_admit_agents_and_listed_peers(rendered):
     ({"agent": {"inference": {"receiver": {"hostPort": True}}}}, "set agent.inference.receiver.address to udp://"),
     ({"agent": {"inference": {"receiver": {"address": "unix:///run/gpufleet/inference.sock"}}}},
      "set agent.inference.receiver.hostPath"),
+    ({"agent": {"spool": {"type": "hostpath"}}}, "/agent/spool/type"),
+    ({"agent": {"spool": {"hostPath": "var/lib/gpufleet"}}}, "/agent/spool/hostPath"),
+    ({"agent": {"spool": {"maxBytes": "2 gigabytes"}}}, "/agent/spool/maxBytes"),
+    ({"agent": {"spool": {"maxAge": "1 week"}}}, "/agent/spool/maxAge"),
+    ({"agent": {"spool": {"sizeLimit": "1Gi"}}}, "additional properties 'sizeLimit' not allowed"),
+    ({"collector": {"limits": {"maxBodyBytes": 100}}}, "/collector/limits/maxBodyBytes"),
+    ({"collector": {"limits": {"maxInflightWrites": "64"}}}, "/collector/limits/maxInflightWrites"),
+    ({"collector": {"tls": {"existingSecret": "Collector_TLS"}}}, "/collector/tls/existingSecret"),
+    ({"collector": {"tls": {"clientCAKey": "ca.crt"}}}, "set collector.tls.existingSecret"),
+    ({"collector": {"tls": {"existingSecret": "collector-tls", "clientCAKey": "ca.crt"}}},
+     "set agent.tls.clientCert.existingSecret"),
+    ({"agent": {"tls": {"clientCert": {"existingSecret": "agent-client"}}}},
+     "set collector.tls.existingSecret (this release's collector serves HTTPS) or an https:// agent.collectorUrl"),
+    ({"agent": {"tls": {"ca": {"existingSecret": "a", "existingConfigMap": "b"}}},
+      "collector": {"tls": {"existingSecret": "collector-tls"}}}, "unset the other"),
+    ({"auth": {"enabled": False, "tokenFile": {"existingSecret": "fleet-tokens"}}}, "set auth.enabled=true"),
 ])
 def test_wrong_values_fail_with_a_clear_message(values, says):
     with pytest.raises(helm.HelmError) as err:

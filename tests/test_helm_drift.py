@@ -5,7 +5,13 @@ and what the chart sets parses as the program expects."""
 from __future__ import annotations
 
 import base64
+import json
+import os
 import re
+import ssl
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import click
@@ -13,8 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from gpufleet.cli import main
-from tests.helm_render import container, env_of, objects, render
+from tests.conftest import free_port, wait_until
+from tests.helm_render import container, env_of, find, objects, render
 from tests.test_helm_chart import MATRIX
+from tests.test_security_tls import make_ca, make_leaf
 
 COMPONENTS = ("agent", "collector")
 
@@ -109,7 +117,15 @@ def test_verbose_flags_reach_the_container_args():
 
 
 # What the kubelet fills in from the downward API on the node the pod runs on.
-FIELDS = {"spec.nodeName": "gpu-node-7", "status.hostIP": "10.1.2.3"}
+FIELDS = {"spec.nodeName": "gpu-node-7", "status.hostIP": "10.1.2.3",
+          "metadata.name": "gf-gpufleet-collector-5d8f7c9b4-x2k7q"}
+
+# Variables that name a file: the chart must mount it, read-only, from a Secret or ConfigMap.
+FILE_ENV = ("GPUFLEET_CA_BUNDLE", "GPUFLEET_CLIENT_CERT", "GPUFLEET_CLIENT_KEY", "GPUFLEET_TOKEN_FILE",
+            "GPUFLEET_TLS_CERT", "GPUFLEET_TLS_KEY", "GPUFLEET_TLS_CLIENT_CA")
+
+# A write token the user keeps in the token-file Secret of the tls-and-spool scenario, hashed there.
+SITE_TOKEN = "site-token-" + "s" * 32
 
 
 def _resolve(entry: dict, secrets: dict[str, str], earlier: dict[str, str]) -> str:
@@ -124,33 +140,70 @@ def _resolve(entry: dict, secrets: dict[str, str], earlier: dict[str, str]) -> s
     return secrets.get(key["key"], f"from-secret-{key['name']}-{key['key']}")
 
 
-@pytest.mark.parametrize("scenario", ["defaults", "tokens-and-slack", "external-database", "existing-secrets",
-                                      "agents-only", "inference"])
-def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
-    """Feed each container's rendered environment to the real click command and read back its settings."""
+def _mounted(pod: dict, c: dict, path: str) -> tuple[str, str]:
+    """(Secret or ConfigMap name, key) of the file at ``path`` in container ``c``; fails unless a read-only
+    mount of a Secret or ConfigMap provides exactly that file."""
+    for m in c.get("volumeMounts", []):
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        assert m.get("readOnly") is True, f"{path} comes from mount {m['name']}, which is writable"
+        vol = next(v for v in pod["volumes"] if v["name"] == m["name"])
+        src = vol.get("secret") or vol.get("configMap")
+        assert src is not None, f"{path} comes from volume {vol}, neither a Secret nor a ConfigMap"
+        rel = path[len(prefix):]
+        items = src.get("items")
+        if items:
+            keys = [i["key"] for i in items if i["path"] == rel]
+            assert keys, f"volume {m['name']} mounts {[i['path'] for i in items]}, not {rel}"
+            return src.get("secretName") or src["name"], keys[0]
+        return src.get("secretName") or src["name"], rel
+    raise AssertionError(f"no mount in the {c['name']} container provides {path}")
+
+
+def _container_env(objs: list[dict], component: str, tmp_path: Path,
+                   files: dict[tuple[str, str], bytes]) -> tuple[dict[str, str], list[str]]:
+    """The environment and arguments the container runs with, as the kubelet makes them, with every mounted
+    file written under tmp_path (contents from ``files`` by (Secret or ConfigMap, key))."""
     from collector.rules.model import default_rules_path
 
-    objs = objects(render(MATRIX[scenario]))
     secrets = {k: base64.b64decode(v).decode() for o in objs if o["kind"] == "Secret"
                for k, v in o.get("data", {}).items()}
+    pod = find(objs, "DaemonSet" if component == "agent" else "Deployment", f"-{component}")["spec"]["template"]["spec"]
+    c = container(objs, component)
+    env: dict[str, str] = {}
+    for name, e in env_of(c).items():
+        env[name] = _resolve(e, secrets, env)
+    # The ConfigMap the chart mounts at the config's path, written where this machine can read it.
+    if "GPUFLEET_INFERENCE_CONFIG" in env:
+        cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-inference"))
+        path = tmp_path / Path(env["GPUFLEET_INFERENCE_CONFIG"]).name
+        path.write_text(cm["data"][path.name])
+        env["GPUFLEET_INFERENCE_CONFIG"] = str(path)
+    for name in FILE_ENV:
+        if name in env:
+            source, key = _mounted(pod, c, env[name])
+            path = tmp_path / component / source / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(files.get((source, key), b"placeholder\n"))
+            env[name] = str(path)
+    # The image copies the built-in rule pack (the alerts package's files) to this folder.
+    if "GPUFLEET_RULES" in env:
+        env["GPUFLEET_RULES"] = env["GPUFLEET_RULES"].replace("/usr/share/gpufleet/rules", str(default_rules_path()))
+    return env, list(c["args"])
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "tokens-and-slack", "external-database", "existing-secrets",
+                                      "agents-only", "inference", "tls-and-spool", "open-writes"])
+def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
+    """Feed each container's rendered environment to the real click command and read back its settings."""
+    objs = objects(render(MATRIX[scenario]))
     for component in COMPONENTS:
         kind = "DaemonSet" if component == "agent" else "Deployment"
         if kind not in {o["kind"] for o in objs}:
             continue
-        c = container(objs, component)
-        env: dict[str, str] = {}
-        for name, e in env_of(c).items():
-            env[name] = _resolve(e, secrets, env)
-        # The ConfigMap the chart mounts at the config's path, written where this machine can read it.
-        if "GPUFLEET_INFERENCE_CONFIG" in env:
-            cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-inference"))
-            path = tmp_path / Path(env["GPUFLEET_INFERENCE_CONFIG"]).name
-            path.write_text(cm["data"][path.name])
-            env["GPUFLEET_INFERENCE_CONFIG"] = str(path)
-        # The image copies the built-in rule pack (the alerts package's files) to this folder.
-        if "GPUFLEET_RULES" in env:
-            env["GPUFLEET_RULES"] = env["GPUFLEET_RULES"].replace("/usr/share/gpufleet/rules",
-                                                                  str(default_rules_path()))
+        env, args = _container_env(objs, component, tmp_path, {})
+        c = {"args": args}
         with CliRunner(env=env).isolation():
             ctx = main.commands[component].make_context(component, list(c["args"][1:]))
         p = ctx.params
@@ -160,15 +213,35 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
             assert p["interval"] == 1.0 and p["push_interval"] == 5.0
             if "GPUFLEET_COLLECTOR" in env:
                 assert p["collector"] == env["GPUFLEET_COLLECTOR"]
-                assert p["token"] == env["GPUFLEET_TOKEN"]
+                assert p["token"] == env.get("GPUFLEET_TOKEN")
             if scenario == "agents-only":
                 assert p["simulate"] == 4 and p["verbose"] is True and p["sources"] == "gpu,host"
             if scenario == "inference":
                 _check_inference(p, MATRIX[scenario]["agent"]["inference"])
+            assert p["spool_dir"] == "/var/lib/gpufleet/spool"
+            if scenario == "tls-and-spool":
+                assert (p["spool_max_bytes"], p["spool_max_age"]) == ("2GiB", "2d")
+                assert p["collector"].startswith("https://")
+                assert [Path(p[k]).relative_to(tmp_path).parts for k in ("ca_bundle", "client_cert", "client_key")] \
+                    == [("agent", "fleet-ca", "ca.crt"), ("agent", "agent-client", "tls.crt"),
+                        ("agent", "agent-client", "tls.key")]
+                from gpufleet.cli import _agent_settings
+
+                s = _agent_settings(**p)
+                assert (s.spool_max_bytes, s.spool_max_age) == (2 << 30, 2 * 86400.0)
         else:
             assert p["listen"] == "0.0.0.0:9446"
             assert p["db"] == env["GPUFLEET_DB"]
-            assert p["tokens"] == env["GPUFLEET_TOKENS"]
+            assert p["tokens"] == env.get("GPUFLEET_TOKENS")
+            assert p["name"] == FIELDS["metadata.name"]
+            assert p["allow_open_writes"] is (scenario == "open-writes")
+            if scenario == "tls-and-spool":
+                limits = MATRIX[scenario]["collector"]["limits"]
+                assert {k: p[re.sub(r"([A-Z])", r"_\1", k).lower()] for k in limits} == limits
+                assert [Path(p[k]).relative_to(tmp_path).parts for k in ("token_file", "tls_cert", "tls_key",
+                                                                          "tls_client_ca")] == \
+                    [("collector", "fleet-tokens", "token-file"), ("collector", "collector-tls", "tls.crt"),
+                     ("collector", "collector-tls", "tls.key"), ("collector", "collector-tls", "ca.crt")]
             assert p["console"] is False and p["eval_interval"] == 5.0
             assert [str(r) for r in p["rules"]] == [env["GPUFLEET_RULES"]]
             if scenario == "tokens-and-slack":
@@ -200,3 +273,96 @@ def _check_inference(p: dict, values: dict) -> None:
     assert s.probes[0].model == "llama-3-8b" and s.probes[0].max_tokens == 4 and s.probes[0].timeout == 4.0
     assert s.kubernetes.kubelet == "https://10.1.2.3:10250"
     assert s.slo.latency_seconds == 2.5 and s.interval == 5.0 and s.receiver == "udp://0.0.0.0:9447"
+
+
+# ---- the rendered install runs: real `gpufleet collector` and `gpufleet agent` processes -------------------
+@pytest.fixture(scope="module")
+def chart_files(tmp_path_factory) -> dict[tuple[str, str], bytes]:
+    """What the user's Secrets and ConfigMaps named in the tls-and-spool scenario hold: a CA, the collector's
+    serving certificate (for localhost, where the test reaches it), an agent's client certificate, a token file."""
+    from collector.auth import hash_token
+
+    d = tmp_path_factory.mktemp("chart-pki")
+    ca_key, ca = make_ca(d / "ca", "fleet CA")
+    make_leaf(d / "collector", "collector", ca_key, ca, server=True)
+    make_leaf(d / "agent", "gpu-node-7", ca_key, ca, server=False)
+    return {("collector-tls", "tls.crt"): (d / "collector.crt").read_bytes(),
+            ("collector-tls", "tls.key"): (d / "collector.key").read_bytes(),
+            ("collector-tls", "ca.crt"): (d / "ca.crt").read_bytes(),
+            ("fleet-ca", "ca.crt"): (d / "ca.crt").read_bytes(),
+            ("agent-client", "tls.crt"): (d / "agent.crt").read_bytes(),
+            ("agent-client", "tls.key"): (d / "agent.key").read_bytes(),
+            ("fleet-tokens", "token-file"): f"# other sites\nsha256:{hash_token(SITE_TOKEN)}\n".encode()}
+
+
+def _process_env(env: dict[str, str]) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
+    return {**base, **env, "PYTHONUNBUFFERED": "1"}
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "open-writes", "tls-and-spool"])
+def test_the_rendered_install_runs_and_agents_write(scenario, tmp_path, chart_files):
+    """The collector starts with exactly what the chart renders (tokens, or the explicit open door; TLS and
+    the token file from their mounts; every limit) on a non-loopback address, and an agent with its rendered
+    settings (URL scheme, token, CA, client certificate, spool) gets its GPUs into it."""
+    objs = objects(render(MATRIX[scenario]))
+    port, agent_port = free_port(), free_port()
+    env, args = _container_env(objs, "collector", tmp_path, chart_files)
+    env.update(GPUFLEET_LISTEN=f"0.0.0.0:{port}", GPUFLEET_DB=f"sqlite:///{tmp_path / 'gpufleet.db'}",
+               GPUFLEET_EVAL_INTERVAL="60")
+    aenv, aargs = _container_env(objs, "agent", tmp_path, chart_files)
+    tls = "GPUFLEET_TLS_CERT" in env
+    base = f"{'https' if tls else 'http'}://localhost:{port}"
+    ctx = None
+    if tls:  # this test reads the collector with the agents' CA and client certificate
+        ctx = ssl.create_default_context(cafile=aenv["GPUFLEET_CA_BUNDLE"])
+        ctx.load_cert_chain(aenv["GPUFLEET_CLIENT_CERT"], aenv["GPUFLEET_CLIENT_KEY"])
+    collector = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", *args], env=_process_env(env),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = None
+    try:
+        def get(path: str):
+            assert collector.poll() is None, "the collector stopped:\n" + _stop(collector)
+            try:
+                with urllib.request.urlopen(base + path, timeout=5, context=ctx) as resp:
+                    return json.loads(resp.read())
+            except OSError:
+                return None
+
+        wait_until(lambda: get("/healthz"), timeout=30)
+        assert aenv["GPUFLEET_COLLECTOR"].startswith("https://" if tls else "http://")
+        # Reach this machine's collector instead of the Service's cluster name; listen off the agent port.
+        aenv.update(GPUFLEET_COLLECTOR=base, GPUFLEET_LISTEN=f"127.0.0.1:{agent_port}", GPUFLEET_SIMULATE="2",
+                    GPUFLEET_PUSH_INTERVAL="0.5", GPUFLEET_SPOOL_DIR=str(tmp_path / "spool"))
+        aenv.pop("GPUFLEET_POD_RESOURCES_SOCKET", None)  # no kubelet here
+        agent = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", *aargs], env=_process_env(aenv),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: len((get("/api/v1/gpus") or {}).get("gpus", [])) == 2, timeout=30)
+    finally:
+        agent_out = _stop(agent) if agent is not None else ""
+        out = _stop(collector)
+    assert "write tokens" in out, out
+    assert ("2 write tokens" if scenario == "tls-and-spool" else
+            "0 write tokens" if scenario == "open-writes" else "1 write tokens") in out, out
+    assert "client certificates required" in out if tls else "client certificates" not in out, out
+    assert "Traceback" not in agent_out, agent_out
+
+
+def test_without_the_open_door_the_collector_refuses_to_start(tmp_path):
+    """What GPUFLEET_ALLOW_OPEN_WRITES is for: auth.enabled=false without it would not start."""
+    env, args = _container_env(objects(render(MATRIX["open-writes"])), "collector", tmp_path, {})
+    del env["GPUFLEET_ALLOW_OPEN_WRITES"]
+    env.update(GPUFLEET_LISTEN=f"0.0.0.0:{free_port()}", GPUFLEET_DB=f"sqlite:///{tmp_path / 'gpufleet.db'}")
+    result = subprocess.run([sys.executable, "-m", "gpufleet.cli", *args], env=_process_env(env),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "--allow-open-writes" in result.stderr, result.stderr

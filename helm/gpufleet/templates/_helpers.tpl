@@ -54,7 +54,7 @@ app.kubernetes.io/part-of: gpufleet
 {{- if .Values.agent.collectorUrl -}}
 {{- .Values.agent.collectorUrl -}}
 {{- else if .Values.collector.enabled -}}
-{{- printf "http://%s.%s.svc:%d" (include "gpufleet.collector.fullname" .) .Release.Namespace (int .Values.collector.port) -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" (not (empty .Values.collector.tls.existingSecret))) (include "gpufleet.collector.fullname" .) .Release.Namespace (int .Values.collector.port) -}}
 {{- end -}}
 {{- end -}}
 
@@ -122,6 +122,26 @@ app.kubernetes.io/part-of: gpufleet
 {{- if and (hasPrefix "unix://" $receiver) (not $inf.receiver.hostPath) -}}
 {{- fail "agent.inference.receiver.address is a unix socket: set agent.inference.receiver.hostPath to the host folder that holds it (application pods mount the same folder)." -}}
 {{- end -}}
+{{- $ctls := .Values.collector.tls -}}
+{{- $atls := .Values.agent.tls -}}
+{{- if and $ctls.clientCAKey (not $ctls.existingSecret) -}}
+{{- fail "collector.tls.clientCAKey names a key of collector.tls.existingSecret, which is empty: set collector.tls.existingSecret to the Secret with tls.crt, tls.key and the client CA." -}}
+{{- end -}}
+{{- if and .Values.auth.tokenFile.existingSecret (not .Values.auth.enabled) -}}
+{{- fail "auth.tokenFile.existingSecret is set but auth.enabled=false leaves writes open: set auth.enabled=true (the default)." -}}
+{{- end -}}
+{{- if and $atls.ca.existingSecret $atls.ca.existingConfigMap -}}
+{{- fail "agent.tls.ca.existingSecret and agent.tls.ca.existingConfigMap are both set: the CA comes from one of them, unset the other." -}}
+{{- end -}}
+{{- if .Values.agent.enabled -}}
+{{- $url := include "gpufleet.collectorUrl" . -}}
+{{- if and (or $atls.ca.existingSecret $atls.ca.existingConfigMap $atls.clientCert.existingSecret) (not (hasPrefix "https://" $url)) -}}
+{{- fail (printf "agent.tls is set but the agents push to %q: set collector.tls.existingSecret (this release's collector serves HTTPS) or an https:// agent.collectorUrl." (default "no collector" $url)) -}}
+{{- end -}}
+{{- if and $ctls.clientCAKey .Values.collector.enabled (not .Values.agent.collectorUrl) (not $atls.clientCert.existingSecret) -}}
+{{- fail "collector.tls.clientCAKey makes the collector require client certificates, but the agents have none: set agent.tls.clientCert.existingSecret to a kubernetes.io/tls Secret signed by that CA." -}}
+{{- end -}}
+{{- end -}}
 {{- range $name, $_ := .Values.grafana.dashboards.extra -}}
 {{- if not (regexMatch "^[A-Za-z0-9._-]+\\.json$" $name) -}}
 {{- fail (printf "grafana.dashboards.extra key %q is not a dashboard file name: use NAME.json" $name) -}}
@@ -146,4 +166,20 @@ app.kubernetes.io/part-of: gpufleet
 {{/* Non-empty when the agent needs a service-account token: for the kubelet's authenticated port. */}}
 {{- define "gpufleet.agent.kubeletToken" -}}
 {{- if or .Values.agent.inference.kubelet.rbac.create (hasPrefix "https://" .Values.agent.inference.kubelet.url) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The collector's health probe: HTTPS when it serves TLS; the TCP port alone when it requires client
+     certificates, which the kubelet's probes cannot present. */}}
+{{- define "gpufleet.collector.probe" -}}
+{{- if .Values.collector.tls.clientCAKey -}}
+tcpSocket:
+  port: http
+{{- else -}}
+httpGet:
+  path: /healthz
+  port: http
+  {{- if .Values.collector.tls.existingSecret }}
+  scheme: HTTPS
+  {{- end }}
+{{- end -}}
 {{- end -}}
