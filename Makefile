@@ -9,7 +9,9 @@ STAMP := $(VENV)/.gpufleet-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# grafana-client's niquests brings urllib3-future, whose wheel overwrites the real urllib3 at every
+	# interpreter start (its .pth file); built from source with URLLIB3_NO_OVERRIDE=1 the two live side by side.
+	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install -q --no-binary urllib3-future -e '.[dev]'
 	touch $(STAMP)
 
 up: $(STAMP)

@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -210,14 +210,16 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         return fleet_summary(gpus, engine.active_alerts() if engine is not None else [])
 
     @app.get("/api/v1/report", summary="Efficiency report over a time range (GPU-hours by state, waste, "
-             "throttling, errors, energy)")
-    async def report(since: str = "7d", until: float | None = None, format: str = "json") -> Response:
+             "throttling, errors, energy)",
+             responses={200: {"description": "The report as JSON, Markdown or HTML (`format`).",
+                              "content": {"application/json": {}, "text/markdown": {}, "text/html": {}}},
+                        400: {"model": DetailBody, "description": "`since`/`until` do not make a range."}})
+    async def report(since: str = "7d", until: float | None = None,
+                     format: Literal["json", "markdown", "html"] = "json") -> Response:
         from collector.report import ReportError, build_report, parse_since, render
 
         try:
             start, end = parse_since(since, until)
-            if format not in ("json", "markdown", "html"):
-                raise ReportError(f"format {format!r} is not one of json, markdown, html")
         except ReportError as exc:
             raise HTTPException(400, str(exc)) from None
         rep = await run_in_threadpool(build_report, store.engine, start, end)

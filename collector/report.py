@@ -82,6 +82,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+_LATEST = 4_102_444_800.0  # 2100-01-01: later times are typing mistakes, and overflow datetime
+
+
 def parse_since(since: str, until: float | None = None, now: float | None = None) -> tuple[float, float]:
     """``since``: a duration back from ``until`` (``7d``, ``24h``, ``90m``), Unix seconds or an ISO 8601 time."""
     end = float(until) if until is not None else (time.time() if now is None else now)
@@ -97,7 +100,10 @@ def parse_since(since: str, until: float | None = None, now: float | None = None
             raise ReportError(f"--since {since!r} is neither a duration (7d, 24h, 90m, 3600s) nor an ISO 8601 time "
                               "(2024-05-01T00:00:00+00:00)") from None
         start = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
-    if start >= end:
+    if not (0 <= start < end <= _LATEST):  # NaN fails every comparison
+        if not (0 <= end <= _LATEST) or not (0 <= start <= _LATEST):
+            raise ReportError(f"the report range {since!r}..{until!r} is outside 1970..2100; give Unix seconds "
+                              "or a duration such as 7d")
         raise ReportError(f"the report range is empty: since ({since}) is not before until ({end})")
     return start, end
 
