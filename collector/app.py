@@ -58,8 +58,10 @@ def hash_token(token: str) -> str:
 
 
 def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = None, limits: Limits | None = None,
-               on_write: Any = None, metrics: Metrics | None = None, info: dict | None = None) -> FastAPI:
-    """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes); none means open."""
+               on_write: Any = None, metrics: Metrics | None = None, info: dict | None = None,
+               silences: Any = None) -> FastAPI:
+    """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes); none means open.
+    ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     token_hashes = [hash_token(t) for t in tokens or []]
@@ -148,7 +150,59 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
             return {"alerts": []}
         return {"alerts": [{"rule": a["rule"], "state": a["state"], "labels": a["labels"],
                             "annotations": a["annotations"], "value": a["value"],
-                            "active_since": a["active_since"] / 1000.0} for a in engine.active_alerts()]}
+                            "active_since": a["active_since"] / 1000.0, "muted_by": a.get("muted_by")}
+                           for a in engine.active_alerts()]}
+
+    @app.get("/api/v1/silences", summary="Every silence: active, pending and expired")
+    async def list_silences() -> dict:
+        if silences is None:
+            return {"silences": []}
+        now = int(time.time() * 1000)
+        return {"silences": [s.to_api(now) for s in await run_in_threadpool(silences.list_silences)]}
+
+    @app.post("/api/v1/silences", summary="Add a silence: matchers, endsAt (or duration), createdBy, comment")
+    async def add_silence(request: Request) -> JSONResponse:
+        if not authorised(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        if silences is None:
+            return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
+        from collector.rules.dispatch import Matcher, Silence
+        from collector.rules.model import parse_duration
+
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            now = int(time.time() * 1000)
+            matchers = body.get("matchers")
+            if not isinstance(matchers, list):
+                raise ValueError("'matchers' must be a list of {name, value, isRegex, isEqual}")
+            starts = int(float(body.get("startsAt", now / 1000)) * 1000)
+            if "endsAt" in body:
+                ends = int(float(body["endsAt"]) * 1000)
+            elif "duration" in body:
+                ends = starts + int(parse_duration(body["duration"]) * 1000)
+            else:
+                raise ValueError("give 'endsAt' (Unix seconds) or 'duration' (e.g. 2h)")
+            s = Silence.new([Matcher.from_api(m) for m in matchers], starts, ends, str(body.get("createdBy", "")),
+                            str(body.get("comment", "")), now)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            return JSONResponse({"error": f"bad silence: {exc}"}, status_code=400)
+        await run_in_threadpool(silences.add_silence, s)
+        log.info("silence %s added by %s until %s: %s", s.id, s.created_by, s.ends_at_ms, s.comment)
+        return JSONResponse({"silenceID": s.id, "silence": s.to_api()}, status_code=201)
+
+    @app.delete("/api/v1/silences/{silence_id}", summary="Expire a silence now")
+    async def expire_silence(silence_id: str, request: Request) -> JSONResponse:
+        if not authorised(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        if silences is None:
+            return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
+        s = await run_in_threadpool(silences.expire_silence, silence_id, int(time.time() * 1000))
+        if s is None:
+            return JSONResponse({"error": f"no silence {silence_id}; list them with GET /api/v1/silences"},
+                                status_code=404)
+        return JSONResponse({"silence": s.to_api()})
 
     @app.get("/healthz", summary="Liveness and readiness")
     async def healthz() -> JSONResponse:

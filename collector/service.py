@@ -16,7 +16,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from collector.app import Metrics, create_app
 from collector.notify.console import ConsoleNotifier
 from collector.rules.engine import Engine
-from collector.rules.model import default_rules_path, load_rules
+from collector.rules.model import default_rules_path, load_pack
+from collector.rules.state import SqlState
 from collector.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class CollectorSettings:
     slack_token: str | None = None
     slack_channel: str | None = None
     slack_base_url: str = "https://slack.com/api/"
+    grafana_dashboard_url: str | None = None  # linked from Slack messages with the alert's time window
 
 
 class Collector:
@@ -40,7 +42,9 @@ class Collector:
                  slack_client: Any | None = None) -> None:
         self.settings = settings
         self.store = Store.open(settings.db)
-        self.rules = load_rules(settings.rules or [default_rules_path()])
+        self.pack = load_pack(settings.rules or [default_rules_path()])
+        self.rules = self.pack.rules
+        self.state = SqlState(self.store)
         if notifiers is None:
             notifiers = []
             if settings.console:
@@ -54,11 +58,14 @@ class Collector:
                     from slack_sdk import WebClient
 
                     slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
-                notifiers.append(SlackNotifier(slack_client, settings.slack_channel))
-        self.engine = Engine(self.rules, self.store, self.store, notifiers)
+                notifiers.append(SlackNotifier(slack_client, settings.slack_channel, targets=self.state,
+                                               grafana_url=settings.grafana_dashboard_url))
+        self.notifiers = notifiers
+        self.engine = Engine(self.pack, self.store, self.state, notifiers)
         self.metrics = Metrics()
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
-                              metrics=self.metrics, info={"rules": len(self.rules)})
+                              metrics=self.metrics, info={"rules": len(self.rules)},
+                              silences=self.state)
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
@@ -112,4 +119,7 @@ class Collector:
                 self._thread.join(timeout=10)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        for n in self.notifiers:
+            if hasattr(n, "close"):
+                n.close()
         self.store.close()
