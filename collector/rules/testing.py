@@ -132,8 +132,8 @@ def _run_one(path: Path, name: str, t: dict[str, Any], pack: Any, eval_ms: int) 
         if alertname not in known:
             failures.append(Failure(str(path), name, f"no rule named {alertname!r} in the rule files"))
             continue
-        got = sorted(({k: v for k, v in a["labels"].items() if k != "alertname"}, a["annotations"])
-                     for a in engine.active_alerts() if a["rule"] == alertname and a["state"] == "firing")
+        got = [({k: v for k, v in a["labels"].items() if k != "alertname"}, a["annotations"])
+               for a in engine.active_alerts() if a["rule"] == alertname and a["state"] == "firing"]
         want = check.get("exp_alerts") or []
         got_labels = sorted(sorted(g[0].items()) for g in got)
         want_labels = sorted(sorted({k: str(v) for k, v in (w.get("exp_labels") or {}).items()}.items())
