@@ -47,13 +47,39 @@ def alert_id(rule: str, labels: dict[str, str]) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
-def _series_fp(labels: dict[str, str]) -> int:
+def _series_fp_of(labels: dict[str, str]) -> int:
     raw = json.dumps(sorted(labels.items()), separators=(",", ":")).encode()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
 
 
-def _key(labels: dict[str, str], names: Sequence[str]) -> tuple[str, ...]:
-    return tuple(labels.get(n, "") for n in names)
+class _ByIdentity:
+    """Results computed from a label dict, kept while the view hands out the same dict object: every tick
+    sees the same series again, and hashing their JSON each time was most of a tick's cost."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple[Any, int], tuple[Any, Any]] = {}
+
+    def get(self, tag: Any, labels: dict[str, str], make: Any) -> Any:
+        key = (tag, id(labels))
+        hit = self._d.get(key)
+        if hit is not None and hit[0] is labels:
+            return hit[1]
+        if len(self._d) > 1_000_000:
+            self._d.clear()
+        value = make()
+        self._d[key] = (labels, value)
+        return value
+
+
+_CACHE = _ByIdentity()
+
+
+def _series_fp(labels: dict[str, str]) -> int:
+    return _CACHE.get(None, labels, lambda: _series_fp_of(labels))
+
+
+def _key(labels: dict[str, str], names: tuple[str, ...]) -> tuple[str, ...]:
+    return _CACHE.get(names, labels, lambda: tuple(labels.get(n, "") for n in names))
 
 
 @dataclass
@@ -133,6 +159,14 @@ class Engine:
             while h and h[0][0] < now_ms - keep_ms:
                 h.popleft()
 
+    def _alert(self, rule: Rule, series_labels: dict[str, str]) -> tuple[dict[str, str], str]:
+        """The alert's labels and id for a series (cached while the view returns the same labels object)."""
+        def make() -> tuple[dict[str, str], str]:
+            labels = self._labels(rule, series_labels)
+            return labels, alert_id(rule.name, labels)
+
+        return _CACHE.get(rule.name, series_labels, make)
+
     def _labels(self, rule: Rule, series_labels: dict[str, str], severity: str | None = None) -> dict[str, str]:
         labels = {k: v for k, v in series_labels.items() if k != "__name__"}
         labels.update(rule.labels)
@@ -143,7 +177,8 @@ class Engine:
     # ---- evaluation per kind ---------------------------------------------------------------------
     def _evaluate(self, rule: Rule, data: dict[str, list[Any]], now_ms: int, mem_changed: dict,
                   state_changed: dict) -> _Verdict:
-        everything = [p for p in data[rule.metric] if rule.matches(p.labels)]
+        everything = [p for p in data[rule.metric] if not rule.matchers or
+                      _CACHE.get((rule.name, "match"), p.labels, lambda p=p: rule.matches(p.labels))]
         if rule.kind == "stale":
             return self._stale_inventory(rule, everything, now_ms, state_changed) if rule.inventory \
                 else self._stale(rule, everything, now_ms)
@@ -171,7 +206,7 @@ class Engine:
             inc += b - a if b >= a else b
         return inc / ((pts[-1][0] - pts[0][0]) / 1000)
 
-    def _joined(self, data: dict[str, list[Any]], metric: str, on: Sequence[str], now_ms: int,
+    def _joined(self, data: dict[str, list[Any]], metric: str, on: tuple[str, ...], now_ms: int,
                 matchers: dict[str, str] | None = None) -> dict[tuple[str, ...], float]:
         import re
 
@@ -208,8 +243,7 @@ class Engine:
                 holds = holds and OPS[c.op](values[key], c.value)
             if holds is None:
                 continue
-            labels = self._labels(rule, p.labels)
-            aid = alert_id(rule.name, labels)
+            labels, aid = self._alert(rule, p.labels)
             v.seen.add(aid)
             if holds:
                 v.active[aid] = (labels, value)
@@ -291,8 +325,7 @@ class Engine:
         for p in fresh:
             fp = _series_fp(p.labels)
             dkey = (rule.name, fp)
-            labels = self._labels(rule, p.labels)
-            aid = alert_id(rule.name, labels)
+            labels, aid = self._alert(rule, p.labels)
             x = p.value
             if rule.rate_s:
                 x = self._rate(p.labels, rule.rate_s, now_ms)
@@ -335,8 +368,7 @@ class Engine:
                 continue
             med = statistics.median(p.value for p in members)
             for p in members:
-                labels = self._labels(rule, p.labels)
-                aid = alert_id(rule.name, labels)
+                labels, aid = self._alert(rule, p.labels)
                 v.seen.add(aid)
                 if med >= rule.min_median and med > 0 and p.value < rule.below * med:
                     v.active[aid] = (labels, p.value / med)
@@ -352,8 +384,7 @@ class Engine:
                 continue  # too little history to call a trend
             pts = [((t - now_ms) / 1000, val) for t, val in h]
             slope, intercept = linear_fit(pts)
-            labels = self._labels(rule, p.labels)
-            aid = alert_id(rule.name, labels)
+            labels, aid = self._alert(rule, p.labels)
             v.seen.add(aid)
             if slope > 0 and intercept + slope * rule.horizon_s >= limit and steady_growth(pts):
                 v.active[aid] = (labels, max(0.0, (limit - p.value) / slope / 3600))

@@ -21,16 +21,21 @@ class MemoryView:
     """The newest sample of every series, fed sample by sample in event time."""
 
     def __init__(self) -> None:
-        self._latest: dict[tuple, Point] = {}
+        self._latest: dict[str, dict[tuple, Point]] = {}
 
     def observe(self, labels: Mapping[str, str], ts: int, value: float) -> None:
+        per = self._latest.setdefault(labels.get("__name__", ""), {})
         key = tuple(sorted(labels.items()))
-        cur = self._latest.get(key)
-        if cur is None or ts >= cur.ts:
-            self._latest[key] = Point(dict(labels), ts, value)
+        cur = per.get(key)
+        if cur is None:
+            per[key] = Point(dict(labels), ts, value)
+        elif ts >= cur.ts:
+            per[key] = Point(cur.labels, ts, value)  # the same labels object: ids computed from it stay cached
 
     def latest(self, metric: str | None = None) -> list[Point]:
-        return [p for p in self._latest.values() if metric is None or p.labels.get("__name__") == metric]
+        if metric is not None:
+            return list(self._latest.get(metric, {}).values())
+        return [p for per in self._latest.values() for p in per.values()]
 
 
 class MemoryState:
