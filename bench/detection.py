@@ -262,6 +262,7 @@ def _trace_faults(name: str, uuid: str | None, t: float, value: float, faults: l
 def backtest(trace: Path) -> list[dict]:
     r = subprocess.run([sys.executable, "-m", "gpufleet.cli", "alerts", "backtest", str(trace)], cwd=REPO,
                        capture_output=True, text=True, check=True)
+    trace.with_suffix(".notifications.jsonl").write_text(r.stdout)
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
@@ -368,6 +369,7 @@ def main() -> None:
                    "replay_speedup_vs_real_time": round(args.hours * 3600 / max(w2 - w1, 1e-9))},
     }
     (args.out / "detection.json").write_text(json.dumps(result, indent=2))
+    (args.out / "faults.json").write_text(json.dumps([f.__dict__ for f in faults], indent=1))
     lines = [f"Fleet: {gpus} GPUs ({args.nodes} nodes), sample interval {args.interval:g} s; fault trace "
              f"{args.hours:g} h ({n_fault:,} samples), clean trace {args.clean_hours:g} h ({n_clean:,} samples)",
              "",

@@ -42,6 +42,8 @@ class Message:
     attachments: list = field(default_factory=list)
     thread_ts: str | None = None
     edits: list[dict] = field(default_factory=list)
+    received_at: float = 0.0  # Unix time the double took the post (for latency benchmarks)
+    edited_at: list[float] = field(default_factory=list)
 
 
 class SlackDouble:
@@ -209,7 +211,7 @@ class SlackDouble:
             if method == "chat.postMessage":
                 ts = f"{int(time.time())}.{next(self._ts):06d}"
                 m = Message(params["channel"], ts, params.get("text", ""), as_list(params.get("blocks")),
-                            as_list(params.get("attachments")), params.get("thread_ts"))
+                            as_list(params.get("attachments")), params.get("thread_ts"), received_at=time.time())
                 self.messages.append(m)
                 return {"ok": True, "channel": m.channel, "ts": ts,
                         "message": {"type": "message", "text": m.text, "ts": ts, "bot_id": "B0GPUFLEET"}}
@@ -217,6 +219,7 @@ class SlackDouble:
                 for m in self.messages:
                     if m.channel == params["channel"] and m.ts == params["ts"]:
                         m.edits.append(params)
+                        m.edited_at.append(time.time())
                         m.text = params.get("text", m.text)
                         m.attachments = as_list(params.get("attachments")) or m.attachments
                         return {"ok": True, "channel": m.channel, "ts": m.ts, "text": m.text}
