@@ -143,3 +143,15 @@ def test_exported_event_and_threshold_rules_fire_in_promtool_as_in_gpufleet(tmp_
     f.write_text(yaml.safe_dump(test))
     r = subprocess.run(["promtool", "test", "rules", str(f)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_rule_in_the_pack_has_a_runbook_that_exists():
+    from collector.rules.model import default_rules_path, load_pack
+
+    for r in load_pack([default_rules_path()]).rules:
+        url = r.annotations.get("runbook_url", "")
+        assert url.startswith("https://github.com/gpufleet/gpufleet/blob/main/docs/runbooks/"), r.name
+        page = REPO / "docs" / "runbooks" / url.rsplit("/", 1)[1]
+        assert page.exists(), (r.name, page)
+        text = page.read_text()
+        assert r.name in text and "## What to check" in text and "## What to do" in text

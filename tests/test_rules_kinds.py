@@ -180,3 +180,16 @@ def test_a_steady_memory_leak_fires_and_a_job_loading_its_model_does_not():
     assert firing(eng) == [("Leak", "GPU-leak", "warning")]
     (a,) = eng.active_alerts()
     assert 0 < a["value"] < 1  # hours to full
+
+
+def test_a_staircase_of_jobs_loading_models_one_after_another_is_not_a_leak():
+    rule = Rule(name="Leak", kind="trend", metric="used", severity="warning", limit_metric="total",
+                window_s=1800, horizon_s=3600, annotations=ANN)
+    view, eng = engine(rule)
+    stairs = {**GPU, "uuid": "GPU-stairs"}
+    for t in range(0, 2400, 10):
+        level = [0, 20e9, 38e9, 48e9, 62e9, 75e9][min(5, t // 400)]  # a new, bigger job every ~7 minutes
+        view.observe({"__name__": "used", **stairs}, t * 1000, level + (t % 400) * 1e6)
+        view.observe({"__name__": "total", **stairs}, t * 1000, 80e9)
+        eng.tick(t * 1000)
+    assert firing(eng) == []

@@ -6,8 +6,9 @@
 * :class:`RobustZ` keeps the last ``window`` samples and scores against their median and MAD
   (median absolute deviation, scaled by 1.4826 to estimate a normal sigma): one spike in the window moves it
   not at all.
-* :func:`steady_growth` fits a least-squares line and checks that growth is steady (each of six slices of the
-  window higher than the one before), so one step — a job loading its model — is not a leak.
+* :func:`steady_growth` checks that growth is steady (each of six slices of the window higher than the one
+  before, no single step a quarter of the rise), so a job loading its model — or a few jobs one after
+  another — is not a leak; :func:`linear_fit` then says when the trend reaches the limit.
 """
 
 from __future__ import annotations
@@ -90,9 +91,16 @@ def linear_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return slope, mv - slope * mt
 
 
-def steady_growth(points: Sequence[tuple[float, float]], slices: int = 6) -> bool:
-    """True when each of ``slices`` consecutive slices of the points has a higher mean than the one before."""
+def steady_growth(points: Sequence[tuple[float, float]], slices: int = 6, max_jump_share: float = 0.25) -> bool:
+    """True when each of ``slices`` consecutive slices of the points has a higher mean than the one before,
+    and no single step between two samples makes more than ``max_jump_share`` of the rise: a staircase of
+    jobs starting one after another (each loading a model) rises too, but in a few big steps."""
     if len(points) < slices * 2:
+        return False
+    rise = points[-1][1] - points[0][1]
+    if rise <= 0:
+        return False
+    if max(b[1] - a[1] for a, b in zip(points, points[1:], strict=False)) > max_jump_share * rise:
         return False
     size = len(points) / slices
     means = []
