@@ -350,7 +350,7 @@ def main() -> None:
         unexplained_sev[x["labels"].get("severity", "?")] += 1
 
     rows = []
-    for kind, k in per_kind.items():
+    for kind, k in sorted(per_kind.items(), key=lambda kv: list(KINDS).index(kv[0])):
         d = k["delays"]
         rows.append({"kind": kind, "class": k["class"], "faults": k["faults"], "detected": k["detected"],
                      "recall": k["detected"] / k["faults"],

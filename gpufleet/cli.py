@@ -207,8 +207,11 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
     except Exception as exc:
         raise click.ClickException(f"collector did not start: {exc}") from None
     try:
+        # simulated GPUs keep their UUIDs from one `up` to the next, as real ones do: otherwise the GPUs of
+        # the last run would read as missing from this node's inventory
         running = start_agent(AgentSettings(listen=agent_listen, collector=f"http://{listen}", simulate=simulate,
-                                            interval=interval, push_interval=push_interval))
+                                            interval=interval, push_interval=push_interval,
+                                            seed=1 if simulate else None))
     except (NvmlUnavailable, OSError) as exc:
         c.close()
         raise click.ClickException(f"agent did not start: {exc}") from None
