@@ -115,3 +115,26 @@ def test_a_message_slack_refuses_for_good_is_counted_not_retried_forever(slack):
     eng.tick(1000)
     assert notifier.queue.join(timeout=30)
     assert notifier.queue.failed == 1 and len(slack.channel_messages("C0ONCALL")) == 1
+
+
+def test_a_critical_alert_joining_a_warning_group_edits_the_message_and_is_broadcast_from_its_thread(slack):
+    xid = Rule(name="GpuXidCritical", kind="event", metric="xid", severity="critical",
+               annotations={"summary": "XID {{ $labels.xid }} on {{ $labels.node }}"})
+    client = WebClient(token="xoxb-test-token", base_url=slack.base_url)
+    state = MemoryState()
+    notifier = SlackNotifier(client, "C0ONCALL", targets=state)
+    view = MemoryView()
+    eng = Engine([RULE, xid], view, state, [notifier], route=Route(group_wait_s=0, group_interval_s=300))
+    view.observe(gpu(2), 1000, 1)
+    eng.tick(1000)
+    view.observe({**gpu(2), "__name__": "xid", "xid": "94"}, 5000, 1)
+    eng.tick(5000)  # well inside group_interval: a more severe alert still goes out at once
+    assert notifier.queue.join(timeout=30)
+    (m,) = slack.channel_messages("C0ONCALL")
+    assert m.text.startswith("[CRITICAL] 2 alerts: GpuHardwareThermalSlowdown, GpuXidCritical")
+    assert m.attachments[0]["color"] == "#d62728"
+    (reply,) = [x for x in slack.messages if x.thread_ts == m.ts]
+    assert "Now firing (critical)" in reply.text and "XID 94" in reply.text
+    (call,) = [p for method, p in slack.calls if method == "chat.postMessage" and p.get("thread_ts")]
+    assert call["reply_broadcast"] is True
+    assert slack.problems == []

@@ -31,6 +31,9 @@ MAX_SECTION_TEXT = 3000
 MAX_FIELDS = 10
 MAX_FIELD_TEXT = 2000
 MAX_TEXT = 40000
+MAX_BUTTON_TEXT = 75
+MAX_BUTTON_URL = 3000
+MAX_ACTION_ELEMENTS = 25
 
 
 @dataclass
@@ -157,6 +160,8 @@ class SlackDouble:
                 problems.append("one of text, blocks or attachments is required")
             if len(str(params.get("text", ""))) > MAX_TEXT:
                 problems.append(f"text over {MAX_TEXT} characters")
+            if params.get("reply_broadcast") in (True, "true", "1") and not params.get("thread_ts"):
+                problems.append("reply_broadcast is only meaningful with thread_ts")
             problems += self._check_blocks(params)
         return problems
 
@@ -195,10 +200,17 @@ class SlackDouble:
                 elif t in ("context", "actions"):
                     if not b.get("elements"):
                         problems.append(f"a {t} block needs elements")
+                    if t == "actions" and len(b.get("elements", [])) > MAX_ACTION_ELEMENTS:
+                        problems.append(f"an actions block with over {MAX_ACTION_ELEMENTS} elements")
                     for e in b.get("elements", []):
                         if e.get("type") == "button" and not (e.get("url", "").startswith("http")
                                                                or e.get("action_id")):
                             problems.append("a button needs a url or an action_id")
+                        if e.get("type") == "button":
+                            if len(e.get("text", {}).get("text", "")) > MAX_BUTTON_TEXT:
+                                problems.append(f"button text over {MAX_BUTTON_TEXT} characters")
+                            if len(e.get("url", "")) > MAX_BUTTON_URL:
+                                problems.append(f"button url over {MAX_BUTTON_URL} characters")
                 elif t not in ("divider", "image", "rich_text", "input", "file", "video"):
                     problems.append(f"unknown block type {t!r}")
         return problems
