@@ -51,6 +51,12 @@ class Metrics:
         self.evaluations = Gauge("gpufleet_collector_rule_evaluations", "Rule evaluations since start.", registry=r)
         self.notifications = Gauge("gpufleet_collector_notifications_sent", "Notifications sent since start.",
                                    registry=r)
+        self.notify_failed = Gauge("gpufleet_collector_notifications_failed",
+                                   "Notifications a notifier refused for good (not retried), since start.", registry=r)
+        self.notify_queued = Gauge("gpufleet_collector_notifications_queued",
+                                   "Messages waiting in the per-channel Slack send queues.", registry=r)
+        self.notify_retries = Gauge("gpufleet_collector_notification_retries",
+                                    "Retries after Slack rate limits (429) and server errors, since start.", registry=r)
 
 
 def hash_token(token: str) -> str:
@@ -218,6 +224,10 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
         if engine is not None:
             metrics.evaluations.set(engine.evaluations)
             metrics.notifications.set(engine.sent)
+            queues = [n.queue for n in getattr(engine, "notifiers", []) if hasattr(n, "queue")]
+            metrics.notify_failed.set(engine.send_failures + sum(q.failed for q in queues))
+            metrics.notify_queued.set(sum(q.pending() for q in queues))
+            metrics.notify_retries.set(sum(q.retries for q in queues))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -138,3 +138,30 @@ def test_a_critical_alert_joining_a_warning_group_edits_the_message_and_is_broad
     (call,) = [p for method, p in slack.calls if method == "chat.postMessage" and p.get("thread_ts")]
     assert call["reply_broadcast"] is True
     assert slack.problems == []
+
+
+def test_the_collector_exports_slack_retries_and_refusals_on_its_metrics(slack, tmp_path):
+    import urllib.request
+
+    from collector.service import Collector, CollectorSettings
+    from tests.conftest import free_port
+
+    port = free_port()
+    client = WebClient(token="xoxb-test-token", base_url=slack.base_url)
+    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/m.db",
+                                    slack_channel="C0ONCALL"), slack_client=client).start()
+    try:
+        (notifier,) = [n for n in c.notifiers if n.name == "slack"]
+        slack.answer_next(429, retry_after=0, times=3)
+        slack.answer_next(400)
+        view = MemoryView()
+        eng = Engine([RULE], view, MemoryState(), [notifier], route=Route(group_wait_s=0))
+        view.observe(gpu(0), 1000, 1)
+        eng.tick(1000)
+        assert notifier.queue.join(timeout=30)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "gpufleet_collector_notifications_failed 1.0" in text
+        assert "gpufleet_collector_notification_retries 1.0" in text
+        assert "gpufleet_collector_notifications_queued 0.0" in text
+    finally:
+        c.close()
