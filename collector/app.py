@@ -68,6 +68,12 @@ class Metrics:
         self.leader = Gauge("gpufleet_collector_leader", "1 while this collector evaluates rules and notifies.",
                             registry=r)
         self.inflight = Gauge("gpufleet_collector_inflight_writes", "Writes being stored now.", registry=r)
+        self.notify_failed = Gauge("gpufleet_collector_notifications_failed",
+                                   "Notifications a notifier refused for good (not retried), since start.", registry=r)
+        self.notify_queued = Gauge("gpufleet_collector_notifications_queued",
+                                   "Messages waiting in the per-channel Slack send queues.", registry=r)
+        self.notify_retries = Gauge("gpufleet_collector_notification_retries",
+                                    "Retries after Slack rate limits (429) and server errors, since start.", registry=r)
 
 
 class ErrorBody(BaseModel):
@@ -98,12 +104,17 @@ WRITE_BODY = {"requestBody": {"required": True, "description": "A snappy-compres
 
 def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
                limits: Limits | None = None, on_write: Any = None, metrics: Metrics | None = None,
-               info: dict | None = None) -> FastAPI:
+               info: dict | None = None, silences: Any = None) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
-    to a cluster, see :mod:`collector.auth`); none means open."""
+    to a cluster, see :mod:`collector.auth`); none means open.
+    ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     token_set = tokens if isinstance(tokens, TokenSet) else TokenSet.parse(tokens or [])
+
+    def authorised(request: Request) -> bool:
+        """Changes other than writes (silences) need a write token too, when tokens are configured."""
+        return not token_set or token_set.check(request.headers.get("authorization")) is not None
     inflight = 0
     app = FastAPI(title="gpufleet collector", version="0.1.0",
                   description="Receives Prometheus remote-write from gpufleet agents, stores GPU time series, "
@@ -202,7 +213,59 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             return {"alerts": []}
         return {"alerts": [{"rule": a["rule"], "state": a["state"], "labels": a["labels"],
                             "annotations": a["annotations"], "value": a["value"],
-                            "active_since": a["active_since"] / 1000.0} for a in engine.active_alerts()]}
+                            "active_since": a["active_since"] / 1000.0, "muted_by": a.get("muted_by")}
+                           for a in engine.active_alerts()]}
+
+    @app.get("/api/v1/silences", summary="Every silence: active, pending and expired")
+    async def list_silences() -> dict:
+        if silences is None:
+            return {"silences": []}
+        now = int(time.time() * 1000)
+        return {"silences": [s.to_api(now) for s in await run_in_threadpool(silences.list_silences)]}
+
+    @app.post("/api/v1/silences", summary="Add a silence: matchers, endsAt (or duration), createdBy, comment")
+    async def add_silence(request: Request) -> JSONResponse:
+        if not authorised(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        if silences is None:
+            return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
+        from collector.rules.dispatch import Matcher, Silence
+        from collector.rules.model import parse_duration
+
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            now = int(time.time() * 1000)
+            matchers = body.get("matchers")
+            if not isinstance(matchers, list):
+                raise ValueError("'matchers' must be a list of {name, value, isRegex, isEqual}")
+            starts = int(float(body.get("startsAt", now / 1000)) * 1000)
+            if "endsAt" in body:
+                ends = int(float(body["endsAt"]) * 1000)
+            elif "duration" in body:
+                ends = starts + int(parse_duration(body["duration"]) * 1000)
+            else:
+                raise ValueError("give 'endsAt' (Unix seconds) or 'duration' (e.g. 2h)")
+            s = Silence.new([Matcher.from_api(m) for m in matchers], starts, ends, str(body.get("createdBy", "")),
+                            str(body.get("comment", "")), now)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            return JSONResponse({"error": f"bad silence: {exc}"}, status_code=400)
+        await run_in_threadpool(silences.add_silence, s)
+        log.info("silence %s added by %s until %s: %s", s.id, s.created_by, s.ends_at_ms, s.comment)
+        return JSONResponse({"silenceID": s.id, "silence": s.to_api()}, status_code=201)
+
+    @app.delete("/api/v1/silences/{silence_id}", summary="Expire a silence now")
+    async def expire_silence(silence_id: str, request: Request) -> JSONResponse:
+        if not authorised(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        if silences is None:
+            return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
+        s = await run_in_threadpool(silences.expire_silence, silence_id, int(time.time() * 1000))
+        if s is None:
+            return JSONResponse({"error": f"no silence {silence_id}; list them with GET /api/v1/silences"},
+                                status_code=404)
+        return JSONResponse({"silence": s.to_api()})
 
     @app.get("/api/v1/fleet", summary="Every GPU by node with its key numbers, active alerts, fleet totals")
     async def fleet() -> dict:
@@ -252,6 +315,10 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         if engine is not None:
             metrics.evaluations.set(engine.evaluations)
             metrics.notifications.set(engine.sent)
+            queues = [n.queue for n in getattr(engine, "notifiers", []) if hasattr(n, "queue")]
+            metrics.notify_failed.set(engine.send_failures + sum(q.failed for q in queues))
+            metrics.notify_queued.set(sum(q.pending() for q in queues))
+            metrics.notify_retries.set(sum(q.retries for q in queues))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

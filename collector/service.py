@@ -17,7 +17,8 @@ from collector.app import Limits, Metrics, create_app
 from collector.leader import leadership_for
 from collector.notify.console import ConsoleNotifier
 from collector.rules.engine import Engine
-from collector.rules.model import default_rules_path, load_rules
+from collector.rules.model import default_rules_path, load_pack
+from collector.rules.state import SqlState
 from collector.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class CollectorSettings:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # CA of client certificates: require mutual TLS
     name: str = ""  # replica name in logs (default: host:port)
+    grafana_dashboard_url: str | None = None  # linked from Slack messages with the alert's time window
 
 
 class Collector:
@@ -60,7 +62,9 @@ class Collector:
             engine_kw = {"pool_timeout": 5, "connect_args": {"connect_timeout": 5}}
         self.store = Store.open(settings.db, **engine_kw)
         self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
-        self.rules = load_rules(settings.rules or [default_rules_path()])
+        self.pack = load_pack(settings.rules or [default_rules_path()])
+        self.rules = self.pack.rules
+        self.state = SqlState(self.store)
         if notifiers is None:
             notifiers = []
             if settings.console:
@@ -74,7 +78,8 @@ class Collector:
                     from slack_sdk import WebClient
 
                     slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
-                notifiers.append(SlackNotifier(slack_client, settings.slack_channel))
+                notifiers.append(SlackNotifier(slack_client, settings.slack_channel, targets=self.state,
+                                               grafana_url=settings.grafana_dashboard_url))
         if settings.report_cron and slack_client is None and settings.slack_token:
             from slack_sdk import WebClient
 
@@ -91,12 +96,14 @@ class Collector:
             else:
                 log.warning("Grafana is configured but the store is %s, which Grafana cannot read: posting alert "
                             "annotations only, no dashboards", settings.db.split(":", 1)[0])
-        self.engine = Engine(self.rules, self.store, self.store, notifiers)
+        self.notifiers = notifiers
+        self.engine = Engine(self.pack, self.store, self.state, notifiers)
         self.metrics = Metrics()
         # ticks: evaluation slots seen (led or not); leader_since_tick: the slot this replica took over in
         self.info: dict[str, Any] = {"rules": len(self.rules), "leader": False, "ticks": 0, "leader_since_tick": None}
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
-                              metrics=self.metrics, info=self.info, limits=settings.limits)
+                              metrics=self.metrics, info=self.info, limits=settings.limits,
+                              silences=self.state)
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
@@ -237,4 +244,7 @@ class Collector:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.leadership.release()
+        for n in self.notifiers:
+            if hasattr(n, "close"):
+                n.close()
         self.store.close()

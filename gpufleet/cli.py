@@ -212,6 +212,8 @@ def _collector_options(f):
                      help="Grafana URL: push dashboards and data sources on start, post alerts as annotations."),
         click.option("--grafana-token", default=None, envvar="GPUFLEET_GRAFANA_TOKEN",
                      help="Grafana service-account token (Editor role)."),
+        click.option("--grafana-dashboard-url", default=None, envvar="GPUFLEET_GRAFANA_DASHBOARD_URL",
+                     help="Grafana dashboard URL Slack messages link to, with the alert's time window and GPU."),
         click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options):
@@ -221,13 +223,14 @@ def _collector_options(f):
 
 def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack_token, slack_channel,
                         slack_base_url, tokens=(), console=False, grafana_url=None, grafana_token=None,
-                        **extra):
+                        grafana_dashboard_url=None, **extra):
     from collector.service import CollectorSettings
 
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
                              tokens=list(tokens), console=console, slack_token=slack_token,
                              slack_channel=slack_channel, slack_base_url=slack_base_url,
-                             grafana_url=grafana_url, grafana_token=grafana_token, **extra)
+                             grafana_url=grafana_url, grafana_token=grafana_token,
+                             grafana_dashboard_url=grafana_dashboard_url, **extra)
 
 def _is_loopback(listen: str) -> bool:
     host = listen.rpartition(":")[0].strip("[]")
@@ -346,9 +349,10 @@ def hash_token_cmd(token: str | None) -> None:
 @click.option("--slack-token", default=None, envvar="GPUFLEET_SLACK_TOKEN")
 @click.option("--slack-channel", default=None, envvar="GPUFLEET_SLACK_CHANNEL")
 @click.option("--slack-base-url", default="https://slack.com/api/", envvar="GPUFLEET_SLACK_BASE_URL")
+@click.option("--grafana-dashboard-url", default=None, envvar="GPUFLEET_GRAFANA_DASHBOARD_URL")
 @click.option("-v", "--verbose", is_flag=True)
 def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_interval, slack_token,
-       slack_channel, slack_base_url, verbose) -> None:
+       slack_channel, slack_base_url, grafana_dashboard_url, verbose) -> None:
     """Everything on one machine: collector + local agent + default rules. The first thing to run."""
     _logging(verbose)
     from agent.main import AgentSettings, start_agent
@@ -369,14 +373,17 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
     else:
         why = f"simulating {simulate} GPUs (--simulate)" if simulate else "real GPUs through NVML (--simulate 0)"
     settings = _collector_settings(listen, db, rules, eval_interval, slack_token, slack_channel, slack_base_url,
-                                   console=True)
+                                   console=True, grafana_dashboard_url=grafana_dashboard_url)
     try:
         c = Collector(settings).start()
     except Exception as exc:
         raise click.ClickException(f"collector did not start: {exc}") from None
     try:
+        # simulated GPUs keep their UUIDs from one `up` to the next, as real ones do: otherwise the GPUs of
+        # the last run would read as missing from this node's inventory
         running = start_agent(AgentSettings(listen=agent_listen, collector=f"http://{listen}", simulate=simulate,
-                                            interval=interval, push_interval=push_interval))
+                                            interval=interval, push_interval=push_interval,
+                                            seed=1 if simulate else None))
     except (NvmlUnavailable, OSError) as exc:
         c.close()
         raise click.ClickException(f"agent did not start: {exc}") from None
@@ -593,6 +600,161 @@ def dashboards_push(grafana_url: str, grafana_token: str | None, db: str | None,
     except Exception as exc:
         raise click.ClickException(f"pushing to Grafana at {grafana_url} failed: {exc}") from None
     click.echo(f"Grafana at {grafana_url}: {report}")
+
+
+def _load_pack(paths):
+    from collector.rules.model import RuleError, default_rules_path, load_pack
+
+    try:
+        return load_pack(list(paths) or [default_rules_path()])
+    except RuleError as exc:
+        for p in exc.problems:
+            click.echo(p, err=True)
+        sys.exit(1)
+
+
+@alerts.command("test")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+def alerts_test(paths) -> None:
+    """Run rule unit tests (default: the built-in pack's alerts/tests/), like `promtool test rules`."""
+    from collector.rules.model import RuleError, default_rules_path
+    from collector.rules.testing import run_tests
+
+    try:
+        total, failures = run_tests(list(paths) or [default_rules_path() / "tests"])
+    except RuleError as exc:
+        for p in exc.problems:
+            click.echo(p, err=True)
+        sys.exit(1)
+    for f in failures:
+        click.echo(f"FAILED {f}", err=True)
+    click.echo(f"{total - len({(f.file, f.test) for f in failures})}/{total} rule tests passed")
+    sys.exit(1 if failures else 0)
+
+
+@alerts.command("backtest")
+@click.argument("trace", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--rules", "rules", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Rule files or folders [default: the built-in rule pack].")
+@click.option("--step", type=click.FloatRange(0.001), default=None,
+              help="Seconds between evaluations [default: the trace's sampling interval].")
+def alerts_backtest(trace, rules, step) -> None:
+    """Replay TRACE (OpenMetrics text with timestamps) through the rule engine; print each notification
+    it would send as a JSON line: alert, state, at (Unix seconds), labels."""
+    from collector.rules.backtest import TraceError, backtest_file
+
+    pack = _load_pack(rules)
+    try:
+        n = backtest_file(trace, pack, sys.stdout, step_s=step)
+    except TraceError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{n} notifications", err=True)
+
+
+@alerts.command("export")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["prometheus", "prometheusrule"]), default="prometheus",
+              show_default=True, help="A Prometheus rule file, or a PrometheusRule object (Prometheus Operator).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write [default: standard output].")
+@click.option("--name", default="gpufleet-gpu", show_default=True, help="PrometheusRule metadata.name.")
+@click.option("--namespace", default=None, help="PrometheusRule metadata.namespace.")
+def alerts_export(paths, fmt, output, name, namespace) -> None:
+    """Write the rules PromQL can express (default: the built-in pack) for Prometheus / Alertmanager."""
+    from collector.rules.export import export
+
+    text, skipped = export(_load_pack(paths), fmt, name=name, namespace=namespace)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    for s in skipped:
+        click.echo(f"not exported: {s}", err=True)
+
+
+# ---- silence ----------------------------------------------------------------------------------------
+@main.group()
+def silence() -> None:
+    """Mute alerts for a while: add, list and expire silences on a collector."""
+
+
+def _api(collector_url: str, method: str, path: str, token: str | None, body: dict | None = None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(collector_url.rstrip("/") + path, method=method, headers=headers,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise click.ClickException(f"the collector refused ({exc.code}): {detail}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the collector at {collector_url} ({exc}); "
+                                   "set --collector (GPUFLEET_COLLECTOR)") from None
+
+
+def _collector_api_options(f):
+    f = click.option("--token", default=None, envvar="GPUFLEET_TOKEN", help="Bearer token for the collector.")(f)
+    return click.option("--collector", "collector_url", default="http://127.0.0.1:9446", envvar="GPUFLEET_COLLECTOR",
+                        show_default=True, help="Collector URL.")(f)
+
+
+@silence.command("add")
+@click.argument("matchers", nargs=-1, required=True)
+@click.option("--duration", default="2h", show_default=True, help="How long, e.g. 30m, 2h, 1d.")
+@click.option("--author", default=lambda: os.environ.get("USER", ""), help="Who silences [default: $USER].")
+@click.option("--comment", required=True, help="Why (a ticket, the maintenance window).")
+@_collector_api_options
+def silence_add(matchers, duration, author, comment, collector_url, token) -> None:
+    """Silence alerts matching every MATCHER (name=value, name!=value, name=~regex, name!~regex)."""
+    from collector.rules.dispatch import Matcher
+    from collector.rules.model import parse_duration
+
+    try:
+        parsed = [Matcher.parse(m) for m in matchers]
+        parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    resp = _api(collector_url, "POST", "/api/v1/silences", token,
+                {"matchers": [m.to_api() for m in parsed], "duration": duration, "createdBy": author,
+                 "comment": comment})
+    click.echo(resp["silenceID"])
+
+
+@silence.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include expired silences.")
+@_collector_api_options
+def silence_list(show_all, collector_url, token) -> None:
+    """List silences: id, state, until, author, matchers, comment."""
+    import time as _time
+
+    from collector.rules.dispatch import Matcher
+
+    rows = _api(collector_url, "GET", "/api/v1/silences", token)["silences"]
+    for s in rows:
+        state = s["status"]["state"]
+        if state == "expired" and not show_all:
+            continue
+        until = _time.strftime("%Y-%m-%d %H:%M UTC", _time.gmtime(s["endsAt"]))
+        matchers = " ".join(str(Matcher.from_api(m)) for m in s["matchers"])
+        click.echo(f"{s['id']}  {state:8} until {until}  by {s['createdBy']}  {matchers}  # {s['comment']}")
+
+
+@silence.command("expire")
+@click.argument("silence_ids", nargs=-1, required=True)
+@_collector_api_options
+def silence_expire(silence_ids, collector_url, token) -> None:
+    """Expire silences now."""
+    for sid in silence_ids:
+        _api(collector_url, "DELETE", f"/api/v1/silences/{sid}", token)
+        click.echo(f"expired {sid}")
 
 
 # ---- db ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collector.rules.engine import Engine
 from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import Rule
+from collector.rules.model import Route, Rule
 
 GPU = {"node": "n1", "gpu": "0", "uuid": "GPU-a", "model": "H100"}
 
@@ -15,9 +15,10 @@ class Recorder:
     def __init__(self) -> None:
         self.sent = []
 
-    def send(self, n, previous):
-        self.sent.append((n, previous))
-        return ("C1", f"{len(self.sent)}.0")
+    def send(self, g, previous):
+        for n in g.changes:
+            self.sent.append((n, previous))
+        return previous or ("C1", f"{len(self.sent)}.0")
 
 
 def hot_rule(**kw):
@@ -27,7 +28,7 @@ def hot_rule(**kw):
 
 def make(rule):
     view, state, rec = MemoryView(), MemoryState(), Recorder()
-    return view, state, rec, Engine([rule], view, state, [rec])
+    return view, state, rec, Engine([rule], view, state, [rec], route=Route(group_interval_s=0))
 
 
 def test_threshold_waits_for_its_for_duration_then_fires_once_then_resolves():
@@ -78,7 +79,7 @@ def test_a_restarted_engine_neither_re_pages_nor_forgets():
     view.observe({"__name__": "xid_total", **GPU, "xid": "79"}, 1000, 1)
     eng.tick(1000)
     rec2 = Recorder()
-    eng2 = Engine([rule], view, state, [rec2])  # same persisted state, new process
+    eng2 = Engine([rule], view, state, [rec2], route=Route(group_interval_s=0))  # same persisted state, new process
     eng2.tick(2000)
     assert rec2.sent == []
     assert [a["rule"] for a in eng2.active_alerts()] == ["Xid"]

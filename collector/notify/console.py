@@ -1,11 +1,11 @@
-"""Console notifier: one line per notification on standard output (what `gpufleet up` uses)."""
+"""Console notifier: one line per alert that fires or resolves, on standard output (what `gpufleet up` uses)."""
 
 from __future__ import annotations
 
 import sys
 from typing import TextIO
 
-from collector.rules.engine import Notification
+from collector.rules.dispatch import GroupNotification
 
 
 class ConsoleNotifier:
@@ -14,8 +14,11 @@ class ConsoleNotifier:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
 
-    def send(self, n: Notification, previous: tuple[str, str] | None) -> tuple[str, str] | None:
+    def send(self, g: GroupNotification, previous: tuple[str, str] | None) -> tuple[str, str] | None:
         stream = self._stream or sys.stdout
-        value = "" if n.value is None else f" value={n.value:g}"
-        print(f"ALERT {n.text}{value}", file=stream, flush=True)
+        told = g.changes if not g.repeat else list(g.firing)
+        for n in told:
+            value = "" if n.value is None else f" value={n.value:.4g}"
+            again = " (still firing)" if g.repeat else ""
+            print(f"ALERT {n.text}{value}{again}", file=stream, flush=True)
         return None

@@ -1,60 +1,161 @@
-"""Slack notifier through slack-sdk: a Block Kit message per alert, edited in place on resolve."""
+"""Slack notifier through slack-sdk: one Block Kit message per alert group, edited in place as the group
+changes and on resolve (``chat.update``), with each change also replied in the message's thread.
+
+Messages go through a :class:`SendQueue` per channel, so a burst of alerts arrives complete and in order
+despite Slack's rate limits. Where a group's message landed ``(channel, ts)`` is kept in the store, so a
+restarted collector still edits the right message.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import urllib.parse
 from typing import Any
 
-from collector.rules.engine import Notification
+from collector.notify.queue import SendQueue
+from collector.rules.dispatch import GroupNotification, Notification
 
 log = logging.getLogger(__name__)
 
 COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4", "resolved": "#2ca02c"}
+MAX_ALERTS_LISTED = 10
 
 
-def blocks_for(n: Notification) -> list[dict[str, Any]]:
-    labels = n.labels
-    head = ("Resolved: " if n.state == "resolved" else "") + f"{n.rule} ({n.severity})"
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
+def silence_command(n: Notification) -> str:
+    keys = [k for k in ("alertname", "cluster", "node", "uuid", "xid") if n.labels.get(k)]
+    matchers = " ".join(f"{k}={n.labels[k]}" for k in keys)
+    return f"gpufleet silence add {matchers} --duration 2h --author $USER --comment \"…\""
+
+
+def grafana_link(base: str, g: GroupNotification) -> str:
+    """The dashboard for this GPU (or node), from 15 minutes before the first alert to 15 after the message."""
+    first = min(a.since_ms for a in (g.firing or g.resolved))
+    params = {"from": str(first - 15 * 60_000), "to": str(g.at_ms + 15 * 60_000)}
+    for k in ("cluster", "node", "uuid"):
+        if g.labels.get(k):
+            params[f"var-{k}"] = g.labels[k]
+    return base + ("&" if "?" in base else "?") + urllib.parse.urlencode(params)
+
+
+def blocks_for(g: GroupNotification, grafana_url: str | None = None) -> list[dict[str, Any]]:
+    alerts = list(g.firing) or list(g.resolved)
+    first = alerts[0]
+    labels = {**first.labels, **g.labels}
+    where = " ".join(x for x in (labels.get("node", ""), f"GPU {labels['gpu']}" if "gpu" in labels else "") if x)
+    if g.state == "resolved":
+        head = f"Resolved: {first.rule}" if len(alerts) == 1 else f"Resolved: {len(alerts)} alerts"
+    else:
+        head = f"[{g.severity.upper()}] " + (first.rule if len(alerts) == 1 else f"{len(alerts)} alerts")
+    head += f" on {where}" if where else ""
     fields = []
     for key, title in (("cluster", "Cluster"), ("node", "Node"), ("gpu", "GPU"), ("uuid", "UUID"), ("pod", "Pod"),
                        ("xid", "XID")):
-        if key in labels:
-            fields.append({"type": "mrkdwn", "text": f"*{title}*\n{labels[key]}"})
-    if n.value is not None:
-        fields.append({"type": "mrkdwn", "text": f"*Value*\n{n.value:g}"})
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(n.since_ms / 1000))
-    fields.append({"type": "mrkdwn", "text": f"*Since*\n{since}"})
+        if labels.get(key):
+            fields.append({"type": "mrkdwn", "text": f"*{title}*\n{labels[key]}"[:2000]})
+    if first.value is not None:
+        fields.append({"type": "mrkdwn", "text": f"*Value*\n{first.value:.4g}"})
+    fields.append({"type": "mrkdwn", "text": f"*Since*\n{_when(min(a.since_ms for a in alerts))}"})
+    if len(alerts) == 1:
+        text = first.annotations.get("summary", first.rule)
+    else:
+        lines = [f"• *{a.rule}* ({a.severity}): {a.annotations.get('summary', '')}" for a in alerts[:MAX_ALERTS_LISTED]]
+        if len(alerts) > MAX_ALERTS_LISTED:
+            lines.append(f"… and {len(alerts) - MAX_ALERTS_LISTED} more")
+        text = "\n".join(lines)
+    if g.state == "resolved":
+        text = f"~{text}~" if len(alerts) == 1 else text
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": head[:150]}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": n.annotations.get("summary", n.rule)[:3000]},
-         "fields": fields[:10]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}, "fields": fields[:10]},
     ]
-    if n.annotations.get("description"):
+    if first.annotations.get("description"):
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn",
-                                                         "text": n.annotations["description"][:3000]}]})
-    if n.annotations.get("runbook_url"):
-        blocks.append({"type": "actions", "elements": [
-            {"type": "button", "text": {"type": "plain_text", "text": "Runbook"}, "url": n.annotations["runbook_url"]}]})
+                                                         "text": first.annotations["description"][:3000]}]})
+    buttons = []
+    for a in alerts:
+        url = a.annotations.get("runbook_url")
+        if url and url.startswith("http") and all(b["url"] != url for b in buttons):
+            buttons.append({"type": "button", "text": {"type": "plain_text", "text": f"Runbook: {a.rule}"[:75]},
+                            "url": url[:3000]})
+    buttons = buttons[:4]
+    if grafana_url:
+        buttons.append({"type": "button", "text": {"type": "plain_text", "text": "Grafana"},
+                        "url": grafana_link(grafana_url, g)[:3000]})
+    if buttons:
+        blocks.append({"type": "actions", "elements": buttons})
+    if g.state == "firing":
+        blocks.append({"type": "context", "elements": [
+            {"type": "mrkdwn", "text": f"Silence: `{silence_command(first)}`"[:3000]}]})
     return blocks
 
 
 class SlackNotifier:
-    """Posts with ``chat.postMessage``; on resolve edits the original with ``chat.update`` and replies in its thread."""
+    """Posts a group's first message with ``chat.postMessage``; later changes edit it (``chat.update``) and
+    reply in its thread; a newly more severe alert is also broadcast to the channel from the thread."""
 
     name = "slack"
 
-    def __init__(self, client: Any, channel: str) -> None:
-        self._client = client  # slack_sdk.WebClient (base_url configurable)
-        self._channel = channel
+    def __init__(self, client: Any, channel: str, *, targets: Any = None, grafana_url: str | None = None,
+                 queue: SendQueue | None = None) -> None:
+        from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler, ServerErrorRetryHandler
 
-    def send(self, n: Notification, previous: tuple[str, str] | None) -> tuple[str, str] | None:
-        colour = COLOURS["resolved" if n.state == "resolved" else n.severity]
-        attachments = [{"color": colour, "blocks": blocks_for(n), "fallback": n.text}]
-        if n.state == "resolved" and previous is not None:
-            channel, ts = previous
-            self._client.chat_update(channel=channel, ts=ts, text=n.text, attachments=attachments)
-            self._client.chat_postMessage(channel=channel, thread_ts=ts, text=f"Resolved: {n.text}")
-            return channel, ts
-        resp = self._client.chat_postMessage(channel=self._channel, text=n.text, attachments=attachments)
-        return resp["channel"], resp["ts"]
+        self._client = client  # slack_sdk.WebClient (base_url configurable)
+        # slack-sdk itself waits out Retry-After and retries 500/503 a few times; the queue retries beyond.
+        handlers = getattr(client, "retry_handlers", None)
+        if handlers is not None:
+            if not any(isinstance(h, RateLimitErrorRetryHandler) for h in handlers):
+                handlers.append(RateLimitErrorRetryHandler(max_retry_count=2))
+            if not any(isinstance(h, ServerErrorRetryHandler) for h in handlers):
+                handlers.append(ServerErrorRetryHandler(max_retry_count=2))
+        self._channel = channel
+        self._targets = targets
+        self._grafana_url = grafana_url.rstrip("/") if grafana_url else None
+        self.queue = queue or SendQueue()
+        self._posted: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def send(self, g: GroupNotification, previous: tuple[str, str] | None) -> tuple[str, str] | None:
+        """Queue the message; it lands in order on the channel's queue. Returns None: the queue records
+        where it landed once Slack answers."""
+        self.queue.submit(self._channel, f"{g.state} notification for {g.text[:80]!r}", lambda: self._deliver(g))
+        return None
+
+    def _target(self, episode: str) -> tuple[str, str] | None:
+        with self._lock:
+            if episode in self._posted:
+                return self._posted[episode]
+        return self._targets.group_target(episode, self.name) if self._targets is not None else None
+
+    def _deliver(self, g: GroupNotification) -> None:
+        colour = COLOURS["resolved" if g.state == "resolved" else g.severity]
+        attachments = [{"color": colour, "blocks": blocks_for(g, self._grafana_url), "fallback": g.text[:3000]}]
+        target = self._target(g.episode)
+        if target is None:
+            resp = self._client.chat_postMessage(channel=self._channel, text=g.text, attachments=attachments)
+            where = (resp["channel"], resp["ts"])
+            with self._lock:
+                self._posted[g.episode] = where
+            if self._targets is not None:
+                self._targets.save_group_target(g.episode, self.name, where)
+            return
+        channel, ts = target
+        self._client.chat_update(channel=channel, ts=ts, text=g.text, attachments=attachments)
+        if g.state == "resolved":
+            reply = "Resolved: " + "; ".join(f"{n.rule} ({n.annotations.get('summary', '')})" for n in g.resolved)
+        elif g.repeat:
+            reply = "Still firing: " + "; ".join(n.rule for n in g.firing)
+        else:
+            news = [n for n in g.changes]
+            reply = "; ".join(("Resolved: " if n.state == "resolved" else f"Now firing ({n.severity}): ")
+                              + n.text for n in news) or g.text
+        self._client.chat_postMessage(channel=channel, thread_ts=ts, text=reply[:4000],
+                                      reply_broadcast=bool(g.escalated))
+
+    def close(self) -> None:
+        self.queue.close()

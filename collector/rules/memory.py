@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from collector.rules.dispatch import Silence
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,22 +21,33 @@ class MemoryView:
     """The newest sample of every series, fed sample by sample in event time."""
 
     def __init__(self) -> None:
-        self._latest: dict[tuple, Point] = {}
+        self._latest: dict[str, dict[tuple, Point]] = {}
 
     def observe(self, labels: Mapping[str, str], ts: int, value: float) -> None:
+        per = self._latest.setdefault(labels.get("__name__", ""), {})
         key = tuple(sorted(labels.items()))
-        cur = self._latest.get(key)
-        if cur is None or ts >= cur.ts:
-            self._latest[key] = Point(dict(labels), ts, value)
+        cur = per.get(key)
+        if cur is None:
+            per[key] = Point(dict(labels), ts, value)
+        elif ts >= cur.ts:
+            per[key] = Point(cur.labels, ts, value)  # the same labels object: ids computed from it stay cached
 
     def latest(self, metric: str | None = None) -> list[Point]:
-        return [p for p in self._latest.values() if metric is None or p.labels.get("__name__") == metric]
+        if metric is not None:
+            return list(self._latest.get(metric, {}).values())
+        return [p for per in self._latest.values() for p in per.values()]
 
 
 class MemoryState:
-    def __init__(self) -> None:
+    """Alert state, rule memory, notification groups and silences in memory (backtests, rule tests)."""
+
+    def __init__(self, silences: Sequence[Silence] = ()) -> None:
         self.alerts: dict[str, dict[str, Any]] = {}
         self.memory: dict[tuple[str, int], float] = {}
+        self.rule_state: dict[tuple[str, str], Any] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.targets: dict[tuple[str, str], tuple[str, str]] = {}
+        self.silences: dict[str, Silence] = {s.id: s for s in silences}
         self.sent: list[dict[str, Any]] = []
 
     def load_alerts(self) -> list[dict[str, Any]]:
@@ -58,3 +72,30 @@ class MemoryState:
                     and row.get("message_ts"):
                 return row["channel"], row["message_ts"]
         return None
+
+    def load_rule_state(self) -> dict[tuple[str, str], Any]:
+        return copy.deepcopy(self.rule_state)
+
+    def save_rule_state(self, items: Mapping[tuple[str, str], Any], now_ms: int) -> None:
+        self.rule_state.update(copy.deepcopy(dict(items)))
+
+    def load_groups(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(list(self.groups.values()))
+
+    def save_groups(self, rows: Sequence[Mapping[str, Any]], deleted: Sequence[str]) -> None:
+        for r in rows:
+            self.groups[r["key"]] = copy.deepcopy(dict(r))
+        for k in deleted:
+            self.groups.pop(k, None)
+
+    def group_target(self, episode: str, notifier: str) -> tuple[str, str] | None:
+        return self.targets.get((episode, notifier))
+
+    def save_group_target(self, episode: str, notifier: str, where: tuple[str, str]) -> None:
+        self.targets[(episode, notifier)] = (where[0], where[1])
+
+    def add_silence(self, s: Silence) -> None:
+        self.silences[s.id] = s
+
+    def active_silences(self, now_ms: int) -> list[Silence]:
+        return [s for s in self.silences.values() if s.active(now_ms)]

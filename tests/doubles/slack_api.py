@@ -31,6 +31,9 @@ MAX_SECTION_TEXT = 3000
 MAX_FIELDS = 10
 MAX_FIELD_TEXT = 2000
 MAX_TEXT = 40000
+MAX_BUTTON_TEXT = 75
+MAX_BUTTON_URL = 3000
+MAX_ACTION_ELEMENTS = 25
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Message:
     attachments: list = field(default_factory=list)
     thread_ts: str | None = None
     edits: list[dict] = field(default_factory=list)
+    received_at: float = 0.0  # Unix time the double took the post (for latency benchmarks)
+    edited_at: list[float] = field(default_factory=list)
 
 
 class SlackDouble:
@@ -155,6 +160,8 @@ class SlackDouble:
                 problems.append("one of text, blocks or attachments is required")
             if len(str(params.get("text", ""))) > MAX_TEXT:
                 problems.append(f"text over {MAX_TEXT} characters")
+            if params.get("reply_broadcast") in (True, "true", "1") and not params.get("thread_ts"):
+                problems.append("reply_broadcast is only meaningful with thread_ts")
             problems += self._check_blocks(params)
         return problems
 
@@ -193,10 +200,17 @@ class SlackDouble:
                 elif t in ("context", "actions"):
                     if not b.get("elements"):
                         problems.append(f"a {t} block needs elements")
+                    if t == "actions" and len(b.get("elements", [])) > MAX_ACTION_ELEMENTS:
+                        problems.append(f"an actions block with over {MAX_ACTION_ELEMENTS} elements")
                     for e in b.get("elements", []):
                         if e.get("type") == "button" and not (e.get("url", "").startswith("http")
                                                                or e.get("action_id")):
                             problems.append("a button needs a url or an action_id")
+                        if e.get("type") == "button":
+                            if len(e.get("text", {}).get("text", "")) > MAX_BUTTON_TEXT:
+                                problems.append(f"button text over {MAX_BUTTON_TEXT} characters")
+                            if len(e.get("url", "")) > MAX_BUTTON_URL:
+                                problems.append(f"button url over {MAX_BUTTON_URL} characters")
                 elif t not in ("divider", "image", "rich_text", "input", "file", "video"):
                     problems.append(f"unknown block type {t!r}")
         return problems
@@ -209,7 +223,7 @@ class SlackDouble:
             if method == "chat.postMessage":
                 ts = f"{int(time.time())}.{next(self._ts):06d}"
                 m = Message(params["channel"], ts, params.get("text", ""), as_list(params.get("blocks")),
-                            as_list(params.get("attachments")), params.get("thread_ts"))
+                            as_list(params.get("attachments")), params.get("thread_ts"), received_at=time.time())
                 self.messages.append(m)
                 return {"ok": True, "channel": m.channel, "ts": ts,
                         "message": {"type": "message", "text": m.text, "ts": ts, "bot_id": "B0GPUFLEET"}}
@@ -217,6 +231,7 @@ class SlackDouble:
                 for m in self.messages:
                     if m.channel == params["channel"] and m.ts == params["ts"]:
                         m.edits.append(params)
+                        m.edited_at.append(time.time())
                         m.text = params.get("text", m.text)
                         m.attachments = as_list(params.get("attachments")) or m.attachments
                         return {"ok": True, "channel": m.channel, "ts": m.ts, "text": m.text}

@@ -1,0 +1,296 @@
+"""From alerts to notifications, as Alertmanager does it: silences, inhibition, grouping and timing.
+
+* A **silence** mutes every alert its matchers match between ``starts_at`` and ``ends_at``.
+* An **inhibit rule** mutes a target alert while a firing source alert shares the ``equal`` labels (they must
+  be present on the source: a node-level alert without ``uuid`` does not mute every GPU). An alert that
+  matches a rule's source is never muted by that rule, so two lost-GPU alerts do not mute each other.
+* **Groups**: alerts with the same ``group_by`` labels make one notification (one Slack message). A new
+  group waits ``group_wait``; changes are sent at most every ``group_interval``; an unchanged firing group
+  is sent again after ``repeat_interval``; when all its alerts resolve, a resolved notification closes it.
+  Unlike Alertmanager, an alert more severe than any the group has sent is sent at once, not after
+  ``group_interval``: a critical XID on a GPU that is already warm must not wait five minutes.
+
+Everything runs in event time (``now_ms`` is passed in), so backtests take the same path as live.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from collector.rules.model import SEVERITY_RANK, InhibitRule, Route
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One alert as a notification tells it."""
+
+    alert_id: str
+    rule: str
+    state: str  # firing | resolved
+    severity: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    value: float | None
+    since_ms: int
+    at_ms: int
+
+    @property
+    def text(self) -> str:
+        """The plain-text line: what broke and where."""
+        head = "RESOLVED" if self.state == "resolved" else self.severity.upper()
+        where = " ".join(f"{k}={self.labels[k]}" for k in ("cluster", "node", "gpu", "uuid", "pod") if k in self.labels)
+        return f"[{head}] {self.rule}: {self.annotations.get('summary', '')} ({where})"
+
+
+@dataclass(frozen=True)
+class GroupNotification:
+    """One message about one group of alerts: every alert firing in it now, and those that just resolved."""
+
+    key: str
+    episode: str  # the group's key and start: a later outage of the same GPU is a new message
+    labels: dict[str, str]
+    state: str  # firing while any alert in the group fires, then resolved
+    firing: tuple[Notification, ...]
+    resolved: tuple[Notification, ...]
+    new: tuple[str, ...]  # alert ids not in the group's previous notification
+    at_ms: int
+    repeat: bool = False
+    escalated: bool = False  # an alert more severe than any sent before in this group
+
+    @property
+    def severity(self) -> str:
+        alerts = self.firing or self.resolved
+        return max((a.severity for a in alerts), key=lambda s: SEVERITY_RANK.get(s, 0))
+
+    @property
+    def changes(self) -> list[Notification]:
+        """The alerts this notification tells news of (newly firing, newly resolved)."""
+        return [a for a in self.firing if a.alert_id in self.new] + list(self.resolved)
+
+    @property
+    def text(self) -> str:
+        alerts = list(self.firing) or list(self.resolved)
+        if len(alerts) == 1:
+            return alerts[0].text
+        head = "RESOLVED" if self.state == "resolved" else self.severity.upper()
+        where = " ".join(f"{k}={v}" for k, v in self.labels.items())
+        names = ", ".join(sorted({a.rule for a in alerts}))
+        return f"[{head}] {len(alerts)} alerts: {names} ({where})"
+
+
+@dataclass(frozen=True)
+class Matcher:
+    name: str
+    value: str
+    is_regex: bool = False
+    is_equal: bool = True
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        v = labels.get(self.name, "")
+        hit = re.fullmatch(self.value, v) is not None if self.is_regex else v == self.value
+        return hit == self.is_equal
+
+    def __str__(self) -> str:
+        op = ("=~" if self.is_regex else "=") if self.is_equal else ("!~" if self.is_regex else "!=")
+        return f"{self.name}{op}{self.value}"
+
+    @classmethod
+    def parse(cls, text: str) -> Matcher:
+        """``name=value``, ``name!=value``, ``name=~regex``, ``name!~regex`` (as amtool takes them)."""
+        m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*\"?(.*?)\"?\s*", text)
+        if not m:
+            raise ValueError(f"{text!r} is not a matcher; write name=value, name!=value, name=~regex or name!~regex")
+        name, op, value = m.groups()
+        if "~" in op:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{text!r}: {value!r} is not a regular expression ({exc})") from None
+        return cls(name, value, is_regex="~" in op, is_equal=not op.startswith("!"))
+
+    def to_api(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "isRegex": self.is_regex, "isEqual": self.is_equal}
+
+    @classmethod
+    def from_api(cls, d: dict[str, Any]) -> Matcher:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("value"), str):
+            raise ValueError(f"a matcher needs string 'name' and 'value' (and optional isRegex, isEqual), not {d!r}")
+        if d.get("isRegex"):
+            try:
+                re.compile(d["value"])
+            except re.error as exc:
+                raise ValueError(f"matcher {d['name']}: {d['value']!r} is not a regular expression ({exc})") from None
+        return cls(d["name"], d["value"], bool(d.get("isRegex", False)), bool(d.get("isEqual", True)))
+
+
+@dataclass(frozen=True)
+class Silence:
+    id: str
+    matchers: tuple[Matcher, ...]
+    starts_at_ms: int
+    ends_at_ms: int
+    created_by: str
+    comment: str
+    created_at_ms: int = 0
+
+    def active(self, now_ms: int) -> bool:
+        return self.starts_at_ms <= now_ms < self.ends_at_ms
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(m.matches(labels) for m in self.matchers)
+
+    def to_api(self, now_ms: int | None = None) -> dict[str, Any]:
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        state = "active" if self.active(now_ms) else ("pending" if now_ms < self.starts_at_ms else "expired")
+        return {"id": self.id, "matchers": [m.to_api() for m in self.matchers], "startsAt": self.starts_at_ms / 1000,
+                "endsAt": self.ends_at_ms / 1000, "createdBy": self.created_by, "comment": self.comment,
+                "status": {"state": state}}
+
+    @staticmethod
+    def new(matchers: Sequence[Matcher], starts_at_ms: int, ends_at_ms: int, created_by: str, comment: str,
+            now_ms: int) -> Silence:
+        if not matchers:
+            raise ValueError("a silence needs at least one matcher, e.g. alertname=GpuTemperatureHigh")
+        if not created_by.strip():
+            raise ValueError("a silence needs an author (createdBy / --author)")
+        if not comment.strip():
+            raise ValueError("a silence needs a comment saying why (comment / --comment)")
+        if ends_at_ms <= starts_at_ms:
+            raise ValueError("a silence must end after it starts")
+        return Silence(str(uuidlib.uuid4()), tuple(matchers), starts_at_ms, ends_at_ms, created_by, comment, now_ms)
+
+
+def _rx(labels: dict[str, str], matchers: dict[str, str]) -> bool:
+    return all(re.fullmatch(rx, labels.get(k, "")) is not None for k, rx in matchers.items())
+
+
+@dataclass
+class _Group:
+    key: str
+    labels: dict[str, str]
+    created_ms: int
+    last_flush_ms: int | None = None
+    sent: dict[str, str] = field(default_factory=dict)  # alert id -> severity, as last notified firing
+    resolved: dict[str, dict[str, Any]] = field(default_factory=dict)  # alerts to tell as resolved
+    max_severity: str = "info"
+
+    @property
+    def episode(self) -> str:
+        return f"{self.key}@{self.created_ms}"
+
+    def to_row(self) -> dict[str, Any]:
+        return {"key": self.key, "labels": self.labels, "created_ms": self.created_ms,
+                "last_flush_ms": self.last_flush_ms, "sent": self.sent, "resolved": self.resolved,
+                "max_severity": self.max_severity}
+
+    @classmethod
+    def from_row(cls, r: dict[str, Any]) -> _Group:
+        return cls(r["key"], dict(r["labels"]), r["created_ms"], r.get("last_flush_ms"), dict(r.get("sent") or {}),
+                   dict(r.get("resolved") or {}), r.get("max_severity") or "info")
+
+
+def _notification(a: dict[str, Any], state: str, now_ms: int) -> Notification:
+    return Notification(a["id"], a["rule"], state, a["labels"].get("severity", "warning"), dict(a["labels"]),
+                        dict(a["annotations"]), a.get("value"), a["active_since"], now_ms)
+
+
+class Dispatcher:
+    def __init__(self, route: Route, inhibit_rules: list[InhibitRule], state: Any) -> None:
+        self.route = route
+        self.inhibit_rules = inhibit_rules
+        self.state = state
+        rows = state.load_groups() if hasattr(state, "load_groups") else []
+        self.groups: dict[str, _Group] = {r["key"]: _Group.from_row(r) for r in rows}
+        self.muted: dict[str, str] = {}  # alert id -> why (silence id / inhibiting alert)
+
+    def group_key(self, labels: dict[str, str]) -> tuple[str, dict[str, str]]:
+        gl = {k: labels[k] for k in self.route.group_by if labels.get(k)}
+        return json.dumps(sorted(gl.items()), separators=(",", ":")), gl
+
+    def _mute_reason(self, a: dict[str, Any], firing: list[dict[str, Any]], silences: Sequence[Silence]) -> str | None:
+        labels = a["labels"]
+        for s in silences:
+            if s.matches(labels):
+                return f"silence {s.id}"
+        for rule in self.inhibit_rules:
+            if not _rx(labels, rule.target) or _rx(labels, rule.source):
+                continue
+            for src in firing:
+                sl = src["labels"]
+                if src["id"] != a["id"] and _rx(sl, rule.source) and \
+                        all(sl.get(e) and sl.get(e) == labels.get(e) for e in rule.equal):
+                    return f"inhibited by {src['rule']} ({', '.join(f'{e}={sl[e]}' for e in rule.equal)})"
+        return None
+
+    def dispatch(self, now_ms: int, alerts: dict[str, dict[str, Any]], resolved: list[tuple[dict[str, Any], bool]],
+                 silences: Sequence[Silence]) -> list[GroupNotification]:
+        firing = [a for a in alerts.values() if a["state"] == "firing"]
+        active_silences = [s for s in silences if s.active(now_ms)]
+        self.muted = {}
+        current: dict[str, list[dict[str, Any]]] = {}
+        for a in firing:
+            why = self._mute_reason(a, firing, active_silences)
+            if why:
+                self.muted[a["id"]] = why
+                continue
+            key, gl = self.group_key(a["labels"])
+            current.setdefault(key, []).append(a)
+            if key not in self.groups:
+                self.groups[key] = _Group(key, gl, now_ms)
+        touched: set[str] = set()
+        for a, send_resolved in resolved:
+            key, _ = self.group_key(a["labels"])
+            g = self.groups.get(key)
+            if g is None or a["id"] not in g.sent:
+                continue
+            del g.sent[a["id"]]
+            if send_resolved:
+                g.resolved[a["id"]] = dict(a)
+            touched.add(key)
+        out: list[GroupNotification] = []
+        for key, g in list(self.groups.items()):
+            now_firing = sorted(current.get(key, []), key=lambda a: (a["active_since"], a["rule"], a["id"]))
+            new = [a for a in now_firing if a["id"] not in g.sent]
+            escalated = any(SEVERITY_RANK[a["labels"].get("severity", "info")] > SEVERITY_RANK[g.max_severity]
+                            for a in new)
+            repeat = False
+            if g.last_flush_ms is None:
+                due = bool(now_firing) and now_ms >= g.created_ms + self.route.group_wait_s * 1000
+            else:
+                since = now_ms - g.last_flush_ms
+                changed = bool(new or g.resolved)
+                due = (changed and (escalated or since >= self.route.group_interval_s * 1000))
+                if not due and now_firing and not changed and since >= self.route.repeat_interval_s * 1000:
+                    due = repeat = True
+            if not due:
+                if not now_firing and not g.sent and not g.resolved:
+                    del self.groups[key]  # nothing was or will be told about it
+                    touched.add(key)
+                continue
+            fired = tuple(_notification(a, "firing", now_ms) for a in now_firing)
+            gone = tuple(_notification(a, "resolved", now_ms) for a in g.resolved.values())
+            if not fired and not gone:
+                continue
+            out.append(GroupNotification(key, g.episode, dict(g.labels), "firing" if fired else "resolved", fired, gone,
+                                         tuple(a["id"] for a in new) + tuple(n.alert_id for n in gone), now_ms,
+                                         repeat=repeat, escalated=escalated and g.last_flush_ms is not None))
+            g.sent.update({a["id"]: a["labels"].get("severity", "info") for a in now_firing})
+            g.resolved = {}
+            g.last_flush_ms = now_ms
+            for a in now_firing:
+                sev = a["labels"].get("severity", "info")
+                if SEVERITY_RANK.get(sev, 0) > SEVERITY_RANK[g.max_severity]:
+                    g.max_severity = sev
+            touched.add(key)
+            if not fired and not g.sent:
+                del self.groups[key]
+        if hasattr(self.state, "save_groups") and touched:
+            self.state.save_groups([self.groups[k].to_row() for k in touched if k in self.groups],
+                                   [k for k in touched if k not in self.groups])
+        return out
