@@ -19,6 +19,11 @@ from tests.conftest import free_port, wait_until
 from tests.doubles.slack_api import SlackDouble
 
 RULES = """
+route:  # one group per GPU, told at once: this test is about who sends, not about grouping delays
+  group_by: [alertname, uuid]
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: 4h
 groups:
   - name: ha
     rules:

@@ -205,9 +205,15 @@ class Dispatcher:
         self.route = route
         self.inhibit_rules = inhibit_rules
         self.state = state
-        rows = state.load_groups() if hasattr(state, "load_groups") else []
-        self.groups: dict[str, _Group] = {r["key"]: _Group.from_row(r) for r in rows}
+        self.groups: dict[str, _Group] = {}
+        self.reload()
         self.muted: dict[str, str] = {}  # alert id -> why (silence id / inhibiting alert)
+
+    def reload(self) -> None:
+        """Read the groups (what each told, and where its message landed) back from the store: a replica that
+        takes over continues them instead of paging again."""
+        rows = self.state.load_groups() if hasattr(self.state, "load_groups") else []
+        self.groups = {r["key"]: _Group.from_row(r) for r in rows}
 
     def group_key(self, labels: dict[str, str]) -> tuple[str, dict[str, str]]:
         gl = {k: labels[k] for k in self.route.group_by if labels.get(k)}
