@@ -58,8 +58,10 @@ def hash_token(token: str) -> str:
 
 
 def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = None, limits: Limits | None = None,
-               on_write: Any = None, metrics: Metrics | None = None, info: dict | None = None) -> FastAPI:
-    """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes); none means open."""
+               on_write: Any = None, metrics: Metrics | None = None, info: dict | None = None,
+               forwarder: Any = None) -> FastAPI:
+    """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes); none means open.
+    ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     token_hashes = [hash_token(t) for t in tokens or []]
@@ -108,7 +110,9 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
         if problem:
             return fail(400, "bad_request", problem)
         t0 = time.perf_counter()
+        dropped_before = dict(store.dropped)
         try:
+            # 204 only after the commit: an agent that got it may forget the batch.
             n = await run_in_threadpool(store.write, req.series)
         except StoreUnavailable as exc:
             log.warning("refusing a write while the store is unavailable: %s", exc)
@@ -118,6 +122,11 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
         metrics.write_seconds.observe(time.perf_counter() - t0)
         metrics.samples.inc(n)
         metrics.requests.labels("ok").inc()
+        for what, k in store.dropped.items():
+            if k > dropped_before.get(what, 0):
+                metrics.dropped.labels(what).inc(k - dropped_before.get(what, 0))
+        if forwarder is not None:
+            forwarder.submit(bytes(body), n)
         if req.histograms_ignored:
             metrics.dropped.labels("native_histogram").inc(req.histograms_ignored)
             log.warning("%d native histogram samples were not stored: this collector stores float samples only",
@@ -154,7 +163,7 @@ def create_app(store: Store, *, tokens: list[str] | None = None, engine: Any = N
     async def healthz() -> JSONResponse:
         body = {"ok": True, **(info or {})}
         try:
-            await run_in_threadpool(store.counts)
+            await run_in_threadpool(store.ping)
         except Exception as exc:
             body.update(ok=False, store_error=str(exc))
         return JSONResponse(body, status_code=200 if body["ok"] else 503)

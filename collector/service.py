@@ -18,6 +18,7 @@ from collector.notify.console import ConsoleNotifier
 from collector.rules.engine import Engine
 from collector.rules.model import default_rules_path, load_rules
 from collector.store import Store
+from collector.store.store import Retention
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,22 @@ class CollectorSettings:
     slack_token: str | None = None
     slack_channel: str | None = None
     slack_base_url: str = "https://slack.com/api/"
+    forward: list[str] = field(default_factory=list)  # remote-write URLs to forward every stored batch to
+    retention: Retention = field(default_factory=Retention)
+    raw_layout: str = "chunks"  # "rows": the naive one-row-per-sample layout, for comparisons
+    maintenance_interval: float = 60.0
 
 
 class Collector:
     def __init__(self, settings: CollectorSettings, *, notifiers: list[Any] | None = None,
                  slack_client: Any | None = None) -> None:
         self.settings = settings
-        self.store = Store.open(settings.db)
+        self.store = Store.open(settings.db, raw_layout=settings.raw_layout, retention=settings.retention)
+        self.forwarder = None
+        if settings.forward:
+            from collector.forward import Forwarder
+
+            self.forwarder = Forwarder(settings.forward)
         self.rules = load_rules(settings.rules or [default_rules_path()])
         if notifiers is None:
             notifiers = []
@@ -58,11 +68,13 @@ class Collector:
         self.engine = Engine(self.rules, self.store, self.store, notifiers)
         self.metrics = Metrics()
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
-                              metrics=self.metrics, info={"rules": len(self.rules)})
+                              metrics=self.metrics, info={"rules": len(self.rules)}, forwarder=self.forwarder)
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
                                            id="rules", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.maintain, "interval", seconds=settings.maintenance_interval, id="store",
+                               max_instances=1, coalesce=True)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -72,6 +84,13 @@ class Collector:
                 self.engine.tick(int(time.time() * 1000))
             except Exception:
                 log.exception("rule evaluation failed; next try at the next interval")
+
+    def maintain(self) -> None:
+        """Compaction, rollups and retention (see collector/store/maintenance.py)."""
+        try:
+            self.store.maintain()
+        except Exception:
+            log.exception("store maintenance failed; next try at the next interval")
 
     def _on_write(self, metric_names: set[str]) -> None:
         # An agent marked this write urgent (an XID, a GPU lost, a throttle switching on):
@@ -86,6 +105,8 @@ class Collector:
 
     def serve(self) -> None:
         """Run in the foreground until interrupted (Ctrl-C / SIGTERM)."""
+        if self.forwarder is not None:
+            self.forwarder.start()
         self.scheduler.start()
         try:
             uvicorn.Server(self._server_config()).run()
@@ -94,6 +115,8 @@ class Collector:
 
     def start(self) -> Collector:
         """Run in background threads (for `gpufleet up` and tests)."""
+        if self.forwarder is not None:
+            self.forwarder.start()
         self.scheduler.start()
         self._server = uvicorn.Server(self._server_config())
         self._thread = threading.Thread(target=self._server.run, name="collector-http", daemon=True)
@@ -112,4 +135,6 @@ class Collector:
                 self._thread.join(timeout=10)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.forwarder is not None:
+            self.forwarder.stop()
         self.store.close()

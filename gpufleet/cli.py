@@ -118,6 +118,18 @@ def _collector_options(f):
         click.option("--slack-channel", default=None, envvar="GPUFLEET_SLACK_CHANNEL", help="Slack channel ID."),
         click.option("--slack-base-url", default="https://slack.com/api/", envvar="GPUFLEET_SLACK_BASE_URL",
                      show_default=True, help="Slack Web API base URL."),
+        click.option("--forward", "forward", multiple=True, envvar="GPUFLEET_FORWARD",
+                     help="Remote-write URL to forward every stored batch to (repeatable), e.g. "
+                          "http://prometheus:9090/api/v1/write."),
+        click.option("--retention-raw", type=click.FloatRange(0.25), default=15.0, envvar="GPUFLEET_RETENTION_RAW",
+                     show_default=True, help="Days of raw samples to keep."),
+        click.option("--retention-1m", type=click.FloatRange(0.25), default=90.0, envvar="GPUFLEET_RETENTION_1M",
+                     show_default=True, help="Days of 1-minute rollups to keep."),
+        click.option("--retention-1h", type=click.FloatRange(0.25), default=730.0, envvar="GPUFLEET_RETENTION_1H",
+                     show_default=True, help="Days of 1-hour rollups to keep."),
+        click.option("--raw-layout", type=click.Choice(["chunks", "rows"]), default="chunks",
+                     envvar="GPUFLEET_RAW_LAYOUT", show_default=True,
+                     help="PostgreSQL raw samples: compressed chunks, or one row per sample (for comparisons)."),
         click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options):
@@ -126,12 +138,18 @@ def _collector_options(f):
 
 
 def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack_token, slack_channel,
-                        slack_base_url, tokens=(), console=False):
+                        slack_base_url, tokens=(), console=False, forward=(), retention_raw=15.0,
+                        retention_1m=90.0, retention_1h=730.0, raw_layout="chunks"):
     from collector.service import CollectorSettings
+    from collector.store.store import Retention
 
+    day = 86_400_000
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
                              tokens=list(tokens), console=console, slack_token=slack_token,
-                             slack_channel=slack_channel, slack_base_url=slack_base_url)
+                             slack_channel=slack_channel, slack_base_url=slack_base_url, forward=list(forward),
+                             retention=Retention(int(retention_raw * day), int(retention_1m * day),
+                                                 int(retention_1h * day)),
+                             raw_layout=raw_layout)
 
 
 @main.command()

@@ -54,8 +54,8 @@ _NONE = -(2 ** 63)  # "not set" on PostgreSQL, where the rows exist to be locked
 
 def _put(conn: Any, key: str, value: int | None) -> None:
     conn.execute(text("DELETE FROM store_state WHERE key = :k"), {"k": key})
-    conn.execute(text("INSERT INTO store_state (key, value) VALUES (:k, :v)"),
-                 {"k": key, "v": _NONE if value is None else value})
+    if value is not None:  # absent means "not set" (a writer's least() must not meet a placeholder)
+        conn.execute(text("INSERT INTO store_state (key, value) VALUES (:k, :v)"), {"k": key, "v": value})
 
 
 def _start(state: dict[str, int], done_key: str, dirty_key: str) -> int | None:
