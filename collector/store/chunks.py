@@ -18,10 +18,12 @@ DAY_MS = 86_400_000
 ROLLUP_1H_PARTITION_MS = 30 * DAY_MS
 
 # (table, partition width) of every time-partitioned table on PostgreSQL.
-PARTITIONED = {"sample_chunks": DAY_MS, "rollup_1m": DAY_MS, "rollup_1h": ROLLUP_1H_PARTITION_MS}
-_PARTITION_NAME = re.compile(r"^(sample_chunks|rollup_1m|rollup_1h)_p(\d+)$")
+PARTITIONED = {"sample_head": HOUR_MS, "sample_chunks": DAY_MS, "rollup_1m": DAY_MS, "rollup_1h": ROLLUP_1H_PARTITION_MS}
+_PARTITION_NAME = re.compile(r"^(sample_head|sample_chunks|rollup_1m|rollup_1h)_p(\d+)$")
 
 POINTS = "CROSS JOIN LATERAL gpufleet_points(c.start_ms, c.dts, c.vals) p"
+# Every raw chunk: compacted hours and the hours still being written.
+ALL_CHUNKS = "(SELECT * FROM sample_chunks UNION ALL SELECT * FROM sample_head)"
 
 
 def chunk_rows(sid: int, points: Sequence[tuple[int, float]]) -> Iterator[tuple[int, int, int, list[int], list[float]]]:
@@ -40,7 +42,7 @@ def chunk_rows(sid: int, points: Sequence[tuple[int, float]]) -> Iterator[tuple[
 
 
 def copy_chunks(cur: Any, rows: Iterable[tuple[int, int, int, list[int], list[float]]]) -> None:
-    with cur.copy("COPY sample_chunks (series_id, start_ms, end_ms, dts, vals) FROM STDIN (FORMAT BINARY)") as cp:
+    with cur.copy("COPY sample_head (series_id, start_ms, end_ms, dts, vals) FROM STDIN (FORMAT BINARY)") as cp:
         cp.set_types(["int4", "int8", "int8", "int4[]", "float8[]"])
         for row in rows:
             cp.write_row(row)
@@ -83,28 +85,31 @@ def partitions(cur: Any, table: str) -> list[tuple[str, int, int]]:
 
 def existing_timestamps(cur: Any, sids: list[int], lo: int, hi: int) -> set[tuple[int, int]]:
     """(series, ts) already stored for these series in [lo, hi]: the slow path for late or retried samples."""
-    cur.execute(f"SELECT c.series_id, p.ts FROM sample_chunks c {POINTS} "
+    cur.execute(f"SELECT c.series_id, p.ts FROM {ALL_CHUNKS} c {POINTS} "
                 "WHERE c.series_id = ANY(%s) AND c.start_ms <= %s AND c.start_ms >= %s AND c.end_ms >= %s "
                 "AND p.ts BETWEEN %s AND %s", (sids, hi, lo - HOUR_MS, lo, lo, hi))
     return set(cur.fetchall())
 
 
 def compact_hour(cur: Any, hour_ms: int) -> int:
-    """Merge every series' chunks inside one hour into one row. Returns how many series were merged."""
+    """Merge one closed hour of ``sample_head`` into one row per series in ``sample_chunks`` (with what a
+    previous pass already compacted there, when late samples reopened the hour), then drop the hour's
+    partition. Returns the number of series rows written."""
+    head = partition_name("sample_head", hour_ms)
     cur.execute(f"""
-        WITH victims AS (
-            SELECT series_id FROM sample_chunks WHERE start_ms >= %(h0)s AND start_ms < %(h1)s
-            GROUP BY series_id HAVING count(*) > 1),
-        moved AS (
-            DELETE FROM sample_chunks c USING victims v
-            WHERE c.series_id = v.series_id AND c.start_ms >= %(h0)s AND c.start_ms < %(h1)s
+        WITH moved AS (
+            DELETE FROM sample_chunks c WHERE c.start_ms >= %(h0)s AND c.start_ms < %(h1)s
+              AND c.series_id IN (SELECT series_id FROM {head})
             RETURNING c.series_id, c.start_ms, c.dts, c.vals),
         pts AS (
-            SELECT c.series_id, p.ts, p.value FROM moved c {POINTS}),
+            SELECT c.series_id, p.ts, p.value FROM (SELECT series_id, start_ms, dts, vals FROM {head}
+                                                    UNION ALL SELECT * FROM moved) c {POINTS}),
         ordered AS (
             SELECT series_id, ts, value, (ts - lag(ts, 1, ts) OVER (PARTITION BY series_id ORDER BY ts))::int AS d
             FROM pts)
         INSERT INTO sample_chunks (series_id, start_ms, end_ms, dts, vals)
         SELECT series_id, min(ts), max(ts), array_agg(d ORDER BY ts), array_agg(value ORDER BY ts)
         FROM ordered GROUP BY series_id""", {"h0": hour_ms, "h1": hour_ms + HOUR_MS})
-    return cur.rowcount
+    n = cur.rowcount
+    cur.execute(f"DROP TABLE {head}")
+    return n

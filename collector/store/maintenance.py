@@ -66,23 +66,20 @@ def _start(state: dict[str, int], done_key: str, dirty_key: str) -> int | None:
 
 
 def _compact(store: Store, target: int) -> int:
-    """Merge the chunks of each series in every closed hour since the last pass into one row."""
-    merged_hours = 0
+    """Compact every hour of ``sample_head`` that closed before ``target`` (late samples reopen an old
+    hour as a new head partition; the next pass merges it too)."""
+    hours = 0
     with store.engine.begin() as conn:
-        state = _state(conn, True, "compact_dirty_from", "compact_until")
-        lo = _start(state, "compact_until", "compact_dirty_from")
-        if lo is None:
-            lo = conn.execute(text("SELECT min(start_ms) FROM sample_chunks")).scalar()
-        if lo is not None and lo < target:
-            cur = conn.connection.driver_connection.cursor()
-            cur.execute("SELECT DISTINCT start_ms / %s FROM sample_chunks WHERE start_ms >= %s AND start_ms < %s",
-                        (HOUR_MS, lo // HOUR_MS * HOUR_MS, target))
-            for (hour,) in sorted(cur.fetchall()):
-                if chunks.compact_hour(cur, hour * HOUR_MS):
-                    merged_hours += 1
-        _put(conn, "compact_until", target)
-        _put(conn, "compact_dirty_from", None)
-    return merged_hours
+        cur = conn.connection.driver_connection.cursor()
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('gpufleet_compaction'))")
+        for name, lower, upper in chunks.partitions(cur, "sample_head"):
+            if upper > target:
+                continue
+            store._ensure_partitions("sample_chunks", [lower], cur)
+            chunks.compact_hour(cur, lower)
+            store._partitions.discard(name)
+            hours += 1
+    return hours
 
 
 def _rollups(store: Store, target: int) -> int:
@@ -91,7 +88,7 @@ def _rollups(store: Store, target: int) -> int:
         state = _state(conn, pg, "rollup_dirty_from", "rollup_until")
         lo = _start(state, "rollup_until", "rollup_dirty_from")
         if lo is None:
-            lo = conn.execute(text("SELECT min(start_ms) FROM sample_chunks" if store.chunked
+            lo = conn.execute(text(f"SELECT min(start_ms) FROM {chunks.ALL_CHUNKS} c" if store.chunked
                                    else "SELECT min(ts) FROM samples")).scalar()
         if lo is not None and lo < target:
             lo = lo // MINUTE_MS * MINUTE_MS
@@ -107,12 +104,13 @@ def _rollups(store: Store, target: int) -> int:
 def _rollup_partitions(store: Store, conn: Any, lo: int, hi: int) -> None:
     cur = conn.connection.driver_connection.cursor()
     if store.chunked:
-        days = [p[1] for p in chunks.partitions(cur, "sample_chunks") if p[2] > lo and p[1] < hi]
+        days = [p[1] for t in ("sample_chunks", "sample_head") for p in chunks.partitions(cur, t)
+                if p[2] > lo and p[1] < hi]
     else:
         cur.execute("SELECT DISTINCT ts / %s * %s FROM samples WHERE ts >= %s AND ts < %s", (DAY_MS, DAY_MS, lo, hi))
         days = [d for (d,) in cur.fetchall()]
     for table in ("rollup_1m", "rollup_1h"):
-        store._ensure_partitions(table, days)
+        store._ensure_partitions(table, days, cur)
 
 
 # SQLite needs "WHERE true" before ON CONFLICT in INSERT … SELECT (its parser's ambiguity with joins).
@@ -124,7 +122,7 @@ def _rollup_minutes(store: Store, conn: Any, lo: int, hi: int) -> None:
     """Recompute every 1-minute bucket in [lo, hi) from the raw samples (a redo replaces, never adds)."""
     if store.chunked:
         source = (f"SELECT c.series_id, p.ts - mod(p.ts, {MINUTE_MS}) AS b, min(p.value), max(p.value), "
-                  f"sum(p.value), count(*) FROM sample_chunks c {chunks.POINTS} "
+                  f"sum(p.value), count(*) FROM {chunks.ALL_CHUNKS} c {chunks.POINTS} "
                   f"WHERE c.start_ms >= :lo - {HOUR_MS} AND c.start_ms < :hi AND c.end_ms >= :lo "
                   "AND p.ts >= :lo AND p.ts < :hi GROUP BY 1, 2")
     else:
@@ -148,7 +146,8 @@ def _rollup_hours(store: Store, conn: Any, lo: int, hi: int) -> None:
 def _retention(store: Store, now_ms: int) -> list[str]:
     """Drop what is older than its retention: whole partitions on PostgreSQL, rows on SQLite."""
     r = store.retention
-    plan = [("sample_chunks", "samples", "ts", r.raw_ms), ("rollup_1m", "rollup_1m", "bucket_ms", r.rollup_1m_ms),
+    plan = [("sample_head", "samples", "ts", r.raw_ms), ("sample_chunks", "samples", "ts", r.raw_ms),
+            ("rollup_1m", "rollup_1m", "bucket_ms", r.rollup_1m_ms),
             ("rollup_1h", "rollup_1h", "bucket_ms", r.rollup_1h_ms)]
     dropped: list[str] = []
     with store.engine.begin() as conn:

@@ -172,6 +172,9 @@ class Store:
         if not pts:
             return offered
         try:
+            if self.chunked:  # before the batch's transaction: its DDL must not wait on that transaction's locks
+                self._ensure_partitions("sample_head", {t // chunks.HOUR_MS * chunks.HOUR_MS
+                                                        for _, pl in pts.values() for t, _ in pl})
             with self.engine.begin() as conn:
                 ids = self._series_ids(conn, pts, now_ms)
                 by_sid: dict[int, list[tuple[int, float]]] = {}
@@ -194,6 +197,7 @@ class Store:
             with self._ids_lock:  # ids learned in a rolled-back transaction may not exist
                 self._ids.clear()
                 self._has_latest.clear()
+                self._partitions.clear()  # another collector's compaction may have dropped one we knew
             raise StoreUnavailable(f"database write failed: {getattr(exc, 'orig', exc)}") from None
         return offered
 
@@ -306,7 +310,6 @@ class Store:
                 by_sid[sid] = [p for p in pl if (sid, p[0]) not in stored]
         rows = [r for sid, pl in by_sid.items() if pl for r in chunks.chunk_rows(sid, pl)]
         if rows:
-            self._ensure_partitions("sample_chunks", [r[1] for r in rows])
             chunks.copy_chunks(cur, rows)
         latest_rows = [(sid, pl[-1][0], pl[-1][1]) for sid, pl in by_sid.items()
                        if pl and pl[-1][0] > newest.get(sid, NO_TS)]
@@ -319,11 +322,14 @@ class Store:
         with self._ids_lock:
             self._has_latest.update(sids)
 
-    def _ensure_partitions(self, table: str, times_ms: Sequence[int]) -> None:
+    def _ensure_partitions(self, table: str, times_ms: Iterable[int], cur: Any = None) -> None:
         """Partitions are created in their own committed transaction, so a batch that fails later does
         not take a new partition down with it and concurrent batches do not wait on the DDL."""
-        width = chunks.PARTITIONED[table]
-        if all(chunks.partition_name(table, t) in self._partitions for t in set(t // width * width for t in times_ms)):
+        times_ms = list(times_ms)
+        if all(chunks.partition_name(table, t) in self._partitions for t in times_ms):
+            return
+        if cur is not None:  # inside maintenance's own transaction, which already holds the tables it reads
+            chunks.ensure_partitions(cur, table, times_ms, self._partitions)
             return
         with self.engine.begin() as conn:
             chunks.ensure_partitions(conn.connection.driver_connection.cursor(), table, times_ms, self._partitions)
@@ -376,7 +382,7 @@ class Store:
         rows = []
         if self.dialect == "postgresql":
             rows += conn.execute(text(
-                f"SELECT c.series_id, p.ts, p.value FROM sample_chunks c {chunks.POINTS} "
+                f"SELECT c.series_id, p.ts, p.value FROM {chunks.ALL_CHUNKS} c {chunks.POINTS} "
                 "WHERE c.series_id = ANY(:sids) AND c.start_ms <= :hi AND c.start_ms > :lo - :hour "
                 "AND c.end_ms > :lo AND p.ts > :lo AND p.ts <= :hi"),
                 {"sids": sids, "lo": lo, "hi": hi, "hour": chunks.HOUR_MS}).all()
@@ -473,7 +479,8 @@ class Store:
         with self.engine.connect() as conn:
             n = conn.execute(text("SELECT count(*) FROM samples")).scalar_one()
             if self.dialect == "postgresql":
-                n += conn.execute(text("SELECT coalesce(sum(cardinality(vals)), 0) FROM sample_chunks")).scalar_one()
+                n += conn.execute(text(f"SELECT coalesce(sum(cardinality(vals)), 0) FROM {chunks.ALL_CHUNKS} c")
+                                  ).scalar_one()
             return {"series": conn.execute(text("SELECT count(*) FROM series")).scalar_one(), "samples": int(n)}
 
     # ---- maintenance -----------------------------------------------------------------------------

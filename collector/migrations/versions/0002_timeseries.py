@@ -64,6 +64,17 @@ def upgrade() -> None:
             vals double precision[] NOT NULL,
             PRIMARY KEY (series_id, start_ms)
         ) PARTITION BY RANGE (start_ms)""")
+    # Where writes land: the same row shape, partitioned by hour. Compaction merges a closed hour into
+    # one row per series in sample_chunks and drops the hour's partition: no DELETE, no bloat.
+    op.execute("""
+        CREATE TABLE sample_head (
+            series_id integer NOT NULL,
+            start_ms bigint NOT NULL,
+            end_ms bigint NOT NULL,
+            dts integer[] NOT NULL,
+            vals double precision[] NOT NULL,
+            PRIMARY KEY (series_id, start_ms)
+        ) PARTITION BY RANGE (start_ms)""")
     op.execute("""
         CREATE FUNCTION gpufleet_points(start_ms bigint, dts integer[], vals double precision[])
         RETURNS TABLE (ts bigint, value double precision)
@@ -87,7 +98,8 @@ def upgrade() -> None:
     # The naive one-row-per-sample table stays readable (a store opened with raw_layout="rows" writes it).
     op.execute(f"""CREATE VIEW metric_samples AS
         SELECT to_timestamp(p.ts / 1000.0) AS time, {IDENTITY_PG}, p.value
-        FROM sample_chunks c CROSS JOIN LATERAL gpufleet_points(c.start_ms, c.dts, c.vals) p
+        FROM (SELECT * FROM sample_chunks UNION ALL SELECT * FROM sample_head) c
+        CROSS JOIN LATERAL gpufleet_points(c.start_ms, c.dts, c.vals) p
         JOIN series sr ON sr.id = c.series_id
         UNION ALL
         SELECT to_timestamp(sm.ts / 1000.0) AS time, {IDENTITY_PG}, sm.value
@@ -108,6 +120,7 @@ def downgrade() -> None:
     op.drop_index("ix_samples_ts", "samples")
     if pg:
         op.execute("DROP TABLE sample_chunks")
+        op.execute("DROP TABLE sample_head")
         op.execute("DROP FUNCTION gpufleet_points(bigint, integer[], double precision[])")
     from importlib import import_module
 
