@@ -93,7 +93,6 @@ def upgrade() -> None:
                 n integer NOT NULL,
                 PRIMARY KEY (series_id, bucket_ms) INCLUDE (vsum, n)
             ) PARTITION BY RANGE (bucket_ms)""")
-    op.execute("CREATE INDEX ix_samples_ts ON samples (ts)")
     op.execute("DROP VIEW IF EXISTS metric_samples")
     # The naive one-row-per-sample table stays readable (a store opened with raw_layout="rows" writes it).
     op.execute(f"""CREATE VIEW metric_samples AS
@@ -117,7 +116,8 @@ def downgrade() -> None:
         op.execute(f"DROP VIEW IF EXISTS {view}")
     for table in ("rollup_1h", "rollup_1m", "store_state"):
         op.drop_table(table)
-    op.drop_index("ix_samples_ts", "samples")
+    if not pg:
+        op.drop_index("ix_samples_ts", "samples")
     if pg:
         op.execute("DROP TABLE sample_chunks")
         op.execute("DROP TABLE sample_head")
