@@ -214,6 +214,8 @@ def fleet_query(db: Db, gpus: int, interval_s: int) -> dict:
     store.maintain(now_ms=day0 + 86_400_000 + 3 * 60_000)
     rollup_s = time.perf_counter() - started
     store.close()
+    with psycopg.connect(db.url, autocommit=True) as c:
+        c.execute("VACUUM ANALYZE")  # what autovacuum does after the rollup job's inserts
     samples = gpus * 24 * 3600 // interval_s
     sql = {
         "with_rollups": "SELECT time, sum(avg * count) / sum(count) FROM metric_samples_1m "
