@@ -53,8 +53,11 @@ def test_nan_and_staleness_markers_are_counted_not_stored(store):
     import struct
 
     stale = struct.unpack(">d", bytes.fromhex("7ff0000000000002"))[0]
-    store.write([sm("GPU-1", [(T0, 1.0), (T0 + 1000, math.nan), (T0 + 2000, stale)])])
-    assert store.counts()["samples"] == 1
+    store.write([sm("GPU-1", [(T0, 0.1 + 0.2), (T0 + 1000, math.nan), (T0 + 2000, stale), (T0 + 3000, -math.inf)])])
+    assert store.counts()["samples"] == 2
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM metric_samples ORDER BY time")).scalars().all() == [
+            0.1 + 0.2, -math.inf]  # stored exactly, infinities included
     assert store.dropped == {"nan_value": 1, "staleness_marker": 1}
 
 
