@@ -104,10 +104,11 @@ WRITE_BODY = {"requestBody": {"required": True, "description": "A snappy-compres
 
 def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
                limits: Limits | None = None, on_write: Any = None, metrics: Metrics | None = None,
-               info: dict | None = None, silences: Any = None) -> FastAPI:
+               info: dict | None = None, silences: Any = None, forwarder: Any = None) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
     to a cluster, see :mod:`collector.auth`); none means open.
-    ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences."""
+    ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences.
+    ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     token_set = tokens if isinstance(tokens, TokenSet) else TokenSet.parse(tokens or [])
@@ -164,7 +165,9 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         inflight += 1
         metrics.inflight.set(inflight)
         t0 = time.perf_counter()
+        dropped_before = dict(store.dropped)
         try:
+            # 204 only after the commit: an agent that got it may forget the batch.
             n = await run_in_threadpool(store.write, req.series)
         except (StoreUnavailable, PoolTimeout) as exc:
             log.warning("refusing a write while the store is unavailable: %s", exc)
@@ -177,6 +180,11 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         metrics.write_seconds.observe(time.perf_counter() - t0)
         metrics.samples.inc(n)
         metrics.requests.labels("ok").inc()
+        for what, k in store.dropped.items():
+            if k > dropped_before.get(what, 0):
+                metrics.dropped.labels(what).inc(k - dropped_before.get(what, 0))
+        if forwarder is not None:
+            forwarder.submit(bytes(body), n)
         if req.histograms_ignored:
             metrics.dropped.labels("native_histogram").inc(req.histograms_ignored)
             log.warning("%d native histogram samples were not stored: this collector stores float samples only",
@@ -303,7 +311,7 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
     async def healthz() -> JSONResponse:
         body = {"ok": True, **(info or {})}
         try:
-            await run_in_threadpool(store.counts)
+            await run_in_threadpool(store.ping)
         except Exception as exc:
             body.update(ok=False, store_error=str(exc))
         return JSONResponse(body, status_code=200 if body["ok"] else 503)

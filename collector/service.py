@@ -20,6 +20,7 @@ from collector.rules.engine import Engine
 from collector.rules.model import default_rules_path, load_pack
 from collector.rules.state import SqlState
 from collector.store import Store
+from collector.store.store import Retention
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class CollectorSettings:
     tls_client_ca: str | None = None  # CA of client certificates: require mutual TLS
     name: str = ""  # replica name in logs (default: host:port)
     grafana_dashboard_url: str | None = None  # linked from Slack messages with the alert's time window
+    forward: list[str] = field(default_factory=list)  # remote-write URLs to forward every stored batch to
+    retention: Retention = field(default_factory=Retention)
+    raw_layout: str = "chunks"  # "rows": the naive one-row-per-sample layout, for comparisons
+    maintenance_interval: float = 60.0
 
 
 class Collector:
@@ -60,7 +65,13 @@ class Collector:
         engine_kw: dict[str, Any] = {}
         if not settings.db.startswith("sqlite"):
             engine_kw = {"pool_timeout": 5, "connect_args": {"connect_timeout": 5}}
-        self.store = Store.open(settings.db, **engine_kw)
+        self.store = Store.open(settings.db, raw_layout=settings.raw_layout, retention=settings.retention,
+                                **engine_kw)
+        self.forwarder = None
+        if settings.forward:
+            from collector.forward import Forwarder
+
+            self.forwarder = Forwarder(settings.forward)
         self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
         self.pack = load_pack(settings.rules or [default_rules_path()])
         self.rules = self.pack.rules
@@ -103,7 +114,7 @@ class Collector:
         self.info: dict[str, Any] = {"rules": len(self.rules), "leader": False, "ticks": 0, "leader_since_tick": None}
         self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
                               metrics=self.metrics, info=self.info, limits=settings.limits,
-                              silences=self.state)
+                              silences=self.state, forwarder=self.forwarder)
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
@@ -123,6 +134,8 @@ class Collector:
                                  f"(minute hour day month weekday, e.g. '0 9 * * mon'): {exc}") from None
             self.digest_job = self.scheduler.add_job(self.send_digest, trigger, id="digest", max_instances=1,
                                                      coalesce=True, misfire_grace_time=3600)
+        self.scheduler.add_job(self.maintain, "interval", seconds=settings.maintenance_interval, id="store",
+                               max_instances=1, coalesce=True)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -182,6 +195,13 @@ class Collector:
             return None
         return resp.get("ts")
 
+    def maintain(self) -> None:
+        """Compaction, rollups and retention (see collector/store/maintenance.py)."""
+        try:
+            self.store.maintain()
+        except Exception:
+            log.exception("store maintenance failed; next try at the next interval")
+
     def _on_write(self, metric_names: set[str]) -> None:
         # An agent marked this write urgent (an XID, a GPU lost, a throttle switching on):
         # evaluate now instead of at the next interval.
@@ -213,6 +233,8 @@ class Collector:
 
     def serve(self) -> None:
         """Run in the foreground until interrupted (Ctrl-C / SIGTERM)."""
+        if self.forwarder is not None:
+            self.forwarder.start()
         self.scheduler.start()
         self._push_dashboards()
         self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))  # learn leadership at once
@@ -223,6 +245,8 @@ class Collector:
 
     def start(self) -> Collector:
         """Run in background threads (for `gpufleet up` and tests)."""
+        if self.forwarder is not None:
+            self.forwarder.start()
         self.scheduler.start()
         self._push_dashboards()
         self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
@@ -247,4 +271,6 @@ class Collector:
         for n in self.notifiers:
             if hasattr(n, "close"):
                 n.close()
+        if self.forwarder is not None:
+            self.forwarder.stop()
         self.store.close()

@@ -214,6 +214,18 @@ def _collector_options(f):
                      help="Grafana service-account token (Editor role)."),
         click.option("--grafana-dashboard-url", default=None, envvar="GPUFLEET_GRAFANA_DASHBOARD_URL",
                      help="Grafana dashboard URL Slack messages link to, with the alert's time window and GPU."),
+        click.option("--forward", "forward", multiple=True, envvar="GPUFLEET_FORWARD",
+                     help="Remote-write URL to forward every stored batch to (repeatable), e.g. "
+                          "http://prometheus:9090/api/v1/write."),
+        click.option("--retention-raw", type=click.FloatRange(0.25), default=15.0, envvar="GPUFLEET_RETENTION_RAW",
+                     show_default=True, help="Days of raw samples to keep."),
+        click.option("--retention-1m", type=click.FloatRange(0.25), default=90.0, envvar="GPUFLEET_RETENTION_1M",
+                     show_default=True, help="Days of 1-minute rollups to keep."),
+        click.option("--retention-1h", type=click.FloatRange(0.25), default=730.0, envvar="GPUFLEET_RETENTION_1H",
+                     show_default=True, help="Days of 1-hour rollups to keep."),
+        click.option("--raw-layout", type=click.Choice(["chunks", "rows"]), default="chunks",
+                     envvar="GPUFLEET_RAW_LAYOUT", show_default=True,
+                     help="PostgreSQL raw samples: compressed chunks, or one row per sample (for comparisons)."),
         click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options):
@@ -223,14 +235,20 @@ def _collector_options(f):
 
 def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack_token, slack_channel,
                         slack_base_url, tokens=(), console=False, grafana_url=None, grafana_token=None,
-                        grafana_dashboard_url=None, **extra):
+                        grafana_dashboard_url=None, forward=(), retention_raw=15.0, retention_1m=90.0,
+                        retention_1h=730.0, raw_layout="chunks", **extra):
     from collector.service import CollectorSettings
+    from collector.store.store import Retention
 
+    day = 86_400_000
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
                              tokens=list(tokens), console=console, slack_token=slack_token,
                              slack_channel=slack_channel, slack_base_url=slack_base_url,
                              grafana_url=grafana_url, grafana_token=grafana_token,
-                             grafana_dashboard_url=grafana_dashboard_url, **extra)
+                             grafana_dashboard_url=grafana_dashboard_url, forward=list(forward),
+                             retention=Retention(int(retention_raw * day), int(retention_1m * day),
+                                                 int(retention_1h * day)),
+                             raw_layout=raw_layout, **extra)
 
 def _is_loopback(listen: str) -> bool:
     host = listen.rpartition(":")[0].strip("[]")

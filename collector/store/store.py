@@ -1,8 +1,10 @@
 """Store: write remote-write series, read ranges, latest values, GPUs, alert state.
 
-The same code runs on SQLite and PostgreSQL; only the "insert, ignoring what
-exists" statement differs by dialect. A batch is stored in one transaction:
-whole or not at all. Retried batches are no-ops thanks to the (series, ts) key.
+The same interface runs on SQLite (WAL; one row per sample) and PostgreSQL (compressed chunks in
+day partitions, written with COPY; see ``chunks.py`` and docs/storage.md). A batch is stored in one
+transaction: whole or not at all, and a retried batch stores nothing twice. ``maintain()`` (an
+APScheduler job in the collector) compacts closed hours, keeps the 1-minute and 1-hour rollups current
+and enforces retention: by dropping whole partitions on PostgreSQL, by DELETE on SQLite.
 """
 
 from __future__ import annotations
@@ -10,22 +12,36 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from collector.store import migrate, schema
+from collector.store import chunks, migrate, schema
 from gpufleet.remote_write import Series
 
 log = logging.getLogger(__name__)
 
 LOOKBACK_MS = 5 * 60 * 1000  # a sample counts as "current" for 5 minutes, as in Prometheus
+LATE_MS = 2 * 60 * 1000  # maintenance leaves the newest 2 minutes alone; older samples are "late"
+RAW_RANGE_MS = 6 * 3600 * 1000  # range queries up to 6 hours read raw samples; longer ones read rollups
+NO_TS = -(2 ** 63)
+STALE_NAN = struct.pack(">d", struct.unpack(">d", bytes.fromhex("7ff0000000000002"))[0])  # Prometheus's marker
+RAW_LAYOUTS = ("chunks", "rows")
+
+
+try:  # the PostgreSQL fast path talks to psycopg directly (COPY), so its errors arrive unwrapped
+    import psycopg
+
+    _DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, DBAPIError, psycopg.Error)
+except ImportError:  # pragma: no cover - SQLite-only installs
+    _DB_ERRORS = (OperationalError, DBAPIError)
 
 
 class StoreUnavailable(RuntimeError):
@@ -45,6 +61,15 @@ class Point:
     value: float
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How long each resolution is kept; ``None`` keeps it forever."""
+
+    raw_ms: int | None = 15 * 86_400_000
+    rollup_1m_ms: int | None = 90 * 86_400_000
+    rollup_1h_ms: int | None = 2 * 365 * 86_400_000
+
+
 def _insert(dialect: str):
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -53,18 +78,58 @@ def _insert(dialect: str):
     return insert
 
 
+def _step_latest(pts: list[tuple[int, float]], start_ms: int, end_ms: int, step_ms: int) -> list[list[float]]:
+    values = []
+    i, last = 0, None
+    for t in range(start_ms, end_ms + 1, step_ms):
+        while i < len(pts) and pts[i][0] <= t:
+            last = pts[i]
+            i += 1
+        if last is not None and last[0] > t - LOOKBACK_MS:
+            values.append([t / 1000.0, last[1]])
+    return values
+
+
+def _step_average(buckets: list[tuple], start_ms: int, end_ms: int, step_ms: int) -> list[list[float]]:
+    """Average over the buckets in [t - step, t) for each step t (sum of sums over sum of counts)."""
+    values = []
+    lo = hi = 0
+    total, count = 0.0, 0
+    for t in range(start_ms, end_ms + 1, step_ms):
+        while hi < len(buckets) and buckets[hi][0] < t:
+            total += buckets[hi][3]
+            count += buckets[hi][4]
+            hi += 1
+        while lo < hi and buckets[lo][0] < t - step_ms:
+            total -= buckets[lo][3]
+            count -= buckets[lo][4]
+            lo += 1
+        if count:
+            values.append([t / 1000.0, total / count])
+    return values
+
+
 class Store:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, raw_layout: str = "chunks", retention: Retention | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         if self.dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite:///FILE or postgresql+psycopg://…")
+        if raw_layout not in RAW_LAYOUTS:
+            raise ValueError(f"raw layout {raw_layout!r} is not one of {RAW_LAYOUTS}")
+        # SQLite keeps one row per sample; "rows" on PostgreSQL is the naive layout, kept for comparison.
+        self.chunked = self.dialect == "postgresql" and raw_layout == "chunks"
+        self.retention = retention or Retention()
         self._insert = _insert(self.dialect)
-        self._ids: dict[int, int] = {}
+        self._ids: dict[tuple, int] = {}
+        self._has_latest: set[int] = set()
+        self._partitions: set[str] = set()
         self._ids_lock = threading.Lock()
+        self.dropped: dict[str, int] = {}  # samples that could not be stored, by reason
 
     @classmethod
-    def open(cls, url: str, *, migrate_schema: bool = True, **engine_kw: Any) -> Store:
+    def open(cls, url: str, *, migrate_schema: bool = True, raw_layout: str = "chunks",
+             retention: Retention | None = None, **engine_kw: Any) -> Store:
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
         if url.startswith("sqlite"):
@@ -78,7 +143,7 @@ class Store:
                 cur.close()
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8, **engine_kw)
-        store = cls(engine)
+        store = cls(engine, raw_layout=raw_layout, retention=retention)
         if migrate_schema:
             try:
                 migrate.upgrade(engine)
@@ -90,96 +155,274 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Raises if the database cannot answer (cheap: for health checks)."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
     # ---- ingest ----------------------------------------------------------------------------------
     def write(self, series: Sequence[Series], *, now_ms: int | None = None) -> int:
-        """Store every sample of every series in one transaction. Returns the number of samples offered."""
-        if not series:
-            return 0
+        """Store every sample of every series in one transaction: the whole batch or nothing.
+
+        Samples already stored (a retried batch, an overlapping replay) are skipped, so a retry stores
+        nothing twice. NaN values cannot be stored and are counted in ``dropped``; Prometheus staleness
+        markers end a series and are counted there too. Returns the number of samples offered."""
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-        fps = [fingerprint(s.labels) for s in series]
+        pts, offered = self._points(series)
+        if not pts:
+            return offered
         try:
+            if self.chunked:  # before the batch's transaction: its DDL must not wait on that transaction's locks
+                self._ensure_partitions("sample_head", {t // chunks.HOUR_MS * chunks.HOUR_MS
+                                                        for _, pl in pts.values() for t, _ in pl})
             with self.engine.begin() as conn:
-                ids = self._series_ids(conn, series, fps, now_ms)
-                rows = [{"series_id": ids[fp], "ts": t, "value": v}
-                        for s, fp in zip(series, fps, strict=False) for t, v in s.samples]
-                if rows:
-                    conn.execute(self._insert(schema.samples).on_conflict_do_nothing(), rows)
-                newest: dict[int, tuple[int, float]] = {}
-                for s, fp in zip(series, fps, strict=False):
-                    if s.samples:
-                        t, v = max(s.samples, key=lambda p: p[0])
-                        sid = ids[fp]
-                        if sid not in newest or t > newest[sid][0]:
-                            newest[sid] = (t, v)
-                if newest:
-                    ins = self._insert(schema.latest)
-                    stmt = ins.on_conflict_do_update(
-                        index_elements=["series_id"],
-                        set_={"ts": ins.excluded.ts, "value": ins.excluded.value},
-                        where=ins.excluded.ts >= schema.latest.c.ts,
-                    )
-                    conn.execute(stmt, [{"series_id": k, "ts": t, "value": v} for k, (t, v) in newest.items()])
-        except (OperationalError, DBAPIError) as exc:
+                ids = self._series_ids(conn, pts, now_ms)
+                by_sid: dict[int, list[tuple[int, float]]] = {}
+                for key, (_, samples) in pts.items():
+                    sid = ids[key]
+                    if sid in by_sid:  # the same label set twice in one request (keys in another order)
+                        merged = dict(by_sid[sid])
+                        merged.update(samples)
+                        by_sid[sid] = sorted(merged.items())
+                    else:
+                        by_sid[sid] = samples
+                oldest = min(p[0][0] for p in by_sid.values())
+                if oldest < now_ms - LATE_MS:
+                    self._mark_late(conn, oldest)
+                if self.chunked:
+                    self._write_chunks(conn, by_sid)
+                else:
+                    self._write_rows(conn, by_sid)
+        except _DB_ERRORS as exc:
             with self._ids_lock:  # ids learned in a rolled-back transaction may not exist
                 self._ids.clear()
+                self._has_latest.clear()
+                self._partitions.clear()  # another collector's compaction may have dropped one we knew
             raise StoreUnavailable(f"database write failed: {getattr(exc, 'orig', exc)}") from None
-        return len(rows)
+        return offered
 
-    def _series_ids(self, conn: Any, series: Sequence[Series], fps: list[int], now_ms: int) -> dict[int, int]:
+    def _points(self, series: Sequence[Series]) -> tuple[dict[tuple, tuple[Series, list[tuple[int, float]]]], int]:
+        """Per label set: time-sorted, duplicate-free samples, NaN and staleness markers taken out."""
+        out: dict[tuple, tuple[Series, list[tuple[int, float]]]] = {}
+        offered = 0
+        nan = stale = 0
+        for s in series:
+            samples = s.samples
+            offered += len(samples)
+            if not samples:
+                continue
+            clean = [p for p in samples if p[1] == p[1]]  # NaN is the one value unequal to itself
+            if len(clean) != len(samples):
+                for _, v in samples:
+                    if v != v:
+                        if struct.pack(">d", v) == STALE_NAN:
+                            stale += 1
+                        else:
+                            nan += 1
+                if not clean:
+                    continue
+            key = tuple(s.labels.items())
+            if key in out:
+                merged = dict(out[key][1])
+                merged.update(clean)
+                out[key] = (s, sorted(merged.items()))
+                continue
+            if any(b[0] <= a[0] for a, b in zip(clean, clean[1:], strict=False)):
+                clean = sorted(dict(clean).items())
+            out[key] = (s, clean)
+        if nan:
+            self._count_drop("nan_value", nan)
+            log.warning("%d NaN samples were not stored: the store keeps numbers only", nan)
+        if stale:
+            self._count_drop("staleness_marker", stale)
+        return out, offered
+
+    def _count_drop(self, what: str, n: int) -> None:
         with self._ids_lock:
-            known = {fp: self._ids[fp] for fp in fps if fp in self._ids}
-        missing = {fp: s for fp, s in zip(fps, series, strict=False) if fp not in known}
+            self.dropped[what] = self.dropped.get(what, 0) + n
+
+    def _series_ids(self, conn: Any, pts: Mapping[tuple, tuple[Series, list]], now_ms: int) -> dict[tuple, int]:
+        with self._ids_lock:
+            known = {k: self._ids[k] for k in pts if k in self._ids}
+        missing = {k: s for k, (s, _) in pts.items() if k not in known}
         if missing:
+            by_fp: dict[int, list[tuple]] = {}
             rows = []
-            for fp, s in missing.items():
-                labels = {k: v for k, v in s.labels.items() if k != "__name__"}
-                rows.append({"fingerprint": fp, "metric": s.name, "labels": json.dumps(labels, sort_keys=True),
-                             "node": labels.get("node"), "uuid": labels.get("uuid"), "created_ms": now_ms})
+            for k, s in missing.items():
+                fp = fingerprint(s.labels)
+                if fp not in by_fp:
+                    labels = {a: b for a, b in s.labels.items() if a != "__name__"}
+                    rows.append({"fingerprint": fp, "metric": s.name, "labels": json.dumps(labels, sort_keys=True),
+                                 "node": labels.get("node"), "uuid": labels.get("uuid"), "created_ms": now_ms})
+                by_fp.setdefault(fp, []).append(k)
             conn.execute(self._insert(schema.series).on_conflict_do_nothing(index_elements=["fingerprint"]), rows)
-            fp_list = list(missing)
+            fp_list = list(by_fp)
             for i in range(0, len(fp_list), 5000):
                 chunk = fp_list[i:i + 5000]
                 for fp, sid in conn.execute(select(schema.series.c.fingerprint, schema.series.c.id)
                                             .where(schema.series.c.fingerprint.in_(chunk))):
-                    known[fp] = sid
+                    for k in by_fp[fp]:
+                        known[k] = sid
             with self._ids_lock:
-                self._ids.update({fp: known[fp] for fp in missing})
+                self._ids.update({k: known[k] for k in missing})
         return known
 
+    def _mark_late(self, conn: Any, oldest: int) -> None:
+        """A sample behind the maintenance watermarks: make the next run redo rollups (and compaction)
+        from there. Live data never comes here: it is newer than ``now - LATE_MS``."""
+        marks = dict(conn.execute(select(schema.store_state.c.key, schema.store_state.c.value)).all())
+        for done, dirty in (("rollup_until", "rollup_dirty_from"), ("compact_until", "compact_dirty_from")):
+            if done in marks and oldest < marks[done]:
+                ins = self._insert(schema.store_state)
+                least = func.least if self.dialect == "postgresql" else func.min
+                conn.execute(ins.values(key=dirty, value=oldest).on_conflict_do_update(
+                    index_elements=["key"], set_={"value": least(schema.store_state.c.value, ins.excluded.value)}))
+
+    def _write_rows(self, conn: Any, by_sid: Mapping[int, list[tuple[int, float]]]) -> None:
+        # One row per sample; the (series_id, ts) key turns a retried sample into a no-op.
+        rows = [{"series_id": sid, "ts": t, "value": v} for sid, pl in by_sid.items() for t, v in pl]
+        conn.execute(self._insert(schema.samples).on_conflict_do_nothing(), rows)
+        newest = [{"series_id": sid, "ts": pl[-1][0], "value": pl[-1][1]} for sid, pl in by_sid.items()]
+        ins = self._insert(schema.latest)
+        conn.execute(ins.on_conflict_do_update(index_elements=["series_id"],
+                                               set_={"ts": ins.excluded.ts, "value": ins.excluded.value},
+                                               where=ins.excluded.ts >= schema.latest.c.ts), newest)
+
+    def _write_chunks(self, conn: Any, by_sid: dict[int, list[tuple[int, float]]]) -> None:
+        cur = conn.connection.driver_connection.cursor()
+        sids = sorted(by_sid)
+        with self._ids_lock:
+            new = [sid for sid in sids if sid not in self._has_latest]
+        if new:  # a row to lock for series never seen, so concurrent first writes serialise too
+            cur.execute("INSERT INTO latest (series_id, ts, value) SELECT unnest(%s::int4[]), %s, 'NaN' "
+                        "ON CONFLICT DO NOTHING", (new, NO_TS))
+        # Lock each series' newest timestamp (in id order: no deadlock between two writers). Samples
+        # newer than it are new for sure; only the rest (retries, late replays) are checked one by one.
+        cur.execute("SELECT series_id, ts FROM latest WHERE series_id = ANY(%s) ORDER BY series_id FOR UPDATE",
+                    (sids,))
+        newest = dict(cur.fetchall())
+        maybe_stored = {sid: pl for sid, pl in by_sid.items() if pl[0][0] <= newest.get(sid, NO_TS)}
+        if maybe_stored:
+            lo = min(pl[0][0] for pl in maybe_stored.values())
+            hi = max(newest[sid] for sid in maybe_stored)
+            stored = chunks.existing_timestamps(cur, list(maybe_stored), lo, hi)
+            for sid, pl in maybe_stored.items():
+                by_sid[sid] = [p for p in pl if (sid, p[0]) not in stored]
+        rows = [r for sid, pl in by_sid.items() if pl for r in chunks.chunk_rows(sid, pl)]
+        if rows:
+            chunks.copy_chunks(cur, rows)
+        latest_rows = [(sid, pl[-1][0], pl[-1][1]) for sid, pl in by_sid.items()
+                       if pl and pl[-1][0] > newest.get(sid, NO_TS)]
+        if latest_rows:
+            a, b, c = zip(*latest_rows, strict=True)
+            cur.execute("INSERT INTO latest (series_id, ts, value) "
+                        "SELECT * FROM unnest(%s::int4[], %s::int8[], %s::float8[]) "
+                        "ON CONFLICT (series_id) DO UPDATE SET ts = excluded.ts, value = excluded.value",
+                        (list(a), list(b), list(c)))
+        with self._ids_lock:
+            self._has_latest.update(sids)
+
+    def _ensure_partitions(self, table: str, times_ms: Iterable[int], cur: Any = None) -> None:
+        """Partitions are created in their own committed transaction, so a batch that fails later does
+        not take a new partition down with it and concurrent batches do not wait on the DDL."""
+        times_ms = list(times_ms)
+        if all(chunks.partition_name(table, t) in self._partitions for t in times_ms):
+            return
+        if cur is not None:  # inside maintenance's own transaction, which already holds the tables it reads
+            chunks.ensure_partitions(cur, table, times_ms, self._partitions)
+            return
+        with self.engine.begin() as conn:
+            chunks.ensure_partitions(conn.connection.driver_connection.cursor(), table, times_ms, self._partitions)
+
     # ---- reads -----------------------------------------------------------------------------------
-    def _matching_series(self, conn: Any, metric: str, matchers: Mapping[str, str]) -> list[tuple[int, dict]]:
-        out = []
+    def _matching_series(self, conn: Any, metric: str, matchers: Mapping[str, str]) -> dict[int, dict]:
+        out = {}
         for sid, labels_json in conn.execute(select(schema.series.c.id, schema.series.c.labels)
                                              .where(schema.series.c.metric == metric)):
             labels = json.loads(labels_json)
             if all(labels.get(k, "") == v for k, v in matchers.items()):
-                out.append((sid, {"__name__": metric, **labels}))
+                out[sid] = {"__name__": metric, **labels}
         return out
+
+    @staticmethod
+    def resolution(start: float, end: float, step: float) -> str:
+        """Which data answers a range query: ``raw`` for ranges up to 6 hours (and for steps under a
+        minute), else the coarsest rollup the step allows: ``1h`` for steps of an hour or more, ``1m``
+        for a minute or more. Keep raw retention longer than 6 hours so short ranges find raw data."""
+        if (end - start) * 1000 <= RAW_RANGE_MS or step < 60:
+            return "raw"
+        return "1h" if step >= 3600 else "1m"
 
     def query_range(self, metric: str, matchers: Mapping[str, str], start: float, end: float,
                     step: float) -> list[dict[str, Any]]:
-        """Each matching series sampled every ``step`` seconds from ``start`` to ``end``: the newest value
-        at or before each step, no older than 5 minutes (Prometheus's instant-vector semantics)."""
+        """Each matching series every ``step`` seconds from ``start`` to ``end``.
+
+        Raw resolution: the newest value at or before each step, no older than 5 minutes (Prometheus's
+        instant-vector semantics). Rollup resolution (long ranges, see ``resolution``): the average of
+        the samples in the ``step`` seconds before each step."""
         start_ms, end_ms, step_ms = int(start * 1000), int(end * 1000), max(1, int(step * 1000))
-        result = []
+        res = self.resolution(start, end, step)
         with self.engine.connect() as conn:
-            for sid, labels in self._matching_series(conn, metric, matchers):
-                pts = conn.execute(
-                    select(schema.samples.c.ts, schema.samples.c.value)
-                    .where(schema.samples.c.series_id == sid,
-                           schema.samples.c.ts > start_ms - LOOKBACK_MS, schema.samples.c.ts <= end_ms)
-                    .order_by(schema.samples.c.ts)).all()
-                values = []
-                i, last = 0, None
-                for t in range(start_ms, end_ms + 1, step_ms):
-                    while i < len(pts) and pts[i][0] <= t:
-                        last = pts[i]
-                        i += 1
-                    if last is not None and last[0] > t - LOOKBACK_MS:
-                        values.append([t / 1000.0, last[1]])
-                if values:
-                    result.append({"metric": labels, "values": values})
-        return result
+            series = self._matching_series(conn, metric, matchers)
+            if not series:
+                return []
+            if res == "raw":
+                by_sid = self._raw_points(conn, list(series), start_ms - LOOKBACK_MS, end_ms)
+                result = [{"metric": series[sid], "values": _step_latest(by_sid.get(sid, []), start_ms, end_ms, step_ms)}
+                          for sid in series]
+            else:
+                buckets = self._rollup_buckets(conn, res, list(series), start_ms - step_ms, end_ms)
+                result = [{"metric": series[sid], "values": _step_average(buckets.get(sid, []), start_ms, end_ms, step_ms)}
+                          for sid in series]
+        return sorted((r for r in result if r["values"]), key=lambda r: sorted(r["metric"].items()))
+
+    def _raw_points(self, conn: Any, sids: list[int], lo: int, hi: int) -> dict[int, list[tuple[int, float]]]:
+        """Samples of these series with lo < ts <= hi, time-sorted, from every raw layout present."""
+        out: dict[int, list[tuple[int, float]]] = {}
+        rows = []
+        if self.dialect == "postgresql":
+            rows += conn.execute(text(
+                f"SELECT c.series_id, p.ts, p.value FROM {chunks.ALL_CHUNKS} c {chunks.POINTS} "
+                "WHERE c.series_id = ANY(:sids) AND c.start_ms <= :hi AND c.start_ms > :lo - :hour "
+                "AND c.end_ms > :lo AND p.ts > :lo AND p.ts <= :hi"),
+                {"sids": sids, "lo": lo, "hi": hi, "hour": chunks.HOUR_MS}).all()
+        s = schema.samples.c
+        for i in range(0, len(sids), 500):
+            rows += conn.execute(select(s.series_id, s.ts, s.value).where(
+                s.series_id.in_(sids[i:i + 500]), s.ts > lo, s.ts <= hi)).all()
+        for sid, t, v in rows:
+            out.setdefault(sid, []).append((t, v))
+        for pl in out.values():
+            pl.sort()
+        return out
+
+    def _rollup_buckets(self, conn: Any, res: str, sids: list[int], lo: int, hi: int) -> dict[int, list[tuple]]:
+        """(bucket_ms, min, max, sum, count) per series for buckets in [lo, hi): rollup rows up to the
+        rollup watermark, the newest stretch (not rolled up yet) computed from raw samples."""
+        table = schema.rollup_1h if res == "1h" else schema.rollup_1m
+        width = 3_600_000 if res == "1h" else 60_000
+        done = conn.execute(select(schema.store_state.c.value)
+                            .where(schema.store_state.c.key == "rollup_until")).scalar()
+        done = done if done is not None else lo
+        if res == "1h":
+            done = done // width * width
+        out: dict[int, list[tuple]] = {}
+        r = table.c
+        for i in range(0, len(sids), 500):
+            for sid, b, mn, mx, sm, n in conn.execute(
+                    select(r.series_id, r.bucket_ms, r.vmin, r.vmax, r.vsum, r.n)
+                    .where(r.series_id.in_(sids[i:i + 500]), r.bucket_ms >= lo, r.bucket_ms < min(hi, done))):
+                out.setdefault(sid, []).append((b, mn, mx, sm, n))
+        if done < hi:
+            for sid, pl in self._raw_points(conn, sids, max(lo, done) - 1, hi - 1).items():
+                agg: dict[int, list] = {}
+                for t, v in pl:
+                    a = agg.setdefault(t // width * width, [v, v, 0.0, 0])
+                    a[0], a[1], a[2], a[3] = min(a[0], v), max(a[1], v), a[2] + v, a[3] + 1
+                out.setdefault(sid, []).extend((b, *a) for b, a in sorted(agg.items()))
+        for bl in out.values():
+            bl.sort()
+        return out
 
     def latest(self, metric: str | None = None, matchers: Mapping[str, str] | None = None,
                since_ms: int | None = None) -> list[Point]:
@@ -234,8 +477,18 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            return {name: conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()
-                    for name in ("series", "samples")}
+            n = conn.execute(text("SELECT count(*) FROM samples")).scalar_one()
+            if self.dialect == "postgresql":
+                n += conn.execute(text(f"SELECT coalesce(sum(cardinality(vals)), 0) FROM {chunks.ALL_CHUNKS} c")
+                                  ).scalar_one()
+            return {"series": conn.execute(text("SELECT count(*) FROM series")).scalar_one(), "samples": int(n)}
+
+    # ---- maintenance -----------------------------------------------------------------------------
+    def maintain(self, now_ms: int | None = None) -> dict[str, Any]:
+        """One maintenance pass: compact closed hours, bring rollups up to date, enforce retention."""
+        from collector.store.maintenance import maintain
+
+        return maintain(self, now_ms if now_ms is not None else int(time.time() * 1000))
 
     # ---- alert state -----------------------------------------------------------------------------
     def load_alerts(self, states: Iterable[str] = ("pending", "firing")) -> list[dict[str, Any]]:
