@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -100,6 +101,20 @@ WRITE_BODY = {"requestBody": {"required": True, "description": "A snappy-compres
                               "prometheus.WriteRequest, as remote-write 1.0 sends it.",
                               "content": {"application/x-protobuf": {"schema": {"type": "string",
                                                                                 "format": "binary"}}}}}
+
+
+LATEST_MS = 4_102_444_800_000  # 2100-01-01: later times are typing mistakes
+SILENCE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["matchers"],
+    "description": "Give `endsAt` (Unix seconds) or `duration` (e.g. 2h).",
+    "properties": {
+        "matchers": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "value"],
+            "properties": {"name": {"type": "string"}, "value": {"type": "string"},
+                           "isRegex": {"type": "boolean"}, "isEqual": {"type": "boolean"}}}},
+        "startsAt": {"type": "number"}, "endsAt": {"type": "number"},
+        "duration": {"type": "string", "example": "2h"},
+        "createdBy": {"type": "string"}, "comment": {"type": "string"}}}}}}}
 
 
 def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
@@ -231,7 +246,12 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         now = int(time.time() * 1000)
         return {"silences": [s.to_api(now) for s in await run_in_threadpool(silences.list_silences)]}
 
-    @app.post("/api/v1/silences", summary="Add a silence: matchers, endsAt (or duration), createdBy, comment")
+    @app.post("/api/v1/silences", summary="Add a silence: matchers, endsAt (or duration), createdBy, comment",
+              status_code=201, openapi_extra=SILENCE_BODY,
+              responses={201: {"description": "The silence, with its id."},
+                         **_errors(e400="Not a valid silence (body, matchers or times); nothing was added.",
+                                   e401="Tokens are configured and the request has none of them.",
+                                   e404="This collector keeps no silences.")})
     async def add_silence(request: Request) -> JSONResponse:
         if not authorised(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
@@ -255,15 +275,21 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
                 ends = starts + int(parse_duration(body["duration"]) * 1000)
             else:
                 raise ValueError("give 'endsAt' (Unix seconds) or 'duration' (e.g. 2h)")
+            if not (0 <= starts < ends <= LATEST_MS):
+                raise ValueError("startsAt must come before endsAt, both between 1970 and 2100 (Unix seconds)")
             s = Silence.new([Matcher.from_api(m) for m in matchers], starts, ends, str(body.get("createdBy", "")),
                             str(body.get("comment", "")), now)
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            json.dumps(s.to_api()).encode("utf-8")  # lone surrogates cannot be stored (found by schemathesis)
+        except (ValueError, OverflowError) as exc:  # json.JSONDecodeError, UnicodeEncodeError are ValueErrors
             return JSONResponse({"error": f"bad silence: {exc}"}, status_code=400)
         await run_in_threadpool(silences.add_silence, s)
         log.info("silence %s added by %s until %s: %s", s.id, s.created_by, s.ends_at_ms, s.comment)
         return JSONResponse({"silenceID": s.id, "silence": s.to_api()}, status_code=201)
 
-    @app.delete("/api/v1/silences/{silence_id}", summary="Expire a silence now")
+    @app.delete("/api/v1/silences/{silence_id}", summary="Expire a silence now",
+                responses={200: {"description": "The silence, now expired."},
+                           **_errors(e401="Tokens are configured and the request has none of them.",
+                                     e404="No such silence, or this collector keeps no silences.")})
     async def expire_silence(silence_id: str, request: Request) -> JSONResponse:
         if not authorised(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)

@@ -46,7 +46,7 @@ def test_no_digest_unless_configured_and_a_bad_schedule_is_named(tmp_path):
     with SlackDouble() as slack:
         c = _collector(tmp_path, slack)
         try:
-            assert c.digest_job is None and [j.id for j in c.scheduler.get_jobs()] == ["rules"]
+            assert c.digest_job is None and "digest" not in [j.id for j in c.scheduler.get_jobs()]
         finally:
             c.close()
         with pytest.raises(ValueError, match="'every monday' is not a crontab line"):

@@ -74,7 +74,8 @@ def test_schema_migrates_on_open_and_a_newer_schema_is_refused(db_url):
     s = Store.open(db_url)
     with s.engine.begin() as conn:
         assert tuple(sorted(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())) == head_revisions()
-        conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+        conn.execute(text("DELETE FROM alembic_version"))  # every head, replaced by one this code never saw
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('9999_from_the_future')"))
     s.close()
     with pytest.raises(SchemaTooNew, match="newer than this gpufleet knows"):
         Store.open(db_url)
