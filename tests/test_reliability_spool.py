@@ -142,7 +142,9 @@ def start_collector(db: str, port: int, *extra: str) -> subprocess.Popen:
 
 def stored_samples(pg_url: str) -> list[tuple[str, int]]:
     with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        rows = conn.execute("SELECT s.metric, s.labels, x.ts FROM samples x JOIN series s ON s.id = x.series_id")
+        # through metric_samples, the store's SQL read contract, whatever the layout under it
+        rows = conn.execute("SELECT metric, labels::text, round(extract(epoch FROM time) * 1000)::bigint "
+                            "FROM metric_samples")
         return [(json.dumps(sorted({"__name__": m, **json.loads(lab)}.items())), ts) for m, lab, ts in rows]
 
 
