@@ -58,7 +58,8 @@ MATRIX: dict[str, dict] = {
                          "slack": {"token": "xoxb-1-2-3", "channel": "C0123ONCALL",
                                    "baseUrl": "https://slack.example/api/", "digestCron": "0 9 * * mon",
                                    "digestChannel": "C0DIGEST", "publicUrl": "https://gpufleet.example.com"},
-                         "grafana": {"url": "https://grafana.example", "token": "glsa_x"},
+                         "grafana": {"url": "https://grafana.example", "token": "glsa_x",
+                                     "dashboardUrl": "https://grafana.example/d/gpufleet-node-gpu-postgres"},
                          "rules": {"files": {"gpu.yaml": "groups: []\n", "site.yaml": "groups: []\n"}}},
     "agents-only": {"collector": {"enabled": False}, "podMonitor": {"enabled": True},
                     "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True, "sources": ["gpu", "host"]}},
@@ -83,6 +84,11 @@ MATRIX: dict[str, dict] = {
         "serviceMonitor": {"enabled": True},
     },
     "open-writes": {"auth": {"enabled": False}},
+    # PostgreSQL kept for a year at one-minute resolution, forwarded to two remote-write receivers.
+    "store-options": {"database": {"url": PG_URL}, "collector": {
+        "retention": {"rawDays": 0.5, "oneMinuteDays": 365, "oneHourDays": 1825},
+        "forward": ["http://prometheus.monitoring.svc:9090/api/v1/write", "https://mimir.example/api/v1/push"],
+        "rawLayout": "rows"}},
 }
 
 
@@ -458,6 +464,22 @@ def test_network_policies_admit_agents_and_listed_peers(rendered):
     assert pols["gf-gpufleet-agent"]["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
 
 
+def test_retention_forwarding_and_layout_reach_the_collector_only_when_set(rendered):
+    env = env_of(container(rendered["store-options"], "collector"))
+    assert {n: env[n]["value"] for n in ("GPUFLEET_RETENTION_RAW", "GPUFLEET_RETENTION_1M", "GPUFLEET_RETENTION_1H")} \
+        == {"GPUFLEET_RETENTION_RAW": "0.5", "GPUFLEET_RETENTION_1M": "365", "GPUFLEET_RETENTION_1H": "1825"}
+    assert env["GPUFLEET_FORWARD"]["value"] == " ".join(MATRIX["store-options"]["collector"]["forward"])
+    assert env["GPUFLEET_RAW_LAYOUT"]["value"] == "rows"
+    slack = env_of(container(rendered["tokens-and-slack"], "collector"))
+    assert slack["GPUFLEET_GRAFANA_DASHBOARD_URL"]["value"] == "https://grafana.example/d/gpufleet-node-gpu-postgres"
+    defaults = env_of(container(rendered["defaults"], "collector"))
+    assert not [n for n in defaults if n.startswith(("GPUFLEET_RETENTION_", "GPUFLEET_FORWARD", "GPUFLEET_RAW_LAYOUT",
+                                                     "GPUFLEET_GRAFANA_DASHBOARD_URL"))]
+    # One value alone is passed alone: the collector's defaults hold for the others.
+    one = env_of(container(objects(render({"collector": {"retention": {"oneHourDays": 3650}}})), "collector"))
+    assert [n for n in one if n.startswith("GPUFLEET_RETENTION_")] == ["GPUFLEET_RETENTION_1H"]
+
+
 # ---- wrong values fail at template time, with the fix in the message --------------------------------
 @pytest.mark.parametrize("values, says", [
     ({"agent": {"perProccess": True}}, "additional properties 'perProccess' not allowed"),
@@ -503,6 +525,14 @@ def test_network_policies_admit_agents_and_listed_peers(rendered):
     ({"agent": {"tls": {"ca": {"existingSecret": "a", "existingConfigMap": "b"}}},
       "collector": {"tls": {"existingSecret": "collector-tls"}}}, "unset the other"),
     ({"auth": {"enabled": False, "tokenFile": {"existingSecret": "fleet-tokens"}}}, "set auth.enabled=true"),
+    ({"collector": {"retention": {"rawDays": 0.1}}}, "/collector/retention/rawDays"),
+    ({"collector": {"retention": {"oneHourDays": "730"}}}, "/collector/retention/oneHourDays"),
+    ({"collector": {"retention": {"raw": 15}}}, "additional properties 'raw' not allowed"),
+    ({"collector": {"forward": ["prometheus:9090/api/v1/write"]}}, "/collector/forward/0"),
+    ({"collector": {"forward": ["http://a/api/v1/write http://b/api/v1/write"]}}, "/collector/forward/0"),
+    ({"collector": {"rawLayout": "chunked"}, "database": {"url": PG_URL}}, "/collector/rawLayout"),
+    ({"collector": {"rawLayout": "rows"}}, "collector.rawLayout=rows applies to PostgreSQL only"),
+    ({"grafana": {"dashboardUrl": "grafana.example/d/gpufleet-node-gpu-postgres"}}, "/grafana/dashboardUrl"),
 ])
 def test_wrong_values_fail_with_a_clear_message(values, says):
     with pytest.raises(helm.HelmError) as err:

@@ -194,7 +194,8 @@ def _container_env(objs: list[dict], component: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("scenario", ["defaults", "tokens-and-slack", "external-database", "existing-secrets",
-                                      "agents-only", "inference", "tls-and-spool", "open-writes"])
+                                      "agents-only", "inference", "tls-and-spool", "open-writes",
+                                      "store-options"])
 def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
     """Feed each container's rendered environment to the real click command and read back its settings."""
     objs = objects(render(MATRIX[scenario]))
@@ -247,6 +248,22 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
             if scenario == "tokens-and-slack":
                 assert p["slack_token"] == "xoxb-1-2-3" and p["slack_channel"] == "C0123ONCALL"
                 assert p["slack_base_url"] == "https://slack.example/api/"
+                assert p["grafana_dashboard_url"] == "https://grafana.example/d/gpufleet-node-gpu-postgres"
+            from gpufleet.cli import _collector_settings
+
+            store_keys = ("grafana_dashboard_url", "forward", "retention_raw", "retention_1m", "retention_1h",
+                          "raw_layout")
+            s = _collector_settings(p["listen"], p["db"], p["rules"], p["eval_interval"], p["slack_token"],
+                                    p["slack_channel"], p["slack_base_url"], **{k: p[k] for k in store_keys})
+            if scenario == "store-options":
+                values = MATRIX[scenario]["collector"]
+                assert s.forward == values["forward"] and s.raw_layout == "rows"
+                day = 86_400_000
+                assert (s.retention.raw_ms, s.retention.rollup_1m_ms, s.retention.rollup_1h_ms) == \
+                    (day // 2, 365 * day, 1825 * day)
+            else:  # nothing set: the collector's own defaults
+                assert s.forward == [] and s.raw_layout == "chunks"
+                assert s.retention.raw_ms == 15 * 86_400_000
     if scenario == "tokens-and-slack":
         agent_env = env_of(container(objs, "agent"))
         assert agent_env["GPUFLEET_CLUSTER"]["value"] == "prod-east"

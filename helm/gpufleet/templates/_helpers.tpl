@@ -142,6 +142,9 @@ app.kubernetes.io/part-of: gpufleet
 {{- fail "collector.tls.clientCAKey makes the collector require client certificates, but the agents have none: set agent.tls.clientCert.existingSecret to a kubernetes.io/tls Secret signed by that CA." -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.collector.enabled .Values.collector.rawLayout (include "gpufleet.sqlite" .) -}}
+{{- fail (printf "collector.rawLayout=%s applies to PostgreSQL only; SQLite always stores one row per sample: leave collector.rawLayout empty, or set database.url (postgresql+psycopg://...) or database.existingSecret." .Values.collector.rawLayout) -}}
+{{- end -}}
 {{- range $name, $_ := .Values.grafana.dashboards.extra -}}
 {{- if not (regexMatch "^[A-Za-z0-9._-]+\\.json$" $name) -}}
 {{- fail (printf "grafana.dashboards.extra key %q is not a dashboard file name: use NAME.json" $name) -}}
