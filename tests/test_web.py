@@ -81,7 +81,7 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
 
     url, agent_url, _ = up_8
     subprocess.run([sys.executable, "-m", "gpufleet.cli", "simulate", "inject", "--agent", agent_url,
-                    "--gpu", "3", "xid", "--xid", "79"], check=True, capture_output=True, timeout=30)
+                    "--gpu", "3", "xid", "--xid", "48"], check=True, capture_output=True, timeout=30)
     wait_until(lambda: any(a["rule"] == "GpuXidCritical" for a in get_json(url + "/api/v1/alerts")["alerts"]),
                timeout=20)
     # a few samples for the trend lines before the picture is taken
@@ -114,8 +114,8 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
             raise AssertionError(f"the page never showed 8 GPUs, the alert and the trends: {seen}") from None
         assert page["alerting"] == ["3"]
         (xid_alert,) = [a for a in page["alerts"] if "GpuXidCritical" in a]
-        assert "XID 79" in xid_alert and "GPU 3" in xid_alert
-        assert any(r.endswith("/docs/runbooks/xid.md") for r in page["runbooks"])
+        assert "XID 48" in xid_alert and "GPU 3" in xid_alert
+        assert any(r.endswith("/docs/runbooks/xid-critical.md") for r in page["runbooks"])
         assert "8/8" in page["totals"] or "7/8" in page["totals"]
         card = browser.evaluate("document.querySelector('article.gpu[data-gpu=\"3\"]').innerText")
         assert "GpuXidCritical" in card and "SM active" in card and "utilization" in card and "°C" in card
