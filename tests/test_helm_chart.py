@@ -617,15 +617,7 @@ def test_promtool_catches_a_broken_expression(tmp_path):
     assert subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True).returncode != 0
 
 
-def _export_command():
-    alerts = main.commands.get("alerts")
-    return getattr(alerts, "commands", {}).get("export")
-
-
 def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path):
-    if _export_command() is None:
-        pytest.skip("`gpufleet alerts export` is not in this build yet: files/prometheusrule.yaml is kept by hand "
-                    "(see test_prometheus_rule_file_covers_the_built_in_pack)")
     out = tmp_path / "prometheusrule.yaml"
     result = CliRunner().invoke(main, ["alerts", "export", "--format", "prometheusrule", "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -634,20 +626,6 @@ def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path):
     assert exported["spec"] == committed["spec"], (
         "helm/gpufleet/files/prometheusrule.yaml is stale: regenerate it with "
         "gpufleet alerts export --format prometheusrule -o helm/gpufleet/files/prometheusrule.yaml")
-
-
-def test_prometheus_rule_file_covers_the_built_in_pack():
-    if _export_command() is not None:
-        pytest.skip("`gpufleet alerts export` exists: test_prometheus_rule_file_matches_gpufleet_alerts_export "
-                    "checks the file against it")
-    from collector.rules.model import default_rules_path, load_rules
-
-    pack = {r.name: r for r in load_rules([default_rules_path()])}
-    chart_rules = {r["alert"]: r for g in _rendered_rule_groups()["groups"] for r in g["rules"]}
-    assert set(chart_rules) == set(pack)
-    for name, rule in pack.items():
-        assert chart_rules[name]["labels"]["severity"] == rule.severity, name
-        assert chart_rules[name]["annotations"] == rule.annotations, name
 
 
 def test_notes_tell_where_to_look_next():
