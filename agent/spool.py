@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpufleet.durations import parse_duration
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 512 << 20
@@ -215,12 +217,7 @@ def parse_size(value: str | int) -> int:
 
 def parse_age(value: str | float) -> float:
     """``24h``, ``90m``, ``30s``, ``2d`` or plain seconds."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a duration (use seconds, or 30m, 24h, 2d)")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+    return parse_duration(value)
 
 
 __all__ = ["DEFAULT_MAX_AGE_S", "DEFAULT_MAX_BYTES", "Spool", "SpoolEntry", "SpoolError", "parse_age", "parse_size"]

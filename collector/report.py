@@ -30,6 +30,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from gpufleet.durations import parse_duration
+
 GIB = float(1 << 30)
 STATES = ("busy", "busy_low_sm", "idle_with_memory", "idle")
 STATE_TITLES = {"busy": "busy", "busy_low_sm": "busy, low SM activity", "idle_with_memory": "idle with memory held",
@@ -78,19 +80,18 @@ class Report:
 
 
 # ---- time range ---------------------------------------------------------------------------------------
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 _LATEST = 4_102_444_800.0  # 2100-01-01: later times are typing mistakes, and overflow datetime
 
 
 def parse_since(since: str, until: float | None = None, now: float | None = None) -> tuple[float, float]:
     """``since``: a duration back from ``until`` (``7d``, ``24h``, ``90m``), Unix seconds or an ISO 8601 time."""
     end = float(until) if until is not None else (time.time() if now is None else now)
-    m = _DURATION.match(since)
-    if m:
-        start = end - float(m[1]) * _UNIT_S[m[2]]
+    try:
+        back: float | None = parse_duration(since, unit_required=True)
+    except ValueError:
+        back = None
+    if back is not None:
+        start = end - back
     elif re.fullmatch(r"\d{9,}(?:\.\d+)?", since.strip()):  # Unix seconds
         start = float(since)
     else:

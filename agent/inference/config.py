@@ -6,7 +6,6 @@ Every mistake names the key and how to fix it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from agent.inference.servers import SERVERS
+from gpufleet.durations import parse_duration as _parse_duration
 
 PROBE_KINDS = ("openai-chat", "openai-completions", "http")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 class ConfigError(ValueError):
@@ -100,12 +98,10 @@ class InferenceSettings:
 
 
 def parse_duration(value: Any, where: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    m = _DURATION.match(str(value).strip())
-    if not m:
-        raise ConfigError(f"{where}: {value!r} is not a duration; write seconds (10) or 10s, 500ms, 5m")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return _parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_url(url: Any, where: str, schemes: tuple[str, ...] = ("http", "https")) -> str:

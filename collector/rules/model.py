@@ -15,13 +15,13 @@ from typing import Any
 
 import yaml
 
+from gpufleet.durations import parse_duration as _parse_duration
+
 KINDS = ("threshold", "event", "stale", "anomaly", "peer", "trend")
 OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
        "<=": lambda a, b: a <= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 SEVERITIES = ("critical", "warning", "info")
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
@@ -35,12 +35,7 @@ class RuleError(ValueError):
 
 
 def parse_duration(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    m = _DURATION.match(str(value).strip())
-    if not m:
-        raise ValueError(f"{value!r} is not a duration (use 30s, 5m, 1h)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return _parse_duration(value, unit_required=True)
 
 
 def format_duration(seconds: float) -> str:
