@@ -252,6 +252,7 @@ class Store:
             self._write_points(group)
         except StoreUnavailable as exc:
             if len(group) > 1 and not exc.connection:
+                log.warning("a shared transaction of %d batches failed (%s); writing each on its own", len(group), exc)
                 for item in group:
                     self._write_group([item])
                 return
