@@ -219,18 +219,33 @@ class Dispatcher:
         gl = {k: labels[k] for k in self.route.group_by if labels.get(k)}
         return json.dumps(sorted(gl.items()), separators=(",", ":")), gl
 
-    def _mute_reason(self, a: dict[str, Any], firing: list[dict[str, Any]], silences: Sequence[Silence]) -> str | None:
+    def _sources(self, firing: list[dict[str, Any]]) -> list[dict[tuple[str, ...], list[dict[str, Any]]]]:
+        """Per inhibit rule: the firing alerts that can inhibit, by their values of the rule's ``equal``
+        labels (all present), in firing order. One pass over the firing alerts instead of one per alert."""
+        out: list[dict[tuple[str, ...], list[dict[str, Any]]]] = []
+        for rule in self.inhibit_rules:
+            by_equal: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for src in firing:
+                sl = src["labels"]
+                key = tuple(sl.get(e) or "" for e in rule.equal)
+                if all(key) and _rx(sl, rule.source):
+                    by_equal.setdefault(key, []).append(src)
+            out.append(by_equal)
+        return out
+
+    def _mute_reason(self, a: dict[str, Any], sources: list[dict[tuple[str, ...], list[dict[str, Any]]]],
+                     silences: Sequence[Silence]) -> str | None:
         labels = a["labels"]
         for s in silences:
             if s.matches(labels):
                 return f"silence {s.id}"
-        for rule in self.inhibit_rules:
-            if not _rx(labels, rule.target) or _rx(labels, rule.source):
+        for rule, by_equal in zip(self.inhibit_rules, sources, strict=True):
+            candidates = by_equal.get(tuple(labels.get(e) or "" for e in rule.equal))
+            if not candidates or not _rx(labels, rule.target) or _rx(labels, rule.source):
                 continue
-            for src in firing:
-                sl = src["labels"]
-                if src["id"] != a["id"] and _rx(sl, rule.source) and \
-                        all(sl.get(e) and sl.get(e) == labels.get(e) for e in rule.equal):
+            for src in candidates:
+                if src["id"] != a["id"]:
+                    sl = src["labels"]
                     return f"inhibited by {src['rule']} ({', '.join(f'{e}={sl[e]}' for e in rule.equal)})"
         return None
 
@@ -240,8 +255,9 @@ class Dispatcher:
         active_silences = [s for s in silences if s.active(now_ms)]
         self.muted = {}
         current: dict[str, list[dict[str, Any]]] = {}
+        sources = self._sources(firing)
         for a in firing:
-            why = self._mute_reason(a, firing, active_silences)
+            why = self._mute_reason(a, sources, active_silences)
             if why:
                 self.muted[a["id"]] = why
                 continue

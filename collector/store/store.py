@@ -15,6 +15,7 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,40 @@ except ImportError:  # pragma: no cover - SQLite-only installs
 
 
 class StoreUnavailable(RuntimeError):
-    """The database cannot be reached or refused the transaction; the caller should retry later."""
+    """The database cannot be reached or refused the transaction; the caller should retry later.
+    ``connection``: the connection failed (rather than the database refusing what was sent)."""
+
+    def __init__(self, message: str, *, connection: bool = True) -> None:
+        super().__init__(message)
+        self.connection = connection
+
+
+def _connection_error(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", exc)
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    try:
+        return isinstance(orig, psycopg.OperationalError) and not isinstance(
+            orig, (psycopg.errors.TransactionRollback, psycopg.errors.LockNotAvailable))
+    except NameError:  # pragma: no cover - SQLite-only installs
+        return isinstance(exc, OperationalError)
+
+
+# Largest shared transaction of concurrent writes (samples); a batch larger than this goes alone.
+GROUP_MAX_SAMPLES = 200_000
+
+
+class _Pending:
+    """A batch waiting for a shared transaction: its points, and once written, done and any error."""
+
+    __slots__ = ("pts", "now_ms", "samples", "done", "error")
+
+    def __init__(self, pts: dict, now_ms: int, samples: int) -> None:
+        self.pts = pts
+        self.now_ms = now_ms
+        self.samples = samples
+        self.done = False
+        self.error: StoreUnavailable | None = None
 
 
 def fingerprint(labels: Mapping[str, str]) -> int:
@@ -125,6 +159,9 @@ class Store:
         self._has_latest: set[int] = set()
         self._partitions: set[str] = set()
         self._ids_lock = threading.Lock()
+        self._queue: deque[_Pending] = deque()  # batches waiting for a shared transaction
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # held by the one thread writing a shared transaction
         self.dropped: dict[str, int] = {}  # samples that could not be stored, by reason
 
     @classmethod
@@ -166,29 +203,90 @@ class Store:
 
         Samples already stored (a retried batch, an overlapping replay) are skipped, so a retry stores
         nothing twice. NaN values cannot be stored and are counted in ``dropped``; Prometheus staleness
-        markers end a series and are counted there too. Returns the number of samples offered."""
+        markers end a series and are counted there too. Returns the number of samples offered.
+
+        Concurrent calls share transactions (group commit): the batches that arrive while one
+        transaction is being written go into the next one together, and each call returns only after
+        the commit of the transaction that holds its batch. See ``write_many`` for what a shared
+        transaction that fails does."""
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         pts, offered = self._points(series)
         if not pts:
             return offered
+        item = _Pending(pts, now_ms, sum(len(pl) for _, pl in pts.values()))
+        with self._queue_lock:
+            self._queue.append(item)
+        while not item.done:
+            with self._commit_lock:  # whoever holds it writes every batch queued so far, its own or not
+                if item.done:
+                    break
+                with self._queue_lock:
+                    group, samples = [], 0
+                    while self._queue and (not group or samples + self._queue[0].samples <= GROUP_MAX_SAMPLES):
+                        group.append(self._queue.popleft())
+                        samples += group[-1].samples
+                self._write_group(group)
+        if item.error is not None:
+            raise item.error
+        return offered
+
+    def write_many(self, batches: Sequence[Sequence[Series]], *, now_ms: int | None = None) -> list[int | Exception]:
+        """Store several batches in one shared transaction (what concurrent ``write`` calls do).
+
+        Per batch: the number of samples offered, or the ``StoreUnavailable`` it failed with. When the
+        shared transaction fails on a database error that is not about the connection (a batch the
+        database refuses, a deadlock), each batch is retried in a transaction of its own, so one bad
+        batch does not fail the others; when the database cannot be reached, every batch fails. Either
+        way a batch is stored whole or not at all."""
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        items, out = [], []
+        for series in batches:
+            pts, offered = self._points(series)
+            out.append(offered)
+            items.append(_Pending(pts, now_ms, 0) if pts else None)
+        self._write_group([i for i in items if i is not None])
+        return [i.error if i is not None and i.error is not None else n for i, n in zip(items, out, strict=True)]
+
+    def _write_group(self, group: list[_Pending]) -> None:
+        try:
+            self._write_points(group)
+        except StoreUnavailable as exc:
+            if len(group) > 1 and not exc.connection:
+                log.warning("a shared transaction of %d batches failed (%s); writing each on its own", len(group), exc)
+                for item in group:
+                    self._write_group([item])
+                return
+            for item in group:
+                item.error = exc
+        finally:
+            for item in group:
+                item.done = True
+
+    def _write_points(self, group: Sequence[_Pending]) -> None:
+        """One transaction for the points of every batch in ``group``."""
         try:
             if self.chunked:  # before the batch's transaction: its DDL must not wait on that transaction's locks
-                self._ensure_partitions("sample_head", {t // chunks.HOUR_MS * chunks.HOUR_MS
-                                                        for _, pl in pts.values() for t, _ in pl})
+                self._ensure_partitions("sample_head", {t // chunks.HOUR_MS * chunks.HOUR_MS for item in group
+                                                        for _, pl in item.pts.values() for t, _ in pl})
             with self.engine.begin() as conn:
-                ids = self._series_ids(conn, pts, now_ms)
                 by_sid: dict[int, list[tuple[int, float]]] = {}
-                for key, (_, samples) in pts.items():
-                    sid = ids[key]
-                    if sid in by_sid:  # the same label set twice in one request (keys in another order)
-                        merged = dict(by_sid[sid])
-                        merged.update(samples)
-                        by_sid[sid] = sorted(merged.items())
-                    else:
-                        by_sid[sid] = samples
-                oldest = min(p[0][0] for p in by_sid.values())
-                if oldest < now_ms - LATE_MS:
-                    self._mark_late(conn, oldest)
+                late = None
+                for item in group:
+                    ids = self._series_ids(conn, item.pts, item.now_ms)
+                    oldest = None
+                    for key, (_, samples) in item.pts.items():
+                        sid = ids[key]
+                        oldest = samples[0][0] if oldest is None else min(oldest, samples[0][0])
+                        if sid in by_sid:  # the same label set twice (keys in another order, or two batches)
+                            merged = dict(samples)
+                            merged.update(by_sid[sid])  # what came first wins, as if written one after the other
+                            by_sid[sid] = sorted(merged.items())
+                        else:
+                            by_sid[sid] = samples
+                    if oldest is not None and oldest < item.now_ms - LATE_MS:
+                        late = oldest if late is None else min(late, oldest)
+                if late is not None:
+                    self._mark_late(conn, late)
                 if self.chunked:
                     self._write_chunks(conn, by_sid)
                 else:
@@ -198,8 +296,8 @@ class Store:
                 self._ids.clear()
                 self._has_latest.clear()
                 self._partitions.clear()  # another collector's compaction may have dropped one we knew
-            raise StoreUnavailable(f"database write failed: {getattr(exc, 'orig', exc)}") from None
-        return offered
+            raise StoreUnavailable(f"database write failed: {getattr(exc, 'orig', exc)}",
+                                   connection=_connection_error(exc)) from None
 
     def _points(self, series: Sequence[Series]) -> tuple[dict[tuple, tuple[Series, list[tuple[int, float]]]], int]:
         """Per label set: time-sorted, duplicate-free samples, NaN and staleness markers taken out."""
