@@ -177,8 +177,12 @@ def main() -> None:
     rss_end = proc.memory_info().rss
     produced = sum(a.produced for a in agents)
     backlog = sum(len(a.pending_ticks) * len(a.labels) for a in agents)
-    with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        stored = conn.execute("SELECT count(*) FROM samples").fetchone()[0]
+    # what the store holds, whatever its layout (raw rows, compressed chunks, the current hour's head)
+    from collector.store import Store
+
+    count_store = Store.open(db_url, migrate_schema=False)
+    stored = count_store.counts()["samples"]
+    count_store.close()
     coll.send_signal(signal.SIGTERM)
     try:
         coll.wait(timeout=30)

@@ -26,6 +26,7 @@ from collector.rules.model import OPS, InhibitRule, Route, Rule, RulePack, rende
 
 log = logging.getLogger(__name__)
 
+HISTORY_POINTS = 120
 LOOKBACK_MS = 5 * 60 * 1000
 EVENT_KEEP_FIRING_S = 300.0
 
@@ -159,13 +160,19 @@ class Engine:
         return out
 
     def _remember(self, points: list[Any], now_ms: int, keep_ms: int) -> None:
+        # At most about HISTORY_POINTS points a window per series (plus the newest), however often the
+        # engine ticks: memory stays bounded by the number of series, not by the evaluation rate.
+        spacing = keep_ms // HISTORY_POINTS
         for p in points:
             fp = _series_fp(p.labels)
             h = self._history.get(fp)
             if h is None:
                 h = self._history[fp] = deque()
             if not h or p.ts > h[-1][0]:
-                h.append((p.ts, p.value))
+                if len(h) >= 2 and p.ts - h[-2][0] < spacing:
+                    h[-1] = (p.ts, p.value)  # too close to the one before: the newest replaces the last
+                else:
+                    h.append((p.ts, p.value))
             while h and h[0][0] < now_ms - keep_ms:
                 h.popleft()
 

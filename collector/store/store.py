@@ -159,6 +159,7 @@ class Store:
         self._has_latest: set[int] = set()
         self._partitions: set[str] = set()
         self._ids_lock = threading.Lock()
+        self._point_labels: dict[int, dict[str, str]] = {}  # series id -> its labels, __name__ included
         self._queue: deque[_Pending] = deque()  # batches waiting for a shared transaction
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()  # held by the one thread writing a shared transaction
@@ -525,19 +526,25 @@ class Store:
     def latest(self, metric: str | None = None, matchers: Mapping[str, str] | None = None,
                since_ms: int | None = None) -> list[Point]:
         """The newest sample of each series (of ``metric``, if given), newer than ``since_ms`` if given."""
-        q = select(schema.series.c.metric, schema.series.c.labels, schema.latest.c.ts, schema.latest.c.value) \
+        q = select(schema.series.c.id, schema.series.c.metric, schema.series.c.labels, schema.latest.c.ts,
+                   schema.latest.c.value) \
             .join(schema.latest, schema.latest.c.series_id == schema.series.c.id)
         if metric is not None:
             q = q.where(schema.series.c.metric == metric)
         if since_ms is not None:
             q = q.where(schema.latest.c.ts > since_ms)
         out = []
+        cache = self._point_labels
         with self.engine.connect() as conn:
-            for name, labels_json, ts, value in conn.execute(q):
-                labels = json.loads(labels_json)
+            for sid, name, labels_json, ts, value in conn.execute(q):
+                # The same (read-only) label dict for a series every call: the rule engine, which reads this
+                # every evaluation, keys its caches on it, and nothing is parsed twice.
+                labels = cache.get(sid)
+                if labels is None:
+                    labels = cache[sid] = {"__name__": name, **json.loads(labels_json)}
                 if matchers and not all(labels.get(k, "") == v for k, v in matchers.items()):
                     continue
-                out.append(Point({"__name__": name, **labels}, ts, value))
+                out.append(Point(labels, ts, value))
         return out
 
     def gpus(self, now_ms: int | None = None, stale_after_ms: int = 60_000) -> list[dict[str, Any]]:
