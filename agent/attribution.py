@@ -46,6 +46,14 @@ class PodAttribution:
             self.update()
         return dict(self._by_device.get(uuid, {}))
 
+    def gpus_of(self, namespace: str, pod: str) -> list[str]:
+        """The GPUs (and MIG instances), by UUID, that the kubelet assigned to a pod's containers: what an
+        inference server discovered in that pod runs on."""
+        if self._at is None or self._clock() - self._at >= self._refresh:
+            self.update()
+        return sorted(device for device, who in self._by_device.items()
+                      if pod in who.get("pod", "").split(",") and namespace in who.get("namespace", "").split(","))
+
     def update(self) -> None:
         """Ask the kubelet now. On failure the last known assignment stays and the failure is logged once."""
         self._at = self._clock()

@@ -130,7 +130,9 @@ class RunningAgent:
         if name == "inference":
             from agent.sources.inference import InferenceSource
 
-            return InferenceSource(s.inference, s.node, cluster=s.cluster, gpu_lookup=self._gpu_indices)
+            attribution = getattr(self, "pod_attribution", None)  # the GPU source, made first, sets it
+            return InferenceSource(s.inference, s.node, cluster=s.cluster, gpu_lookup=self._gpu_indices,
+                                   gpus_for_pod=attribution.gpus_of if attribution is not None else None)
         module = importlib.import_module(f"agent.sources.{name}")
         cls = next(v for k, v in vars(module).items() if k.endswith("Source") and isinstance(v, type))
         return cls(s.node, cluster=s.cluster)

@@ -143,3 +143,21 @@ def test_a_kubelet_that_is_down_costs_the_labels_not_the_sample_and_they_return_
         clock.t += 10
         assert labels_by_gpu(src) == {"0": {}}  # the pod ended
     attribution.close()
+
+
+def test_an_inference_pod_is_mapped_to_the_gpus_the_kubelet_gave_it(api, socket_path):
+    """Discovered inference servers carry the GPUs of their pod, so latency and GPU series can be joined."""
+    sim = SimulatedNVML(3, seed=12)
+    uuids = [g["uuid"] for g in sim.describe()]
+    with Kubelet(api, socket_path) as kubelet:
+        kubelet.pods = [
+            kubelet.pod("llama-0", "serving", {"vllm": [("nvidia.com/gpu", [uuids[2], uuids[0]])]}),
+            kubelet.pod("llama-0", "other-team", {"vllm": [("nvidia.com/gpu", [uuids[1]])]}),
+        ]
+        attribution = PodAttribution(socket_path)
+        try:
+            assert attribution.gpus_of("serving", "llama-0") == sorted([uuids[0], uuids[2]])
+            assert attribution.gpus_of("other-team", "llama-0") == [uuids[1]]
+            assert attribution.gpus_of("serving", "absent") == []
+        finally:
+            attribution.close()
