@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from prometheus_client.utils import floatToGoString
 
-from agent.families import Family
+from agent.families import Families, Family
 from agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
 
 
@@ -77,13 +77,7 @@ def _labels(labels: dict[str, str], facts: dict[str, dict[str, str]], drop: tupl
 def to_dcgm(families: list[Family]) -> list[Family]:
     """Rename the families dcgm-exporter also has; keep the rest (they have no dcgm twin) unchanged."""
     facts = _gpu_facts(families)
-    out: dict[str, Family] = {}
-
-    def fam(name: str, kind: str, help_text: str) -> Family:
-        f = out.get(name)
-        if f is None:
-            f = out[name] = Family(name, kind, help_text)
-        return f
+    out = fam = Families()
 
     for f in families:
         if f.name == XID[0]:

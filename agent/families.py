@@ -16,3 +16,13 @@ class Family:
 
     def add(self, labels: dict[str, str], value: float) -> None:
         self.samples.append((labels, float(value)))
+
+
+class Families(dict):
+    """Families by name, each made on first use: ``families(name, kind, help)`` returns the one family."""
+
+    def __call__(self, name: str, kind: str, help_text: str) -> Family:
+        f = self.get(name)
+        if f is None:
+            f = self[name] = Family(name, kind, help_text)
+        return f

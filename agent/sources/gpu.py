@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.families import Family
+from agent.families import Families, Family
 from agent.fields import (
     FAST_FIELDS,
     FIELDS,
@@ -227,13 +227,7 @@ class GpuSource:
         if not self._background and (self._slow_at is None or
                                      self._clock() - self._slow_at >= self._slow_interval):
             self.refresh_slow()
-        families: dict[str, Family] = {}
-
-        def fam(name: str, kind: str, help_text: str) -> Family:
-            f = families.get(name)
-            if f is None:
-                f = families[name] = Family(name, kind, help_text)
-            return f
+        families = fam = Families()
 
         up = fam(UP[0], "gauge", UP[1])
         info = fam(INFO[0], "gauge", INFO[1])

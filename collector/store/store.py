@@ -534,38 +534,41 @@ class Store:
         if since_ms is not None:
             q = q.where(schema.latest.c.ts > since_ms)
         out = []
-        cache = self._point_labels
         with self.engine.connect() as conn:
             for sid, name, labels_json, ts, value in conn.execute(q):
-                # The same (read-only) label dict for a series every call: the rule engine, which reads this
-                # every evaluation, keys its caches on it, and nothing is parsed twice.
-                labels = cache.get(sid)
-                if labels is None:
-                    labels = cache[sid] = {"__name__": name, **json.loads(labels_json)}
+                labels = self._series_labels(sid, name, labels_json)
                 if matchers and not all(labels.get(k, "") == v for k, v in matchers.items()):
                     continue
                 out.append(Point(labels, ts, value))
         return out
 
+    def _series_labels(self, sid: int, metric: str, labels_json: str) -> dict[str, str]:
+        """A series' labels, ``__name__`` included, parsed once and then shared (read-only): the rule engine and
+        the fleet page read every series every few seconds, and the engine keys its caches on the dict."""
+        labels = self._point_labels.get(sid)
+        if labels is None:
+            labels = self._point_labels[sid] = {"__name__": metric, **json.loads(labels_json)}
+        return labels
+
     def gpus(self, now_ms: int | None = None, stale_after_ms: int = 60_000) -> list[dict[str, Any]]:
         """Every GPU known: identity, last-seen time, and the newest value of each of its series."""
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-        q = select(schema.series.c.metric, schema.series.c.labels, schema.series.c.uuid,
+        q = select(schema.series.c.id, schema.series.c.metric, schema.series.c.labels, schema.series.c.uuid,
                    schema.latest.c.ts, schema.latest.c.value) \
             .join(schema.latest, schema.latest.c.series_id == schema.series.c.id) \
             .where(schema.series.c.uuid.is_not(None))
         gpus: dict[str, dict[str, Any]] = {}
         identity = ("node", "gpu", "uuid", "model", "cluster", "pod", "namespace", "container")
         with self.engine.connect() as conn:
-            for metric, labels_json, uuid, ts, value in conn.execute(q):
-                labels = json.loads(labels_json)
+            for sid, metric, labels_json, uuid, ts, value in conn.execute(q):
+                labels = self._series_labels(sid, metric, labels_json)
                 g = gpus.setdefault(uuid, {"uuid": uuid, "last_seen": 0, "values": {}})
                 if ts >= g["last_seen"]:
                     g["last_seen"] = ts
                     for k in identity:
                         if k in labels:
                             g[k] = labels[k]
-                extra = {k: v for k, v in labels.items() if k not in identity}
+                extra = {k: v for k, v in labels.items() if k not in identity and k != "__name__"}
                 if metric == "gpufleet_gpu_info":
                     g["info"] = extra
                     continue
