@@ -167,14 +167,19 @@ def _unknown(doc: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
 
 
-def endpoint_from(doc: Any, where: str) -> Endpoint:
+def _named(doc: Any, what: str, allowed: set[str], where: str, example: str) -> tuple[str, str]:
+    """Check one config entry: a mapping of known keys with a name. Returns its name and where it is."""
     if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: each endpoint is a mapping with at least name and url")
-    _unknown(doc, _ENDPOINT_KEYS, where)
+        raise ConfigError(f"{where}: each {what} is a mapping with at least name and url")
+    _unknown(doc, allowed, where)
     name = doc.get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}: 'name' is missing; give every endpoint a short name (e.g. llama-70b)")
-    where = f"{where} ({name})"
+        raise ConfigError(f"{where}: 'name' is missing; give every {what} a short name{example}")
+    return name, f"{where} ({name})"
+
+
+def endpoint_from(doc: Any, where: str) -> Endpoint:
+    name, where = _named(doc, "endpoint", _ENDPOINT_KEYS, where, " (e.g. llama-70b)")
     server = str(doc.get("server", "auto"))
     if server not in (*SERVERS, "auto"):
         raise ConfigError(f"{where}: server {server!r} is not one of {', '.join((*SERVERS, 'auto'))}")
@@ -196,13 +201,7 @@ def endpoint_from(doc: Any, where: str) -> Endpoint:
 
 
 def probe_from(doc: Any, where: str) -> Probe:
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: each probe is a mapping with at least name and url")
-    _unknown(doc, _PROBE_KEYS, where)
-    name = doc.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}: 'name' is missing; give every probe a short name")
-    where = f"{where} ({name})"
+    name, where = _named(doc, "probe", _PROBE_KEYS, where, "")
     url = _check_url(doc.get("url"), f"{where}: url")
     kind = str(doc.get("kind", probe_kind_for(url)))
     if kind not in PROBE_KINDS:
