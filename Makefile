@@ -1,23 +1,26 @@
 # make up    set up a virtual environment and run gpufleet up (real GPUs if NVML works, else simulated)
-# make test  set up the virtual environment with the test tools and run the test suite (pytest)
+# make test  set up the virtual environment with the test tools, the system packages the tests use
+#            (Prometheus, promtool, Chromium; PostgreSQL running), and run the test suite (pytest)
+# make lint  the static checks CI runs
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gpufleet-installed
 
-.PHONY: up test lint clean
+.PHONY: up test test-system-deps lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# grafana-client's niquests brings urllib3-future, whose wheel overwrites the real urllib3 at every
-	# interpreter start (its .pth file); built from source with URLLIB3_NO_OVERRIDE=1 the two live side by side.
-	URLLIB3_NO_OVERRIDE=1 $(PY) -m pip install -q --no-binary urllib3-future -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 up: $(STAMP)
 	$(VENV)/bin/gpufleet up $(ARGS)
 
-test: $(STAMP)
+test-system-deps:
+	@scripts/test-system-deps.sh
+
+test: $(STAMP) test-system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -24,7 +24,7 @@ class Chromium:
 
     def __init__(self, executable: str = "/usr/bin/chromium") -> None:
         if not shutil.which(executable):
-            raise RuntimeError(f"{executable} is not installed: apt-get install -y chromium (.ci/run does this)")
+            raise RuntimeError(f"{executable} is not installed: apt-get install -y chromium (make test installs it when run as root)")
         self.profile = Path(tempfile.mkdtemp(prefix="gpufleet-chromium-"))
         self.proc = subprocess.Popen([executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

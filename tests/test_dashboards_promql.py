@@ -32,7 +32,7 @@ def _get(url: str):
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
     if not shutil.which(PROMETHEUS_BIN):
-        pytest.fail(f"Prometheus is needed at {PROMETHEUS_BIN} (Debian package prometheus; .ci/run installs it)")
+        pytest.fail(f"Prometheus is needed at {PROMETHEUS_BIN} (Debian package prometheus; make test installs it when run as root)")
     agents = fleet.start_agents(None)
     tmp = tmp_path_factory.mktemp("prometheus")
     targets = [a.settings.listen for a in agents]

@@ -107,7 +107,7 @@ def test_backtest_refuses_a_trace_without_timestamps(tmp_path):
 def promtool():
     path = shutil.which("promtool")
     if path is None:  # the suite's contract: the real promtool runs here (CI installs Debian's prometheus)
-        pytest.fail("promtool is needed for this test: apt-get install prometheus (see .ci/run)")
+        pytest.fail("promtool is needed for this test: apt-get install prometheus (make test installs it when run as root)")
     return path
 
 

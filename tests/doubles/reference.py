@@ -1,24 +1,16 @@
-"""Locates the published API specifications the doubles check requests against."""
+"""Loads the API specifications the doubles check requests against. They live in the repository, beside the
+doubles (``tests/doubles/specs/``), each with its source and licence noted next to it."""
 
 from __future__ import annotations
 
 import json
-import os
 from functools import cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def reference_dir() -> Path:
-    candidates = [os.environ.get("GPUFLEET_REFERENCE"), REPO / "shared" / "reference", REPO.parent / "shared" / "reference"]
-    for c in candidates:
-        if c and (Path(c) / "slack-web-openapi-v2.json").exists():
-            return Path(c)
-    raise FileNotFoundError("API specifications not found: expected ../shared/reference/ beside the checkout "
-                            "(or set GPUFLEET_REFERENCE)")
+SPECS = Path(__file__).resolve().parent / "specs"
 
 
 @cache
-def load_spec(name: str) -> dict:
-    return json.loads((reference_dir() / name).read_text())
+def load_spec(relative: str) -> dict:
+    """The specification at ``specs/RELATIVE`` (e.g. ``slack/slack-web-openapi-v2.json``)."""
+    return json.loads((SPECS / relative).read_text())

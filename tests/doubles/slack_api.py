@@ -22,7 +22,7 @@ from typing import Any
 
 from tests.doubles.reference import load_spec
 
-SPEC_FILE = "slack-web-openapi-v2.json"
+SPEC_FILE = "slack/slack-web-openapi-v2.json"
 
 # Block Kit limits (Slack's documented caps).
 MAX_BLOCKS = 50
