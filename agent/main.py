@@ -17,6 +17,7 @@ from agent.inference.config import InferenceSettings
 from agent.nvml import Nvml, NvmlUnavailable
 from agent.push import Pusher
 from agent.sources import SOURCES
+from gpufleet.addresses import split_listen
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,6 @@ class AgentSettings:
     ca_bundle: str | None = None  # CA file to verify an https collector [default: the system's]
     client_cert: str | None = None  # client certificate and key, for a collector that requires mutual TLS
     client_key: str | None = None
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--listen {listen!r} is not HOST:PORT (for example 0.0.0.0:9445)")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class RunningAgent:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as RunbookName
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
@@ -24,10 +26,12 @@ from prometheus_client import (
 )
 from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collector.auth import Token, TokenSet, scope_problem
 from collector.auth import hash_token as hash_token  # kept importable from here
 from collector.fleet import fleet_summary
+from collector.runbooks import CSP, Runbooks
 from collector.store import Store, StoreUnavailable
 from gpufleet import remote_write as rw
 
@@ -37,6 +41,7 @@ WEB_DIR = Path(__file__).parent / "web"  # the fleet page: static HTML, JS and C
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 MAX_UNIX_S = 1e11  # the year 5138: bounds query times well inside 64-bit milliseconds
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+RUNBOOK_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
 
 
 @dataclass
@@ -119,12 +124,15 @@ SILENCE_BODY = {"requestBody": {"required": True, "content": {"application/json"
 
 def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
                limits: Limits | None = None, on_write: Any = None, metrics: Metrics | None = None,
-               info: dict | None = None, silences: Any = None, forwarder: Any = None) -> FastAPI:
+               info: dict | None = None, silences: Any = None, forwarder: Any = None,
+               runbooks: Runbooks | None = None) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
     to a cluster, see :mod:`collector.auth`); none means open.
     ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences.
-    ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards."""
+    ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards.
+    ``runbooks``: the pages served at /runbooks/ (default: the rule pack's own)."""
     limits = limits or Limits()
+    runbooks = runbooks if runbooks is not None else Runbooks.shipped()
     metrics = metrics or Metrics()
     token_set = tokens if isinstance(tokens, TokenSet) else TokenSet.parse(tokens or [])
 
@@ -324,6 +332,37 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             return JSONResponse(rep.to_dict())
         body = render(rep, format)
         return HTMLResponse(body) if format == "html" else PlainTextResponse(body, media_type="text/markdown")
+
+    @app.get("/runbooks/", summary="Every runbook the collector serves", response_class=HTMLResponse,
+             responses={200: {"description": "An HTML page linking each runbook by its title.",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}})
+    async def runbook_index() -> HTMLResponse:
+        return HTMLResponse(runbooks.index_page(), headers=RUNBOOK_HEADERS)
+
+    # The name is only ever looked up among the runbook files, never used as a path.
+    @app.get("/runbooks/{name}", summary="One runbook (rendered from its Markdown) by name, e.g. xid-critical",
+             response_class=HTMLResponse,
+             responses={200: {"description": "The runbook as a self-contained HTML page.",
+                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                        404: {"description": "No runbook of that name; the page lists those there are.",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}})
+    async def runbook(name: str = RunbookName(description="The runbook's file name without .md: lower-case "
+                                                           "words joined by hyphens.", examples=["xid-critical"])
+                      ) -> HTMLResponse:
+        page = runbooks.page(name)
+        if page is None:
+            return HTMLResponse(runbooks.not_found_page(name), status_code=404, headers=RUNBOOK_HEADERS)
+        return HTMLResponse(page, headers=RUNBOOK_HEADERS)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def not_found(request: Request, exc: StarletteHTTPException) -> Response:
+        # Paths under /runbooks/ the route does not match (slashes, %2F, a newline: found by schemathesis) get
+        # the same HTML page as an unknown name, not the router's JSON.
+        prefix = "/runbooks/"
+        if exc.status_code == 404 and request.url.path.startswith(prefix):
+            return HTMLResponse(runbooks.not_found_page(request.url.path[len(prefix):]), status_code=404,
+                                headers=RUNBOOK_HEADERS)
+        return await http_exception_handler(request, exc)
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 

@@ -1,19 +1,23 @@
-"""Keeps gpufleet's folder, data sources and dashboards in a Grafana up to date, through grafana-client,
-and posts alert firing/resolve as Grafana annotations.
+"""Keeps gpufleet's folder, data sources and dashboards in a Grafana up to date, and posts alert groups as
+Grafana annotations, through gpufleet's own Grafana client (collector/grafana_api.py).
 
 Pushing is idempotent: each object is read first and written only when it differs, so a second push
-changes nothing and Grafana's version history gains one version per real change.
+changes nothing and Grafana's version history gains one version per real change. The dashboards pushed
+are the JSON files shipped in the ``dashboards`` package; building them is a development step.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.rules.engine import Notification
+import urllib3
+
+from collector.grafana_api import GrafanaApi, GrafanaError
+from collector.rules.engine import GroupNotification
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +28,15 @@ PROMETHEUS_DS_UID = "gpufleet-prometheus"
 # Grafana fills these in itself; they are not part of what we manage.
 _DASHBOARD_SERVER_FIELDS = ("id", "version")
 _DATASOURCE_FIELDS = ("name", "type", "url", "access", "user", "database", "basicAuth", "jsonData")
+# The collector's start-up push: Grafana may come up minutes or hours after it, so it never gives up.
+FIRST_RETRY_S = 2.0
+MAX_RETRY_S = 300.0
 
 
-def connect(url: str, token: str | None, *, timeout: float = 10.0) -> Any:
-    """A grafana-client API for ``url`` (``http://host:3000``), authenticated by a service-account token."""
-    from grafana_client import GrafanaApi
-
-    return GrafanaApi.from_url(url, credential=token, timeout=timeout)
+def connect(url: str, token: str | None, *, timeout: float = 10.0,
+            http: urllib3.PoolManager | None = None) -> GrafanaApi:
+    """The Grafana at ``url`` (``http://host:3000``), authenticated by a service-account token."""
+    return GrafanaApi(url, token, timeout=timeout, http=http)
 
 
 def postgres_datasource(db_url: str, *, uid: str = POSTGRES_DS_UID, name: str = "gpufleet PostgreSQL") -> dict[str, Any]:
@@ -72,15 +78,12 @@ class PushReport:
                           for name in names))
 
 
-def _not_found(exc: Exception) -> bool:
-    return getattr(exc, "status_code", None) == 404
-
-
 class GrafanaPusher:
     """Creates or updates the folder, data sources and dashboards; ``push()`` returns what it changed."""
 
-    def __init__(self, api: Any, *, datasources: list[dict[str, Any]], dashboards: Mapping[str, dict[str, Any]],
-                 folder_uid: str = FOLDER_UID, folder_title: str = FOLDER_TITLE, message: str = "gpufleet") -> None:
+    def __init__(self, api: GrafanaApi, *, datasources: list[dict[str, Any]],
+                 dashboards: Mapping[str, dict[str, Any]], folder_uid: str = FOLDER_UID,
+                 folder_title: str = FOLDER_TITLE, message: str = "gpufleet") -> None:
         self.api = api
         self.datasources = datasources
         self.dashboards = dashboards
@@ -98,33 +101,23 @@ class GrafanaPusher:
         return report
 
     def _folder(self, report: PushReport) -> None:
-        from grafana_client.client import GrafanaClientError
-
-        try:
-            folder = self.api.folder.get_folder(self.folder_uid)
-        except GrafanaClientError as exc:
-            if not _not_found(exc):
-                raise
-            self.api.folder.create_folder(self.folder_title, uid=self.folder_uid)
-            report.created.append(f"folder {self.folder_title}")
-            return
-        if folder.get("title") != self.folder_title:
-            self.api.folder.update_folder(self.folder_uid, title=self.folder_title, version=folder.get("version"),
-                                          overwrite=True)
-            report.updated.append(f"folder {self.folder_title}")
+        label = f"folder {self.folder_title}"
+        folder = self.api.get_folder(self.folder_uid)
+        if folder is None:
+            self.api.create_folder(self.folder_uid, self.folder_title)
+            report.created.append(label)
+        elif folder.get("title") != self.folder_title:
+            self.api.update_folder(self.folder_uid, title=self.folder_title, version=folder.get("version"),
+                                   overwrite=True)
+            report.updated.append(label)
         else:
-            report.unchanged.append(f"folder {self.folder_title}")
+            report.unchanged.append(label)
 
     def _datasource(self, ds: dict[str, Any], report: PushReport) -> None:
-        from grafana_client.client import GrafanaClientError
-
         label = f"data source {ds['name']}"
-        try:
-            current = self.api.datasource.get_datasource_by_uid(ds["uid"])
-        except GrafanaClientError as exc:
-            if not _not_found(exc):
-                raise
-            self.api.datasource.create_datasource(ds)
+        current = self.api.get_datasource(ds["uid"])
+        if current is None:
+            self.api.create_datasource(ds)
             report.created.append(label)
             return
         # secureJsonData (the password) is write-only in Grafana, so it cannot be compared; it is sent again
@@ -132,60 +125,63 @@ class GrafanaPusher:
         if all(current.get(k) == ds.get(k) for k in _DATASOURCE_FIELDS):
             report.unchanged.append(label)
             return
-        self.api.datasource.update_datasource(current["id"], ds)
+        self.api.update_datasource(current["id"], ds)
         report.updated.append(label)
 
     def _dashboard(self, name: str, model: dict[str, Any], report: PushReport) -> None:
-        from grafana_client.client import GrafanaClientError
-
-        uid = model["uid"]
-        label = f"dashboard {model.get('title', uid)}"
-        try:
-            current = self.api.dashboard.get_dashboard(uid)
-        except GrafanaClientError as exc:
-            if not _not_found(exc):
-                raise
-            current = None
+        label = f"dashboard {model.get('title', model['uid'])}"
+        current = self.api.get_dashboard(model["uid"])
+        ours = {k: v for k, v in model.items() if k not in _DASHBOARD_SERVER_FIELDS}
         if current is not None:
             theirs = {k: v for k, v in current.get("dashboard", {}).items() if k not in _DASHBOARD_SERVER_FIELDS}
-            ours = {k: v for k, v in model.items() if k not in _DASHBOARD_SERVER_FIELDS}
             if theirs == ours and current.get("meta", {}).get("folderUid") == self.folder_uid:
                 report.unchanged.append(label)
                 return
-        body = {"dashboard": {**{k: v for k, v in model.items() if k not in _DASHBOARD_SERVER_FIELDS},
-                              "id": None if current is None else current["dashboard"].get("id"),
-                              **({} if current is None else {"version": current["dashboard"].get("version")})},
-                "folderUid": self.folder_uid, "overwrite": current is not None,
-                "message": f"{self.message}: {name}"}
-        self.api.dashboard.update_dashboard(body)
+        if current is None:
+            dashboard = {**ours, "id": None}
+        else:
+            dashboard = {**ours, "id": current["dashboard"].get("id"), "version": current["dashboard"].get("version")}
+        self.api.save_dashboard(dashboard, folder_uid=self.folder_uid, overwrite=current is not None,
+                                message=f"{self.message}: {name}")
         (report.created if current is None else report.updated).append(label)
 
 
 class GrafanaAnnotationNotifier:
-    """A notifier for the rule engine: a firing alert becomes a Grafana annotation (tags gpufleet, the rule,
-    its severity, node), and its resolve turns that annotation into a region ending at the resolve time."""
+    """A notifier for the rule engine: an alert group's episode becomes one Grafana annotation region. Its
+    first notification creates the annotation at the moment the first alert started (tags ``gpufleet``, the
+    rules, the severity, ``cluster=``/``node=``/``gpu=``, ``firing``); later ones edit its text and tags;
+    the resolve closes the region at the resolve time (tag ``resolved``)."""
 
     name = "grafana"
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: GrafanaApi) -> None:
         self.api = api
 
-    def send(self, n: Notification, previous: tuple[str, str] | None) -> tuple[str, str] | None:
-        tags = ["gpufleet", n.rule, n.severity] + [f"{k}={n.labels[k]}" for k in ("cluster", "node", "gpu")
-                                                    if k in n.labels]
-        if n.state == "resolved" and previous is not None:
-            _, annotation_id = previous
-            self.api.annotations.partial_update_annotation(int(annotation_id), time_from=n.since_ms, time_to=n.at_ms,
-                                                           tags=[*tags, "resolved"], text=f"Resolved: {n.text}")
-            return previous
-        resp = self.api.annotations.add_annotation(time_from=n.since_ms if n.state == "firing" else n.at_ms,
-                                                   tags=[*tags, n.state], text=n.text)
-        return "grafana", str(resp["id"])
+    def send(self, g: GroupNotification, previous: tuple[str, str] | None) -> tuple[str, str] | None:
+        alerts = [*g.firing, *g.resolved]
+        labels = {**alerts[0].labels, **g.labels}
+        tags = ["gpufleet", *sorted({a.rule for a in alerts}), g.severity,
+                *(f"{k}={labels[k]}" for k in ("cluster", "node", "gpu") if labels.get(k)), g.state]
+        end_ms = g.at_ms if g.state == "resolved" else None
+        if previous is not None:
+            if g.repeat:  # nothing new to tell
+                return previous
+            try:
+                self.api.patch_annotation(int(previous[1]), time_end_ms=end_ms, tags=tags, text=g.text)
+                return previous
+            except GrafanaError as exc:
+                if exc.status != 404:
+                    raise
+                log.warning("Grafana annotation %s of alert group %s is gone; posting a new one", previous[1],
+                            g.key)
+        annotation_id = self.api.add_annotation(time_ms=min(a.since_ms for a in alerts), tags=tags, text=g.text,
+                                                time_end_ms=end_ms)
+        return self.name, str(annotation_id)
 
 
-def collector_pusher(api: Any, db_url: str, prometheus_url: str | None = None) -> GrafanaPusher:
+def collector_pusher(api: GrafanaApi, db_url: str, prometheus_url: str | None = None) -> GrafanaPusher:
     """What the collector and `gpufleet dashboards push` push: the PostgreSQL flavour when the store is
-    PostgreSQL, the Prometheus flavour when a Prometheus URL is given."""
+    PostgreSQL, the Prometheus flavour when a Prometheus URL is given, each as shipped in ``dashboards``."""
     import dashboards
 
     datasources, flavours = [], []
@@ -198,21 +194,34 @@ def collector_pusher(api: Any, db_url: str, prometheus_url: str | None = None) -
     if not flavours:
         raise ValueError("nothing to push: Grafana reads the store only on PostgreSQL (this store is "
                          f"{db_url.split(':', 1)[0]}); give --db postgresql+psycopg://… or --prometheus-url URL")
-    models = {name: m for name, m in dashboards.build().items() if name.split(".")[1] in flavours}
-    return GrafanaPusher(api, datasources=datasources, dashboards=models)
+    return GrafanaPusher(api, datasources=datasources, dashboards=dashboards.shipped(flavours))
 
 
-def push_with_retry(pusher: GrafanaPusher, *, attempts: int = 5, delay: float = 2.0,
-                    sleep: Any = time.sleep) -> PushReport | None:
-    """For the collector's start: Grafana may come up after it. Logs and gives up after ``attempts``."""
-    for i in range(1, attempts + 1):
+def retry_delays(first: float = FIRST_RETRY_S, cap: float = MAX_RETRY_S) -> Iterator[float]:
+    """Seconds to wait before each next try: ``first``, doubling up to ``cap``, then ``cap`` for ever."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
+
+
+def push_with_retry(pusher: GrafanaPusher, stop: threading.Event, *, first_delay: float = FIRST_RETRY_S,
+                    max_delay: float = MAX_RETRY_S) -> PushReport | None:
+    """The collector's start-up push, in a background thread: Grafana may come up after the collector, or
+    its token may be fixed later, so this tries until a push succeeds (one log line per failure), waiting
+    longer each time up to ``max_delay``. Returns None when ``stop`` is set first (the collector stops)."""
+    delays = retry_delays(first_delay, max_delay)
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
         try:
             report = pusher.push()
-            log.info("Grafana dashboards pushed: %s", report)
-            return report
-        except Exception as exc:
-            log.warning("pushing dashboards to Grafana failed (attempt %d of %d): %s", i, attempts, exc)
-            if i < attempts:
-                sleep(delay * i)
-    log.error("gave up pushing dashboards to Grafana; run `gpufleet dashboards push` once it is reachable")
+        except Exception as exc:  # GrafanaError mostly; anything else must not end the retries either
+            delay = next(delays)
+            log.warning("pushing dashboards to Grafana failed (try %d, next in %.0f s): %s", attempt, delay,
+                        exc if isinstance(exc, GrafanaError) else repr(exc))
+            stop.wait(delay)
+            continue
+        log.info("Grafana dashboards pushed: %s", report)
+        return report
     return None

@@ -23,7 +23,7 @@ import html
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -201,23 +201,30 @@ def _pct(part: float, whole: float) -> str:
 
 # ---- the report ---------------------------------------------------------------------------------------------
 def build_report(engine: Engine, since: float, until: float, *, step: int | None = None,
-                 thresholds: Thresholds | None = None, top: int = 10) -> Report:
-    """Compute the report for [since, until) from the store behind ``engine``."""
+                 thresholds: Thresholds | None = None, top: int = 10,
+                 progress: Callable[[str], None] | None = None) -> Report:
+    """Compute the report for [since, until) from the store behind ``engine``. ``progress`` hears which of
+    the six queries runs (over weeks of a large fleet each can take a while)."""
     th = thresholds or Thresholds()
     step = step or default_step(since, until)
     q = _Sql(engine.dialect.name)
     params = {"since": since, "until": until, "step": step}
+    xid_sql = _sql_counter_increase(q, q.label("xid"), count_first=True)
+    ecc_sql = _sql_counter_increase(q, q.label("type"), where=f" AND {q.label('scope')} = 'volatile'",
+                                    count_first=False)
+    energy_sql = _sql_counter_increase(q, "''", count_first=False)
+    queries = [("GPU utilization", _sql_gpu_buckets(q), {}), ("throttling", _sql_throttle(q), {}),
+               ("XID errors", xid_sql, {"metric": "gpufleet_gpu_xid_errors_total"}),
+               ("ECC errors", ecc_sql, {"metric": "gpufleet_gpu_ecc_errors_total"}),
+               ("energy", energy_sql, {"metric": "gpufleet_gpu_energy_joules_total"}),
+               ("inference tokens", _sql_tokens(q), {})]
+    results = []
     with engine.connect() as conn:
-        gpu_rows = conn.execute(text(_sql_gpu_buckets(q)), params).all()
-        throttle_rows = conn.execute(text(_sql_throttle(q)), params).all()
-        xid_sql = _sql_counter_increase(q, q.label("xid"), count_first=True)
-        xid_rows = conn.execute(text(xid_sql), {**params, "metric": "gpufleet_gpu_xid_errors_total"}).all()
-        ecc_sql = _sql_counter_increase(q, q.label("type"), where=f" AND {q.label('scope')} = 'volatile'",
-                                        count_first=False)
-        ecc_rows = conn.execute(text(ecc_sql), {**params, "metric": "gpufleet_gpu_ecc_errors_total"}).all()
-        energy_sql = _sql_counter_increase(q, "''", count_first=False)
-        energy_rows = conn.execute(text(energy_sql), {**params, "metric": "gpufleet_gpu_energy_joules_total"}).all()
-        token_rows = conn.execute(text(_sql_tokens(q)), params).all()
+        for n, (what, sql, extra) in enumerate(queries, 1):
+            if progress is not None:
+                progress(f"reading {what} ({n} of {len(queries)})")
+            results.append(conn.execute(text(sql), {**params, **extra}).all())
+    gpu_rows, throttle_rows, xid_rows, ecc_rows, energy_rows, token_rows = results
 
     # One record per (GPU, bucket): the bucket's averages and who held the GPU.
     cells: dict[tuple[str, int], dict[str, Any]] = {}

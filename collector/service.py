@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from collector.app import Limits, Metrics, create_app
 from collector.leader import leadership_for
 from collector.notify.console import ConsoleNotifier
 from collector.rules.engine import Engine
-from collector.rules.model import default_rules_path, load_pack
+from collector.rules.model import default_rules_path, load_pack, with_runbook_base
 from collector.rules.state import SqlState
 from collector.store import Store
 from collector.store.store import Retention
+from gpufleet.addresses import split_listen
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class CollectorSettings:
     report_channel: str | None = None  # default: slack_channel
     report_since: str = "7d"
     public_url: str | None = None  # where the digest links to the full report
+    # Where rules' relative runbook_url names point (BASE/NAME); None: this collector's own /runbooks.
+    runbook_base_url: str | None = None
     grafana_url: str | None = None
     grafana_token: str | None = None
     limits: Limits = field(default_factory=Limits)
@@ -53,6 +57,18 @@ class CollectorSettings:
     retention: Retention = field(default_factory=Retention)
     raw_layout: str = "chunks"  # "rows": the naive one-row-per-sample layout, for comparisons
     maintenance_interval: float = 60.0
+
+
+def own_runbook_base_url(listen: str, scheme: str, public_url: str | None) -> str:
+    """This collector's /runbooks as people reach it: under --public-url when given, else at the listen
+    address, with the host's name in place of a wildcard address (0.0.0.0 is no place to link to)."""
+    if public_url:
+        return public_url.rstrip("/") + "/runbooks"
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()  # not getfqdn(): that asks DNS, and a start must not wait on DNS
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/runbooks"
 
 
 class Collector:
@@ -73,7 +89,10 @@ class Collector:
 
             self.forwarder = Forwarder(settings.forward)
         self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
-        self.pack = load_pack(settings.rules or [default_rules_path()])
+        self.runbook_base_url = settings.runbook_base_url or own_runbook_base_url(
+            settings.listen, "https" if settings.tls_cert else "http", settings.public_url)
+        self.pack = with_runbook_base(load_pack(settings.rules or [default_rules_path()]), self.runbook_base_url)
+        log.info("runbook links of the rules point at %s/NAME", self.runbook_base_url.rstrip("/"))
         self.rules = self.pack.rules
         self.state = SqlState(self.store)
         if notifiers is None:
@@ -97,6 +116,8 @@ class Collector:
             slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
         self.slack_client = slack_client
         self.grafana_pusher = None
+        self._grafana_stop = threading.Event()
+        self._grafana_thread: threading.Thread | None = None
         if settings.grafana_url:
             from collector.grafana import GrafanaAnnotationNotifier, collector_pusher, connect
 
@@ -209,7 +230,7 @@ class Collector:
             self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
 
     def _server_config(self) -> uvicorn.Config:
-        host, _, port = self.settings.listen.rpartition(":")
+        host, port = split_listen(self.settings.listen)
         tls: dict[str, Any] = {}
         if self.settings.tls_cert:
             tls = {"ssl_certfile": self.settings.tls_cert, "ssl_keyfile": self.settings.tls_key}
@@ -217,7 +238,8 @@ class Collector:
                 import ssl
 
                 tls.update(ssl_ca_certs=self.settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        return uvicorn.Config(self.app, host=host.strip("[]") or "0.0.0.0", port=int(port), log_level="warning",
+        # log_config=None: uvicorn's lines go through the handler `gpufleet collector` set up (text or JSON)
+        return uvicorn.Config(self.app, host=host, port=port, log_level="warning", log_config=None,
                               access_log=False, timeout_graceful_shutdown=5, **tls)
 
     @property
@@ -228,8 +250,9 @@ class Collector:
         if self.grafana_pusher is not None:  # in the background: Grafana may start after the collector
             from collector.grafana import push_with_retry
 
-            threading.Thread(target=push_with_retry, args=(self.grafana_pusher,), name="grafana-push",
-                             daemon=True).start()
+            self._grafana_thread = threading.Thread(target=push_with_retry, name="grafana-push", daemon=True,
+                                                    args=(self.grafana_pusher, self._grafana_stop))
+            self._grafana_thread.start()
 
     def serve(self) -> None:
         """Run in the foreground until interrupted (Ctrl-C / SIGTERM)."""
@@ -261,6 +284,7 @@ class Collector:
         return self
 
     def close(self) -> None:
+        self._grafana_stop.set()
         if self._server is not None:
             self._server.should_exit = True
             if self._thread:
@@ -273,4 +297,6 @@ class Collector:
                 n.close()
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self._grafana_thread is not None:  # at most one request in flight (its timeout is 10 s)
+            self._grafana_thread.join(timeout=15)
         self.store.close()

@@ -1,23 +1,26 @@
 """gpufleet's Grafana dashboards as code (grafana-foundation-sdk), in two flavours each.
 
-``build()`` returns every dashboard as Grafana JSON keyed by file name; ``gpufleet dashboards build``
-writes them next to this file, where they ship as package data for file provisioning and import by hand.
+``build()`` renders every dashboard as Grafana JSON keyed by file name; ``gpufleet dashboards build``
+writes them next to this file, where they ship as package data for file provisioning, import by hand and
+the collector's push. Only building needs the SDK (a dev dependency): ``shipped()`` reads the committed
+JSON, which is all an installed collector uses.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from dashboards import efficiency, fleet, health, inference, node
-from dashboards.model import DashboardDef
-from dashboards.render import FLAVOURS, Flavour, dumps, render
+from dashboards.model import FLAVOURS, DashboardDef, Flavour
 
 DASHBOARDS: tuple[DashboardDef, ...] = (fleet.DASHBOARD, node.DASHBOARD, health.DASHBOARD, inference.DASHBOARD,
                                         efficiency.DASHBOARD)
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["DASHBOARDS", "FLAVOURS", "Flavour", "build", "file_name", "write", "committed"]
+__all__ = ["DASHBOARDS", "FLAVOURS", "Flavour", "build", "file_name", "write", "committed", "shipped"]
 
 
 def file_name(d: DashboardDef, flavour: Flavour) -> str:
@@ -26,11 +29,15 @@ def file_name(d: DashboardDef, flavour: Flavour) -> str:
 
 def build() -> dict[str, dict[str, Any]]:
     """Every dashboard in every flavour: {file name: dashboard JSON}."""
+    from dashboards.render import render
+
     return {file_name(d, f): render(d, f) for d in DASHBOARDS for f in FLAVOURS}
 
 
 def write(directory: Path = HERE) -> list[Path]:
     """Write the generated JSON files into ``directory``, removing generated files no longer produced."""
+    from dashboards.render import dumps
+
     directory.mkdir(parents=True, exist_ok=True)
     models = build()
     written = []
@@ -47,3 +54,16 @@ def write(directory: Path = HERE) -> list[Path]:
 def committed(directory: Path = HERE) -> dict[str, str]:
     """The JSON files as they are on disk (for comparing with what ``build`` generates)."""
     return {p.name: p.read_text() for p in sorted(directory.glob("*.*.json"))}
+
+
+def shipped(flavours: Iterable[str] | None = None, directory: Path = HERE) -> dict[str, dict[str, Any]]:
+    """The dashboards as shipped, {file name: dashboard JSON}, of the given flavours (default: all). The
+    test suite checks that these files are what ``build()`` generates."""
+    wanted = {f.name for f in FLAVOURS} if flavours is None else set(flavours)
+    out = {}
+    for d in DASHBOARDS:
+        for f in FLAVOURS:
+            if f.name in wanted:
+                name = file_name(d, f)
+                out[name] = json.loads((directory / name).read_text())
+    return out

@@ -18,6 +18,23 @@ from dataclasses import dataclass, field
 #   annotations:         Grafana's own annotation list (the collector's alert annotations), no query
 KINDS = ("timeseries", "heatmap", "stat", "bargauge", "table", "annotations")
 
+POSTGRES_TYPE = "grafana-postgresql-datasource"
+PROMETHEUS_TYPE = "prometheus"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str  # "postgres" | "prometheus"
+    datasource_type: str
+    default_datasource_uid: str  # the uid `gpufleet dashboards push` gives the data source it creates
+    label: str
+
+
+FLAVOURS = (
+    Flavour("postgres", POSTGRES_TYPE, "gpufleet-postgres", "PostgreSQL store"),
+    Flavour("prometheus", PROMETHEUS_TYPE, "gpufleet-prometheus", "Prometheus"),
+)
+
 
 @dataclass(frozen=True)
 class Query:

@@ -4,7 +4,6 @@ grafana-foundation-sdk's typed builders, for one flavour: ``postgres`` or ``prom
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from grafana_foundation_sdk.builders import (
@@ -26,24 +25,10 @@ from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import heatmap as heatmap_models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
 
-from dashboards.model import NO_CLUSTER, DashboardDef, PanelDef, prom_matchers, sql_filter
+from dashboards.model import FLAVOURS, NO_CLUSTER, DashboardDef, Flavour, PanelDef, prom_matchers, sql_filter
 
-POSTGRES_TYPE = "grafana-postgresql-datasource"
-PROMETHEUS_TYPE = "prometheus"
+__all__ = ["FLAVOURS", "Flavour", "dumps", "render"]
 
-
-@dataclass(frozen=True)
-class Flavour:
-    name: str  # "postgres" | "prometheus"
-    datasource_type: str
-    default_datasource_uid: str  # the uid `gpufleet dashboards push` gives the data source it creates
-    label: str
-
-
-FLAVOURS = (
-    Flavour("postgres", POSTGRES_TYPE, "gpufleet-postgres", "PostgreSQL store"),
-    Flavour("prometheus", PROMETHEUS_TYPE, "gpufleet-prometheus", "Prometheus"),
-)
 DS_VARIABLE = "datasource"
 
 

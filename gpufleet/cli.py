@@ -3,24 +3,60 @@ so an agent-only install (pip install 'gpufleet[agent]') works without the colle
 
 from __future__ import annotations
 
+import functools
+import getpass
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import click
 
 from gpufleet import __version__
+from gpufleet.logs import FORMATS, LEVELS
+from gpufleet.params import DatabaseURL, Duration, ListenAddress, check_rule_files
+from gpufleet.progress import StatusLine
+
+_LOG_FORMAT_KEY = "gpufleet.log_format"  # in the click context's meta: how _announce writes
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:  # their routine INFO lines (each job run, each migration step) drown what matters
-        for noisy in ("apscheduler", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+def _logging_options(f):
+    """--log-level, --log-format and -v of the long-running commands. Logging is set up before the command
+    runs, with the tokens among its options blanked out of every line."""
+
+    @functools.wraps(f)
+    def command(*args, log_level: str, log_format: str, verbose: bool, **kw):
+        from gpufleet.logs import configure
+
+        secrets = [kw.get(k) or "" for k in ("token", "slack_token", "grafana_token")]
+        secrets += [spec.rpartition("@")[0] or spec for spec in _tokens(kw.get("tokens"))]
+        configure("debug" if verbose else log_level, log_format, secrets=secrets)
+        click.get_current_context().meta[_LOG_FORMAT_KEY] = log_format
+        return f(*args, **kw)
+
+    options = [
+        click.option("--log-level", type=click.Choice(LEVELS), default="info", envvar="GPUFLEET_LOG_LEVEL",
+                     show_default=True, help="Log this level and above."),
+        click.option("--log-format", type=click.Choice(FORMATS), default="text", envvar="GPUFLEET_LOG_FORMAT",
+                     show_default=True, help="Log lines as text, or as JSON: one object a line with time, level, "
+                                             "logger and message."),
+        click.option("-v", "--verbose", is_flag=True, help="Same as --log-level debug."),
+    ]
+    for opt in reversed(options):
+        command = opt(command)
+    return command
+
+
+def _announce(text: str) -> None:
+    """What a long-running command says once it runs: printed, or logged when the logs are JSON (so that every
+    line a log pipeline reads is JSON)."""
+    if click.get_current_context().meta.get(_LOG_FORMAT_KEY) == "json":
+        logging.getLogger("gpufleet").info(text)
+    else:
+        click.echo(text)
 
 
 def _wait_for_signal() -> None:
@@ -35,7 +71,35 @@ def _tokens(value: str | None) -> list[str]:
     return [t.strip() for t in (value or "").split(",") if t.strip()]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _one_line(exc: BaseException) -> str:
+    """An error's text on one line (database drivers' span several)."""
+    return " ".join(str(exc).split())
+
+
+class _Command(click.Command):
+    """Every option shows its environment variable in --help and in its error messages."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _show_envvars(self.params)
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups are _Groups too
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _show_envvars(self.params)
+
+
+def _show_envvars(params: list[click.Parameter]) -> None:
+    for p in params:
+        if isinstance(p, click.Option):
+            p.show_envvar = True
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gpufleet")
 def main() -> None:
     """gpufleet: monitoring for fleets of NVIDIA GPU nodes."""
@@ -44,17 +108,17 @@ def main() -> None:
 # ---- agent ------------------------------------------------------------------------------------------
 def _agent_options(f):
     options = [
-        click.option("--listen", default="0.0.0.0:9445", envvar="GPUFLEET_LISTEN", show_default=True,
-                     help="HOST:PORT for /metrics and /healthz."),
+        click.option("--listen", type=ListenAddress(), default="0.0.0.0:9445", envvar="GPUFLEET_LISTEN",
+                     show_default=True, help="HOST:PORT for /metrics and /healthz."),
         click.option("--simulate", type=click.IntRange(0, 1024), default=0, envvar="GPUFLEET_SIMULATE",
                      help="Simulate N GPUs instead of reading NVML."),
         click.option("--node", default=None, envvar=["GPUFLEET_NODE", "NODE_NAME"],
                      help="Node name on every series [default: the host name]."),
         click.option("--cluster", default=None, envvar="GPUFLEET_CLUSTER", help="Cluster label on every series."),
-        click.option("--interval", type=click.FloatRange(0.05), default=1.0, envvar="GPUFLEET_INTERVAL",
-                     show_default=True, help="Seconds between samples."),
-        click.option("--push-interval", type=click.FloatRange(0.1), default=5.0, envvar="GPUFLEET_PUSH_INTERVAL",
-                     show_default=True, help="Seconds between pushes (urgent events go at once)."),
+        click.option("--interval", type=Duration(0.05), default=1.0, envvar="GPUFLEET_INTERVAL",
+                     show_default=True, help="Time between samples: seconds, or a duration such as 500ms."),
+        click.option("--push-interval", type=Duration(0.1), default=5.0, envvar="GPUFLEET_PUSH_INTERVAL",
+                     show_default=True, help="Time between pushes, seconds or a duration (urgent events go at once)."),
         click.option("--token", default=None, envvar="GPUFLEET_TOKEN", help="Bearer token for the collector."),
         click.option("--metric-names", type=click.Choice(["gpufleet", "dcgm"]), default="gpufleet",
                      envvar="GPUFLEET_METRIC_NAMES", show_default=True,
@@ -71,7 +135,8 @@ def _agent_options(f):
         click.option("--spool-max-bytes", default="512MiB", envvar="GPUFLEET_SPOOL_MAX_BYTES", show_default=True,
                      help="Spool size limit; the oldest batches are dropped (and counted) past it."),
         click.option("--spool-max-age", default="24h", envvar="GPUFLEET_SPOOL_MAX_AGE", show_default=True,
-                     help="Spooled batches older than this are dropped (and counted)."),
+                     help="Spooled batches older than this duration (e.g. 90m, 2d; bare numbers are seconds) "
+                          "are dropped (and counted)."),
         click.option("--ca-bundle", default=None, envvar="GPUFLEET_CA_BUNDLE", type=click.Path(exists=True),
                      help="CA file to verify an https collector [default: the system's CAs]."),
         click.option("--client-cert", default=None, envvar="GPUFLEET_CLIENT_CERT", type=click.Path(exists=True),
@@ -80,7 +145,6 @@ def _agent_options(f):
                      help="Key of --client-cert (PEM)."),
         click.option("--sources", default="", envvar="GPUFLEET_SOURCES",
                      help="Comma-separated sources to run [default: all on by default]."),
-        click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options + _inference_options()):
         f = opt(f)
@@ -94,25 +158,27 @@ def _inference_options() -> list:
                      envvar="GPUFLEET_INFERENCE_ENDPOINTS",
                      help="Scrape an inference server's metrics page (vLLM, Triton, TGI; told apart by its metric "
                           "names). Repeatable; the variable takes a space-separated list."),
-        click.option("--inference-config", type=click.Path(dir_okay=False), envvar="GPUFLEET_INFERENCE_CONFIG",
+        click.option("--inference-config", type=click.Path(exists=True, dir_okay=False),
+                     envvar="GPUFLEET_INFERENCE_CONFIG",
                      help="YAML file of endpoints, probes, Kubernetes discovery, receiver and SLOs."),
         click.option("--inference-kubelet", metavar="URL", envvar="GPUFLEET_INFERENCE_KUBELET",
                      help="Discover annotated inference pods on this node from the kubelet, "
                           "e.g. http://$NODE_IP:10255."),
-        click.option("--inference-interval", type=click.FloatRange(0.1), default=10.0,
+        click.option("--inference-interval", type=Duration(0.1), default=10.0,
                      envvar="GPUFLEET_INFERENCE_INTERVAL", show_default=True,
-                     help="Seconds between scrapes; quantiles and rates cover this interval."),
+                     help="Time between scrapes (seconds or a duration); quantiles and rates cover this interval."),
         click.option("--inference-slo", metavar="SECONDS:TARGET", envvar="GPUFLEET_INFERENCE_SLO",
                      help="Default latency objective per model, e.g. 2.5:0.99 (99% within 2.5 s)."),
         click.option("--inference-probe", "inference_probes", multiple=True, metavar="NAME=URL",
                      envvar="GPUFLEET_INFERENCE_PROBES",
                      help="Probe a URL: .../v1/chat/completions or .../v1/completions streams a tiny prompt "
                           "(time to first token, total time); anything else is an HTTP probe. Repeatable."),
-        click.option("--inference-probe-interval", type=click.FloatRange(0.1), default=30.0,
-                     envvar="GPUFLEET_INFERENCE_PROBE_INTERVAL", show_default=True, help="Seconds between probes."),
-        click.option("--inference-probe-timeout", type=click.FloatRange(0.1), default=10.0,
+        click.option("--inference-probe-interval", type=Duration(0.1), default=30.0,
+                     envvar="GPUFLEET_INFERENCE_PROBE_INTERVAL", show_default=True,
+                     help="Time between probes, seconds or a duration."),
+        click.option("--inference-probe-timeout", type=Duration(0.1), default=10.0,
                      envvar="GPUFLEET_INFERENCE_PROBE_TIMEOUT", show_default=True,
-                     help="A probe slower than this fails with reason timeout."),
+                     help="A probe slower than this (seconds or a duration) fails with reason timeout."),
         click.option("--inference-probe-prompt", default=None, envvar="GPUFLEET_INFERENCE_PROBE_PROMPT",
                      help="Prompt of the OpenAI probes [default: Say OK.]."),
         click.option("--inference-probe-model", default=None, envvar="GPUFLEET_INFERENCE_PROBE_MODEL",
@@ -135,8 +201,8 @@ def _inference_settings(kw: dict):
             probe_interval=kw.get("inference_probe_interval", 30.0), probe_timeout=kw.get("inference_probe_timeout", 10.0),
             probe_prompt=kw.get("inference_probe_prompt"), probe_model=kw.get("inference_probe_model"),
             probe_max_tokens=kw.get("inference_probe_max_tokens"), receiver=kw.get("inference_receiver"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ConfigError as exc:  # a flag or the config file: a usage error, before anything starts
+        raise click.UsageError(str(exc)) from None
 
 
 def _agent_settings(**kw):
@@ -154,9 +220,12 @@ def _agent_settings(**kw):
 
     try:
         s.spool_max_bytes = parse_size(kw["spool_max_bytes"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--spool-max-bytes' (GPUFLEET_SPOOL_MAX_BYTES)") from None
+    try:
         s.spool_max_age = parse_age(kw["spool_max_age"])
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="'--spool-max-age' (GPUFLEET_SPOOL_MAX_AGE)") from None
     s.spool_dir = kw["spool_dir"] or None
     s.ca_bundle, s.client_cert, s.client_key = kw["ca_bundle"], kw["client_cert"], kw["client_key"]
     if s.client_cert and not s.client_key:
@@ -168,9 +237,9 @@ def _agent_settings(**kw):
 @click.option("--collector", default=None, envvar="GPUFLEET_COLLECTOR",
               help="Collector URL, e.g. http://collector:9446 (omit to only serve /metrics).")
 @_agent_options
-def agent(verbose: bool, **kw) -> None:
+@_logging_options
+def agent(**kw) -> None:
     """Run the node agent: sample GPUs, serve /metrics, push to the collector."""
-    _logging(verbose)
     from agent.main import start_agent
     from agent.nvml import NvmlUnavailable
 
@@ -189,21 +258,27 @@ def agent(verbose: bool, **kw) -> None:
         what += (f"; inference: {len(inference.endpoints)} endpoint(s), {len(settings.inference.probes)} probe(s)"
                  + (", kubelet discovery" if settings.inference.kubernetes else "")
                  + (f", client API at {settings.inference.receiver}" if settings.inference.receiver else ""))
-    click.echo(f"gpufleet agent on {settings.node}: {what}; metrics at http://{settings.listen}/metrics"
-               + (f"; pushing to {running.pusher.url}" if running.pusher else ""))
+    _announce(f"gpufleet agent on {settings.node}: {what}; metrics at http://{settings.listen}/metrics"
+              + (f"; pushing to {running.pusher.url}" if running.pusher else ""))
     _wait_for_signal()
     running.stop()
 
 
 # ---- collector --------------------------------------------------------------------------------------
+# Retention: a Prometheus duration, or a bare number of days as the flags took before they took durations.
+_RETENTION = Duration(6 * 3600, unit_s=86400)
+
+
 def _collector_options(f):
     options = [
-        click.option("--db", default="sqlite:///gpufleet.db", envvar="GPUFLEET_DB", show_default=True,
-                     help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB."),
+        click.option("--db", type=DatabaseURL(), default="sqlite:///gpufleet.db", envvar="GPUFLEET_DB",
+                     show_default=True, help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB."),
         click.option("--rules", "rules", multiple=True, type=click.Path(exists=True, path_type=Path),
-                     envvar="GPUFLEET_RULES", help="Rule files or folders [default: the built-in rule pack]."),
-        click.option("--eval-interval", type=click.FloatRange(0.1), default=5.0, envvar="GPUFLEET_EVAL_INTERVAL",
-                     show_default=True, help="Seconds between rule evaluations (events are evaluated at once)."),
+                     callback=check_rule_files, envvar="GPUFLEET_RULES",
+                     help="Rule files or folders [default: the built-in rule pack]."),
+        click.option("--eval-interval", type=Duration(0.1), default=5.0, envvar="GPUFLEET_EVAL_INTERVAL",
+                     show_default=True, help="Time between rule evaluations, seconds or a duration (events are "
+                                             "evaluated at once)."),
         click.option("--slack-token", default=None, envvar="GPUFLEET_SLACK_TOKEN", help="Slack bot token (xoxb-…)."),
         click.option("--slack-channel", default=None, envvar="GPUFLEET_SLACK_CHANNEL", help="Slack channel ID."),
         click.option("--slack-base-url", default="https://slack.com/api/", envvar="GPUFLEET_SLACK_BASE_URL",
@@ -217,16 +292,15 @@ def _collector_options(f):
         click.option("--forward", "forward", multiple=True, envvar="GPUFLEET_FORWARD",
                      help="Remote-write URL to forward every stored batch to (repeatable), e.g. "
                           "http://prometheus:9090/api/v1/write."),
-        click.option("--retention-raw", type=click.FloatRange(0.25), default=15.0, envvar="GPUFLEET_RETENTION_RAW",
-                     show_default=True, help="Days of raw samples to keep."),
-        click.option("--retention-1m", type=click.FloatRange(0.25), default=90.0, envvar="GPUFLEET_RETENTION_1M",
-                     show_default=True, help="Days of 1-minute rollups to keep."),
-        click.option("--retention-1h", type=click.FloatRange(0.25), default=730.0, envvar="GPUFLEET_RETENTION_1H",
-                     show_default=True, help="Days of 1-hour rollups to keep."),
+        click.option("--retention-raw", type=_RETENTION, default=15.0, envvar="GPUFLEET_RETENTION_RAW",
+                     show_default=True, help="How long to keep raw samples: a duration (36h, 2w) or days."),
+        click.option("--retention-1m", type=_RETENTION, default=90.0, envvar="GPUFLEET_RETENTION_1M",
+                     show_default=True, help="How long to keep 1-minute rollups: a duration (13w, 1y) or days."),
+        click.option("--retention-1h", type=_RETENTION, default=730.0, envvar="GPUFLEET_RETENTION_1H",
+                     show_default=True, help="How long to keep 1-hour rollups: a duration (2y) or days."),
         click.option("--raw-layout", type=click.Choice(["chunks", "rows"]), default="chunks",
                      envvar="GPUFLEET_RAW_LAYOUT", show_default=True,
                      help="PostgreSQL raw samples: compressed chunks, or one row per sample (for comparisons)."),
-        click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -250,9 +324,35 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
                                                  int(retention_1h * day)),
                              raw_layout=raw_layout, **extra)
 
+def _runbook_base_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from collector.rules.model import check_runbook_base_url
+
+    try:
+        return None if value is None else check_runbook_base_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _is_loopback(listen: str) -> bool:
     host = listen.rpartition(":")[0].strip("[]")
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def _check_free(listen: str, flag: str) -> None:
+    """Fail before opening the store when the address is taken: otherwise the web server finds out after the
+    start-up line, in a log line of its own."""
+    import socket
+
+    from gpufleet.addresses import split_listen
+
+    host, port = split_listen(listen)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
+            s.bind((host, port))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {listen} ({exc.strerror or exc}): is another gpufleet "
+                                   f"running there? Stop it or choose another {flag}") from None
 
 
 def _security_options(f):
@@ -292,7 +392,8 @@ def _security_options(f):
 
 
 @main.command()
-@click.option("--listen", default="0.0.0.0:9446", envvar="GPUFLEET_LISTEN", show_default=True)
+@click.option("--listen", type=ListenAddress(), default="0.0.0.0:9446", envvar="GPUFLEET_LISTEN", show_default=True,
+              help="HOST:PORT of the API, the fleet page and /metrics.")
 @click.option("--tokens", default=None, envvar="GPUFLEET_TOKENS",
               help="Comma-separated bearer tokens allowed to write; none: writes are open.")
 @click.option("--console/--no-console", default=False, envvar="GPUFLEET_CONSOLE", help="Print notifications.")
@@ -301,13 +402,17 @@ def _security_options(f):
 @click.option("--report-channel", default=None, envvar="GPUFLEET_REPORT_CHANNEL",
               help="Slack channel ID for the digest [default: --slack-channel].")
 @click.option("--public-url", default=None, envvar="GPUFLEET_PUBLIC_URL",
-              help="This collector's URL as people reach it; the digest links to the full report there.")
+              help="This collector's URL as people reach it; the digest links to the full report there, alerts to "
+                   "its /runbooks.")
+@click.option("--runbook-base-url", default=None, envvar="GPUFLEET_RUNBOOK_BASE_URL", callback=_runbook_base_url,
+              help="Where rules' runbook links point (BASE/NAME), e.g. your wiki [default: --public-url/runbooks, "
+                   "else this collector's --listen address/runbooks].")
 @_collector_options
 @_security_options
-def collector(verbose: bool, listen: str, tokens: str | None, console: bool, token_file, allow_open_writes: bool,
+@_logging_options
+def collector(listen: str, tokens: str | None, console: bool, token_file, allow_open_writes: bool,
               tls_cert, tls_key, tls_client_ca, name: str, **kw) -> None:
     """Run the central collector: receive samples, store them, evaluate rules, notify."""
-    _logging(verbose)
     from collector.app import Limits
     from collector.auth import TokenSet, parse_token
     from collector.rules.model import RuleError
@@ -322,22 +427,26 @@ def collector(verbose: bool, listen: str, tokens: str | None, console: bool, tok
             token_list += TokenSet.from_file(token_file)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tokens / --token-file") from None
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {token_file}: {exc.strerror or exc}",
+                                 param_hint="--token-file (GPUFLEET_TOKEN_FILE)") from None
     settings = _collector_settings(listen, tokens=token_list, console=console, limits=limits, tls_cert=tls_cert,
                                    tls_key=tls_key, tls_client_ca=tls_client_ca, name=name, **kw)
     if not settings.tokens:
         if not _is_loopback(listen) and not allow_open_writes:
-            raise click.ClickException(
+            raise click.UsageError(
                 f"no write tokens configured and --listen {listen} is reachable from other hosts: give "
                 "--tokens / --token-file (GPUFLEET_TOKENS, GPUFLEET_TOKEN_FILE), listen on 127.0.0.1, or pass "
                 "--allow-open-writes to accept writes from anyone")
         logging.getLogger("gpufleet").warning("no write tokens configured: anyone who reaches %s can write", listen)
+    _check_free(listen, "--listen")
     try:
         c = Collector(settings)
     except (RuleError, StoreUnavailable, SchemaTooNew, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"gpufleet collector on {c.scheme}://{listen} (store: {c.store.engine.url.render_as_string()}, "
-               f"{len(c.rules)} rules, {len(settings.tokens)} write tokens"
-               f"{', client certificates required' if tls_client_ca else ''})")
+    _announce(f"gpufleet collector on {c.scheme}://{listen} (store: {c.store.engine.url.render_as_string()}, "
+              f"{len(c.rules)} rules, {len(settings.tokens)} write tokens"
+              f"{', client certificates required' if tls_client_ca else ''})")
     c.serve()
 
 
@@ -357,22 +466,33 @@ def hash_token_cmd(token: str | None) -> None:
 @main.command()
 @click.option("--simulate", type=click.IntRange(0, 1024), default=None, envvar="GPUFLEET_SIMULATE",
               help="Simulate N GPUs [default: real GPUs if NVML works, else 4 simulated].")
-@click.option("--agent-listen", default="127.0.0.1:9445", show_default=True)
-@click.option("--listen", default="127.0.0.1:9446", show_default=True, help="Collector HOST:PORT.")
-@click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True)
-@click.option("--push-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
-@click.option("--db", default="sqlite:///gpufleet.db", envvar="GPUFLEET_DB", show_default=True)
-@click.option("--rules", "rules", multiple=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--eval-interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
-@click.option("--slack-token", default=None, envvar="GPUFLEET_SLACK_TOKEN")
-@click.option("--slack-channel", default=None, envvar="GPUFLEET_SLACK_CHANNEL")
-@click.option("--slack-base-url", default="https://slack.com/api/", envvar="GPUFLEET_SLACK_BASE_URL")
-@click.option("--grafana-dashboard-url", default=None, envvar="GPUFLEET_GRAFANA_DASHBOARD_URL")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("--agent-listen", type=ListenAddress(), default="127.0.0.1:9445", envvar="GPUFLEET_AGENT_LISTEN",
+              show_default=True, help="Agent HOST:PORT (/metrics).")
+@click.option("--listen", type=ListenAddress(), default="127.0.0.1:9446", envvar="GPUFLEET_LISTEN",
+              show_default=True, help="Collector HOST:PORT (the fleet page and the API).")
+@click.option("--interval", type=Duration(0.05), default=1.0, envvar="GPUFLEET_INTERVAL", show_default=True,
+              help="Time between samples, seconds or a duration.")
+@click.option("--push-interval", type=Duration(0.1), default=2.0, envvar="GPUFLEET_PUSH_INTERVAL",
+              show_default=True, help="Time between the agent's pushes, seconds or a duration.")
+@click.option("--db", type=DatabaseURL(), default="sqlite:///gpufleet.db", envvar="GPUFLEET_DB", show_default=True,
+              help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB.")
+@click.option("--rules", "rules", multiple=True, type=click.Path(exists=True, path_type=Path),
+              callback=check_rule_files, envvar="GPUFLEET_RULES",
+              help="Rule files or folders [default: the built-in rule pack].")
+@click.option("--eval-interval", type=Duration(0.1), default=2.0, envvar="GPUFLEET_EVAL_INTERVAL",
+              show_default=True, help="Time between rule evaluations, seconds or a duration.")
+@click.option("--slack-token", default=None, envvar="GPUFLEET_SLACK_TOKEN", help="Slack bot token (xoxb-…).")
+@click.option("--slack-channel", default=None, envvar="GPUFLEET_SLACK_CHANNEL", help="Slack channel ID.")
+@click.option("--slack-base-url", default="https://slack.com/api/", envvar="GPUFLEET_SLACK_BASE_URL",
+              show_default=True, help="Slack Web API base URL.")
+@click.option("--grafana-dashboard-url", default=None, envvar="GPUFLEET_GRAFANA_DASHBOARD_URL",
+              help="Grafana dashboard URL Slack messages link to, with the alert's time window and GPU.")
+@click.option("--runbook-base-url", default=None, envvar="GPUFLEET_RUNBOOK_BASE_URL", callback=_runbook_base_url,
+              help="Where rules' runbook links point (BASE/NAME) [default: http://LISTEN/runbooks].")
+@_logging_options
 def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_interval, slack_token,
-       slack_channel, slack_base_url, grafana_dashboard_url, verbose) -> None:
+       slack_channel, slack_base_url, grafana_dashboard_url, runbook_base_url) -> None:
     """Everything on one machine: collector + local agent + default rules. The first thing to run."""
-    _logging(verbose)
     from agent.main import AgentSettings, start_agent
     from agent.nvml import Nvml, NvmlUnavailable
     from collector.service import Collector
@@ -391,7 +511,10 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
     else:
         why = f"simulating {simulate} GPUs (--simulate)" if simulate else "real GPUs through NVML (--simulate 0)"
     settings = _collector_settings(listen, db, rules, eval_interval, slack_token, slack_channel, slack_base_url,
-                                   console=True, grafana_dashboard_url=grafana_dashboard_url)
+                                   console=True, grafana_dashboard_url=grafana_dashboard_url,
+                                   runbook_base_url=runbook_base_url)
+    _check_free(listen, "--listen")
+    _check_free(agent_listen, "--agent-listen")
     try:
         c = Collector(settings).start()
     except Exception as exc:
@@ -405,17 +528,19 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
     except (NvmlUnavailable, OSError) as exc:
         c.close()
         raise click.ClickException(f"agent did not start: {exc}") from None
-    click.echo(f"gpufleet up: {why}")
-    click.echo(f"  fleet page      http://{listen}/")
-    click.echo(f"  agent metrics   http://{agent_listen}/metrics")
-    click.echo(f"  GPUs            http://{listen}/api/v1/gpus")
-    click.echo(f"  alerts          http://{listen}/api/v1/alerts")
-    click.echo(f"  store           {db}")
+    lines = [f"gpufleet up: {why}",
+             f"  fleet page      http://{listen}/",
+             f"  agent metrics   http://{agent_listen}/metrics",
+             f"  GPUs            http://{listen}/api/v1/gpus",
+             f"  alerts          http://{listen}/api/v1/alerts",
+             f"  runbooks        http://{listen}/runbooks/",
+             f"  store           {c.store.engine.url.render_as_string()}"]
     if simulate:
-        click.echo(f"  inject a fault  gpufleet simulate inject --agent http://{agent_listen} --gpu 0 xid --xid 79")
-    click.echo("  writes are open on loopback (no tokens); Ctrl-C stops")
+        lines.append(f"  inject a fault  gpufleet simulate inject --agent http://{agent_listen} --gpu 0 xid --xid 79")
+    lines.append("  writes are open on loopback (no tokens); Ctrl-C stops")
+    _announce("\n".join(lines))
     _wait_for_signal()
-    click.echo("stopping…")
+    _announce("stopping…")
     running.stop()
     c.close()
 
@@ -424,7 +549,8 @@ def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_
 @main.command()
 @click.option("--collector", "collector_url", default="http://127.0.0.1:9446", envvar="GPUFLEET_COLLECTOR",
               show_default=True, help="Collector URL.")
-@click.option("--interval", type=click.FloatRange(0.2), default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", type=Duration(0.2), default=2.0, show_default=True,
+              help="Time between refreshes, seconds or a duration.")
 @click.option("--sort", "sort_key", type=click.Choice(["node", "sm", "util", "memory", "temperature", "power", "alerts"]),
               default="node", show_default=True)
 @click.option("--cluster", default=None, help="Only GPUs of this cluster.")
@@ -460,10 +586,12 @@ def _unix_time(value: str | None) -> float | None:
 
 
 @main.command()
-@click.option("--since", default="7d", show_default=True, help="How far back: 7d, 24h, 90m, or an ISO 8601 time.")
+@click.option("--since", default="7d", show_default=True,
+              help="How far back: a duration (7d, 24h, 1h30m), Unix seconds or an ISO 8601 time.")
 @click.option("--until", default=None, help="End of the range, Unix seconds or ISO 8601 [default: now].")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "html"]), default="markdown", show_default=True)
-@click.option("--db", default=None, envvar="GPUFLEET_DB", help="Read the store directly (SQLAlchemy URL).")
+@click.option("--db", type=DatabaseURL(), default=None, envvar="GPUFLEET_DB",
+              help="Read the store directly (SQLAlchemy URL) [default: sqlite:///gpufleet.db].")
 @click.option("--collector", "collector_url", default=None, envvar="GPUFLEET_COLLECTOR",
               help="Ask a running collector instead (its /api/v1/report).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -482,8 +610,10 @@ def report(since: str, until: str | None, fmt: str, db: str | None, collector_ur
         query = {"since": since, "format": fmt, **({"until": str(end)} if end is not None else {})}
         url = collector_url.rstrip("/") + "/api/v1/report?" + urllib.parse.urlencode(query)
         try:
-            with urllib.request.urlopen(url, timeout=300) as resp:
-                body = resp.read().decode()
+            with StatusLine("report: ") as status:
+                status(f"waiting for the collector at {collector_url}")
+                with urllib.request.urlopen(url, timeout=300) as resp:
+                    body = resp.read().decode()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -495,18 +625,29 @@ def report(since: str, until: str | None, fmt: str, db: str | None, collector_ur
         from sqlalchemy.exc import SQLAlchemyError
 
         from collector.report import ReportError, build_report, parse_since, render
-        from collector.store import Store
+        from collector.store import Store, StoreUnavailable
 
         try:
             start, stop = parse_since(since, end)
         except ReportError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--since' / '--until'") from None
+        try:  # a report only reads: it never creates a store (an empty SQLite file) where there was none
+            store = Store.open(db or "sqlite:///gpufleet.db", migrate_schema=False, create=False)
+        except StoreUnavailable as exc:
             raise click.ClickException(str(exc)) from None
-        store = Store.open(db or "sqlite:///gpufleet.db", migrate_schema=False)
+        where = store.engine.url.render_as_string()
         try:
-            body = render(build_report(store.engine, start, stop), fmt)
+            with StatusLine("report: ") as status:
+                status(f"connecting to {where}")
+                try:
+                    store.ping()
+                except SQLAlchemyError as exc:
+                    raise click.ClickException(f"cannot open the store at {where}: "
+                                               f"{_one_line(getattr(exc, 'orig', None) or exc)}") from None
+                body = render(build_report(store.engine, start, stop, progress=status), fmt)
         except SQLAlchemyError as exc:
-            raise click.ClickException(f"cannot read the store at {store.engine.url.render_as_string()} "
-                                       f"({getattr(exc, 'orig', exc)}); is it a gpufleet store? "
+            raise click.ClickException(f"cannot read the store at {where} "
+                                       f"({_one_line(getattr(exc, 'orig', None) or exc)}); is it a gpufleet store? "
                                        "`gpufleet db upgrade --db URL` creates or upgrades one") from None
         finally:
             store.close()
@@ -526,10 +667,13 @@ def simulate() -> None:
 @simulate.command("inject")
 @click.argument("kind", type=click.Choice(["xid", "lost", "thermal", "sw_thermal", "hw_slowdown", "power_brake",
                                            "idle_memory", "ecc", "recover"]))
-@click.option("--agent", "agent_url", default="http://127.0.0.1:9445", show_default=True)
-@click.option("--gpu", type=int, default=0, show_default=True)
-@click.option("--xid", type=int, default=None, help="XID code, for kind xid.")
-@click.option("--duration", type=float, default=120.0, show_default=True, help="Seconds, for lasting faults.")
+@click.option("--agent", "agent_url", default="http://127.0.0.1:9445", envvar="GPUFLEET_AGENT", show_default=True,
+              help="URL of the agent running with --simulate.")
+@click.option("--gpu", type=click.IntRange(0), default=0, envvar="GPUFLEET_SIMULATE_GPU", show_default=True,
+              help="Index of the simulated GPU.")
+@click.option("--xid", type=int, default=None, envvar="GPUFLEET_SIMULATE_XID", help="XID code, for kind xid.")
+@click.option("--duration", type=Duration(), default=120.0, envvar="GPUFLEET_SIMULATE_DURATION", show_default=True,
+              help="How long lasting faults last: seconds or a duration such as 5m.")
 def simulate_inject(kind, agent_url, gpu, xid, duration) -> None:
     """Inject a fault into a simulated GPU."""
     import json
@@ -555,7 +699,7 @@ def alerts() -> None:
 
 
 @alerts.command("check")
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def alerts_check(paths) -> None:
     """Validate rule files (default: the built-in rule pack); every problem with file, line and rule."""
     from collector.rules.model import RuleError, default_rules_path, load_rules
@@ -653,17 +797,19 @@ def alerts_test(paths) -> None:
 @alerts.command("backtest")
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--rules", "rules", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Rule files or folders [default: the built-in rule pack].")
-@click.option("--step", type=click.FloatRange(0.001), default=None,
-              help="Seconds between evaluations [default: the trace's sampling interval].")
+              callback=check_rule_files, help="Rule files or folders [default: the built-in rule pack].")
+@click.option("--step", type=Duration(0.001), default=None,
+              help="Time between evaluations, seconds or a duration [default: the trace's sampling interval].")
 def alerts_backtest(trace, rules, step) -> None:
     """Replay TRACE (OpenMetrics text with timestamps) through the rule engine; print each notification
-    it would send as a JSON line: alert, state, at (Unix seconds), labels."""
+    it would send as a JSON line: alert, state, at (Unix seconds), labels. On a terminal, a status line on
+    standard error says how far through the trace the replay is."""
     from collector.rules.backtest import TraceError, backtest_file
 
     pack = _load_pack(rules)
     try:
-        n = backtest_file(trace, pack, sys.stdout, step_s=step)
+        with StatusLine("backtest: ") as status:
+            n = backtest_file(trace, pack, status.above(sys.stdout), step_s=step, progress=status)
     except TraceError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{n} notifications", err=True)
@@ -677,11 +823,18 @@ def alerts_backtest(trace, rules, step) -> None:
               help="File to write [default: standard output].")
 @click.option("--name", default="gpufleet-gpu", show_default=True, help="PrometheusRule metadata.name.")
 @click.option("--namespace", default=None, help="PrometheusRule metadata.namespace.")
-def alerts_export(paths, fmt, output, name, namespace) -> None:
+@click.option("--runbook-base-url", default=None, envvar="GPUFLEET_RUNBOOK_BASE_URL", callback=_runbook_base_url,
+              help="Where runbook links point (BASE/NAME): your collector's public URL + /runbooks, or a wiki "
+                   "[default: http://localhost:9446/runbooks].")
+def alerts_export(paths, fmt, output, name, namespace, runbook_base_url) -> None:
     """Write the rules PromQL can express (default: the built-in pack) for Prometheus / Alertmanager."""
-    from collector.rules.export import export
+    from collector.rules.export import DEFAULT_RUNBOOK_BASE_URL, export
 
-    text, skipped = export(_load_pack(paths), fmt, name=name, namespace=namespace)
+    if runbook_base_url is None:
+        click.echo(f"runbook links point at {DEFAULT_RUNBOOK_BASE_URL}/NAME; pass --runbook-base-url with the URL "
+                   "people reach your collector by (+ /runbooks) or your wiki's", err=True)
+    text, skipped = export(_load_pack(paths), fmt, name=name, namespace=namespace,
+                           runbook_base_url=runbook_base_url or DEFAULT_RUNBOOK_BASE_URL)
     if output is None:
         click.echo(text, nl=False)
     else:
@@ -718,6 +871,17 @@ def _api(collector_url: str, method: str, path: str, token: str | None, body: di
                                    "set --collector (GPUFLEET_COLLECTOR)") from None
 
 
+def _os_user(environ: Mapping[str, str] = os.environ, getuser: Callable[[], str] = getpass.getuser) -> str:
+    """Who runs the command: $USER, else the login name the system knows (cron jobs and containers often
+    run without $USER), else "unknown"."""
+    if environ.get("USER"):
+        return environ["USER"]
+    try:
+        return getuser() or "unknown"
+    except (OSError, KeyError, ImportError):  # a uid without a passwd entry: KeyError, OSError on 3.13+
+        return "unknown"
+
+
 def _collector_api_options(f):
     f = click.option("--token", default=None, envvar="GPUFLEET_TOKEN", help="Bearer token for the collector.")(f)
     return click.option("--collector", "collector_url", default="http://127.0.0.1:9446", envvar="GPUFLEET_COLLECTOR",
@@ -726,8 +890,9 @@ def _collector_api_options(f):
 
 @silence.command("add")
 @click.argument("matchers", nargs=-1, required=True)
-@click.option("--duration", default="2h", show_default=True, help="How long, e.g. 30m, 2h, 1d.")
-@click.option("--author", default=lambda: os.environ.get("USER", ""), help="Who silences [default: $USER].")
+@click.option("--duration", default="2h", show_default=True, help="How long: a duration such as 30m, 2h, 1d12h.")
+@click.option("--author", default=_os_user, show_default="$USER, else the login name",
+              help="Who silences.")
 @click.option("--comment", required=True, help="Why (a ticket, the maintenance window).")
 @_collector_api_options
 def silence_add(matchers, duration, author, comment, collector_url, token) -> None:
@@ -737,9 +902,13 @@ def silence_add(matchers, duration, author, comment, collector_url, token) -> No
 
     try:
         parsed = [Matcher.parse(m) for m in matchers]
-        parse_duration(duration)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="MATCHERS") from None
+    try:
+        if parse_duration(duration) <= 0:
+            raise ValueError(f"{duration!r} is no time at all: a silence must last a while, e.g. 2h")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--duration'") from None
     resp = _api(collector_url, "POST", "/api/v1/silences", token,
                 {"matchers": [m.to_api() for m in parsed], "duration": duration, "createdBy": author,
                  "comment": comment})
@@ -782,17 +951,23 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--db", "url", default="sqlite:///gpufleet.db", envvar="GPUFLEET_DB", show_default=True)
+@click.option("--db", "url", type=DatabaseURL(), default="sqlite:///gpufleet.db", envvar="GPUFLEET_DB",
+              show_default=True, help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB.")
 def db_upgrade(url: str) -> None:
-    """Migrate the schema to this version of gpufleet."""
+    """Create the schema, or migrate it to this version of gpufleet (on a terminal, each step shows)."""
     from collector.store import Store, StoreUnavailable
     from collector.store.migrate import SchemaTooNew, current_revision
 
+    store = Store.open(url, migrate_schema=False)  # connects only to upgrade, below
     try:
-        store = Store.open(url, migrate_schema=True)
+        with StatusLine("db upgrade: ") as status:
+            status(f"connecting to {store.engine.url.render_as_string()}")
+            store.upgrade_schema(progress=status)
+        click.echo(f"schema at revision {current_revision(store.engine)}")
     except (StoreUnavailable, SchemaTooNew) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"schema at revision {current_revision(store.engine)}")
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

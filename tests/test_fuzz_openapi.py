@@ -33,7 +33,8 @@ def test_the_collector_api_keeps_its_openapi_contract(collector_url):
     schema = schemathesis.openapi.from_url(f"{collector_url}/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/api/v1/write", "/api/v1/gpus", "/api/v1/query_range",
-                                              "/api/v1/alerts", "/healthz", "/metrics"}
+                                              "/api/v1/alerts", "/healthz", "/metrics", "/runbooks/",
+                                              "/runbooks/{name}"}
     for op in operations:
         @given(case=op.as_strategy())
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),

@@ -533,6 +533,8 @@ def test_retention_forwarding_and_layout_reach_the_collector_only_when_set(rende
     ({"collector": {"rawLayout": "chunked"}, "database": {"url": PG_URL}}, "/collector/rawLayout"),
     ({"collector": {"rawLayout": "rows"}}, "collector.rawLayout=rows applies to PostgreSQL only"),
     ({"grafana": {"dashboardUrl": "grafana.example/d/gpufleet-node-gpu-postgres"}}, "/grafana/dashboardUrl"),
+    ({"collector": {"runbookBaseUrl": "wiki.example.com/gpu"}}, "/collector/runbookBaseUrl"),
+    ({"collector": {"enabled": False}, "prometheusRule": {"enabled": True}}, "set collector.runbookBaseUrl"),
 ])
 def test_wrong_values_fail_with_a_clear_message(values, says):
     with pytest.raises(helm.HelmError) as err:
@@ -628,12 +630,37 @@ def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path):
         "gpufleet alerts export --format prometheusrule -o helm/gpufleet/files/prometheusrule.yaml")
 
 
+@pytest.mark.parametrize("values, base", [
+    ({}, "http://gf-gpufleet-collector.monitoring.svc:9446/runbooks"),
+    ({"collector": {"tls": {"existingSecret": "collector-tls"}}},
+     "https://gf-gpufleet-collector.monitoring.svc:9446/runbooks"),
+    ({"slack": {"publicUrl": "https://gpufleet.example.com/"}}, "https://gpufleet.example.com/runbooks"),
+    ({"slack": {"publicUrl": "https://gpufleet.example.com"},
+      "collector": {"runbookBaseUrl": "https://wiki.example.com/gpu/"}}, "https://wiki.example.com/gpu"),
+    ({"collector": {"enabled": False, "runbookBaseUrl": "https://wiki.example.com/gpu"}}, "https://wiki.example.com/gpu"),
+])
+def test_runbook_links_of_the_prometheus_rule_and_the_collector_agree(tmp_path, values, base):
+    """The chart's PrometheusRule is `gpufleet alerts export --runbook-base-url BASE`, and the collector sends
+    and shows the same BASE/NAME links: its own /runbooks unless told otherwise."""
+    objs = objects(render({**values, "prometheusRule": {"enabled": True}}))
+    out = tmp_path / "prometheusrule.yaml"
+    result = CliRunner().invoke(main, ["alerts", "export", "--format", "prometheusrule", "--runbook-base-url", base,
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    spec = find(objs, "PrometheusRule")["spec"]
+    assert spec == yaml.safe_load(out.read_text())["spec"]
+    assert f"{base}/xid-critical" in {r["annotations"]["runbook_url"] for g in spec["groups"] for r in g["rules"]}
+    if values.get("collector", {}).get("enabled", True):
+        assert env_of(container(objs, "collector"))["GPUFLEET_RUNBOOK_BASE_URL"]["value"] == base
+
+
 def test_notes_tell_where_to_look_next():
     notes = render({})["gpufleet/templates/NOTES.txt"]
     assert "kubectl -n monitoring get daemonset gf-gpufleet-agent" in notes
     assert "port-forward service/gf-gpufleet-collector 9446" in notes
     assert "No Slack token" in notes
     assert "docs/install.md" in notes
+    assert "gf-gpufleet-collector.monitoring.svc:9446/runbooks/NAME,\n  which opens inside the cluster only" in notes
     assert "WARNING: auth.enabled=false" in render({"auth": {"enabled": False}})["gpufleet/templates/NOTES.txt"]
 
 

@@ -127,6 +127,10 @@ FILE_ENV = ("GPUFLEET_CA_BUNDLE", "GPUFLEET_CLIENT_CERT", "GPUFLEET_CLIENT_KEY",
 # A write token the user keeps in the token-file Secret of the tls-and-spool scenario, hashed there.
 SITE_TOKEN = "site-token-" + "s" * 32
 
+# What users keep in the Secrets the chart only names (existingSecret), where the program checks the value as it
+# reads the variable: the database URL. Other keys get a placeholder.
+USER_SECRETS = {("gpufleet-db", "url"): "postgresql+psycopg://gpufleet:secret@db.example:5432/gpufleet"}
+
 
 def _resolve(entry: dict, secrets: dict[str, str], earlier: dict[str, str]) -> str:
     if "value" in entry:
@@ -137,7 +141,8 @@ def _resolve(entry: dict, secrets: dict[str, str], earlier: dict[str, str]) -> s
     if "fieldRef" in ref:
         return FIELDS[ref["fieldRef"]["fieldPath"]]
     key = ref["secretKeyRef"]
-    return secrets.get(key["key"], f"from-secret-{key['name']}-{key['key']}")
+    return secrets.get(key["key"], USER_SECRETS.get((key["name"], key["key"]),
+                                                    f"from-secret-{key['name']}-{key['key']}"))
 
 
 def _mounted(pod: dict, c: dict, path: str) -> tuple[str, str]:
@@ -245,6 +250,11 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
                      ("collector", "collector-tls", "tls.key"), ("collector", "collector-tls", "ca.crt")]
             assert p["console"] is False and p["eval_interval"] == 5.0
             assert [str(r) for r in p["rules"]] == [env["GPUFLEET_RULES"]]
+            # runbook links: the collector's own /runbooks, where people reach it when the chart knows
+            assert p["runbook_base_url"] == ("https://gpufleet.example.com/runbooks" if scenario == "tokens-and-slack"
+                                             else "https://gf-gpufleet-collector.monitoring.svc:9446/runbooks"
+                                             if scenario == "tls-and-spool"
+                                             else "http://gf-gpufleet-collector.monitoring.svc:9446/runbooks")
             if scenario == "tokens-and-slack":
                 assert p["slack_token"] == "xoxb-1-2-3" and p["slack_channel"] == "C0123ONCALL"
                 assert p["slack_base_url"] == "https://slack.example/api/"

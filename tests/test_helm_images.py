@@ -76,6 +76,12 @@ def test_collector_install_carries_the_rule_pack_where_the_chart_points(wheel_di
     assert sorted(p.name for p in rules.glob("*.yaml")) == shipped
     check = subprocess.run([str(bin_dir / "gpufleet"), "alerts", "check", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0 and "rules OK" in check.stdout, check.stdout + check.stderr
+    # and the runbooks its rules link to, which it serves from the package at /runbooks/NAME
+    probe = subprocess.run([str(bin_dir / "python"), "-c", "from collector.runbooks import Runbooks; "
+                            "b = Runbooks.shipped(); print(len(b.names()), 'GpuXidCritical' in b.page('xid-critical'))"],
+                           capture_output=True, text=True)
+    assert probe.stdout.split() == [str(len(list((ROOT / "alerts" / "runbooks").glob("*.md")))), "True"], \
+        probe.stdout + probe.stderr
 
 
 def test_install_script_names_the_fix_when_the_wheel_is_missing(tmp_path):

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from agent.inference.servers import SERVERS
 from gpufleet.durations import parse_duration as _parse_duration
+from gpufleet.yamlfile import load_yaml
 
 PROBE_KINDS = ("openai-chat", "openai-completions", "http")
 
@@ -235,11 +234,9 @@ def load_config(path: str | Path, base: InferenceSettings | None = None) -> Infe
     """Read a YAML inference config; what it lists is added to ``base`` (the flags)."""
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read inference config {p}: {exc.strerror}; check --inference-config") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        doc = load_yaml(p) or {}
+    except ValueError as exc:
+        raise ConfigError(f"inference config {exc}; check --inference-config (GPUFLEET_INFERENCE_CONFIG)") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: expected a mapping with endpoints:, probes:, kubernetes:, receiver:")
     _unknown(doc, _TOP_KEYS, str(p))

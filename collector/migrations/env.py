@@ -5,6 +5,8 @@ from alembic import context
 from collector.store.schema import metadata
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+# on_version_apply: `gpufleet db upgrade` shows each step on a terminal (collector.store.migrate.upgrade)
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
+                  on_version_apply=context.config.attributes.get("on_version_apply", ()))
 with context.begin_transaction():
     context.run_migrations()

@@ -9,9 +9,9 @@ each notification the engine would send becomes one JSON line: ``alert``, ``stat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from collector.rules.engine import Engine
 from collector.rules.memory import MemoryState, MemoryView
@@ -20,6 +20,12 @@ from collector.rules.model import RulePack
 
 class TraceError(ValueError):
     pass
+
+
+class Writer(Protocol):
+    """Where notifications go: a file, standard output, or one that shares a terminal with a status line."""
+
+    def write(self, s: str, /) -> int: ...
 
 
 def read_trace(fd: IO[str], where: str = "trace") -> list[tuple[int, dict[str, str], float]]:
@@ -60,8 +66,10 @@ def infer_step_ms(samples: list[tuple[int, dict[str, str], float]]) -> int:
 
 
 def replay(samples: list[tuple[int, dict[str, str], float]], pack: RulePack, *, step_ms: int | None = None,
-           state: MemoryState | None = None, notifiers: Iterable[Any] = ()) -> Iterator[dict[str, Any]]:
-    """Feed the samples to the engine, tick by tick; yield one record per alert in each notification."""
+           state: MemoryState | None = None, notifiers: Iterable[Any] = (),
+           progress: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Feed the samples to the engine, tick by tick; yield one record per alert in each notification.
+    ``progress`` hears how far through the trace the replay is, once per percent."""
     if not samples:
         return
     step_ms = step_ms or infer_step_ms(samples)
@@ -69,8 +77,13 @@ def replay(samples: list[tuple[int, dict[str, str], float]], pack: RulePack, *, 
     engine = Engine(pack, view, state or MemoryState(), list(notifiers))
     i, n = 0, len(samples)
     t = samples[0][0]
-    end = samples[-1][0]
+    start, end = t, samples[-1][0]
+    told_pct = -1
     while t <= end + step_ms:
+        pct = min(100, (t - start) * 100 // max(end - start, 1))
+        if progress is not None and pct != told_pct:
+            told_pct = pct
+            progress(f"replayed {_clock(min(t, end) - start)} of {_clock(end - start)} of trace ({pct}%)")
         while i < n and samples[i][0] <= t:
             ts, labels, value = samples[i]
             view.observe(labels, ts, value)
@@ -83,11 +96,19 @@ def replay(samples: list[tuple[int, dict[str, str], float]], pack: RulePack, *, 
         t += step_ms
 
 
-def backtest_file(path: Path, pack: RulePack, out: IO[str], *, step_s: float | None = None) -> int:
+def _clock(ms: int) -> str:
+    s = ms // 1000
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def backtest_file(path: Path, pack: RulePack, out: Writer, *, step_s: float | None = None,
+                  progress: Callable[[str], None] | None = None) -> int:
+    if progress is not None:
+        progress(f"reading {path}")
     with open(path) as fd:
         samples = read_trace(fd, str(path))
     count = 0
-    for rec in replay(samples, pack, step_ms=int(step_s * 1000) if step_s else None):
+    for rec in replay(samples, pack, step_ms=int(step_s * 1000) if step_s else None, progress=progress):
         out.write(json.dumps(rec, separators=(",", ":")) + "\n")
         count += 1
     return count

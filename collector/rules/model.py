@@ -9,13 +9,15 @@ change the XIDs it pages for without editing the pack.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from gpufleet.durations import parse_duration as _parse_duration
+from gpufleet.yamlfile import load_yaml
 
 KINDS = ("threshold", "event", "stale", "anomaly", "peer", "trend")
 OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
@@ -373,7 +375,13 @@ def _files(paths: list[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            files += sorted(x for x in p.iterdir() if x.suffix in (".yaml", ".yml"))
+            try:
+                found = sorted(x for x in p.iterdir() if x.suffix in (".yaml", ".yml"))
+            except OSError as exc:
+                raise RuleError([f"cannot list the rule folder {p}: {exc.strerror or exc}"]) from None
+            if not found:
+                raise RuleError([f"{p}: no rule files (*.yaml, *.yml) in this folder"])
+            files += found
         elif p.exists():
             files.append(p)
         else:
@@ -390,12 +398,9 @@ def load_pack(paths: list[Path]) -> RulePack:
     docs: list[tuple[Path, dict]] = []
     for f in files:
         try:
-            doc = yaml.load(f.read_text(encoding="utf-8"), Loader=_LineLoader) or {}
-        except yaml.YAMLError as exc:
-            problems.append(f"{f}: not valid YAML: {exc}")
-            continue
-        except UnicodeDecodeError as exc:  # found by fuzzing: a binary file crashed the loader
-            problems.append(f"{f}: not UTF-8 text (byte {exc.start}); rule files are UTF-8 YAML")
+            doc = load_yaml(f, _LineLoader) or {}
+        except ValueError as exc:  # missing, unreadable, not UTF-8, not YAML: one line with file and line
+            problems.append(str(exc))
             continue
         if not isinstance(doc, dict):
             problems.append(f"{f}:1: expected a mapping with 'groups:' (and optionally route, inhibit_rules, xid_sets)")
@@ -454,6 +459,36 @@ def load_pack(paths: list[Path]) -> RulePack:
 def load_rules(paths: list[Path]) -> list[Rule]:
     """The rules of :func:`load_pack`."""
     return load_pack(paths).rules
+
+
+# A runbook_url without a scheme names a runbook relative to a base URL (the collector's /runbooks, or a wiki),
+# so one rule pack gives working links wherever it runs; an absolute URL is used as it is.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_runbook_base_url(base_url: str) -> str:
+    """``base_url`` without a trailing slash; ValueError unless it is an absolute http(s) URL."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"runbook base URL {base_url!r} is not an http(s) URL; give one like "
+                         "https://gpufleet.example.com/runbooks or your wiki's https://wiki.example.com/gpu "
+                         "(links become BASE/NAME)")
+    return base_url.rstrip("/")
+
+
+def runbook_url(value: str, base_url: str) -> str:
+    """A rule's runbook_url annotation as a link: relative names go under ``base_url``."""
+    if _SCHEME.match(value):
+        return value
+    return f"{base_url.rstrip('/')}/{value.lstrip('/')}"
+
+
+def with_runbook_base(pack: RulePack, base_url: str) -> RulePack:
+    """The pack with every relative runbook_url annotation resolved against ``base_url``."""
+    base = check_runbook_base_url(base_url)
+    rules = [replace(r, annotations={**r.annotations, "runbook_url": runbook_url(r.annotations["runbook_url"], base)})
+             if "runbook_url" in r.annotations else r for r in pack.rules]
+    return replace(pack, rules=rules)
 
 
 _TEMPLATE = re.compile(r"\{\{\s*(\$labels\.([A-Za-z_][A-Za-z0-9_]*)|\$value)\s*\}\}")

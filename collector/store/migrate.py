@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -38,8 +40,10 @@ def current_revisions(engine: Engine) -> tuple[str, ...]:
         return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
 
 
-def upgrade(engine: Engine) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Bring the schema to this code's heads. Refuses a database migrated by newer code."""
+def upgrade(engine: Engine,
+            progress: Callable[[str], None] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Bring the schema to this code's heads. Refuses a database migrated by newer code. ``progress`` hears
+    which migration runs, one call per step (a migration on a large store can take minutes)."""
     cfg = _config()
     script = ScriptDirectory.from_config(cfg)
     current = current_revisions(engine)
@@ -52,6 +56,21 @@ def upgrade(engine: Engine) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise SchemaTooNew(
                 f"the database schema is at revision {rev!r}, newer than this gpufleet knows "
                 f"(its newest: {', '.join(head_revisions())}); upgrade gpufleet, or point --db at another database")
+    if progress is not None:
+        try:
+            pending = [r.revision for r in script.iterate_revisions("heads", current or "base")][::-1]
+        except Exception:  # an unusual graph: report the steps without a total
+            pending = []
+        done: list[str] = []
+
+        def applied(*, step: Any, **_: Any) -> None:
+            done.append(step.up_revision_id)
+            progress(f"applied migration {step.up_revision_id}" + (f" ({len(done)} of {len(pending)})"
+                                                                    if len(done) <= len(pending) else ""))
+
+        cfg.attributes["on_version_apply"] = (applied,)
+        if pending:
+            progress(f"{len(pending)} migration(s) to apply: {', '.join(pending)}")
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "heads")

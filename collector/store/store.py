@@ -12,19 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import create_engine, event, func, select, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from collector.store import chunks, migrate, schema
+from gpufleet.addresses import DATABASE_EXAMPLE, database_url
 from gpufleet.remote_write import Series
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ class StoreUnavailable(RuntimeError):
     def __init__(self, message: str, *, connection: bool = True) -> None:
         super().__init__(message)
         self.connection = connection
+
+
+def _one_line(exc: BaseException | None) -> str:
+    """A driver's message on one line (psycopg's span several, with a hint on the last)."""
+    return " ".join(str(exc).split())
 
 
 def _connection_error(exc: BaseException) -> bool:
@@ -167,10 +174,20 @@ class Store:
 
     @classmethod
     def open(cls, url: str, *, migrate_schema: bool = True, raw_layout: str = "chunks",
-             retention: Retention | None = None, **engine_kw: Any) -> Store:
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+             retention: Retention | None = None, create: bool = True, **engine_kw: Any) -> Store:
+        """The store at ``url`` (ValueError for a URL gpufleet cannot use). ``create=False``: a SQLite file
+        that does not exist is StoreUnavailable instead of a new, empty store (read-only commands)."""
+        url = database_url(url)
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(f"the database URL is malformed ({exc}); write {DATABASE_EXAMPLE}") from None
         if url.startswith("sqlite"):
+            path = parsed.database
+            if not create and path and path != ":memory:" and not os.path.exists(path):
+                raise StoreUnavailable(f"there is no store at {path} (the SQLite file does not exist): point --db "
+                                       "at the collector's store, or create one with `gpufleet db upgrade --db "
+                                       "URL`", connection=False)
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **engine_kw)
 
             @event.listens_for(engine, "connect")
@@ -183,12 +200,20 @@ class Store:
             engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8, **engine_kw)
         store = cls(engine, raw_layout=raw_layout, retention=retention)
         if migrate_schema:
-            try:
-                migrate.upgrade(engine)
-            except OperationalError as exc:
-                raise StoreUnavailable(f"cannot reach the database at {engine.url.render_as_string()}: "
-                                       f"{exc.orig}") from None
+            store.upgrade_schema()
         return store
+
+    def upgrade_schema(self,
+                       progress: Callable[[str], None] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Migrate the schema to this code's (see ``migrate.upgrade``): the revisions before and after."""
+        try:
+            return migrate.upgrade(self.engine, progress)
+        except OperationalError as exc:
+            raise StoreUnavailable(f"cannot reach the database at {self.engine.url.render_as_string()}: "
+                                   f"{_one_line(exc.orig)}") from None
+        except DBAPIError as exc:  # reached, but refused: no rights on the schema, not a gpufleet database
+            raise StoreUnavailable(f"the database at {self.engine.url.render_as_string()} refused the schema "
+                                   f"upgrade: {_one_line(exc.orig)}", connection=False) from None
 
     def close(self) -> None:
         self.engine.dispose()

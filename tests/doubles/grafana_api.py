@@ -1,14 +1,16 @@
-"""A local Grafana HTTP API double that checks each request against Grafana's published Swagger 2.0 spec.
+"""A local Grafana HTTP API double that checks each request against gpufleet's own description of the
+Grafana API it uses (``specs/grafana/grafana-api-gpufleet.json``, Swagger 2.0; see
+``grafana-api-gpufleet.md``).
 
-For every request it checks that the path and method exist in ``grafana-api-merged.json`` (under its
-``/api`` base path), that every query parameter is one the operation declares (with its type), that a
-body is sent exactly when the operation takes one and that it matches the body schema ($refs resolved:
-types, required fields, enums, no properties the schema does not declare), and that a bearer token is
-sent. A request that fails a check is answered 400 and recorded in ``problems``; tests assert
-``problems == []``.
+For every request it checks that the path and method are described (under the ``/api`` base path), that
+every query parameter is one the operation declares (with its type), that a body is sent exactly when the
+operation takes one and that it matches the body schema ($refs resolved: types, required fields, enums,
+no properties the schema does not declare), and that a bearer token is sent. A request that fails a check
+is answered 400 and recorded in ``problems``; tests assert ``problems == []``.
 
-It behaves like Grafana for what gpufleet uses: folders, data sources, ``dashboards/db`` (each save
-is a new version, kept in ``versions``), ``dashboards/uid``, annotations and search.
+It behaves like Grafana for what gpufleet uses: folders, data sources, ``dashboards/db`` (each save is a
+new version, kept in ``versions``), ``dashboards/uid`` and annotations. ``answer_next`` scripts errors
+(a Grafana that is still starting answers 503).
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from tests.doubles.reference import load_spec
-
-SPEC_FILE = "grafana-api-merged.json"
+SPEC_FILE = Path(__file__).parent / "specs" / "grafana" / "grafana-api-gpufleet.json"
 _TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
           "array": (list,)}
 
@@ -34,8 +35,8 @@ class SpecError(Exception):
 
 
 class Spec:
-    def __init__(self) -> None:
-        self.raw = load_spec(SPEC_FILE)
+    def __init__(self, path: Path = SPEC_FILE) -> None:
+        self.raw = json.loads(path.read_text())
         self.base = self.raw.get("basePath", "")
         self.routes = []
         for template, ops in self.raw["paths"].items():
@@ -137,6 +138,7 @@ class GrafanaDouble:
         self.dashboards: dict[str, dict[str, Any]] = {}  # uid -> {"dashboard", "folderUid"}
         self.versions: dict[str, list[dict[str, Any]]] = {}  # uid -> every saved version, oldest first
         self.annotations: dict[int, dict[str, Any]] = {}
+        self.scripted: list[int] = []  # statuses to answer the next requests with, before checking them
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         double = self
@@ -165,6 +167,10 @@ class GrafanaDouble:
     def calls_of(self, method: str) -> list[str]:
         return [t for m, t in self.calls if m == method]
 
+    def answer_next(self, status: int, *, times: int = 1) -> None:
+        with self._lock:
+            self.scripted += [status] * times
+
     # ---- plumbing --------------------------------------------------------------------------------
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         parsed = urllib.parse.urlsplit(h.path)
@@ -174,6 +180,11 @@ class GrafanaDouble:
         method = h.command
         status, body = 200, None
         try:
+            with self._lock:
+                scripted = self.scripted.pop(0) if self.scripted else None
+            if scripted is not None:
+                status, body = scripted, {"message": f"scripted answer {scripted}"}
+                raise _Answer
             if h.headers.get("Authorization", "") != f"Bearer {self.token}":
                 status, body = 401, {"message": "Unauthorized"}
                 raise _Answer
@@ -206,7 +217,7 @@ class GrafanaDouble:
                body: Any) -> tuple[int, Any]:
         route = getattr(self, "_" + method.lower() + re.sub(r"[^a-z]+", "_", template.lower()).rstrip("_"), None)
         if route is None:
-            raise SpecError(f"{method} {template} is in the spec but this double does not implement it")
+            raise SpecError(f"{method} {template} is described but this double does not implement it")
         return route(p, query, body)
 
     # ---- folders ---------------------------------------------------------------------------------
@@ -239,9 +250,6 @@ class GrafanaDouble:
         out["secureJsonFields"] = {k: True for k in ds.get("secureJsonData") or {}}
         return out
 
-    def _get_datasources(self, p, q, body):
-        return 200, [self._public_ds(d) for d in self.datasources.values()]
-
     def _get_datasources_uid_datasource_uid(self, p, q, body):
         for ds in self.datasources.values():
             if ds["uid"] == p["datasource_uid"]:
@@ -261,7 +269,7 @@ class GrafanaDouble:
         return 200, {"datasource": self._public_ds(ds), "id": ds_id, "message": "Datasource added", "name": ds["name"]}
 
     def _put_datasources_datasource_id(self, p, q, body):
-        ds = self.datasources.get(int(p["datasource_id"]))
+        ds = self.datasources.get(_number(p["datasource_id"], "PUT /datasources/{datasource_id}"))
         if ds is None:
             return 404, {"message": "Data source not found"}
         ds.update(copy.deepcopy(body))
@@ -302,18 +310,6 @@ class GrafanaDouble:
         return 200, {"id": dash["id"], "uid": uid, "url": f"/d/{uid}/{_slug(dash['title'])}", "status": "success",
                      "version": dash["version"], "slug": _slug(dash["title"])}
 
-    def _get_search(self, p, q, body):
-        hits = []
-        for uid, d in sorted(self.dashboards.items()):
-            dash = d["dashboard"]
-            if q.get("query") and q["query"][0].lower() not in dash["title"].lower():
-                continue
-            if any(t not in dash.get("tags", []) for t in q.get("tag", [])):
-                continue
-            hits.append({"id": dash["id"], "uid": uid, "title": dash["title"], "type": "dash-db",
-                         "tags": dash.get("tags", []), "folderUid": d["folderUid"], "url": f"/d/{uid}"})
-        return 200, hits
-
     # ---- annotations -----------------------------------------------------------------------------
     def _post_annotations(self, p, q, body):
         if not body.get("text"):
@@ -324,7 +320,7 @@ class GrafanaDouble:
         return 200, {"message": "Annotation added", "id": a_id}
 
     def _patch_annotations_annotation_id(self, p, q, body):
-        a = self.annotations.get(int(p["annotation_id"]))
+        a = self.annotations.get(_number(p["annotation_id"], "PATCH /annotations/{annotation_id}"))
         if a is None:
             return 404, {"message": "Could not find annotation to update"}
         for k in ("time", "timeEnd", "text", "tags"):
@@ -332,13 +328,16 @@ class GrafanaDouble:
                 a[k] = body[k]
         return 200, {"message": "Annotation patched"}
 
-    def _get_annotations(self, p, q, body):
-        tags = q.get("tags", [])
-        return 200, [a for a in self.annotations.values() if all(t in a["tags"] for t in tags)]
-
 
 class _Answer(Exception):
     pass
+
+
+def _number(value: str, where: str) -> int:
+    """Grafana's path ids are numbers, though its API description types them as strings."""
+    if not value.isdigit():
+        raise SpecError(f"{where}: {value!r} is not a numeric id")
+    return int(value)
 
 
 def _slug(title: str) -> str:

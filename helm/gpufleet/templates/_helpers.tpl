@@ -58,6 +58,18 @@ app.kubernetes.io/part-of: gpufleet
 {{- end -}}
 {{- end -}}
 
+{{/* Where runbook links point, for the collector and the PrometheusRule alike: the value given, else the
+collector's own /runbooks under slack.publicUrl, else at its Service. Empty without a collector. */}}
+{{- define "gpufleet.runbookBaseUrl" -}}
+{{- if .Values.collector.runbookBaseUrl -}}
+{{- .Values.collector.runbookBaseUrl | trimSuffix "/" -}}
+{{- else if .Values.slack.publicUrl -}}
+{{- printf "%s/runbooks" (.Values.slack.publicUrl | trimSuffix "/") -}}
+{{- else if .Values.collector.enabled -}}
+{{- printf "%s://%s.%s.svc:%d/runbooks" (ternary "https" "http" (not (empty .Values.collector.tls.existingSecret))) (include "gpufleet.collector.fullname" .) .Release.Namespace (int .Values.collector.port) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* True (non-empty) when the store is SQLite: no database URL and no Secret holding one. */}}
 {{- define "gpufleet.sqlite" -}}
 {{- if and (not .Values.database.existingSecret) (or (not .Values.database.url) (hasPrefix "sqlite" .Values.database.url)) -}}true{{- end -}}
@@ -99,6 +111,9 @@ app.kubernetes.io/part-of: gpufleet
 {{- end -}}
 {{- if and .Values.serviceMonitor.enabled (not .Values.agent.service.enabled) -}}
 {{- fail "serviceMonitor.enabled selects the agents' Service: set agent.service.enabled=true, or use podMonitor.enabled." -}}
+{{- end -}}
+{{- if and .Values.prometheusRule.enabled (not (include "gpufleet.runbookBaseUrl" .)) -}}
+{{- fail "prometheusRule.enabled without a collector leaves the rules' runbook links nowhere to point: set collector.runbookBaseUrl (a collector's /runbooks, or your wiki)." -}}
 {{- end -}}
 {{- if and (not .Values.rules.builtin) (not .Values.rules.files) .Values.collector.enabled -}}
 {{- fail "rules.builtin=false with no rules.files leaves the collector without rules: add rules.files or set rules.builtin=true." -}}
