@@ -78,8 +78,7 @@ class PodAttribution:
 
     def _grpc_list(self) -> Any:
         import grpc
-
-        from agent.podresources import LIST_METHOD, ListPodResourcesRequest, ListPodResourcesResponse
+        from gpufleet.agent.podresources import LIST_METHOD, ListPodResourcesRequest, ListPodResourcesResponse
 
         if self._channel is None:
             self._channel = grpc.insecure_channel(f"unix://{self.socket_path}",

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.families import Family
+from gpufleet.agent.families import Family
 
 log = logging.getLogger(__name__)
 

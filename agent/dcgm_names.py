@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from gpufleet.agent.families import Families, Family
+from gpufleet.agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
 from prometheus_client.utils import floatToGoString
-
-from agent.families import Families, Family
-from agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
 
 
 class Twin(NamedTuple):

@@ -10,11 +10,10 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from gpufleet.agent.core import Agent
+from gpufleet.agent.families import Family
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-from agent.core import Agent
-from agent.families import Family
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.core import Agent
-from agent.exporter import AgentServer, json_response
-from agent.inference.config import InferenceSettings
-from agent.nvml import Nvml, NvmlUnavailable
-from agent.push import Pusher
-from agent.sources import SOURCES
+from gpufleet.agent.core import Agent
+from gpufleet.agent.exporter import AgentServer, json_response
+from gpufleet.agent.inference.config import InferenceSettings
+from gpufleet.agent.nvml import Nvml, NvmlUnavailable
+from gpufleet.agent.push import Pusher
+from gpufleet.agent.sources import SOURCES
+
 from gpufleet.addresses import split_listen
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class RunningAgent:
         self.simulator = None
         self.pod_attribution: Any = None
         if settings.simulate:
-            from agent.simulator import SimulatedNVML
+            from gpufleet.agent.simulator import SimulatedNVML
 
             self.simulator = nvml_lib = SimulatedNVML(settings.simulate, seed=settings.seed, mig=settings.simulate_mig)
         self.nvml = Nvml(nvml_lib)
@@ -83,7 +84,7 @@ class RunningAgent:
         if settings.collector:
             spool = None
             if settings.spool_dir:
-                from agent.spool import Spool, SpoolError
+                from gpufleet.agent.spool import Spool, SpoolError
 
                 try:
                     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
@@ -101,7 +102,7 @@ class RunningAgent:
             routes[("GET", "/simulate/gpus")] = lambda env, sr: json_response(sr, "200 OK", self.simulator.describe())
         rename = render = None
         if settings.metric_names == "dcgm":
-            from agent.dcgm_names import render_text, to_dcgm
+            from gpufleet.agent.dcgm_names import render_text, to_dcgm
 
             rename, render = to_dcgm, render_text
         self.server = AgentServer(host, port, self.agent, health=self.health, routes=routes,
@@ -111,23 +112,23 @@ class RunningAgent:
     def _make_source(self, name: str) -> Any:
         s = self.settings
         if name == "gpu":
-            from agent.sources.gpu import GpuSource
+            from gpufleet.agent.sources.gpu import GpuSource
 
             attribution = None
             if s.pod_resources_socket:
-                from agent.attribution import PodAttribution
+                from gpufleet.agent.attribution import PodAttribution
 
                 attribution = self.pod_attribution = PodAttribution(s.pod_resources_socket)
             return GpuSource(self.nvml, s.node, cluster=s.cluster, on_event=self._on_gpu_event,
                              attribution=attribution, slow_interval=s.slow_interval,
                              process_metrics=s.process_metrics, proc_root=s.proc_root)
         if name == "inference":
-            from agent.sources.inference import InferenceSource
+            from gpufleet.agent.sources.inference import InferenceSource
 
             attribution = getattr(self, "pod_attribution", None)  # the GPU source, made first, sets it
             return InferenceSource(s.inference, s.node, cluster=s.cluster, gpu_lookup=self._gpu_indices,
                                    gpus_for_pod=attribution.gpus_of if attribution is not None else None)
-        module = importlib.import_module(f"agent.sources.{name}")
+        module = importlib.import_module(f"gpufleet.agent.sources.{name}")
         cls = next(v for k, v in vars(module).items() if k.endswith("Source") and isinstance(v, type))
         return cls(s.node, cluster=s.cluster)
 
@@ -152,7 +153,7 @@ class RunningAgent:
         return json_response(start_response, "200 OK", {"injected": what})
 
     def _own_metrics(self) -> list:
-        from agent.families import Family
+        from gpufleet.agent.families import Family
 
         labels = {"node": self.settings.node}
         fams = [Family("gpufleet_agent_simulated", "gauge", "1 when the GPUs are simulated, not real.")]

@@ -1,14 +1,14 @@
-"""Writes the field-table sections of docs/metrics.md from the table itself: ``python -m agent.metrics_doc``."""
+"""Writes the field-table sections of docs/metrics.md from the table itself: ``python -m gpufleet.agent.metrics_doc``."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from agent.dcgm_names import CLOCK_REASONS_NAME, MAPPING, XID_NAME
-from agent.fields import FIELDS, GPM_FIELDS, MIG_FIELDS, mig_name
+from gpufleet.agent.dcgm_names import CLOCK_REASONS_NAME, MAPPING, XID_NAME
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS, MIG_FIELDS, mig_name
 
-BEGIN, END = "<!-- field table: begin (python -m agent.metrics_doc) -->", "<!-- field table: end -->"
+BEGIN, END = "<!-- field table: begin (python -m gpufleet.agent.metrics_doc) -->", "<!-- field table: end -->"
 
 
 def _read(f) -> str:

@@ -10,9 +10,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from agent.core import Snapshot
-from agent.fields import FIELDS
-from agent.spool import Spool
+from gpufleet.agent.core import Snapshot
+from gpufleet.agent.fields import FIELDS
+from gpufleet.agent.spool import Spool
+
 from gpufleet import remote_write as rw
 
 log = logging.getLogger(__name__)

@@ -31,10 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
-
-from agent.main import AgentSettings, start_agent  # noqa: E402
-from agent.nvml import Nvml  # noqa: E402
-from agent.sources.gpu import GpuSource  # noqa: E402
+from gpufleet.agent.main import AgentSettings, start_agent  # noqa: E402
+from gpufleet.agent.nvml import Nvml  # noqa: E402
+from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 # The same fields the agent reads every sample, as nvidia-smi names them (filtered by --help-query-gpu).
 SMI_FIELDS = ["index", "uuid", "name", "utilization.gpu", "utilization.memory", "utilization.encoder",
@@ -111,7 +110,7 @@ def main() -> None:
 
     # ---- 2. one full sample vs one nvidia-smi call with the same fields --------------------------------------
     if args.simulate:
-        from agent.simulator import SimulatedNVML
+        from gpufleet.agent.simulator import SimulatedNVML
 
         lib = SimulatedNVML(args.simulate, seed=1, workload="busy")
     else:

@@ -38,10 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.core import Agent  # noqa: E402
-from agent.nvml import Nvml  # noqa: E402
-from agent.simulator import SimulatedNVML  # noqa: E402
-from agent.sources.gpu import GpuSource  # noqa: E402
+from gpufleet.agent.core import Agent  # noqa: E402
+from gpufleet.agent.nvml import Nvml  # noqa: E402
+from gpufleet.agent.simulator import SimulatedNVML  # noqa: E402
+from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 GPUS_PER_NODE = 8
 KEEP = {  # the families the rule pack reads (the rest of the agent's output is left out of the trace)

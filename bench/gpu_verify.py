@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.fields import FIELDS, GPM_FIELDS  # noqa: E402
-from agent.nvml import Nvml  # noqa: E402
-from agent.sources.gpu import GpuSource  # noqa: E402
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS  # noqa: E402
+from gpufleet.agent.nvml import Nvml  # noqa: E402
+from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 # ---- workloads (run in a child process so the sampling process stays undisturbed) ------------------------------
 WORKER = r"""
@@ -202,7 +202,7 @@ def main() -> None:
     smi = None if args.simulate else shutil.which("nvidia-smi")
     lib = None
     if args.simulate:
-        from agent.simulator import SimulatedNVML
+        from gpufleet.agent.simulator import SimulatedNVML
 
         lib = SimulatedNVML(args.gpu + 1, seed=1, workload="busy")
         args.no_workloads = True

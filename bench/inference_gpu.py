@@ -31,11 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from gpufleet.agent.inference.config import Endpoint, InferenceSettings, Probe  # noqa: E402
+from gpufleet.agent.inference.histogram import log_buckets  # noqa: E402
+from gpufleet.agent.sources.inference import InferenceSource  # noqa: E402
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
-
-from agent.inference.config import Endpoint, InferenceSettings, Probe  # noqa: E402
-from agent.inference.histogram import log_buckets  # noqa: E402
-from agent.sources.inference import InferenceSource  # noqa: E402
 
 BUCKETS = list(log_buckets(0.001, 1.15, 80))  # 1 ms .. ~70 s, 15% apart: the agent's error bound
 
@@ -185,8 +184,8 @@ def main() -> None:
     server = ModelServer(device, dim, layers, prompt_tokens=prompt)
     gpu_source, gpu_label = None, "none (CPU run)"
     if device == "cuda":
-        from agent.nvml import Nvml
-        from agent.sources.gpu import GpuSource
+        from gpufleet.agent.nvml import Nvml
+        from gpufleet.agent.sources.gpu import GpuSource
 
         nvml = Nvml()
         gpu_source = GpuSource(nvml, "bench", watch_events=False)

@@ -33,7 +33,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collector.store import Store  # noqa: E402
+from gpufleet.collector.store import Store  # noqa: E402
+
 from gpufleet import remote_write as rw  # noqa: E402
 
 CORE = [  # (metric, generator(gpu, t) -> value): shaped like what NVML and GPM report

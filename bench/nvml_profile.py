@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
-from agent.fields import FIELDS, GPM_FIELDS, FieldValue  # noqa: E402
-from agent.nvml import Nvml, load_library  # noqa: E402
-from agent.sources.gpu import GpuSource  # noqa: E402
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS, FieldValue  # noqa: E402
+from gpufleet.agent.nvml import Nvml, load_library  # noqa: E402
+from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 
 class TimedLibrary:

@@ -178,7 +178,7 @@ def main() -> None:
     produced = sum(a.produced for a in agents)
     backlog = sum(len(a.pending_ticks) * len(a.labels) for a in agents)
     # what the store holds, whatever its layout (raw rows, compressed chunks, the current hour's head)
-    from collector.store import Store
+    from gpufleet.collector.store import Store
 
     count_store = Store.open(db_url, migrate_schema=False)
     stored = count_store.counts()["samples"]

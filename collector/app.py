@@ -16,6 +16,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from gpufleet.collector.auth import Token, TokenSet, scope_problem
+from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
+from gpufleet.collector.fleet import fleet_summary
+from gpufleet.collector.runbooks import CSP, Runbooks
+from gpufleet.collector.store import Store, StoreUnavailable
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -28,11 +33,6 @@ from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from collector.auth import Token, TokenSet, scope_problem
-from collector.auth import hash_token as hash_token  # kept importable from here
-from collector.fleet import fleet_summary
-from collector.runbooks import CSP, Runbooks
-from collector.store import Store, StoreUnavailable
 from gpufleet import remote_write as rw
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
                info: dict | None = None, silences: Any = None, forwarder: Any = None,
                runbooks: Runbooks | None = None) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
-    to a cluster, see :mod:`collector.auth`); none means open.
+    to a cluster, see :mod:`gpufleet.collector.auth`); none means open.
     ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences.
     ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards.
     ``runbooks``: the pages served at /runbooks/ (default: the rule pack's own)."""
@@ -265,8 +265,8 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         if silences is None:
             return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
-        from collector.rules.dispatch import Matcher, Silence
-        from collector.rules.model import parse_duration
+        from gpufleet.collector.rules.dispatch import Matcher, Silence
+        from gpufleet.collector.rules.model import parse_duration
 
         try:
             body = await request.json()
@@ -321,7 +321,7 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
                         400: {"model": DetailBody, "description": "`since`/`until` do not make a range."}})
     async def report(since: str = "7d", until: float | None = None,
                      format: Literal["json", "markdown", "html"] = "json") -> Response:
-        from collector.report import ReportError, build_report, parse_since, render
+        from gpufleet.collector.report import ReportError, build_report, parse_since, render
 
         try:
             start, end = parse_since(since, until)

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
-
-from collector.grafana_api import GrafanaApi, GrafanaError
-from collector.rules.engine import GroupNotification
+from gpufleet.collector.grafana_api import GrafanaApi, GrafanaError
+from gpufleet.collector.rules.engine import GroupNotification
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +181,7 @@ class GrafanaAnnotationNotifier:
 def collector_pusher(api: GrafanaApi, db_url: str, prometheus_url: str | None = None) -> GrafanaPusher:
     """What the collector and `gpufleet dashboards push` push: the PostgreSQL flavour when the store is
     PostgreSQL, the Prometheus flavour when a Prometheus URL is given, each as shipped in ``dashboards``."""
-    import dashboards
-
+    from gpufleet import dashboards
     datasources, flavours = [], []
     if db_url.startswith("postgresql"):
         datasources.append(postgres_datasource(db_url))

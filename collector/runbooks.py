@@ -79,7 +79,7 @@ class Runbooks:
     @classmethod
     def shipped(cls) -> Runbooks:
         """The runbooks of the built-in rule pack (package data of the alerts package)."""
-        from collector.rules.model import default_rules_path
+        from gpufleet.collector.rules.model import default_rules_path
 
         return cls(default_rules_path() / "runbooks")
 

@@ -13,15 +13,15 @@ from typing import Any
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
+from gpufleet.collector.app import Limits, Metrics, create_app
+from gpufleet.collector.leader import leadership_for
+from gpufleet.collector.notify.console import ConsoleNotifier
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.model import default_rules_path, load_pack, with_runbook_base
+from gpufleet.collector.rules.state import SqlState
+from gpufleet.collector.store import Store
+from gpufleet.collector.store.store import Retention
 
-from collector.app import Limits, Metrics, create_app
-from collector.leader import leadership_for
-from collector.notify.console import ConsoleNotifier
-from collector.rules.engine import Engine
-from collector.rules.model import default_rules_path, load_pack, with_runbook_base
-from collector.rules.state import SqlState
-from collector.store import Store
-from collector.store.store import Retention
 from gpufleet.addresses import split_listen
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Collector:
                                 **engine_kw)
         self.forwarder = None
         if settings.forward:
-            from collector.forward import Forwarder
+            from gpufleet.collector.forward import Forwarder
 
             self.forwarder = Forwarder(settings.forward)
         self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
@@ -100,7 +100,7 @@ class Collector:
             if settings.console:
                 notifiers.append(ConsoleNotifier())
             if settings.slack_token or slack_client is not None:
-                from collector.notify.slack import SlackNotifier
+                from gpufleet.collector.notify.slack import SlackNotifier
 
                 if not settings.slack_channel:
                     raise ValueError("--slack-channel (GPUFLEET_SLACK_CHANNEL) is needed with a Slack token")
@@ -119,7 +119,7 @@ class Collector:
         self._grafana_stop = threading.Event()
         self._grafana_thread: threading.Thread | None = None
         if settings.grafana_url:
-            from collector.grafana import GrafanaAnnotationNotifier, collector_pusher, connect
+            from gpufleet.collector.grafana import GrafanaAnnotationNotifier, collector_pusher, connect
 
             grafana = connect(settings.grafana_url, settings.grafana_token)
             notifiers = [*notifiers, GrafanaAnnotationNotifier(grafana)]
@@ -199,7 +199,7 @@ class Collector:
 
     def send_digest(self, now: float | None = None) -> str | None:
         """Build the efficiency report for the last ``report_since`` and post it to Slack; the message ts."""
-        from collector.report import build_report, parse_since, slack_blocks
+        from gpufleet.collector.report import build_report, parse_since, slack_blocks
 
         start, end = parse_since(self.settings.report_since, now=now)
         report = build_report(self.store.engine, start, end)
@@ -248,7 +248,7 @@ class Collector:
 
     def _push_dashboards(self) -> None:
         if self.grafana_pusher is not None:  # in the background: Grafana may start after the collector
-            from collector.grafana import push_with_retry
+            from gpufleet.collector.grafana import push_with_retry
 
             self._grafana_thread = threading.Thread(target=push_with_retry, name="grafana-push", daemon=True,
                                                     args=(self.grafana_pusher, self._grafana_stop))

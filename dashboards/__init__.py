@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dashboards import efficiency, fleet, health, inference, node
-from dashboards.model import FLAVOURS, DashboardDef, Flavour
+from gpufleet.dashboards import efficiency, fleet, health, inference, node
+from gpufleet.dashboards.model import FLAVOURS, DashboardDef, Flavour
 
 DASHBOARDS: tuple[DashboardDef, ...] = (fleet.DASHBOARD, node.DASHBOARD, health.DASHBOARD, inference.DASHBOARD,
                                         efficiency.DASHBOARD)
@@ -29,14 +29,14 @@ def file_name(d: DashboardDef, flavour: Flavour) -> str:
 
 def build() -> dict[str, dict[str, Any]]:
     """Every dashboard in every flavour: {file name: dashboard JSON}."""
-    from dashboards.render import render
+    from gpufleet.dashboards.render import render
 
     return {file_name(d, f): render(d, f) for d in DASHBOARDS for f in FLAVOURS}
 
 
 def write(directory: Path = HERE) -> list[Path]:
     """Write the generated JSON files into ``directory``, removing generated files no longer produced."""
-    from dashboards.render import dumps
+    from gpufleet.dashboards.render import dumps
 
     directory.mkdir(parents=True, exist_ok=True)
     models = build()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dashboards.inference import REQUESTS, TOKENS
-from dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
-from dashboards.queries import increase_expr, prom_increase_range, sel, sql_counter_deltas
+from gpufleet.dashboards.inference import REQUESTS, TOKENS
+from gpufleet.dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
+from gpufleet.dashboards.queries import increase_expr, prom_increase_range, sel, sql_counter_deltas
 
 V = ("cluster",)
 F = sql_filter(V)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
-from dashboards.queries import (
+from gpufleet.dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
+from gpufleet.dashboards.queries import (
     GPU_LEGEND,
     GPU_SERIES_SQL,
     increase_expr,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
-from dashboards.queries import sel, sql_fleet_sum
+from gpufleet.dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
+from gpufleet.dashboards.queries import sel, sql_fleet_sum
 
 V = ("cluster",)
 F = sql_filter(V)

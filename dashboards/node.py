@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent.fields import FIELDS, GPM_FIELDS
-from dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
-from dashboards.queries import GPU_LEGEND, GPU_SERIES_SQL, sel, sql_counter_series, sql_series
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS
+from gpufleet.dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
+from gpufleet.dashboards.queries import GPU_LEGEND, GPU_SERIES_SQL, sel, sql_counter_series, sql_series
 
 V = ("cluster", "node", "gpu")
 F = sql_filter(V)

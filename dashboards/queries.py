@@ -3,7 +3,7 @@ per-GPU breakdown is written in SQL (over the ``metric_samples`` view) and in Pr
 
 from __future__ import annotations
 
-from dashboards.model import prom_matchers, sql_filter
+from gpufleet.dashboards.model import prom_matchers, sql_filter
 
 GPU_SERIES_SQL = "node || ' gpu ' || gpu"
 GPU_LEGEND = "{{node}} gpu {{gpu}}"

@@ -6,6 +6,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gpufleet.dashboards.model import (
+    FLAVOURS,
+    NO_CLUSTER,
+    DashboardDef,
+    Flavour,
+    PanelDef,
+    prom_matchers,
+    sql_filter,
+)
 from grafana_foundation_sdk.builders import (
     annotationslist,
     bargauge,
@@ -24,8 +33,6 @@ from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import heatmap as heatmap_models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
-
-from dashboards.model import FLAVOURS, NO_CLUSTER, DashboardDef, Flavour, PanelDef, prom_matchers, sql_filter
 
 __all__ = ["FLAVOURS", "Flavour", "dumps", "render"]
 

@@ -19,6 +19,6 @@ fi
 "$prefix/bin/pip" install --no-cache-dir --quiet --disable-pip-version-check "gpufleet[$extra] @ file://$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 if [ -n "$rules_dir" ]; then
     mkdir -p "$rules_dir"
-    pack=$("$prefix/bin/python" -c 'from collector.rules.model import default_rules_path; print(default_rules_path())')
+    pack=$("$prefix/bin/python" -I -c 'from gpufleet.collector.rules.model import default_rules_path; print(default_rules_path())')
     cp "$pack"/*.yaml "$rules_dir"/
 fi

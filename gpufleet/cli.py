@@ -191,7 +191,7 @@ def _inference_options() -> list:
 
 
 def _inference_settings(kw: dict):
-    from agent.inference.config import ConfigError, settings_from_flags
+    from gpufleet.agent.inference.config import ConfigError, settings_from_flags
 
     try:
         return settings_from_flags(
@@ -206,7 +206,7 @@ def _inference_settings(kw: dict):
 
 
 def _agent_settings(**kw):
-    from agent.main import AgentSettings
+    from gpufleet.agent.main import AgentSettings
 
     s = AgentSettings(listen=kw["listen"], collector=kw.get("collector"), token=kw["token"], simulate=kw["simulate"],
                       cluster=kw["cluster"], interval=kw["interval"], push_interval=kw["push_interval"],
@@ -216,7 +216,7 @@ def _agent_settings(**kw):
                       inference=_inference_settings(kw))
     if kw.get("node"):
         s.node = kw["node"]
-    from agent.spool import parse_age, parse_size
+    from gpufleet.agent.spool import parse_age, parse_size
 
     try:
         s.spool_max_bytes = parse_size(kw["spool_max_bytes"])
@@ -240,8 +240,8 @@ def _agent_settings(**kw):
 @_logging_options
 def agent(**kw) -> None:
     """Run the node agent: sample GPUs, serve /metrics, push to the collector."""
-    from agent.main import start_agent
-    from agent.nvml import NvmlUnavailable
+    from gpufleet.agent.main import start_agent
+    from gpufleet.agent.nvml import NvmlUnavailable
 
     settings = _agent_settings(**kw)
     try:
@@ -311,8 +311,8 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
                         slack_base_url, tokens=(), console=False, grafana_url=None, grafana_token=None,
                         grafana_dashboard_url=None, forward=(), retention_raw=15.0, retention_1m=90.0,
                         retention_1h=730.0, raw_layout="chunks", **extra):
-    from collector.service import CollectorSettings
-    from collector.store.store import Retention
+    from gpufleet.collector.service import CollectorSettings
+    from gpufleet.collector.store.store import Retention
 
     day = 86_400_000
     return CollectorSettings(listen=listen, db=db, rules=list(rules), eval_interval=eval_interval,
@@ -325,7 +325,7 @@ def _collector_settings(listen: str, db: str, rules, eval_interval: float, slack
                              raw_layout=raw_layout, **extra)
 
 def _runbook_base_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from collector.rules.model import check_runbook_base_url
+    from gpufleet.collector.rules.model import check_runbook_base_url
 
     try:
         return None if value is None else check_runbook_base_url(value)
@@ -413,12 +413,12 @@ def _security_options(f):
 def collector(listen: str, tokens: str | None, console: bool, token_file, allow_open_writes: bool,
               tls_cert, tls_key, tls_client_ca, name: str, **kw) -> None:
     """Run the central collector: receive samples, store them, evaluate rules, notify."""
-    from collector.app import Limits
-    from collector.auth import TokenSet, parse_token
-    from collector.rules.model import RuleError
-    from collector.service import Collector
-    from collector.store import StoreUnavailable
-    from collector.store.migrate import SchemaTooNew
+    from gpufleet.collector.app import Limits
+    from gpufleet.collector.auth import TokenSet, parse_token
+    from gpufleet.collector.rules.model import RuleError
+    from gpufleet.collector.service import Collector
+    from gpufleet.collector.store import StoreUnavailable
+    from gpufleet.collector.store.migrate import SchemaTooNew
 
     limits = Limits(**{k: kw.pop(k) for k in list(kw) if k.startswith("max_")})
     try:
@@ -454,7 +454,7 @@ def collector(listen: str, tokens: str | None, console: bool, token_file, allow_
 @click.argument("token", required=False)
 def hash_token_cmd(token: str | None) -> None:
     """Print the sha256:HEX form of a write token (read from stdin when not given), for --tokens."""
-    from collector.auth import hash_token
+    from gpufleet.collector.auth import hash_token
 
     secret = token if token is not None else sys.stdin.read().strip()
     if not secret:
@@ -493,9 +493,9 @@ def hash_token_cmd(token: str | None) -> None:
 def up(simulate, agent_listen, listen, interval, push_interval, db, rules, eval_interval, slack_token,
        slack_channel, slack_base_url, grafana_dashboard_url, runbook_base_url) -> None:
     """Everything on one machine: collector + local agent + default rules. The first thing to run."""
-    from agent.main import AgentSettings, start_agent
-    from agent.nvml import Nvml, NvmlUnavailable
-    from collector.service import Collector
+    from gpufleet.agent.main import AgentSettings, start_agent
+    from gpufleet.agent.nvml import Nvml, NvmlUnavailable
+    from gpufleet.collector.service import Collector
 
     if simulate is None:
         try:
@@ -624,8 +624,8 @@ def report(since: str, until: str | None, fmt: str, db: str | None, collector_ur
     else:
         from sqlalchemy.exc import SQLAlchemyError
 
-        from collector.report import ReportError, build_report, parse_since, render
-        from collector.store import Store, StoreUnavailable
+        from gpufleet.collector.report import ReportError, build_report, parse_since, render
+        from gpufleet.collector.store import Store, StoreUnavailable
 
         try:
             start, stop = parse_since(since, end)
@@ -702,7 +702,7 @@ def alerts() -> None:
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def alerts_check(paths) -> None:
     """Validate rule files (default: the built-in rule pack); every problem with file, line and rule."""
-    from collector.rules.model import RuleError, default_rules_path, load_rules
+    from gpufleet.collector.rules.model import RuleError, default_rules_path, load_rules
 
     try:
         rules = load_rules(list(paths) or [default_rules_path()])
@@ -725,8 +725,8 @@ def dashboards() -> None:
 @click.option("--check", is_flag=True, help="Write nothing; fail if the files on disk differ from the code.")
 def dashboards_build(out: Path | None, check: bool) -> None:
     """Generate dashboards/*.json (every dashboard, PostgreSQL and Prometheus flavours)."""
-    import dashboards as dash
-    from dashboards.render import dumps
+    from gpufleet import dashboards as dash
+    from gpufleet.dashboards.render import dumps
 
     directory = out or dash.HERE
     if check:
@@ -752,7 +752,7 @@ def dashboards_build(out: Path | None, check: bool) -> None:
               help="A Prometheus scraping the agents, as Grafana reaches it (Prometheus flavour).")
 def dashboards_push(grafana_url: str, grafana_token: str | None, db: str | None, prometheus_url: str | None) -> None:
     """Create or update the gpufleet folder, data sources and dashboards in Grafana (idempotent)."""
-    from collector.grafana import collector_pusher, connect
+    from gpufleet.collector.grafana import collector_pusher, connect
 
     try:
         pusher = collector_pusher(connect(grafana_url, grafana_token), db or "", prometheus_url)
@@ -765,7 +765,7 @@ def dashboards_push(grafana_url: str, grafana_token: str | None, db: str | None,
 
 
 def _load_pack(paths):
-    from collector.rules.model import RuleError, default_rules_path, load_pack
+    from gpufleet.collector.rules.model import RuleError, default_rules_path, load_pack
 
     try:
         return load_pack(list(paths) or [default_rules_path()])
@@ -779,8 +779,8 @@ def _load_pack(paths):
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def alerts_test(paths) -> None:
     """Run rule unit tests (default: the built-in pack's alerts/tests/), like `promtool test rules`."""
-    from collector.rules.model import RuleError, default_rules_path
-    from collector.rules.testing import run_tests
+    from gpufleet.collector.rules.model import RuleError, default_rules_path
+    from gpufleet.collector.rules.testing import run_tests
 
     try:
         total, failures = run_tests(list(paths) or [default_rules_path() / "tests"])
@@ -804,7 +804,7 @@ def alerts_backtest(trace, rules, step) -> None:
     """Replay TRACE (OpenMetrics text with timestamps) through the rule engine; print each notification
     it would send as a JSON line: alert, state, at (Unix seconds), labels. On a terminal, a status line on
     standard error says how far through the trace the replay is."""
-    from collector.rules.backtest import TraceError, backtest_file
+    from gpufleet.collector.rules.backtest import TraceError, backtest_file
 
     pack = _load_pack(rules)
     try:
@@ -828,7 +828,7 @@ def alerts_backtest(trace, rules, step) -> None:
                    "[default: http://localhost:9446/runbooks].")
 def alerts_export(paths, fmt, output, name, namespace, runbook_base_url) -> None:
     """Write the rules PromQL can express (default: the built-in pack) for Prometheus / Alertmanager."""
-    from collector.rules.export import DEFAULT_RUNBOOK_BASE_URL, export
+    from gpufleet.collector.rules.export import DEFAULT_RUNBOOK_BASE_URL, export
 
     if runbook_base_url is None:
         click.echo(f"runbook links point at {DEFAULT_RUNBOOK_BASE_URL}/NAME; pass --runbook-base-url with the URL "
@@ -897,8 +897,8 @@ def _collector_api_options(f):
 @_collector_api_options
 def silence_add(matchers, duration, author, comment, collector_url, token) -> None:
     """Silence alerts matching every MATCHER (name=value, name!=value, name=~regex, name!~regex)."""
-    from collector.rules.dispatch import Matcher
-    from collector.rules.model import parse_duration
+    from gpufleet.collector.rules.dispatch import Matcher
+    from gpufleet.collector.rules.model import parse_duration
 
     try:
         parsed = [Matcher.parse(m) for m in matchers]
@@ -922,7 +922,7 @@ def silence_list(show_all, collector_url, token) -> None:
     """List silences: id, state, until, author, matchers, comment."""
     import time as _time
 
-    from collector.rules.dispatch import Matcher
+    from gpufleet.collector.rules.dispatch import Matcher
 
     rows = _api(collector_url, "GET", "/api/v1/silences", token)["silences"]
     for s in rows:
@@ -955,8 +955,8 @@ def db() -> None:
               show_default=True, help="SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB.")
 def db_upgrade(url: str) -> None:
     """Create the schema, or migrate it to this version of gpufleet (on a terminal, each step shows)."""
-    from collector.store import Store, StoreUnavailable
-    from collector.store.migrate import SchemaTooNew, current_revision
+    from gpufleet.collector.store import Store, StoreUnavailable
+    from gpufleet.collector.store.migrate import SchemaTooNew, current_revision
 
     store = Store.open(url, migrate_schema=False)  # connects only to upgrade, below
     try:

@@ -74,7 +74,7 @@ def check_rule_files(ctx: click.Context, param: click.Parameter, value: tuple[Pa
     """Callback of ``--rules``: load the files now, so a bad one stops the command before it opens a store or
     a port, with every problem's file and line."""
     if value:
-        from collector.rules.model import RuleError, load_pack
+        from gpufleet.collector.rules.model import RuleError, load_pack
 
         try:
             load_pack(list(value))

@@ -63,7 +63,7 @@ def db_url(request, tmp_path) -> Iterator[str]:
 
 @pytest.fixture
 def store(db_url):
-    from collector.store import Store
+    from gpufleet.collector.store import Store
 
     s = Store.open(db_url)
     yield s

@@ -8,7 +8,8 @@ import time
 import urllib.request
 from typing import Any
 
-from agent.main import AgentSettings, start_agent
+from gpufleet.agent.main import AgentSettings, start_agent
+
 from gpufleet import remote_write as rw
 from tests.conftest import free_port
 

@@ -8,9 +8,9 @@ import subprocess
 import urllib.request
 
 import pytest
+from gpufleet.agent.dcgm_names import dcgm_names
+from gpufleet.agent.main import AgentSettings, start_agent
 
-from agent.dcgm_names import dcgm_names
-from agent.main import AgentSettings, start_agent
 from tests.conftest import free_port, wait_until
 
 PROMTOOL = "/usr/bin/promtool"

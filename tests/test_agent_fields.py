@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+from gpufleet.agent import fields as F
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
+from gpufleet.agent.nvml import Nvml
+from gpufleet.agent.simulator import SimulatedNVML
+from gpufleet.agent.sources.gpu import GpuSource
 
-from agent import fields as F
-from agent.fields import FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
-from agent.nvml import Nvml
-from agent.simulator import SimulatedNVML
-from agent.sources.gpu import GpuSource
 from tests.fake_nvml import GPU_IS_LOST, FakeNVML
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -282,7 +282,7 @@ def test_injected_memory_and_link_faults_show_in_their_rows():
 def test_docs_metrics_md_shows_the_table_as_it_is():
     from pathlib import Path
 
-    from agent.metrics_doc import render
+    from gpufleet.agent.metrics_doc import render
 
     doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
-    assert render() in doc, "docs/metrics.md is stale: run python -m agent.metrics_doc"
+    assert render() in doc, "docs/metrics.md is stale: run python -m gpufleet.agent.metrics_doc"

@@ -15,12 +15,11 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from gpufleet.agent.attribution import PodAttribution
+from gpufleet.agent.nvml import Nvml
+from gpufleet.agent.simulator import SimulatedNVML
+from gpufleet.agent.sources.gpu import GpuSource
 from grpc_tools import protoc
-
-from agent.attribution import PodAttribution
-from agent.nvml import Nvml
-from agent.simulator import SimulatedNVML
-from agent.sources.gpu import GpuSource
 
 PROTO_DIR = Path(__file__).parent / "kubelet"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from agent.attribution import container_of
-from agent.nvml import Nvml
-from agent.simulator import SimulatedNVML
-from agent.sources.gpu import GpuSource
+from gpufleet.agent.attribution import container_of
+from gpufleet.agent.nvml import Nvml
+from gpufleet.agent.simulator import SimulatedNVML
+from gpufleet.agent.sources.gpu import GpuSource
 
 
 class Recording:

@@ -7,10 +7,10 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from gpufleet.dashboards.macros import expand_promql, expand_sql
+from gpufleet.dashboards.render import dumps
 
-import dashboards
-from dashboards.macros import expand_promql, expand_sql
-from dashboards.render import dumps
+from gpufleet import dashboards
 from gpufleet.cli import main
 
 MODELS = dashboards.build()

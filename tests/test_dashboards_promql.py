@@ -12,10 +12,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from gpufleet.dashboards.macros import expand_promql
+from gpufleet.dashboards.render import render
 
-import dashboards
-from dashboards.macros import expand_promql
-from dashboards.render import render
+from gpufleet import dashboards
 from tests import dashboard_fleet as fleet
 from tests.conftest import free_port, wait_until
 

@@ -14,9 +14,7 @@ import time
 import pytest
 import urllib3
 from click.testing import CliRunner
-
-import dashboards
-from collector.grafana import (
+from gpufleet.collector.grafana import (
     GrafanaAnnotationNotifier,
     GrafanaPusher,
     collector_pusher,
@@ -24,11 +22,13 @@ from collector.grafana import (
     push_with_retry,
     retry_delays,
 )
-from collector.grafana_api import GrafanaError
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryView
-from collector.rules.model import Route, Rule
-from collector.rules.state import SqlState
+from gpufleet.collector.grafana_api import GrafanaError
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryView
+from gpufleet.collector.rules.model import Route, Rule
+from gpufleet.collector.rules.state import SqlState
+
+from gpufleet import dashboards
 from gpufleet.cli import main
 from tests.conftest import free_port, wait_until
 from tests.doubles.grafana_api import GrafanaDouble
@@ -166,7 +166,7 @@ def test_retries_wait_twice_as_long_each_time_up_to_five_minutes():
 def test_a_grafana_that_answers_only_after_a_while_gets_the_push_with_one_log_line_per_failure(grafana, caplog):
     grafana.answer_next(503, times=4)  # still starting
     pusher = collector_pusher(connect(grafana.url, grafana.token), PG)
-    with caplog.at_level(logging.WARNING, logger="collector.grafana"):
+    with caplog.at_level(logging.WARNING, logger="gpufleet.collector.grafana"):
         report = push_with_retry(pusher, threading.Event(), first_delay=0.01, max_delay=0.02)
     assert report is not None and len(report.created) == 7
     failures = [r.getMessage() for r in caplog.records]
@@ -252,7 +252,7 @@ def test_an_annotation_deleted_in_grafana_comes_back_as_a_closed_region_on_resol
 
 
 def test_the_collector_pushes_its_dashboards_on_start_when_grafana_is_configured(grafana, pg_url):
-    from collector.service import Collector, CollectorSettings
+    from gpufleet.collector.service import Collector, CollectorSettings
 
     c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url,
                                     grafana_token=grafana.token)).start()
@@ -266,7 +266,7 @@ def test_the_collector_pushes_its_dashboards_on_start_when_grafana_is_configured
 
 
 def test_a_collector_whose_grafana_never_answers_still_stops_at_once(grafana, pg_url):
-    from collector.service import Collector, CollectorSettings
+    from gpufleet.collector.service import Collector, CollectorSettings
 
     grafana.answer_next(503, times=10_000)
     c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url,

@@ -10,11 +10,11 @@ from numbers import Number
 
 import psycopg
 import pytest
+from gpufleet.collector.service import Collector, CollectorSettings
+from gpufleet.dashboards.macros import expand_sql
+from gpufleet.dashboards.render import render
 
-import dashboards
-from collector.service import Collector, CollectorSettings
-from dashboards.macros import expand_sql
-from dashboards.render import render
+from gpufleet import dashboards
 from tests import dashboard_fleet as fleet
 from tests.conftest import PG_ADMIN, _admin_exec, free_port, wait_until
 

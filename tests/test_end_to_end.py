@@ -10,10 +10,10 @@ import sys
 import urllib.request
 
 import pytest
+from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.collector.service import Collector, CollectorSettings
 from slack_sdk import WebClient
 
-from agent.main import AgentSettings, start_agent
-from collector.service import Collector, CollectorSettings
 from tests.conftest import free_port, wait_until
 from tests.doubles.slack_api import SlackDouble
 

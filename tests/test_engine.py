@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import Route, Rule
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryState, MemoryView
+from gpufleet.collector.rules.model import Route, Rule
 
 GPU = {"node": "n1", "gpu": "0", "uuid": "GPU-a", "model": "H100"}
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from gpufleet.collector.service import Collector, CollectorSettings
 from hypothesis import HealthCheck, given, settings
 
-from collector.service import Collector, CollectorSettings
 from tests.conftest import free_port
 
 EXAMPLES_PER_OPERATION = 40

@@ -6,10 +6,9 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from gpufleet.collector.rules.model import RuleError, load_rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from collector.rules.model import RuleError, load_rules
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),

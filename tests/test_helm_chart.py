@@ -296,7 +296,7 @@ def test_inference_latency_settings_reach_the_agent(rendered):
     token = next(m for m in c["volumeMounts"] if m["name"] == "kubelet-token")
     assert token == {"name": "kubelet-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
                      "readOnly": True}
-    from agent.inference.config import SERVICE_ACCOUNT_TOKEN
+    from gpufleet.agent.inference.config import SERVICE_ACCOUNT_TOKEN
     assert token["mountPath"] + "/token" == SERVICE_ACCOUNT_TOKEN, "the agent reads the token where the chart mounts it"
     # The UDP receiver on the node's port, admitted by the agent's NetworkPolicy.
     assert {"name": "inference", "containerPort": 9447, "protocol": "UDP", "hostPort": 9447} in c["ports"]

@@ -170,7 +170,7 @@ def _container_env(objs: list[dict], component: str, tmp_path: Path,
                    files: dict[tuple[str, str], bytes]) -> tuple[dict[str, str], list[str]]:
     """The environment and arguments the container runs with, as the kubelet makes them, with every mounted
     file written under tmp_path (contents from ``files`` by (Secret or ConfigMap, key))."""
-    from collector.rules.model import default_rules_path
+    from gpufleet.collector.rules.model import default_rules_path
 
     secrets = {k: base64.b64decode(v).decode() for o in objs if o["kind"] == "Secret"
                for k, v in o.get("data", {}).items()}
@@ -307,7 +307,7 @@ def _check_inference(p: dict, values: dict) -> None:
 def chart_files(tmp_path_factory) -> dict[tuple[str, str], bytes]:
     """What the user's Secrets and ConfigMaps named in the tls-and-spool scenario hold: a CA, the collector's
     serving certificate (for localhost, where the test reaches it), an agent's client certificate, a token file."""
-    from collector.auth import hash_token
+    from gpufleet.collector.auth import hash_token
 
     d = tmp_path_factory.mktemp("chart-pki")
     ca_key, ca = make_ca(d / "ca", "fleet CA")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +23,7 @@ DOCKER = ROOT / "docker"
 @pytest.fixture(scope="module")
 def wheel_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would reuse a stale build/lib of an older layout
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "-w", str(out), str(ROOT)], check=True)
     return out
@@ -46,7 +48,7 @@ def test_dockerfiles_install_their_extra_through_the_shared_script():
 def test_agent_install_has_no_collector_dependencies_and_serves_metrics(wheel_dir, tmp_path):
     bin_dir = _install("agent", wheel_dir, tmp_path / "agent")
     for module in ("sqlalchemy", "fastapi", "alembic", "psycopg", "slack_sdk", "apscheduler", "uvicorn"):
-        probe = subprocess.run([str(bin_dir / "python"), "-c", f"import {module}"], capture_output=True)
+        probe = subprocess.run([str(bin_dir / "python"), "-I", "-c", f"import {module}"], capture_output=True)
         assert probe.returncode != 0, f"the agent image would carry the collector dependency {module}"
     port = free_port()
     proc = subprocess.Popen([str(bin_dir / "gpufleet"), "agent", "--simulate", "2", "--listen", f"127.0.0.1:{port}"],
@@ -77,7 +79,7 @@ def test_collector_install_carries_the_rule_pack_where_the_chart_points(wheel_di
     check = subprocess.run([str(bin_dir / "gpufleet"), "alerts", "check", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0 and "rules OK" in check.stdout, check.stdout + check.stderr
     # and the runbooks its rules link to, which it serves from the package at /runbooks/NAME
-    probe = subprocess.run([str(bin_dir / "python"), "-c", "from collector.runbooks import Runbooks; "
+    probe = subprocess.run([str(bin_dir / "python"), "-I", "-c", "from gpufleet.collector.runbooks import Runbooks; "
                             "b = Runbooks.shipped(); print(len(b.names()), 'GpuXidCritical' in b.page('xid-critical'))"],
                            capture_output=True, text=True)
     assert probe.stdout.split() == [str(len(list((ROOT / "alerts" / "runbooks").glob("*.md")))), "True"], \

@@ -8,10 +8,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gpufleet.agent.inference.config import ConfigError, load_config, settings_from_flags
+from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.collector.rules.model import load_rules
 
-from agent.inference.config import ConfigError, load_config, settings_from_flags
-from agent.main import AgentSettings, start_agent
-from collector.rules.model import load_rules
 from tests.conftest import free_port, wait_until
 from tests.inference_servers import MetricsServer, VllmMetrics
 

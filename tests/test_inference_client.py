@@ -6,10 +6,10 @@ import math
 import random
 
 import pytest
+from gpufleet.agent.inference.config import InferenceSettings
+from gpufleet.agent.inference.receiver import CLIENT_BUCKETS, Receiver
+from gpufleet.agent.sources.inference import InferenceSource
 
-from agent.inference.config import InferenceSettings
-from agent.inference.receiver import CLIENT_BUCKETS, Receiver
-from agent.sources.inference import InferenceSource
 from gpufleet.inference_client import Reporter, latency
 from tests.conftest import free_port, wait_until
 

@@ -7,10 +7,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from gpufleet.agent.inference.config import InferenceSettings, Kubernetes
+from gpufleet.agent.inference.discovery import KubeletPodLister, endpoints_from_pods
+from gpufleet.agent.sources.inference import InferenceSource
 
-from agent.inference.config import InferenceSettings, Kubernetes
-from agent.inference.discovery import KubeletPodLister, endpoints_from_pods
-from agent.sources.inference import InferenceSource
 from tests.inference_servers import MetricsServer, VllmMetrics
 
 

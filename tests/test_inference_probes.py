@@ -9,10 +9,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
-from agent.inference.config import InferenceSettings, Probe
-from agent.inference.probes import ProbeRunner
-from agent.sources.inference import InferenceSource
+from gpufleet.agent.inference.config import InferenceSettings, Probe
+from gpufleet.agent.inference.probes import ProbeRunner
+from gpufleet.agent.sources.inference import InferenceSource
 
 
 class OpenAIServer:

@@ -12,9 +12,9 @@ import math
 import random
 
 import pytest
+from gpufleet.agent.inference.config import Endpoint, InferenceSettings, Slo
+from gpufleet.agent.sources.inference import InferenceSource
 
-from agent.inference.config import Endpoint, InferenceSettings, Slo
-from agent.sources.inference import InferenceSource
 from tests.inference_servers import (
     TGI_DURATION_BUCKETS,
     TRITON_FIRST_RESPONSE_BUCKETS_MS,

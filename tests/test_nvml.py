@@ -5,11 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS
+from gpufleet.agent.nvml import Nvml, NvmlUnavailable
+from gpufleet.agent.simulator import SimulatedNVML
+from gpufleet.agent.sources.gpu import GpuSource
 
-from agent.fields import FIELDS, GPM_FIELDS
-from agent.nvml import Nvml, NvmlUnavailable
-from agent.simulator import SimulatedNVML
-from agent.sources.gpu import GpuSource
 from tests.fake_nvml import (
     DRIVER_NOT_LOADED,
     GPU_IS_LOST,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.collector.service import Collector, CollectorSettings
 
-from agent.main import AgentSettings, start_agent
-from collector.service import Collector, CollectorSettings
 from gpufleet import remote_write as rw
 from tests.conftest import free_port, wait_until
 
@@ -140,7 +140,7 @@ def test_the_collector_forwards_what_it_stores_to_a_remote_write_receiver(receiv
 
 
 def test_a_target_that_refuses_a_batch_counts_the_drop_and_keeps_forwarding(receiving_prometheus, pg_url):
-    from collector.forward import RemoteWriteTarget
+    from gpufleet.collector.forward import RemoteWriteTarget
 
     t = RemoteWriteTarget(receiving_prometheus + "/api/v1/write").start()
     try:
@@ -154,7 +154,7 @@ def test_a_target_that_refuses_a_batch_counts_the_drop_and_keeps_forwarding(rece
 
 
 def test_a_full_queue_drops_and_counts_instead_of_growing_without_bound():
-    from collector.forward import RemoteWriteTarget
+    from gpufleet.collector.forward import RemoteWriteTarget
 
     t = RemoteWriteTarget(f"http://127.0.0.1:{free_port()}/api/v1/write", max_queue_samples=10)  # not started
     t.submit(b"a", 6)

@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from gpufleet.agent.push import Pusher
+from gpufleet.agent.spool import Spool
 
-from agent.push import Pusher
-from agent.spool import Spool
 from gpufleet import remote_write as rw
 from tests.conftest import free_port, wait_until
 from tests.test_reliability_spool import RecordingHttp, start_collector, stored_samples

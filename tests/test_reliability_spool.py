@@ -13,13 +13,13 @@ import urllib.request
 import psycopg
 import pytest
 import urllib3
+from gpufleet.agent.core import Agent
+from gpufleet.agent.nvml import Nvml
+from gpufleet.agent.push import Pusher
+from gpufleet.agent.simulator import SimulatedNVML
+from gpufleet.agent.sources.gpu import GpuSource
+from gpufleet.agent.spool import Spool, parse_age, parse_size
 
-from agent.core import Agent
-from agent.nvml import Nvml
-from agent.push import Pusher
-from agent.simulator import SimulatedNVML
-from agent.sources.gpu import GpuSource
-from agent.spool import Spool, parse_age, parse_size
 from gpufleet import remote_write as rw
 from tests.conftest import free_port, wait_until
 

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 from click.testing import CliRunner
+from gpufleet.collector.report import build_report, parse_since, render_html, render_markdown, slack_blocks
 
-from collector.report import build_report, parse_since, render_html, render_markdown, slack_blocks
 from gpufleet import remote_write as rw
 from gpufleet.cli import main
 
@@ -199,7 +199,8 @@ def test_cli_report_from_the_database_in_markdown_and_html(known_store, db_url, 
 
 
 def test_cli_report_through_the_collector_api(tmp_path):
-    from collector.service import Collector, CollectorSettings
+    from gpufleet.collector.service import Collector, CollectorSettings
+
     from tests.conftest import free_port
 
     port = free_port()

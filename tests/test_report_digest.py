@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from gpufleet.collector.service import Collector, CollectorSettings
 from slack_sdk import WebClient
 
-from collector.service import Collector, CollectorSettings
 from tests.doubles.slack_api import SlackDouble
 from tests.test_report import SIX_HOURS, T0, known_fleet
 

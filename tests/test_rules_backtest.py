@@ -6,10 +6,11 @@ from __future__ import annotations
 import io
 import random
 
-from collector.rules.backtest import read_trace, replay
-from collector.rules.engine import Engine
-from collector.rules.model import Route, default_rules_path, load_pack
-from collector.rules.state import SqlState
+from gpufleet.collector.rules.backtest import read_trace, replay
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.model import Route, default_rules_path, load_pack
+from gpufleet.collector.rules.state import SqlState
+
 from gpufleet import remote_write as rw
 
 

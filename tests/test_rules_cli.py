@@ -57,7 +57,7 @@ def test_check_names_every_problem_with_file_line_and_rule(tmp_path):
 def test_the_default_pack_checks_and_its_rule_tests_pass():
     import re
 
-    from collector.rules.model import default_rules_path
+    from gpufleet.collector.rules.model import default_rules_path
 
     declared = sum(len(re.findall(r"^\s*- alert:", f.read_text(), re.M))
                    for f in default_rules_path().glob("*.yaml"))
@@ -120,7 +120,7 @@ def test_export_writes_rule_files_that_real_promtool_accepts(tmp_path, promtool)
     assert check.returncode == 0, check.stdout + check.stderr
     import re
 
-    from collector.rules.model import default_rules_path, load_rules
+    from gpufleet.collector.rules.model import default_rules_path, load_rules
 
     not_exported = len(re.findall(r"^not exported: ", r.output, re.M))
     assert f"SUCCESS: {len(load_rules([default_rules_path()])) - not_exported} rules found" in check.stdout
@@ -163,7 +163,7 @@ def test_exported_event_and_threshold_rules_fire_in_promtool_as_in_gpufleet(tmp_
 
 
 def test_every_rule_in_the_pack_has_a_runbook_that_exists():
-    from collector.rules.model import default_rules_path, load_pack
+    from gpufleet.collector.rules.model import default_rules_path, load_pack
 
     for r in load_pack([default_rules_path()]).rules:
         name = r.annotations.get("runbook_url", "")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collector.rules.dispatch import Matcher, Silence
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import InhibitRule, Route, Rule
+from gpufleet.collector.rules.dispatch import Matcher, Silence
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryState, MemoryView
+from gpufleet.collector.rules.model import InhibitRule, Route, Rule
 
 GPU = {"cluster": "c1", "node": "n1", "gpu": "0", "uuid": "GPU-a"}
 ANN = {"summary": "{{ $labels.alertname }} on {{ $labels.uuid }}"}
@@ -137,7 +137,7 @@ def test_matchers_parse_as_amtool_writes_them_and_reject_nonsense():
 
 
 def test_a_restarted_collector_neither_re_pages_nor_forgets_where_the_message_is(store):
-    from collector.rules.state import SqlState
+    from gpufleet.collector.rules.state import SqlState
 
     state = SqlState(store)
     route = Route(group_wait_s=0, group_interval_s=0)
@@ -158,7 +158,7 @@ def test_a_restarted_collector_neither_re_pages_nor_forgets_where_the_message_is
 
 
 def test_silences_persist_in_the_store_and_expire(store):
-    from collector.rules.state import SqlState
+    from gpufleet.collector.rules.state import SqlState
 
     state = SqlState(store)
     s = Silence.new([Matcher.parse("uuid=GPU-a")], 1000, 10_000, "ana", "RMA ticket 42", 1000)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import Escalation, Route, Rule
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryState, MemoryView
+from gpufleet.collector.rules.model import Escalation, Route, Rule
 
 GPU = {"node": "n1", "gpu": "0", "uuid": "GPU-a", "model": "H100"}
 ANN = {"summary": "{{ $labels.uuid }} {{ $value }}"}
@@ -40,7 +40,7 @@ def test_threshold_against_the_gpus_own_slowdown_temperature_and_an_and_conditio
     near = Rule(name="Near", kind="threshold", metric="temp", severity="warning", op=">=", compare_metric="slow",
                 offset=-3, annotations=ANN)
     idle = Rule(name="Idle", kind="threshold", metric="sm", severity="warning", op="<", threshold=0.02,
-                conditions=(__import__("collector.rules.model", fromlist=["Condition"]).Condition("mem", ">", 2e9),),
+                conditions=(__import__("gpufleet.collector.rules.model", fromlist=["Condition"]).Condition("mem", ">", 2e9),),
                 annotations=ANN)
     view, eng = engine(near, idle)
     b = {**GPU, "uuid": "GPU-b", "gpu": "1"}

@@ -8,8 +8,8 @@ import urllib.error
 import urllib.request
 
 from click.testing import CliRunner
+from gpufleet.collector.service import Collector, CollectorSettings
 
-from collector.service import Collector, CollectorSettings
 from gpufleet import remote_write as rw
 from gpufleet.cli import main
 from tests.conftest import free_port, wait_until

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from gpufleet.collector.rules.model import default_rules_path, load_pack, with_runbook_base
+from gpufleet.collector.runbooks import Runbooks
+from gpufleet.collector.service import Collector, CollectorSettings, own_runbook_base_url
 
-from collector.rules.model import default_rules_path, load_pack, with_runbook_base
-from collector.runbooks import Runbooks
-from collector.service import Collector, CollectorSettings, own_runbook_base_url
 from gpufleet.cli import main
 from tests.conftest import free_port, wait_until
 from tests.doubles.slack_api import SlackDouble

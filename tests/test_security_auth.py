@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import urllib3
+from gpufleet.collector.auth import Token, TokenSet, hash_token, parse_token
+from gpufleet.collector.service import Collector, CollectorSettings
 
-from collector.auth import Token, TokenSet, hash_token, parse_token
-from collector.service import Collector, CollectorSettings
 from gpufleet import remote_write as rw
 from tests.conftest import free_port
 

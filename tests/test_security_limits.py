@@ -6,9 +6,9 @@ from __future__ import annotations
 import cramjam
 import pytest
 import urllib3
+from gpufleet.collector.app import Limits
+from gpufleet.collector.service import Collector, CollectorSettings
 
-from collector.app import Limits
-from collector.service import Collector, CollectorSettings
 from gpufleet import remote_write as rw
 from tests.conftest import free_port
 

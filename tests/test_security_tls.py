@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from gpufleet.agent.push import Pusher
+from gpufleet.collector.service import Collector, CollectorSettings
 
-from agent.push import Pusher
-from collector.service import Collector, CollectorSettings
 from gpufleet import remote_write as rw
 from tests.conftest import free_port
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from gpufleet.collector.notify.slack import SlackNotifier
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryState, MemoryView
+from gpufleet.collector.rules.model import Route, Rule
 from slack_sdk import WebClient
 
-from collector.notify.slack import SlackNotifier
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import Route, Rule
 from tests.doubles.slack_api import SlackDouble
 
 RULE = Rule(name="GpuHardwareThermalSlowdown", kind="threshold", metric="hw_thermal", severity="warning", op="==",
@@ -82,7 +82,7 @@ def test_one_message_per_group_with_fields_links_colour_and_fallback(slack):
 
 
 def test_resolve_edits_the_original_and_replies_in_its_thread_even_after_a_restart(slack, store):
-    from collector.rules.state import SqlState
+    from gpufleet.collector.rules.state import SqlState
 
     view, eng, notifier = make(slack, state=SqlState(store))
     view.observe(gpu(1), 1000, 1)
@@ -143,7 +143,8 @@ def test_a_critical_alert_joining_a_warning_group_edits_the_message_and_is_broad
 def test_the_collector_exports_slack_retries_and_refusals_on_its_metrics(slack, tmp_path):
     import urllib.request
 
-    from collector.service import Collector, CollectorSettings
+    from gpufleet.collector.service import Collector, CollectorSettings
+
     from tests.conftest import free_port
 
     port = free_port()

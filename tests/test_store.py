@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from gpufleet.collector.store import Store, StoreUnavailable
+from gpufleet.collector.store.migrate import SchemaTooNew, head_revisions
 from sqlalchemy import text
 
-from collector.store import Store, StoreUnavailable
-from collector.store.migrate import SchemaTooNew, head_revisions
 from gpufleet.remote_write import Series
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from gpufleet.collector.store import Store, StoreUnavailable
 
-from collector.store import Store, StoreUnavailable
 from gpufleet.remote_write import Series
 
 

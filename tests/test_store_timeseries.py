@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from gpufleet.collector.store import Store
+from gpufleet.collector.store.store import Retention
 from sqlalchemy import text
 
-from collector.store import Store
-from collector.store.store import Retention
 from gpufleet.remote_write import Series
 
 HOUR = 3_600_000

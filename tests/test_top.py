@@ -9,9 +9,9 @@ import urllib.request
 
 import pexpect
 import pytest
+from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.collector.service import Collector, CollectorSettings
 
-from agent.main import AgentSettings, start_agent
-from collector.service import Collector, CollectorSettings
 from gpufleet.top import Filters, TopState, visible_gpus
 from tests.conftest import free_port, wait_until
 

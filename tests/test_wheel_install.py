@@ -7,13 +7,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import dashboards
+from gpufleet import dashboards
 from tests.doubles.grafana_api import GrafanaDouble
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def collector_env(tmp_path_factory) -> Path:
     """A new virtual environment with gpufleet[collector] installed from a wheel of this tree; its bin/."""
     tmp = tmp_path_factory.mktemp("wheel")
     # Without isolation pip builds with this environment's setuptools instead of downloading one.
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would reuse a stale build/lib of an older layout
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation, "-w", str(tmp / "dist"), str(ROOT))
     [wheel] = (tmp / "dist").glob("gpufleet-*.whl")
@@ -57,7 +59,7 @@ def collector_env(tmp_path_factory) -> Path:
 
 
 def test_the_collector_install_has_the_real_urllib3_and_no_grafana_client_or_sdk(collector_env):
-    probe = json.loads(_run(str(collector_env / "python"), "-c", PROBE).stdout)
+    probe = json.loads(_run(str(collector_env / "python"), "-I", "-c", PROBE).stdout)
     installed = set(probe["installed"])
     assert "gpufleet" in installed and "urllib3" in installed
     assert not installed & {"urllib3-future", "niquests", "grafana-client", "grafana-foundation-sdk"}
@@ -74,3 +76,15 @@ def test_the_collector_install_pushes_the_shipped_dashboards_without_the_sdk(col
         created = 2 + len(dashboards.DASHBOARDS)  # the folder, the data source, each PostgreSQL dashboard
         assert f"{created} created, 0 updated, 0 unchanged" in out
         assert grafana.problems == []
+
+
+def test_the_wheel_adds_exactly_one_top_level_import_name(collector_env):
+    site = Path(json.loads(_run(str(collector_env / "python"), "-I", "-c", PROBE).stdout)["site_packages"])
+    [dist_info] = site.glob("gpufleet-*.dist-info")
+    record = (dist_info / "RECORD").read_text().splitlines()
+    paths = [line.split(",", 1)[0] for line in record]
+    tops = {p.split("/", 1)[0] for p in paths if "/" in p and not p.startswith("..")} - {dist_info.name}
+    assert tops == {"gpufleet"}
+    for part in ("agent", "collector", "alerts", "dashboards"):
+        assert (site / "gpufleet" / part / "__init__.py").exists()
+        assert not (site / part).exists()

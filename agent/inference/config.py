@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.inference.servers import SERVERS
+from gpufleet.agent.inference.servers import SERVERS
+
 from gpufleet.durations import parse_duration as _parse_duration
 from gpufleet.yamlfile import load_yaml
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.inference.config import Endpoint, Kubernetes
-from agent.inference.servers import SERVERS
+from gpufleet.agent.inference.config import Endpoint, Kubernetes
+from gpufleet.agent.inference.servers import SERVERS
 
 log = logging.getLogger(__name__)
 

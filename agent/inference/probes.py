@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.inference.config import Probe
+from gpufleet.agent.inference.config import Probe
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import threading
 from collections import defaultdict
 from urllib.parse import urlsplit
 
-from agent.inference.histogram import Recorder, log_buckets
-from agent.inference.servers import ModelReading, Reading
+from gpufleet.agent.inference.histogram import Recorder, log_buckets
+from gpufleet.agent.inference.servers import ModelReading, Reading
 
 log = logging.getLogger(__name__)
 

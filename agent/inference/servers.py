@@ -27,10 +27,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gpufleet.agent.inference.histogram import INF, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-
-from agent.inference.histogram import INF, Histogram
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from agent.inference.config import Slo
-from agent.inference.histogram import Histogram
-from agent.inference.servers import ModelReading
+from gpufleet.agent.inference.config import Slo
+from gpufleet.agent.inference.histogram import Histogram
+from gpufleet.agent.inference.servers import ModelReading
 
 QUANTILES = (0.5, 0.9, 0.99)
 # Google SRE workbook, multiwindow multi-burn-rate alerts: a page when 2% of a 30-day budget burns in an

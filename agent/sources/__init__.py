@@ -19,10 +19,10 @@ class SourceSpec:
 
 
 SOURCES: tuple[SourceSpec, ...] = (
-    SourceSpec("gpu", "agent.sources.gpu", True, "NVIDIA GPUs through NVML: field table, GPM, XID events"),
-    SourceSpec("host", "agent.sources.host", True, "the node's CPU, memory and load through psutil"),
+    SourceSpec("gpu", "gpufleet.agent.sources.gpu", True, "NVIDIA GPUs through NVML: field table, GPM, XID events"),
+    SourceSpec("host", "gpufleet.agent.sources.host", True, "the node's CPU, memory and load through psutil"),
     # Off unless something is configured to scrape, probe or receive (AgentSettings.inference.configured()):
     # an agent with no inference server costs nothing.
-    SourceSpec("inference", "agent.sources.inference", False,
+    SourceSpec("inference", "gpufleet.agent.sources.inference", False,
                "inference servers' latency per model (vLLM, Triton, TGI, generic), probes, client API"),
 )

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.families import Families, Family
-from agent.fields import (
+from gpufleet.agent.families import Families, Family
+from gpufleet.agent.fields import (
     FAST_FIELDS,
     FIELDS,
     GPM_FIELDS,
@@ -34,7 +34,7 @@ from agent.fields import (
     FieldValue,
     mig_name,
 )
-from agent.nvml import Gpu, GpuLost, Nvml
+from gpufleet.agent.nvml import Gpu, GpuLost, Nvml
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class GpuSource:
     # ---- per-process usage (opt-in) --------------------------------------------------------------
     def _sample_processes(self, gpu: Gpu, labels: dict[str, str], migs: list[MigDevice],
                           fam: Callable[..., Family]) -> None:
-        from agent.attribution import container_of
+        from gpufleet.agent.attribution import container_of
 
         procs = self._nvml.call("nvmlDeviceGetComputeRunningProcesses", gpu.handle) or []
         last = self._proc_util_at.get(gpu.uuid, 0)

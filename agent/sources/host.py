@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from agent.families import Family
+from gpufleet.agent.families import Family
 
 
 class HostSource:

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agent.families import Family
-from agent.inference.config import Endpoint, InferenceSettings
-from agent.inference.discovery import KubeletPodLister, PodLister, endpoints_from_pods
-from agent.inference.probes import ProbeRunner
-from agent.inference.receiver import Receiver
-from agent.inference.servers import READERS, Exposition, Reading, detect_server
-from agent.inference.state import MULTIWINDOWS, ModelState
+from gpufleet.agent.families import Family
+from gpufleet.agent.inference.config import Endpoint, InferenceSettings
+from gpufleet.agent.inference.discovery import KubeletPodLister, PodLister, endpoints_from_pods
+from gpufleet.agent.inference.probes import ProbeRunner
+from gpufleet.agent.inference.receiver import Receiver
+from gpufleet.agent.inference.servers import READERS, Exposition, Reading, detect_server
+from gpufleet.agent.inference.state import MULTIWINDOWS, ModelState
 
 log = logging.getLogger(__name__)
 

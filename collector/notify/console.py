@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from collector.rules.dispatch import GroupNotification
+from gpufleet.collector.rules.dispatch import GroupNotification
 
 
 class ConsoleNotifier:

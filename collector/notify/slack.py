@@ -14,8 +14,8 @@ import time
 import urllib.parse
 from typing import Any
 
-from collector.notify.queue import SendQueue
-from collector.rules.dispatch import GroupNotification, Notification
+from gpufleet.collector.notify.queue import SendQueue
+from gpufleet.collector.rules.dispatch import GroupNotification, Notification
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import RulePack
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryState, MemoryView
+from gpufleet.collector.rules.model import RulePack
 
 
 class TraceError(ValueError):

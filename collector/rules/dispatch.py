@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.rules.model import SEVERITY_RANK, InhibitRule, Route
+from gpufleet.collector.rules.model import SEVERITY_RANK, InhibitRule, Route
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from collector.rules.anomaly import Ewma, RobustZ, is_outside, linear_fit, steady_growth
-from collector.rules.dispatch import Dispatcher, GroupNotification, Notification
-from collector.rules.model import OPS, InhibitRule, Route, Rule, RulePack, render
+from gpufleet.collector.rules.anomaly import Ewma, RobustZ, is_outside, linear_fit, steady_growth
+from gpufleet.collector.rules.dispatch import Dispatcher, GroupNotification, Notification
+from gpufleet.collector.rules.model import OPS, InhibitRule, Route, Rule, RulePack, render
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class Engine:
         self.evaluations = 0
         self.sent = 0
         self.send_failures = 0
+        self._published: list[dict[str, Any]] = []
+        self._publish()
 
     def reload(self) -> None:
         """Read alert state and rule memory back from the store: a replica that takes over evaluation
@@ -128,6 +130,7 @@ class Engine:
             self.rule_state = self.state.load_rule_state()
         if hasattr(self.dispatcher, "reload"):
             self.dispatcher.reload()
+        self._publish()
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self, now_ms: int) -> list[GroupNotification]:
@@ -155,6 +158,7 @@ class Engine:
         self.evaluations += 1
         silences = self.state.active_silences(now_ms) if hasattr(self.state, "active_silences") else []
         out = self.dispatcher.dispatch(now_ms, self.alerts, resolved, silences)
+        self._publish()
         for g in out:
             self._notify(g)
         return out
@@ -457,8 +461,15 @@ class Engine:
                                                message_ts=where[1] if where else None, sent_at=g.at_ms, text=n.text)
 
     def active_alerts(self) -> list[dict[str, Any]]:
+        """Pending and firing alerts as of the end of the last tick. Readers (the API, the fleet page) run on
+        other threads: they get the list published once silences and inhibitions were applied, never an
+        alert that is already firing but not yet matched against the silences."""
+        return self._published
+
+    def _publish(self) -> None:
         out = []
         for a in self.alerts.values():
             if a["state"] in ("pending", "firing"):
                 out.append({**a, "muted_by": self.dispatcher.muted.get(a["id"])})
-        return sorted(out, key=lambda a: (a["state"] != "firing", a["labels"].get("severity", ""), a["active_since"]))
+        self._published = sorted(out, key=lambda a: (a["state"] != "firing", a["labels"].get("severity", ""),
+                                                     a["active_since"]))

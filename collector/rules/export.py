@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from collector.rules.model import Rule, RulePack, format_duration, with_runbook_base
+from gpufleet.collector.rules.model import Rule, RulePack, format_duration, with_runbook_base
 
 # Where relative runbook links point unless told otherwise: a collector on the machine that reads the alert
 # (`gpufleet up`, or a port-forward to the chart's collector) serves the shipped runbooks there.

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from collector.rules.dispatch import Silence
+from gpufleet.collector.rules.dispatch import Silence
 
 
 @dataclass(frozen=True, slots=True)

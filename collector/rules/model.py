@@ -365,8 +365,7 @@ def _inhibit_from(doc: Any, where: str, problems: list[str]) -> InhibitRule | No
 
 def default_rules_path() -> Path:
     """The built-in rule pack (the ``alerts`` package's YAML files)."""
-    import alerts
-
+    from gpufleet import alerts
     return Path(alerts.__file__).resolve().parent
 
 

@@ -8,9 +8,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpufleet.collector.rules.dispatch import Matcher, Silence
 from sqlalchemy import BigInteger, Column, Index, MetaData, String, Table, Text, delete, select
-
-from collector.rules.dispatch import Matcher, Silence
 
 metadata = MetaData()
 
@@ -52,7 +51,7 @@ rule_state = Table(
 
 
 class SqlState:
-    """The engine's state interface over a :class:`collector.store.Store` (SQLite or PostgreSQL)."""
+    """The engine's state interface over a :class:`gpufleet.collector.store.Store` (SQLite or PostgreSQL)."""
 
     def __init__(self, store: Any) -> None:
         self.store = store

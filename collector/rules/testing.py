@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from collector.rules.engine import Engine
-from collector.rules.memory import MemoryState, MemoryView
-from collector.rules.model import RuleError, load_pack, parse_duration
+from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.memory import MemoryState, MemoryView
+from gpufleet.collector.rules.model import RuleError, load_pack, parse_duration
 
 _SERIES = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')

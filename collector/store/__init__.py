@@ -1,5 +1,5 @@
 """The collector's time-series store on SQLAlchemy 2: SQLite (default) or PostgreSQL (production)."""
 
-from collector.store.store import Store, StoreUnavailable, fingerprint
+from gpufleet.collector.store.store import Store, StoreUnavailable, fingerprint
 
 __all__ = ["Store", "StoreUnavailable", "fingerprint"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from gpufleet.collector.store import chunks
+from gpufleet.collector.store.chunks import DAY_MS, HOUR_MS
 from sqlalchemy import text
 
-from collector.store import chunks
-from collector.store.chunks import DAY_MS, HOUR_MS
-
 if TYPE_CHECKING:
-    from collector.store.store import Store
+    from gpufleet.collector.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ MINUTE_MS = 60_000
 
 
 def maintain(store: Store, now_ms: int) -> dict[str, Any]:
-    from collector.store.store import LATE_MS
+    from gpufleet.collector.store.store import LATE_MS
 
     report: dict[str, Any] = {}
     if store.chunked:

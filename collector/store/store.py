@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.collector.store import chunks, migrate, schema
 from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from collector.store import chunks, migrate, schema
 from gpufleet.addresses import DATABASE_EXAMPLE, database_url
 from gpufleet.remote_write import Series
 
@@ -619,7 +619,7 @@ class Store:
     # ---- maintenance -----------------------------------------------------------------------------
     def maintain(self, now_ms: int | None = None) -> dict[str, Any]:
         """One maintenance pass: compact closed hours, bring rollups up to date, enforce retention."""
-        from collector.store.maintenance import maintain
+        from gpufleet.collector.store.maintenance import maintain
 
         return maintain(self, now_ms if now_ms is not None else int(time.time() * 1000))
 

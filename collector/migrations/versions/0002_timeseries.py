@@ -126,4 +126,4 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION gpufleet_points(bigint, integer[], double precision[])")
     from importlib import import_module
 
-    import_module("collector.migrations.versions.0001_initial").create_metric_samples_view()
+    import_module("gpufleet.collector.migrations.versions.0001_initial").create_metric_samples_view()
