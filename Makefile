@@ -25,6 +25,10 @@ test: $(STAMP) test-system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	scripts/lint-layout.sh
+	cd .lint && $(abspath $(VENV))/bin/mypy --config-file ../pyproject.toml -p gpufleet
+	cd .lint && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports ../.importlinter
 
 clean:
 	rm -rf $(VENV) gpufleet.db gpufleet.db-wal gpufleet.db-shm

@@ -2,10 +2,13 @@
 
 :class:`PodAttribution` asks the kubelet's pod-resources API (gRPC ``v1.PodResourcesLister/List`` on a unix
 socket) which container each device was given to, at most every ``refresh`` seconds, and answers
-``attribution(uuid) -> {"pod": …, "namespace": …, "container": …}`` for the GPU source. Device ids are GPU
+``attribution(uuid) -> {"pod": …, "namespace": …, "container": …}``. Device ids are GPU
 or MIG UUIDs as the NVIDIA device plugin reports them (its default ``uuid`` strategy); time-sliced
 replicas (``GPU-…::3``) count for their GPU, and a GPU shared by several containers lists them all,
 comma-separated.
+
+:class:`DeviceLabels` is the pipeline's enrich stage: it puts those labels on every series that names a GPU
+or MIG instance, whichever source produced it.
 
 :func:`container_of` reads ``<proc root>/<pid>/cgroup`` to find the container and pod of a process.
 """
@@ -17,19 +20,62 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from gpufleet.agent.families import Family
 
 log = logging.getLogger(__name__)
 
 GPU_RESOURCE_PREFIX = "nvidia.com/"
 
 
+class Attribution(Protocol):
+    """Who holds a device (GPU or MIG UUID): labels such as ``pod``, ``namespace``, ``container``, ``job``."""
+
+    def __call__(self, device: str, /) -> dict[str, str]: ...
+
+
+class DeviceLabels:
+    """Enrich stage: each GPU series gets the labels of who holds its GPU (``uuid``), and each MIG instance's
+    series those of who holds the instance (``mig_uuid``): the kubelet hands out MIG instances one by one.
+
+    A MIG instance's own series are the ones with ``compute_instance``; a process on a MIG instance carries
+    ``mig_uuid`` too, yet is attributed through its GPU, as the process table is read per GPU.
+    """
+
+    def __init__(self, attribution: Attribution) -> None:
+        self._attribution = attribution
+
+    def enrich(self, families: list[Family]) -> list[Family]:
+        holders: dict[str, dict[str, str]] = {}  # one lookup per device and sample, however many series
+        out: list[Family] = []
+        for fam in families:
+            samples: list[tuple[dict[str, str], float]] = []
+            for labels, value in fam.samples:
+                device = labels.get("mig_uuid") if "compute_instance" in labels else labels.get("uuid")
+                if device is None:
+                    samples.append((labels, value))
+                    continue
+                held_by = holders.get(device)
+                if held_by is None:
+                    held_by = holders[device] = self._attribution(device)
+                samples.append(({**labels, **held_by} if held_by else labels, value))
+            out.append(Family(fam.name, fam.kind, fam.help, samples))
+        return out
+
+
 class PodAttribution:
     """GPU UUID -> pod labels, from the kubelet pod-resources API. Pass ``list_pods`` to replace the gRPC call."""
 
-    def __init__(self, socket_path: str, *, refresh: float = 10.0, timeout: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 list_pods: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        refresh: float = 10.0,
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        list_pods: Callable[[], Any] | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self._refresh = refresh
         self._timeout = timeout
@@ -46,13 +92,25 @@ class PodAttribution:
             self.update()
         return dict(self._by_device.get(uuid, {}))
 
+    def collect(self) -> list[Family]:
+        failures = Family(
+            "gpufleet_agent_pod_resources_failures_total",
+            "counter",
+            "Failed calls to the kubelet pod-resources API (GPU pod labels may be stale or missing).",
+        )
+        failures.add({}, self.failures)
+        return [failures]
+
     def gpus_of(self, namespace: str, pod: str) -> list[str]:
         """The GPUs (and MIG instances), by UUID, that the kubelet assigned to a pod's containers: what an
         inference server discovered in that pod runs on."""
         if self._at is None or self._clock() - self._at >= self._refresh:
             self.update()
-        return sorted(device for device, who in self._by_device.items()
-                      if pod in who.get("pod", "").split(",") and namespace in who.get("namespace", "").split(","))
+        return sorted(
+            device
+            for device, who in self._by_device.items()
+            if pod in who.get("pod", "").split(",") and namespace in who.get("namespace", "").split(",")
+        )
 
     def update(self) -> None:
         """Ask the kubelet now. On failure the last known assignment stays and the failure is logged once."""
@@ -66,9 +124,13 @@ class PodAttribution:
             self.close()
             error = str(getattr(exc, "details", lambda: None)() or exc)
             if self.last_error is None:
-                log.warning("cannot list pods from the kubelet pod-resources API at unix://%s (%s); GPUs carry no "
-                            "pod/namespace/container labels until it answers. Mount /var/lib/kubelet/pod-resources "
-                            "into the agent's pod or set --pod-resources-socket", self.socket_path, error)
+                log.warning(
+                    "cannot list pods from the kubelet pod-resources API at unix://%s (%s); GPUs carry no "
+                    "pod/namespace/container labels until it answers. Mount /var/lib/kubelet/pod-resources "
+                    "into the agent's pod or set --pod-resources-socket",
+                    self.socket_path,
+                    error,
+                )
             self.last_error = error
             return
         if self.last_error is not None:
@@ -78,13 +140,18 @@ class PodAttribution:
 
     def _grpc_list(self) -> Any:
         import grpc
+
         from gpufleet.agent.podresources import LIST_METHOD, ListPodResourcesRequest, ListPodResourcesResponse
 
         if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix://{self.socket_path}",
-                                                  options=[("grpc.max_receive_message_length", 16 << 20)])
-        call = self._channel.unary_unary(LIST_METHOD, request_serializer=ListPodResourcesRequest.SerializeToString,
-                                         response_deserializer=ListPodResourcesResponse.FromString)
+            self._channel = grpc.insecure_channel(
+                f"unix://{self.socket_path}", options=[("grpc.max_receive_message_length", 16 << 20)]
+            )
+        call = self._channel.unary_unary(
+            LIST_METHOD,
+            request_serializer=ListPodResourcesRequest.SerializeToString,
+            response_deserializer=ListPodResourcesResponse.FromString,
+        )
         return call(ListPodResourcesRequest(), timeout=self._timeout)
 
     def close(self) -> None:
@@ -109,8 +176,11 @@ def devices_to_pods(response: Any) -> dict[str, dict[str, str]]:
     out = {}
     for uuid, hs in holders.items():
         hs.sort()
-        out[uuid] = {"pod": ",".join(h[0] for h in hs), "namespace": ",".join(sorted({h[1] for h in hs})),
-                     "container": ",".join(h[2] for h in hs)}
+        out[uuid] = {
+            "pod": ",".join(h[0] for h in hs),
+            "namespace": ",".join(sorted({h[1] for h in hs})),
+            "container": ",".join(h[2] for h in hs),
+        }
     return out
 
 

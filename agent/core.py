@@ -1,4 +1,4 @@
-"""The agent's sampling loop: run every source, keep the latest snapshot, hand it to the outputs."""
+"""The agent's sampling loop: run every source, enrich what they yield, hand the snapshot to the sinks."""
 
 from __future__ import annotations
 
@@ -6,38 +6,47 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
-from gpufleet.agent.families import Family
+from gpufleet.agent.families import Family, Snapshot
+from gpufleet.agent.pipeline import Enricher, Sink, Source
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class Snapshot:
-    timestamp_ms: int
-    families: list[Family] = field(default_factory=list)
+__all__ = ["Agent", "Snapshot"]
 
 
 class Agent:
-    """Samples every source each ``interval`` seconds; a source that raises is reported, not fatal."""
+    """Samples every source each ``interval`` seconds; a source that raises is reported, not fatal.
 
-    def __init__(self, sources: Sequence[Any], *, node: str, interval: float = 1.0,
-                 clock: Callable[[], float] = time.time, sinks: Sequence[Callable[[Snapshot], None]] = ()) -> None:
+    Each source's output goes through the ``enrichers`` (when its series name devices) and the snapshot
+    of all of them to every sink.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        *,
+        node: str,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        sinks: Sequence[Sink] = (),
+        enrichers: Sequence[Enricher] = (),
+    ) -> None:
         self.sources = list(sources)
         self.node = node
         self.interval = interval
         self._clock = clock
         self._sinks = list(sinks)
+        self._enrichers = list(enrichers)
         self._latest = Snapshot(0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.samples_taken = 0
         self._failed: set[str] = set()
+        self._enrich_failed: set[int] = set()
 
-    def add_sink(self, sink: Callable[[Snapshot], None]) -> None:
+    def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
 
     @property
@@ -48,12 +57,17 @@ class Agent:
     def sample(self) -> Snapshot:
         ts = int(self._clock() * 1000)
         families: list[Family] = []
-        success = Family("gpufleet_agent_source_success", "gauge", "1 if the source's last collection succeeded.")
-        duration = Family("gpufleet_agent_source_duration_seconds", "gauge", "Time the source's last collection took.")
+        success = Family(
+            "gpufleet_agent_source_success", "gauge", "1 if the source's last collection succeeded."
+        )
+        duration = Family(
+            "gpufleet_agent_source_duration_seconds", "gauge", "Time the source's last collection took."
+        )
         for src in self.sources:
             t0 = time.perf_counter()
+            collected: list[Family] = []
             try:
-                families.extend(src.collect())
+                collected = src.collect()
                 ok = True
                 if src.name in self._failed:
                     self._failed.discard(src.name)
@@ -66,6 +80,7 @@ class Agent:
             labels = {"node": self.node, "source": src.name}
             success.add(labels, 1.0 if ok else 0.0)
             duration.add(labels, time.perf_counter() - t0)
+            families.extend(self._enrich(collected) if src.names_devices else collected)
         families += [success, duration]
         snap = Snapshot(ts, families)
         with self._lock:
@@ -77,6 +92,18 @@ class Agent:
             except Exception:
                 log.exception("output failed to take a sample")
         return snap
+
+    def _enrich(self, families: list[Family]) -> list[Family]:
+        for i, enricher in enumerate(self._enrichers):
+            try:
+                families = enricher.enrich(families)
+            except Exception:  # a sample without pod labels beats no sample
+                if i not in self._enrich_failed:
+                    self._enrich_failed.add(i)
+                    log.exception("enriching a sample failed; its series go out without those labels")
+                continue
+            self._enrich_failed.discard(i)
+        return families
 
     def wake(self) -> None:
         """Sample now (an urgent event happened) instead of at the next tick."""

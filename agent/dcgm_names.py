@@ -15,16 +15,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from prometheus_client.utils import floatToGoString
+
 from gpufleet.agent.families import Families, Family
 from gpufleet.agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
-from prometheus_client.utils import floatToGoString
 
 
 class Twin(NamedTuple):
     dcgm: str | dict[tuple[str, ...], str]
     kind: str
     scale: float
-    labels: tuple[str, ...]  # our label names that the dcgm name spells out (consumed when ``dcgm`` is a dict)
+    labels: tuple[
+        str, ...
+    ]  # our label names that the dcgm name spells out (consumed when ``dcgm`` is a dict)
 
 
 # Our family name -> its dcgm-exporter twin. MIG families share their GPU family's twin.
@@ -42,15 +45,21 @@ CLOCK_REASONS_NAME = "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"
 XID_NAME = "DCGM_FI_DEV_XID_ERRORS"
 
 # dcgm-exporter's label names for the identity of a GPU (and of a MIG instance).
-LABELS = {"gpu": "gpu", "uuid": "UUID", "model": "modelName", "node": "Hostname",
-          "gpu_instance": "GPU_I_ID", "mig_profile": "GPU_I_PROFILE"}
+LABELS = {
+    "gpu": "gpu",
+    "uuid": "UUID",
+    "model": "modelName",
+    "node": "Hostname",
+    "gpu_instance": "GPU_I_ID",
+    "mig_profile": "GPU_I_PROFILE",
+}
 
 
 def dcgm_names() -> dict[str, str]:
     """Every dcgm-exporter name this mode writes -> its Prometheus type (for docs and tests)."""
     out = {CLOCK_REASONS_NAME: "gauge", XID_NAME: "gauge"}
     for twin in MAPPING.values():
-        for name in (twin.dcgm.values() if isinstance(twin.dcgm, dict) else [twin.dcgm]):
+        for name in twin.dcgm.values() if isinstance(twin.dcgm, dict) else [twin.dcgm]:
             out[name] = twin.kind
     return out
 
@@ -60,12 +69,16 @@ def _gpu_facts(families: list[Family]) -> dict[str, dict[str, str]]:
     for fam in families:
         if fam.name == INFO[0]:
             for labels, _ in fam.samples:
-                facts[labels.get("uuid", "")] = {"pci_bus_id": labels.get("pci_bus_id", ""),
-                                                 "DCGM_FI_DRIVER_VERSION": labels.get("driver", "")}
+                facts[labels.get("uuid", "")] = {
+                    "pci_bus_id": labels.get("pci_bus_id", ""),
+                    "DCGM_FI_DRIVER_VERSION": labels.get("driver", ""),
+                }
     return facts
 
 
-def _labels(labels: dict[str, str], facts: dict[str, dict[str, str]], drop: tuple[str, ...] = ()) -> dict[str, str]:
+def _labels(
+    labels: dict[str, str], facts: dict[str, dict[str, str]], drop: tuple[str, ...] = ()
+) -> dict[str, str]:
     out = {LABELS.get(k, k): v for k, v in labels.items() if k not in drop}
     if "gpu" in labels:
         out["device"] = f"nvidia{labels['gpu']}"

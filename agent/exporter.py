@@ -10,30 +10,37 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from gpufleet.agent.core import Agent
-from gpufleet.agent.families import Family
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gpufleet.agent.families import Family
+from gpufleet.agent.pipeline import MetricsCollector
+from gpufleet.agent.sinks import LatestSnapshot
 
 log = logging.getLogger(__name__)
 
 
 class SnapshotCollector:
-    """A prometheus-client custom collector: yields the agent's latest snapshot at scrape time.
+    """A prometheus-client custom collector: yields the latest snapshot, then the agent's own metrics,
+    at scrape time.
 
     ``rename`` maps our families to another naming scheme (dcgm-exporter's) on the way out.
     """
 
-    def __init__(self, agent: Agent, extra: Callable[[], list[Family]] | None = None,
-                 rename: Callable[[list[Family]], list[Family]] | None = None) -> None:
-        self._agent = agent
-        self._extra = extra
+    def __init__(
+        self,
+        snapshots: LatestSnapshot,
+        own: MetricsCollector | None = None,
+        rename: Callable[[list[Family]], list[Family]] | None = None,
+    ) -> None:
+        self._snapshots = snapshots
+        self._own = own
         self._rename = rename
 
     def families(self) -> list[Family]:
-        families = list(self._agent.latest.families)
-        if self._extra:
-            families += self._extra()
+        families = list(self._snapshots.latest.families)
+        if self._own is not None:
+            families += self._own.collect()
         if self._rename:
             families = self._rename(families)
         return families
@@ -45,7 +52,9 @@ class SnapshotCollector:
             label_names = sorted({k for labels, _ in fam.samples for k in labels})
             if fam.kind == "counter":
                 base = fam.name[:-6] if fam.name.endswith("_total") else fam.name
-                out: Metric = CounterMetricFamily(base, fam.help, labels=label_names)
+                out: CounterMetricFamily | GaugeMetricFamily = CounterMetricFamily(
+                    base, fam.help, labels=label_names
+                )
             else:
                 out = GaugeMetricFamily(fam.name, fam.help, labels=label_names)
             for labels, value in fam.samples:
@@ -75,13 +84,20 @@ def json_response(start_response: Callable, status: str, body: Any) -> list[byte
 class AgentServer:
     """Serves the agent's HTTP endpoints in a background thread."""
 
-    def __init__(self, host: str, port: int, agent: Agent, *, health: Callable[[], dict],
-                 routes: dict[tuple[str, str], Route] | None = None,
-                 extra: Callable[[], list[Family]] | None = None,
-                 rename: Callable[[list[Family]], list[Family]] | None = None,
-                 render: Callable[[list[Family]], bytes] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        snapshots: LatestSnapshot,
+        *,
+        health: Callable[[], dict],
+        routes: dict[tuple[str, str], Route] | None = None,
+        own: MetricsCollector | None = None,
+        rename: Callable[[list[Family]], list[Family]] | None = None,
+        render: Callable[[list[Family]], bytes] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._snapshots = SnapshotCollector(agent, extra, rename)
+        self._snapshots = SnapshotCollector(snapshots, own, rename)
         self.registry.register(self._snapshots)
         # A naming scheme whose names prometheus-client cannot write (dcgm-exporter's counters lack _total)
         # brings its own text writer.
@@ -89,8 +105,9 @@ class AgentServer:
         self._metrics_app = make_wsgi_app(self.registry)
         self._health = health
         self._routes = routes or {}
-        self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
+        self._server = make_server(
+            host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+        )
         self.port = self._server.server_port
         self._thread: threading.Thread | None = None
 
@@ -99,18 +116,28 @@ class AgentServer:
         if path == "/metrics":
             if self._render is not None:
                 data = self._render(self._snapshots.families())
-                start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                                          ("Content-Length", str(len(data)))])
+                start_response(
+                    "200 OK",
+                    [
+                        ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                        ("Content-Length", str(len(data))),
+                    ],
+                )
                 return [data]
             return self._metrics_app(environ, start_response)
         if path == "/healthz":
             body = self._health()
-            return json_response(start_response, "200 OK" if body.get("ok") else "503 Service Unavailable", body)
+            return json_response(
+                start_response, "200 OK" if body.get("ok") else "503 Service Unavailable", body
+            )
         route = self._routes.get((method, path))
         if route is not None:
             return route(environ, start_response)
-        return json_response(start_response, "404 Not Found",
-                             {"error": f"no such endpoint {method} {path}; try /metrics or /healthz"})
+        return json_response(
+            start_response,
+            "404 Not Found",
+            {"error": f"no such endpoint {method} {path}; try /metrics or /healthz"},
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.serve_forever, name="agent-http", daemon=True)

@@ -18,7 +18,15 @@ class Family:
         self.samples.append((labels, float(value)))
 
 
-class Families(dict):
+@dataclass(slots=True)
+class Snapshot:
+    """Every family of one sample, stamped with the time it was taken."""
+
+    timestamp_ms: int
+    families: list[Family] = field(default_factory=list)
+
+
+class Families(dict[str, Family]):
     """Families by name, each made on first use: ``families(name, kind, help)`` returns the one family."""
 
     def __call__(self, name: str, kind: str, help_text: str) -> Family:

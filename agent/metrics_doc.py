@@ -21,8 +21,10 @@ def _read(f) -> str:
 def _dcgm(name: str) -> str:
     twin = MAPPING.get(name)
     if twin is None:
-        return {"gpufleet_gpu_clock_event_active": f"`{CLOCK_REASONS_NAME}` (bitmask)",
-                "gpufleet_gpu_xid_errors_total": f"`{XID_NAME}` (last XID only)"}.get(name, "—")
+        return {
+            "gpufleet_gpu_clock_event_active": f"`{CLOCK_REASONS_NAME}` (bitmask)",
+            "gpufleet_gpu_xid_errors_total": f"`{XID_NAME}` (last XID only)",
+        }.get(name, "—")
     scale = f" x {twin.scale:g}" if twin.scale != 1 else ""
     if isinstance(twin.dcgm, dict):
         return "<br>".join(f"{','.join(k)}: `{v}`" for k, v in twin.dcgm.items()) + f" ({twin.kind}{scale})"
@@ -30,14 +32,22 @@ def _dcgm(name: str) -> str:
 
 
 def render() -> str:
-    lines = [BEGIN, "", "| metric | type | unit | labels | help | NVML read | read | dcgm-exporter twin |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        BEGIN,
+        "",
+        "| metric | type | unit | labels | help | NVML read | read | dcgm-exporter twin |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for f in FIELDS:
-        lines.append(f"| `{f.name}` | {f.kind} | {f.unit or '—'} | {', '.join(f.labels) or '—'} | {f.help} | "
-                     f"{_read(f)} | {'slow (background)' if f.slow else 'every sample'} | {_dcgm(f.name)} |")
+        lines.append(
+            f"| `{f.name}` | {f.kind} | {f.unit or '—'} | {', '.join(f.labels) or '—'} | {f.help} | "
+            f"{_read(f)} | {'slow (background)' if f.slow else 'every sample'} | {_dcgm(f.name)} |"
+        )
     for g in GPM_FIELDS:
-        lines.append(f"| `{g.name}` | gauge | {g.unit} | — | {g.help} | GPM metric {g.metric_id} x {g.scale:g} | "
-                     f"every sample | {_dcgm(g.name)} |")
+        lines.append(
+            f"| `{g.name}` | gauge | {g.unit} | — | {g.help} | GPM metric {g.metric_id} x {g.scale:g} | "
+            f"every sample | {_dcgm(g.name)} |"
+        )
     lines += ["", "MIG instances (labels `gpu_instance`, `compute_instance`, `mig_profile`, `mig_uuid`):", ""]
     for name in [mig_name(f.name) for f in MIG_FIELDS] + [mig_name(g.name) for g in GPM_FIELDS]:
         lines.append(f"* `{name}` — dcgm: {_dcgm(name)}")

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
+
+from gpufleet.agent.families import Family
 
 # NVML return codes (nvml.h); stable ABI numbers, the same in every driver.
 ERROR_UNINITIALIZED = 1
@@ -36,7 +39,13 @@ ERROR_UNKNOWN = 999
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
 # Answers that mean "no value here", not "something is wrong".
-_NO_VALUE = {ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_FUNCTION_NOT_FOUND, ERROR_NOT_FOUND, ERROR_NO_DATA}
+_NO_VALUE = {
+    ERROR_NOT_SUPPORTED,
+    ERROR_NO_PERMISSION,
+    ERROR_FUNCTION_NOT_FOUND,
+    ERROR_NOT_FOUND,
+    ERROR_NO_DATA,
+}
 # Answers that mean the GPU itself has gone (fell off the bus, needs a reset).
 _LOST = {ERROR_GPU_IS_LOST, ERROR_RESET_REQUIRED}
 
@@ -59,6 +68,16 @@ class Gpu:
     pci_bus_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class NvmlEvent:
+    """One event from an NVML event set: the device it came from (as :meth:`Nvml.handle_key` names it),
+    its ``nvmlEventType*`` bit and its data (the XID code for an XID event)."""
+
+    device: Hashable
+    event_type: int
+    data: int
+
+
 def load_library() -> Any:
     """The real NVML bindings."""
     import pynvml
@@ -78,14 +97,10 @@ class Nvml:
     """NVML, started once, with "not supported" as ``None`` and lost GPUs as :class:`GpuLost`."""
 
     def __init__(self, lib: Any | None = None) -> None:
-        self._lib = lib
+        self._lib: Any = lib  # the pynvml module or a stand-in; loaded on start() when not given
         self._started = False
         self._lock = threading.Lock()
         self.simulated = bool(getattr(lib, "SIMULATED", False))
-
-    @property
-    def lib(self) -> Any:
-        return self._lib
 
     def start(self) -> None:
         with self._lock:
@@ -97,7 +112,8 @@ class Nvml:
                 except ImportError as exc:
                     raise NvmlUnavailable(
                         "the nvidia-ml-py package is not installed (pip install 'gpufleet[agent]'); "
-                        "to try gpufleet without a GPU, run with --simulate 2") from exc
+                        "to try gpufleet without a GPU, run with --simulate 2"
+                    ) from exc
             try:
                 self._lib.nvmlInit()
             except Exception as exc:  # pynvml.NVMLError and subclasses
@@ -140,6 +156,34 @@ class Nvml:
             # Anything else (timeout, insufficient size, ...) is a failed read of this one field.
             return None
 
+    def collect(self) -> list[Family]:
+        """The gateway's own metric: whether the GPUs behind it are simulated (the agent adds ``node``)."""
+        simulated = Family("gpufleet_agent_simulated", "gauge", "1 when the GPUs are simulated, not real.")
+        simulated.add({}, 1.0 if self.simulated else 0.0)
+        return [simulated]
+
+    # ---- events ----------------------------------------------------------------------------------
+    def event_set(self) -> Any | None:
+        """A new event set; ``None`` when this driver has none."""
+        return self.call("nvmlEventSetCreate")
+
+    def register_events(self, handle: Any, mask: int, event_set: Any) -> bool:
+        """Ask for ``mask`` events of one GPU in ``event_set``; False when the GPU cannot report them (a mask
+        with one unsupported bit fails whole). Raises :class:`GpuLost`."""
+        return self.call_ok("nvmlDeviceRegisterEvents", handle, mask, event_set)
+
+    def wait_event(self, event_set: Any, timeout_ms: int) -> NvmlEvent | None:
+        """The next event within ``timeout_ms``; ``None`` on timeout or a transient NVML failure. Anything
+        other than an NVML error is raised."""
+        try:
+            data = self._lib.nvmlEventSetWait_v2(event_set, timeout_ms)
+        except self._lib.NVMLError:
+            return None
+        return NvmlEvent(self.handle_key(data.device), int(data.eventType), int(data.eventData))
+
+    def free_event_set(self, event_set: Any) -> None:
+        self.call("nvmlEventSetFree", event_set)
+
     def handle_key(self, handle: Any) -> Any:
         """A hashable identity for a device handle (event data carries a handle, not an index)."""
         own = getattr(self._lib, "handle_key", None)
@@ -149,7 +193,9 @@ class Nvml:
 
         return ctypes.cast(handle, ctypes.c_void_p).value
 
-    def gpm_metrics(self, handle: Any, sample1: Any, sample2: Any, metric_ids: list[int]) -> dict[int, float | None]:
+    def gpm_metrics(
+        self, handle: Any, sample1: Any, sample2: Any, metric_ids: list[int]
+    ) -> dict[int, float | None]:
         """GPM metrics (percent) between two samples of one GPU; ``None`` for each the GPU cannot compute."""
         lib = self._lib
         mg = lib.c_nvmlGpmMetricsGet_t()
@@ -160,8 +206,10 @@ class Nvml:
             mg.metrics[i].metricId = mid
         if self.call("nvmlGpmMetricsGet", mg) is None:
             return dict.fromkeys(metric_ids)
-        return {mid: (mg.metrics[i].value if mg.metrics[i].nvmlReturn == 0 else None)
-                for i, mid in enumerate(metric_ids)}
+        return {
+            mid: (mg.metrics[i].value if mg.metrics[i].nvmlReturn == 0 else None)
+            for i, mid in enumerate(metric_ids)
+        }
 
     def field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], float | None]:
         """One batched ``nvmlDeviceGetFieldValues`` read: ``{(field id, scope): value}``, ``None`` per missing value."""
@@ -215,6 +263,14 @@ class Nvml:
             except GpuLost:
                 continue
             bus_id = _text(getattr(pci, "busId", "")) if pci is not None else None
-            out.append(Gpu(index, _text(uuid), _text(name) if name else "unknown", handle,
-                           _text(serial) if serial else None, bus_id or None))
+            out.append(
+                Gpu(
+                    index,
+                    _text(uuid),
+                    _text(name) if name else "unknown",
+                    handle,
+                    _text(serial) if serial else None,
+                    bus_id or None,
+                )
+            )
         return out

@@ -8,13 +8,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from gpufleet.agent.core import Snapshot
 from gpufleet.agent.fields import FIELDS
 from gpufleet.agent.spool import Spool
-
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
+from gpufleet.core.retry import RetryPolicy, Verdict
+from gpufleet.core.sender import HttpTransport, RemoteWriteSender, http_pool
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,28 @@ class Pusher:
     survive a restart, and are replayed urgent-first once the collector answers again.
     """
 
-    def __init__(self, url: str, *, interval: float = 5.0, token: str | None = None, http: Any | None = None,
-                 max_pending_samples: int = 2_000_000, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, spool: Spool | None = None,
-                 rng: random.Random | None = None, min_backoff: float = 0.5, max_backoff: float = 30.0,
-                 ca_bundle: str | None = None, client_cert: str | None = None,
-                 client_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        interval: float = 5.0,
+        token: str | None = None,
+        http: HttpTransport | None = None,
+        max_pending_samples: int = 2_000_000,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        spool: Spool | None = None,
+        rng: random.Random | None = None,
+        min_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        ca_bundle: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> None:
         if http is None:
-            http = make_http(timeout, ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key)
+            http = http_pool(timeout, ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key)
         self.url = url.rstrip("/") + "/api/v1/write" if not url.rstrip("/").endswith("/api/v1/write") else url
-        self._http = http
-        self._token = token
+        self._sender = RemoteWriteSender(self.url, http, user_agent="gpufleet-agent", token=token)
         self.interval = interval
         self._max_pending = max_pending_samples
         self._clock = clock
@@ -57,11 +68,9 @@ class Pusher:
         self.failed_pushes = 0
         self.dropped_samples = 0
         self.last_error: str | None = None
-        self._backoff = 0.0
-        self._retry_after = 0.0
-        self.min_backoff = min_backoff
-        self.max_backoff = max_backoff
-        self._rng = rng or random.Random()
+        self._failures = 0  # consecutive failed sends; 0 while the collector takes batches
+        self._retry_after: float | None = None
+        self._retry = RetryPolicy(first_s=min_backoff, max_s=max_backoff, rng=rng or random.Random())
         self._spool = spool
 
     @property
@@ -122,8 +131,11 @@ class Pusher:
                 _, dropped, _ = self._queue.popleft()
                 pending -= dropped
                 self.dropped_samples += dropped
-                log.error("collector unreachable too long: dropped %d oldest samples (limit %d pending)",
-                          dropped, self._max_pending)
+                log.error(
+                    "collector unreachable too long: dropped %d oldest samples (limit %d pending)",
+                    dropped,
+                    self._max_pending,
+                )
 
     def flush(self) -> bool:
         """Encode what is buffered and send every waiting batch in order: the spool first (urgent batches
@@ -189,50 +201,40 @@ class Pusher:
 
     def _send(self, body: bytes, n: int, urgent: bool = False) -> str:
         """POST one batch: ``ok``, ``refused`` (a 4xx that retrying cannot fix) or ``retry``."""
-        headers = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING,
-                   "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION, "User-Agent": "gpufleet-agent"}
-        if urgent:  # tells the collector to evaluate its rules now rather than at the next interval
-            headers["X-Gpufleet-Urgent"] = "1"
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        retry_after = 0.0
-        try:
-            resp = self._http.request("POST", self.url, body=body, headers=headers)
-            status = resp.status
-            detail = resp.data[:300].decode(errors="replace") if status >= 300 else ""
-            ra = (resp.headers or {}).get("Retry-After")
-            if ra and str(ra).strip().isdigit():
-                retry_after = float(ra)
-        except Exception as exc:
-            status, detail = 0, str(exc)
-        if 200 <= status < 300:
+        result = self._sender.send(body, urgent=urgent)
+        if result.verdict is Verdict.OK:
             if self.last_error:
                 log.info("collector at %s accepts samples again", self.url)
             self.last_error = None
-            self._backoff = 0.0
-            self._retry_after = 0.0
+            self._failures = 0
+            self._retry_after = None
             return "ok"
         self.failed_pushes += 1
-        if 400 <= status < 500 and status not in (408, 429):
+        if result.verdict is Verdict.REFUSED:
             # The collector refused this batch for what it is; retrying the same bytes cannot succeed.
-            log.error("collector at %s refused a batch of %d samples (HTTP %d): %s", self.url, n, status, detail)
+            log.error(
+                "collector at %s refused a batch of %d samples (HTTP %d): %s",
+                self.url,
+                n,
+                result.status,
+                result.detail,
+            )
             return "refused"
         where = f"spooled to {self._spool.dir}" if self._spool is not None else "kept in memory"
-        msg = (f"cannot push to collector at {self.url} ({f'HTTP {status}: {detail}' if status else detail}); "
-               f"samples are {where} and retried")
+        msg = f"cannot push to collector at {self.url} ({result.problem}); samples are {where} and retried"
         if msg != self.last_error:
             log.warning(msg)
         self.last_error = msg
-        self._backoff = min(max(self._backoff * 2, self.min_backoff), self.max_backoff)
-        self._retry_after = min(retry_after, self.max_backoff)
+        self._failures += 1
+        self._retry_after = result.retry_after_s
         return "retry"
 
     def next_delay(self) -> float:
-        """Seconds until the next try: the push interval, or after a failure an exponential backoff with
+        """Seconds until the next try: the push interval, or after a failure the retry policy's backoff with
         jitter (so a thousand agents do not return in step), never sooner than the collector's Retry-After."""
-        if not self._backoff:
+        if not self._failures:
             return self.interval
-        return max(self._backoff * self._rng.uniform(0.5, 1.0), self._retry_after)
+        return self._retry.delay(self._failures - 1, self._retry_after)
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -256,18 +258,3 @@ class Pusher:
         self._flush.set()
         if self._thread:
             self._thread.join(timeout)
-
-
-def make_http(timeout: float = 10.0, *, ca_bundle: str | None = None, client_cert: str | None = None,
-              client_key: str | None = None) -> Any:
-    """An urllib3 pool that verifies HTTPS collectors (system CAs, or ``ca_bundle``) and can present a
-    client certificate for mutual TLS."""
-    import urllib3
-
-    kw: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}  # without ca_bundle: the system's CA store
-    if ca_bundle:
-        kw["ca_certs"] = ca_bundle
-    if client_cert:
-        kw["cert_file"] = client_cert
-        kw["key_file"] = client_key
-    return urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=timeout), **kw)

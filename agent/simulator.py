@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -133,7 +133,9 @@ class _Gpu:
     violation_ns: dict[int, float] = field(default_factory=dict)
     nvlink_errors: dict[int, int] = field(default_factory=dict)
     pcie_replays: int = 0
-    remapped: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # correctable, uncorrectable, pending, failure
+    remapped: list[int] = field(
+        default_factory=lambda: [0, 0, 0, 0]
+    )  # correctable, uncorrectable, pending, failure
     mig: list[_Mig] = field(default_factory=list)
     pid: int = 0
 
@@ -153,8 +155,14 @@ class _Mig:
 
 
 # MIG profiles: name -> (GPU slices, memory MiB) on an 80 GB H100.
-MIG_PROFILES = {"1g.10gb": (1, 9984), "1g.20gb": (1, 19968), "2g.20gb": (2, 19968), "3g.40gb": (3, 40192),
-                "4g.40gb": (4, 40192), "7g.80gb": (7, 80896)}
+MIG_PROFILES = {
+    "1g.10gb": (1, 9984),
+    "1g.20gb": (1, 19968),
+    "2g.20gb": (2, 19968),
+    "3g.40gb": (3, 40192),
+    "4g.40gb": (4, 40192),
+    "7g.80gb": (7, 80896),
+}
 
 
 class SimulatedNVML:
@@ -163,9 +171,17 @@ class SimulatedNVML:
     SIMULATED = True
     NVMLError = NVMLError
 
-    def __init__(self, count: int = 2, *, clock: Callable[[], float] = time.time, seed: int | None = None,
-                 profile: _Profile | None = None, workload: str = "mixed", driver: str = "555.42.06",
-                 mig: dict[int, list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        count: int = 2,
+        *,
+        clock: Callable[[], float] = time.time,
+        seed: int | None = None,
+        profile: _Profile | None = None,
+        workload: str = "mixed",
+        driver: str = "555.42.06",
+        mig: dict[int, list[str]] | None = None,
+    ) -> None:
         self._clock = clock
         self._profile = profile or _Profile()
         rng = random.Random(seed)
@@ -178,8 +194,17 @@ class SimulatedNVML:
         self._gpus = []
         for i in range(count):
             uid = "GPU-" + "-".join(f"{rng.getrandbits(b):0{b // 4}x}" for b in (32, 16, 16, 16, 48))
-            self._gpus.append(_Gpu(i, uid, f"165{rng.randrange(10**9, 10**10)}", f"00000000:{0x18 + i * 0x10:02X}:00.0",
-                                   self._profile, random.Random(rng.random()), pid=41000 + 100 * i))
+            self._gpus.append(
+                _Gpu(
+                    i,
+                    uid,
+                    f"165{rng.randrange(10**9, 10**10)}",
+                    f"00000000:{0x18 + i * 0x10:02X}:00.0",
+                    self._profile,
+                    random.Random(rng.random()),
+                    pid=41000 + 100 * i,
+                )
+            )
         for gpu_index, profiles in (mig or {}).items():
             if not 0 <= gpu_index < count:
                 raise ValueError(f"mig: no simulated GPU {gpu_index}; there are {count}")
@@ -190,20 +215,34 @@ class SimulatedNVML:
                 slices, mem = MIG_PROFILES[name]
                 used += slices
                 if used > self._profile.mig_slices:
-                    raise ValueError(f"mig: profiles {profiles} need more than {self._profile.mig_slices} slices")
+                    raise ValueError(
+                        f"mig: profiles {profiles} need more than {self._profile.mig_slices} slices"
+                    )
                 muid = "MIG-" + "-".join(f"{rng.getrandbits(b):0{b // 4}x}" for b in (32, 16, 16, 16, 48))
-                self._gpus[gpu_index].mig.append(_Mig(slot, gpu_instance=[1, 5, 13, 11, 9, 7, 14][slot],
-                                                      compute_instance=0, slices=slices, memory_mb=mem, uuid=muid,
-                                                      load=0.3 + 0.7 * rng.random()))
+                self._gpus[gpu_index].mig.append(
+                    _Mig(
+                        slot,
+                        gpu_instance=[1, 5, 13, 11, 9, 7, 14][slot],
+                        compute_instance=0,
+                        slices=slices,
+                        memory_mb=mem,
+                        uuid=muid,
+                        load=0.3 + 0.7 * rng.random(),
+                    )
+                )
         self._initialised = False
 
     # ---- fault injection -------------------------------------------------------------------------
-    def inject(self, gpu: int, kind: str, *, xid: int | None = None, duration: float = 120.0, count: int = 1) -> str:
+    def inject(
+        self, gpu: int, kind: str, *, xid: int | None = None, duration: float = 120.0, count: int = 1
+    ) -> str:
         """Inject a fault into simulated GPU ``gpu``. Returns a sentence saying what was done."""
         with self._lock:
             self._advance()
             if not 0 <= gpu < len(self._gpus):
-                raise ValueError(f"no simulated GPU {gpu}; there are {len(self._gpus)} (0..{len(self._gpus) - 1})")
+                raise ValueError(
+                    f"no simulated GPU {gpu}; there are {len(self._gpus)} (0..{len(self._gpus) - 1})"
+                )
             g = self._gpus[gpu]
             now = self._t
             if kind == "xid":
@@ -247,9 +286,11 @@ class SimulatedNVML:
                 g.lost = False
                 g.faults.clear()
                 return f"GPU {gpu} recovered"
-            raise ValueError(f"unknown fault {kind!r}; choose one of xid, lost, thermal, sw_thermal, "
-                             "hw_slowdown, power_brake, idle_memory, ecc, row_remap, remap_failure, pcie_replay, "
-                             "nvlink_error, recover")
+            raise ValueError(
+                f"unknown fault {kind!r}; choose one of xid, lost, thermal, sw_thermal, "
+                "hw_slowdown, power_brake, idle_memory, ecc, row_remap, remap_failure, pcie_replay, "
+                "nvlink_error, recover"
+            )
 
     # ---- dynamics --------------------------------------------------------------------------------
     def _advance(self) -> None:
@@ -291,7 +332,9 @@ class SimulatedNVML:
         g.util += a * (min(1.0, max(0.0, target_util)) - g.util)
         g.sm = g.util * sm_eff * (1 + 0.02 * g.rng.gauss(0, 1))
         g.sm = min(1.0, max(0.0, g.sm))
-        target_power = p.idle_watts + (p.limit_watts - p.idle_watts) * (0.35 * g.util + 0.65 * g.sm) * clock_share
+        target_power = (
+            p.idle_watts + (p.limit_watts - p.idle_watts) * (0.35 * g.util + 0.65 * g.sm) * clock_share
+        )
         target_power = min(target_power, p.limit_watts)
         g.power += (1 - math.exp(-h / 1.5)) * (target_power - g.power)
         target_temp = p.ambient_celsius + p.celsius_per_watt * g.power
@@ -304,10 +347,18 @@ class SimulatedNVML:
         # two samples like real GPM samples.
         g.gpm_counter += h
         nvlink = p.nvlink_bytes_per_s * g.sm * tensor if g.phase[0] == "training" else 0.0
-        rates = {GPM_GRAPHICS_UTIL: 100 * g.util, GPM_SM_UTIL: 100 * g.sm, GPM_SM_OCCUPANCY: 60 * g.sm,
-                 GPM_ANY_TENSOR_UTIL: 100 * g.sm * tensor, GPM_DRAM_BW_UTIL: 100 * g.util * dram,
-                 GPM_FP16_UTIL: 90 * g.sm * tensor, GPM_FP32_UTIL: 20 * g.sm, GPM_FP64_UTIL: 0.0,
-                 GPM_NVLINK_TX_PER_SEC: nvlink / MIB, GPM_NVLINK_RX_PER_SEC: nvlink / MIB}
+        rates = {
+            GPM_GRAPHICS_UTIL: 100 * g.util,
+            GPM_SM_UTIL: 100 * g.sm,
+            GPM_SM_OCCUPANCY: 60 * g.sm,
+            GPM_ANY_TENSOR_UTIL: 100 * g.sm * tensor,
+            GPM_DRAM_BW_UTIL: 100 * g.util * dram,
+            GPM_FP16_UTIL: 90 * g.sm * tensor,
+            GPM_FP32_UTIL: 20 * g.sm,
+            GPM_FP64_UTIL: 0.0,
+            GPM_NVLINK_TX_PER_SEC: nvlink / MIB,
+            GPM_NVLINK_RX_PER_SEC: nvlink / MIB,
+        }
         for mid, rate in rates.items():
             g.gpm_accum[mid] = g.gpm_accum.get(mid, 0.0) + rate * h
         for m in g.mig:
@@ -317,9 +368,14 @@ class SimulatedNVML:
         g.nvlink_kib["rx"] += nvlink * h / 1024
         # Violation counters (nanoseconds) follow the clock-event reasons that hold the clocks down.
         bits = self._reasons(g)
-        for fid, mask in ((74, REASON_SW_POWER_CAP), (75, REASON_SW_THERMAL | REASON_HW_THERMAL),
-                          (78, REASON_GPU_IDLE), (269, REASON_SW_THERMAL), (270, REASON_HW_THERMAL),
-                          (271, REASON_HW_POWER_BRAKE)):
+        for fid, mask in (
+            (74, REASON_SW_POWER_CAP),
+            (75, REASON_SW_THERMAL | REASON_HW_THERMAL),
+            (78, REASON_GPU_IDLE),
+            (269, REASON_SW_THERMAL),
+            (270, REASON_HW_THERMAL),
+            (271, REASON_HW_POWER_BRAKE),
+        ):
             if bits & mask:
                 g.violation_ns[fid] = g.violation_ns.get(fid, 0.0) + h * 1e9
 
@@ -422,8 +478,9 @@ class SimulatedNVML:
             else:
                 total, reserved, used = g.profile.memory_bytes, g.profile.reserved_bytes, int(g.mem_used)
             if version:
-                return SimpleNamespace(version=version, total=total, reserved=reserved, used=used,
-                                       free=total - reserved - used)
+                return SimpleNamespace(
+                    version=version, total=total, reserved=reserved, used=used, free=total - reserved - used
+                )
             return SimpleNamespace(total=total, used=used + reserved, free=total - used - reserved)
 
     def nvmlDeviceGetTemperature(self, h: Any, sensor: int) -> int:
@@ -433,7 +490,11 @@ class SimulatedNVML:
     def nvmlDeviceGetTemperatureThreshold(self, h: Any, kind: int) -> int:
         with self._lock:
             g = self._gpu(h)
-            return g.profile.slowdown_celsius if kind == NVML_TEMPERATURE_THRESHOLD_SLOWDOWN else g.profile.shutdown_celsius
+            return (
+                g.profile.slowdown_celsius
+                if kind == NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+                else g.profile.shutdown_celsius
+            )
 
     def nvmlDeviceGetPowerUsage(self, h: Any) -> int:
         with self._lock:
@@ -499,12 +560,22 @@ class SimulatedNVML:
             for want in ids:
                 fid, scope = want if isinstance(want, tuple) else (want, 0)
                 got = self._field_value(g, fid, scope)
-                entry = SimpleNamespace(fieldId=fid, scopeId=scope, timestamp=int(self._t * 1e6), latencyUsec=0,
-                                        valueType=0, nvmlReturn=NVML_ERROR_NOT_SUPPORTED, value=SimpleNamespace())
+                entry = SimpleNamespace(
+                    fieldId=fid,
+                    scopeId=scope,
+                    timestamp=int(self._t * 1e6),
+                    latencyUsec=0,
+                    valueType=0,
+                    nvmlReturn=NVML_ERROR_NOT_SUPPORTED,
+                    value=SimpleNamespace(),
+                )
                 if got is not None:
                     vtype, number = got
-                    member = {NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal", NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
-                              NVML_VALUE_TYPE_SIGNED_INT: "siVal"}[vtype]
+                    member = {
+                        NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+                        NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                        NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+                    }[vtype]
                     entry.valueType, entry.nvmlReturn = vtype, 0
                     setattr(entry.value, member, int(number))
                 out.append(entry)
@@ -562,8 +633,12 @@ class SimulatedNVML:
     def nvmlDeviceGetAttributes(self, h: Any) -> Any:
         with self._lock:
             m = self._mig(h)
-            return SimpleNamespace(multiprocessorCount=16 * m.slices, gpuInstanceSliceCount=m.slices,
-                                   computeInstanceSliceCount=m.slices, memorySizeMB=m.memory_mb)
+            return SimpleNamespace(
+                multiprocessorCount=16 * m.slices,
+                gpuInstanceSliceCount=m.slices,
+                computeInstanceSliceCount=m.slices,
+                memorySizeMB=m.memory_mb,
+            )
 
     def nvmlGpmMigSampleGet(self, h: Any, gpu_instance: int, sample: Any) -> Any:
         with self._lock:
@@ -582,12 +657,23 @@ class SimulatedNVML:
             if g.mem_used < GIB:
                 return []
             if g.mig:
-                return [SimpleNamespace(pid=g.pid + 1 + m.slot, gpuInstanceId=m.gpu_instance,
-                                        computeInstanceId=m.compute_instance,
-                                        usedGpuMemory=int(g.mem_used * m.load * m.slices / g.profile.mig_slices))
-                        for m in g.mig]
-            return [SimpleNamespace(pid=g.pid, usedGpuMemory=int(g.mem_used), gpuInstanceId=0xFFFFFFFF,
-                                    computeInstanceId=0xFFFFFFFF)]
+                return [
+                    SimpleNamespace(
+                        pid=g.pid + 1 + m.slot,
+                        gpuInstanceId=m.gpu_instance,
+                        computeInstanceId=m.compute_instance,
+                        usedGpuMemory=int(g.mem_used * m.load * m.slices / g.profile.mig_slices),
+                    )
+                    for m in g.mig
+                ]
+            return [
+                SimpleNamespace(
+                    pid=g.pid,
+                    usedGpuMemory=int(g.mem_used),
+                    gpuInstanceId=0xFFFFFFFF,
+                    computeInstanceId=0xFFFFFFFF,
+                )
+            ]
 
     def nvmlDeviceGetProcessUtilization(self, h: Any, last_seen_us: int) -> list[Any]:
         with self._lock:
@@ -595,8 +681,16 @@ class SimulatedNVML:
             now_us = int(self._t * 1e6)
             if g.mem_used < GIB or now_us <= last_seen_us:
                 raise NVMLError(NVML_ERROR_NOT_FOUND)  # no samples newer than last_seen_us
-            return [SimpleNamespace(pid=g.pid, timeStamp=now_us, smUtil=round(g.util * 100),
-                                    memUtil=round(g.util * g.phase[4] * 100), encUtil=0, decUtil=0)]
+            return [
+                SimpleNamespace(
+                    pid=g.pid,
+                    timeStamp=now_us,
+                    smUtil=round(g.util * 100),
+                    memUtil=round(g.util * g.phase[4] * 100),
+                    encUtil=0,
+                    decUtil=0,
+                )
+            ]
 
     # GPM: samples snapshot cumulative activity; metrics are the activity share between two samples.
     def nvmlGpmQueryDeviceSupport(self, h: Any) -> Any:
@@ -620,8 +714,13 @@ class SimulatedNVML:
             return sample
 
     def c_nvmlGpmMetricsGet_t(self) -> Any:
-        return SimpleNamespace(version=0, numMetrics=0, sample1=None, sample2=None,
-                               metrics=[SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(32)])
+        return SimpleNamespace(
+            version=0,
+            numMetrics=0,
+            sample1=None,
+            sample2=None,
+            metrics=[SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(32)],
+        )
 
     def nvmlGpmMetricsGet(self, mg: Any) -> Any:
         s1, s2 = mg.sample1, mg.sample2
@@ -651,8 +750,13 @@ class SimulatedNVML:
                 for i, (gpu, etype, data) in enumerate(self._events):
                     if gpu in event_set.handles:
                         del self._events[i]
-                        return SimpleNamespace(device=SimpleNamespace(index=gpu), eventType=etype, eventData=data,
-                                               gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
+                        return SimpleNamespace(
+                            device=SimpleNamespace(index=gpu),
+                            eventType=etype,
+                            eventData=data,
+                            gpuInstanceId=0xFFFFFFFF,
+                            computeInstanceId=0xFFFFFFFF,
+                        )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise NVMLError(NVML_ERROR_TIMEOUT)
@@ -665,13 +769,23 @@ class SimulatedNVML:
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
             self._advance()
-            return [{"gpu": g.index, "uuid": g.uuid, "phase": g.phase[0], "lost": g.lost,
-                     "faults": sorted(g.faults), "pid": g.pid,
-                     "mig": [{"uuid": m.uuid, "gpu_instance": m.gpu_instance, "slices": m.slices} for m in g.mig]}
-                    for g in self._gpus]
+            return [
+                {
+                    "gpu": g.index,
+                    "uuid": g.uuid,
+                    "phase": g.phase[0],
+                    "lost": g.lost,
+                    "faults": sorted(g.faults),
+                    "pid": g.pid,
+                    "mig": [
+                        {"uuid": m.uuid, "gpu_instance": m.gpu_instance, "slices": m.slices} for m in g.mig
+                    ],
+                }
+                for g in self._gpus
+            ]
 
     @staticmethod
-    def handle_key(handle: Any) -> int:
+    def handle_key(handle: Any) -> Hashable:
         """Identity of a device handle, as the gateway compares event-data devices with handles."""
         mig = getattr(handle, "mig", None)
         return handle.index if mig is None else (handle.index, mig)

@@ -13,6 +13,7 @@ counted by reason and logged, never lost in silence.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -22,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.durations import parse_duration
+from gpufleet.agent.families import Family
+from gpufleet.core.durations import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,15 @@ class SpoolError(OSError):
 class Spool:
     """Batches waiting for the collector, on disk. Thread-safe."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_age_s: float = DEFAULT_MAX_AGE_S, clock: Callable[[], float] = time.time,
-                 fsync: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        clock: Callable[[], float] = time.time,
+        fsync: bool = True,
+    ) -> None:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -66,9 +74,13 @@ class Spool:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise SpoolError(f"cannot use spool folder {self.dir} ({exc.strerror or exc}); give the agent a "
-                             "writable folder with --spool-dir (GPUFLEET_SPOOL_DIR)") from None
-        for stale in self.dir.glob("*.tmp"):  # a write cut short by a crash: never renamed, so never acknowledged
+            raise SpoolError(
+                f"cannot use spool folder {self.dir} ({exc.strerror or exc}); give the agent a "
+                "writable folder with --spool-dir (GPUFLEET_SPOOL_DIR)"
+            ) from None
+        for stale in self.dir.glob(
+            "*.tmp"
+        ):  # a write cut short by a crash: never renamed, so never acknowledged
             stale.unlink(missing_ok=True)
         self._entries: dict[str, SpoolEntry] = {}
         for p in self.dir.iterdir():
@@ -79,8 +91,12 @@ class Spool:
         self.dropped_samples: dict[str, int] = {"size": 0, "age": 0, "refused": 0}
         self.dropped_batches: dict[str, int] = {"size": 0, "age": 0, "refused": 0}
         if self._entries:
-            log.info("spool %s holds %d batches (%d samples) from before; replaying them first",
-                     self.dir, len(self._entries), self.samples)
+            log.info(
+                "spool %s holds %d batches (%d samples) from before; replaying them first",
+                self.dir,
+                len(self._entries),
+                self.samples,
+            )
 
     @staticmethod
     def _parse(p: Path) -> SpoolEntry | None:
@@ -113,8 +129,31 @@ class Spool:
         with self._lock:
             return [self._entries[k] for k in sorted(self._entries)]
 
+    def collect(self) -> list[Family]:
+        """The spool's own metrics (the agent adds ``node``)."""
+        out = []
+        for name, help_text, value in (
+            ("gpufleet_agent_spool_bytes", "Bytes of batches waiting in the on-disk spool.", self.bytes),
+            ("gpufleet_agent_spool_batches", "Batches waiting in the on-disk spool.", len(self)),
+            ("gpufleet_agent_spool_samples", "Samples waiting in the on-disk spool.", self.samples),
+        ):
+            f = Family(name, "gauge", help_text)
+            f.add({}, value)
+            out.append(f)
+        dropped = Family(
+            "gpufleet_agent_spool_dropped_samples_total",
+            "counter",
+            "Samples the spool dropped, by reason: size and age limits, or refused by the collector.",
+        )
+        with self._lock:
+            by_reason = sorted(self.dropped_samples.items())
+        for reason, n in by_reason:
+            dropped.add({"reason": reason}, n)
+        out.append(dropped)
+        return out
+
     # ---- changes -----------------------------------------------------------------------------------
-    def put(self, body: bytes, samples: int, urgent: bool = False) -> SpoolEntry:
+    def put(self, body: builtins.bytes, samples: int, urgent: bool = False) -> SpoolEntry:
         """Write one batch durably; then trim to the size limit (oldest normal batches go first)."""
         with self._lock:
             self._seq += 1
@@ -153,9 +192,14 @@ class Spool:
         for e in old:
             self._drop(e, "age")
         if old:
-            log.error("spool %s: dropped %d batches (%d samples) older than %gs (--spool-max-age); the collector "
-                      "was unreachable longer than the spool keeps data", self.dir, len(old),
-                      sum(e.samples for e in old), self.max_age_s)
+            log.error(
+                "spool %s: dropped %d batches (%d samples) older than %gs (--spool-max-age); the collector "
+                "was unreachable longer than the spool keeps data",
+                self.dir,
+                len(old),
+                sum(e.samples for e in old),
+                self.max_age_s,
+            )
         return sum(e.samples for e in old)
 
     def _trim_size(self) -> None:
@@ -174,8 +218,14 @@ class Spool:
         for e in dropped:
             self._drop(e, "size")
         if dropped:
-            log.error("spool %s is over its %d-byte limit (--spool-max-bytes): dropped the %d oldest batches "
-                      "(%d samples)", self.dir, self.max_bytes, len(dropped), sum(e.samples for e in dropped))
+            log.error(
+                "spool %s is over its %d-byte limit (--spool-max-bytes): dropped the %d oldest batches "
+                "(%d samples)",
+                self.dir,
+                self.max_bytes,
+                len(dropped),
+                sum(e.samples for e in dropped),
+            )
 
     def _drop(self, e: SpoolEntry, reason: str) -> None:
         with self._lock:
@@ -210,8 +260,17 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise ValueError(f"{value!r} is not a size (use bytes, or 512MiB, 2GiB, 100MB)")
     unit = (m.group(2) or "B").upper().rstrip("B") or "B"
-    mult = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-            "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}[unit]
+    mult = {
+        "B": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 1 << 10,
+        "MI": 1 << 20,
+        "GI": 1 << 30,
+        "TI": 1 << 40,
+    }[unit]
     return int(float(m.group(1)) * mult)
 
 
@@ -220,4 +279,12 @@ def parse_age(value: str | float) -> float:
     return parse_duration(value)
 
 
-__all__ = ["DEFAULT_MAX_AGE_S", "DEFAULT_MAX_BYTES", "Spool", "SpoolEntry", "SpoolError", "parse_age", "parse_size"]
+__all__ = [
+    "DEFAULT_MAX_AGE_S",
+    "DEFAULT_MAX_BYTES",
+    "Spool",
+    "SpoolEntry",
+    "SpoolError",
+    "parse_age",
+    "parse_size",
+]

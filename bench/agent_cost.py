@@ -31,18 +31,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
+
 from gpufleet.agent.main import AgentSettings, start_agent  # noqa: E402
 from gpufleet.agent.nvml import Nvml  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 # The same fields the agent reads every sample, as nvidia-smi names them (filtered by --help-query-gpu).
-SMI_FIELDS = ["index", "uuid", "name", "utilization.gpu", "utilization.memory", "utilization.encoder",
-              "utilization.decoder", "memory.used", "memory.free", "memory.total", "memory.reserved",
-              "temperature.gpu", "temperature.memory", "power.draw", "power.limit", "enforced.power.limit",
-              "clocks.sm", "clocks.mem", "clocks_event_reasons.active", "clocks_throttle_reasons.active",
-              "ecc.errors.corrected.volatile.total", "ecc.errors.uncorrected.volatile.total",
-              "ecc.errors.corrected.aggregate.total", "ecc.errors.uncorrected.aggregate.total",
-              "pcie.link.gen.gpucurrent", "pcie.link.gen.current", "pcie.link.width.current", "mig.mode.current"]
+SMI_FIELDS = [
+    "index",
+    "uuid",
+    "name",
+    "utilization.gpu",
+    "utilization.memory",
+    "utilization.encoder",
+    "utilization.decoder",
+    "memory.used",
+    "memory.free",
+    "memory.total",
+    "memory.reserved",
+    "temperature.gpu",
+    "temperature.memory",
+    "power.draw",
+    "power.limit",
+    "enforced.power.limit",
+    "clocks.sm",
+    "clocks.mem",
+    "clocks_event_reasons.active",
+    "clocks_throttle_reasons.active",
+    "ecc.errors.corrected.volatile.total",
+    "ecc.errors.uncorrected.volatile.total",
+    "ecc.errors.corrected.aggregate.total",
+    "ecc.errors.uncorrected.aggregate.total",
+    "pcie.link.gen.gpucurrent",
+    "pcie.link.gen.current",
+    "pcie.link.width.current",
+    "mig.mode.current",
+]
 
 
 def smi_fields(smi: str) -> list[str]:
@@ -80,14 +104,18 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "./out"))
     out.mkdir(parents=True, exist_ok=True)
     proc = psutil.Process()
-    result: dict = {"machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
-                               f"{psutil.cpu_count()} CPUs)", "python": platform.python_version(),
-                    "mode": f"simulated x{args.simulate}" if args.simulate else "real NVML"}
+    result: dict = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
+        f"{psutil.cpu_count()} CPUs)",
+        "python": platform.python_version(),
+        "mode": f"simulated x{args.simulate}" if args.simulate else "real NVML",
+    }
 
     # ---- 1. the 1 Hz agent: CPU share and RSS (first, so the timing loops below do not inflate RSS) ----------
     port = free_port()
-    agent = start_agent(AgentSettings(listen=f"127.0.0.1:{port}", simulate=args.simulate, interval=1.0,
-                                      node="bench", seed=1))
+    agent = start_agent(
+        AgentSettings(listen=f"127.0.0.1:{port}", simulate=args.simulate, interval=1.0, node="bench", seed=1)
+    )
     gpus = agent.agent.sources[0].gpus if agent.agent.sources else []
     result["gpus"] = len(gpus)
     result["model"] = gpus[0].model if gpus else ""
@@ -139,28 +167,39 @@ def main() -> None:
         # No nvidia-smi here: the floor any per-scrape nvidia-smi exporter pays is one process spawn.
         true = shutil.which("true") or "/bin/true"
         smi_ms = median_ms(lambda: subprocess.run([true], check=True), 30)
-        result["baseline"] = "process spawn of /bin/true (lower bound of any nvidia-smi call; no nvidia-smi here)"
+        result["baseline"] = (
+            "process spawn of /bin/true (lower bound of any nvidia-smi call; no nvidia-smi here)"
+        )
         result["baseline_ms"] = round(smi_ms, 3)
     result["ratio_baseline_over_agent_sample"] = round(smi_ms / sample_ms, 1)
-    result["goals"] = {"ratio >= 50 (vs nvidia-smi)": (result["ratio_baseline_over_agent_sample"] >= 50)
-                       if "nvidia-smi" in result["baseline"].split(" (")[0] else None,
-                       "cpu < 0.5 % of a core": result["cpu_share_of_one_core_percent"] < 0.5,
-                       "rss < 80 MiB": result["rss_mib"] < 80}
+    result["goals"] = {
+        "ratio >= 50 (vs nvidia-smi)": (result["ratio_baseline_over_agent_sample"] >= 50)
+        if "nvidia-smi" in result["baseline"].split(" (")[0]
+        else None,
+        "cpu < 0.5 % of a core": result["cpu_share_of_one_core_percent"] < 0.5,
+        "rss < 80 MiB": result["rss_mib"] < 80,
+    }
 
     (out / "agent_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"Agent cost — {result['mode']}, {result['gpus']} GPU(s) {result['model']}, on {result['machine']}",
-          "",
-          "| measure | value |", "| --- | --- |",
-          f"| one full agent sample (all GPUs, median of {args.samples}) | {result['agent_sample_ms']} ms "
-          f"({result['agent_sample_ms_per_gpu']} ms per GPU) |",
-          f"| baseline: {result['baseline']} (median) | {result['baseline_ms']} ms |",
-          f"| ratio baseline / agent sample | {result['ratio_baseline_over_agent_sample']}x |",
-          f"| slow-row refresh (every 10 s, off the sampling path) | {result['slow_refresh_ms']} ms |",
-          f"| agent CPU at 1 Hz over {result['cpu_run_seconds']} s ({result['scrapes_in_run']} scrapes) | "
-          f"{result['cpu_share_of_one_core_percent']} % of one core |",
-          f"| process RSS after the run | {result['rss_mib']} MiB |",
-          "", "Goals: " + ", ".join(f"{k}: {'n/a' if v is None else 'met' if v else 'NOT met'}"
-                                  for k, v in result["goals"].items())]
+    md = [
+        f"Agent cost — {result['mode']}, {result['gpus']} GPU(s) {result['model']}, on {result['machine']}",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| one full agent sample (all GPUs, median of {args.samples}) | {result['agent_sample_ms']} ms "
+        f"({result['agent_sample_ms_per_gpu']} ms per GPU) |",
+        f"| baseline: {result['baseline']} (median) | {result['baseline_ms']} ms |",
+        f"| ratio baseline / agent sample | {result['ratio_baseline_over_agent_sample']}x |",
+        f"| slow-row refresh (every 10 s, off the sampling path) | {result['slow_refresh_ms']} ms |",
+        f"| agent CPU at 1 Hz over {result['cpu_run_seconds']} s ({result['scrapes_in_run']} scrapes) | "
+        f"{result['cpu_share_of_one_core_percent']} % of one core |",
+        f"| process RSS after the run | {result['rss_mib']} MiB |",
+        "",
+        "Goals: "
+        + ", ".join(
+            f"{k}: {'n/a' if v is None else 'met' if v else 'NOT met'}" for k, v in result["goals"].items()
+        ),
+    ]
     (out / "agent_cost.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -86,11 +86,33 @@ def main() -> None:
     results: list[dict] = []
     with SlackDouble() as slack, tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpufleet.cli", "up", "--simulate", "8", "--listen", f"127.0.0.1:{port}",
-             "--agent-listen", f"127.0.0.1:{agent_port}", "--db", f"sqlite:///{tmp}/bench.db",
-             "--slack-token", "xoxb-bench-token", "--slack-channel", "CBENCH", "--slack-base-url", slack.base_url],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "gpufleet.cli",
+                "up",
+                "--simulate",
+                "8",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--agent-listen",
+                f"127.0.0.1:{agent_port}",
+                "--db",
+                f"sqlite:///{tmp}/bench.db",
+                "--slack-token",
+                "xoxb-bench-token",
+                "--slack-channel",
+                "CBENCH",
+                "--slack-base-url",
+                slack.base_url,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
+
             def ready():
                 try:
                     gpus = json.loads(get(collector + "/api/v1/gpus"))["gpus"]
@@ -107,8 +129,9 @@ def main() -> None:
             def inject(gpu: int, kind: str, **kw: float) -> float:
                 # the request `gpufleet simulate inject` sends, timed from just before it leaves
                 body = json.dumps({"gpu": gpu, "kind": kind, **kw}).encode()
-                req = urllib.request.Request(agent + "/simulate/faults", data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    agent + "/simulate/faults", data=body, headers={"Content-Type": "application/json"}
+                )
                 t = time.time()
                 urllib.request.urlopen(req, timeout=10).read()
                 return t
@@ -116,16 +139,19 @@ def main() -> None:
             for gpu, xid in zip(range(6), (48, 62, 74, 94, 95, 119), strict=True):
                 t0 = inject(gpu, "xid", xid=xid)
                 at = wait(lambda g=gpu: arrived(slack, "GpuXidCritical", uuid[g]), 30)
-                results.append({"fault": f"XID {xid}", "gpu": gpu,
-                                "fault_to_slack_s": round(at - t0, 3) if at else None})
+                results.append(
+                    {"fault": f"XID {xid}", "gpu": gpu, "fault_to_slack_s": round(at - t0, 3) if at else None}
+                )
                 time.sleep(1.5)
             for gpu in (6, 7):
                 t0 = inject(gpu, "thermal", duration=300)
 
                 def onset(g=gpu, t0=t0):
                     # the first sample with hw_thermal active, from the collector's store on a 0.1 s grid
-                    q = (f"{collector}/api/v1/query_range?metric=gpufleet_gpu_clock_event_active&uuid={uuid[g]}"
-                         f"&reason=hw_thermal&start={t0:.1f}&end={time.time():.1f}&step=0.1")
+                    q = (
+                        f"{collector}/api/v1/query_range?metric=gpufleet_gpu_clock_event_active&uuid={uuid[g]}"
+                        f"&reason=hw_thermal&start={t0:.1f}&end={time.time():.1f}&step=0.1"
+                    )
                     try:
                         series = json.loads(get(q))["data"]["result"]
                     except OSError:
@@ -135,10 +161,15 @@ def main() -> None:
 
                 t_on = wait(onset, 180, 0.5)
                 at = wait(lambda g=gpu: arrived(slack, "GpuHardwareThermalSlowdown", uuid[g]), 60)
-                results.append({"fault": "thermal slowdown", "gpu": gpu,
-                                "heating_s": round(t_on - t0, 1) if t_on else None,
-                                "fault_to_slack_s": round(at - t_on, 3) if at and t_on else None,
-                                "inject_to_slack_s": round(at - t0, 3) if at else None})
+                results.append(
+                    {
+                        "fault": "thermal slowdown",
+                        "gpu": gpu,
+                        "heating_s": round(t_on - t0, 1) if t_on else None,
+                        "fault_to_slack_s": round(at - t_on, 3) if at and t_on else None,
+                        "inject_to_slack_s": round(at - t0, 3) if at else None,
+                    }
+                )
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -147,25 +178,33 @@ def main() -> None:
                 proc.kill()
         problems = list(slack.problems)
     xid = [r["fault_to_slack_s"] for r in results if r["fault"].startswith("XID") and r["fault_to_slack_s"]]
-    thermal = [r["fault_to_slack_s"] for r in results if r["fault"] == "thermal slowdown" and r["fault_to_slack_s"]]
+    thermal = [
+        r["fault_to_slack_s"] for r in results if r["fault"] == "thermal slowdown" and r["fault_to_slack_s"]
+    ]
     summary = {
-        "results": results, "slack_problems": problems,
-        "xid_median_s": round(statistics.median(xid), 3) if xid else None, "xid_max_s": max(xid) if xid else None,
+        "results": results,
+        "slack_problems": problems,
+        "xid_median_s": round(statistics.median(xid), 3) if xid else None,
+        "xid_max_s": max(xid) if xid else None,
         "thermal_median_s": round(statistics.median(thermal), 3) if thermal else None,
-        "baseline_mean_s": BASELINE_MEAN_S, "baseline_max_s": BASELINE_MAX_S,
+        "baseline_mean_s": BASELINE_MEAN_S,
+        "baseline_max_s": BASELINE_MAX_S,
         "speedup_vs_baseline_mean": round(BASELINE_MEAN_S / statistics.median(xid), 1) if xid else None,
         "setup": "gpufleet up --simulate 8: sample 1 s, push 2 s (urgent changes at once), eval 2 s (at once on "
-                 "urgent writes), group_wait 0 s",
+        "urgent writes), group_wait 0 s",
     }
     (args.out / "alert_latency.json").write_text(json.dumps(summary, indent=2))
     lines = ["| fault | GPU | fault -> Slack (s) | note |", "| --- | ---: | ---: | --- |"]
     for r in results:
         note = f"heating {r['heating_s']} s before hw_thermal" if "heating_s" in r else ""
         lines.append(f"| {r['fault']} | {r['gpu']} | {r['fault_to_slack_s']} | {note} |")
-    lines += ["", f"XID median {summary['xid_median_s']} s, max {summary['xid_max_s']} s; thermal slowdown (from "
-              f"onset) median {summary['thermal_median_s']} s; baseline Prometheus + Alertmanager defaults "
-              f"{BASELINE_MEAN_S} s mean (30 + 30 + 30), {BASELINE_MAX_S} s worst: "
-              f"{summary['speedup_vs_baseline_mean']}x faster. Slack double problems: {len(problems)}"]
+    lines += [
+        "",
+        f"XID median {summary['xid_median_s']} s, max {summary['xid_max_s']} s; thermal slowdown (from "
+        f"onset) median {summary['thermal_median_s']} s; baseline Prometheus + Alertmanager defaults "
+        f"{BASELINE_MEAN_S} s mean (30 + 30 + 30), {BASELINE_MAX_S} s worst: "
+        f"{summary['speedup_vs_baseline_mean']}x faster. Slack double problems: {len(problems)}",
+    ]
     text = "\n".join(lines)
     (args.out / "alert_latency.md").write_text(text + "\n")
     print(text)

@@ -21,8 +21,16 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMI_FIELDS = ["uuid", "utilization.gpu", "utilization.memory", "memory.used", "memory.total", "temperature.gpu",
-              "power.draw", "clocks.sm"]
+SMI_FIELDS = [
+    "uuid",
+    "utilization.gpu",
+    "utilization.memory",
+    "memory.used",
+    "memory.total",
+    "temperature.gpu",
+    "power.draw",
+    "clocks.sm",
+]
 # nvidia-smi field -> (agent metric, factor from the agent's base unit to nvidia-smi's unit)
 PAIRS = {
     "utilization.gpu": ("gpufleet_gpu_utilization_ratio", 100.0),
@@ -36,12 +44,18 @@ PAIRS = {
 
 
 def smi() -> dict[str, dict[str, float]]:
-    out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = {}
     for line in out.strip().splitlines():
         vals = [v.strip() for v in line.split(",")]
-        rows[vals[0]] = {k: float(v) for k, v in zip(SMI_FIELDS[1:], vals[1:], strict=False) if v not in ("[N/A]", "N/A")}
+        rows[vals[0]] = {
+            k: float(v) for k, v in zip(SMI_FIELDS[1:], vals[1:], strict=False) if v not in ("[N/A]", "N/A")
+        }
     return rows
 
 
@@ -77,8 +91,22 @@ def main() -> None:
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    agent = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "agent", "--listen", f"127.0.0.1:{args.port}",
-                              "--interval", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "agent",
+            "--listen",
+            f"127.0.0.1:{args.port}",
+            "--interval",
+            "0.5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rows = []
     try:
         for _ in range(100):
@@ -92,7 +120,9 @@ def main() -> None:
             worker = load_worker(args.seconds + 5) if phase == "load" else None
             if worker:  # wait until the load shows (CUDA start-up takes seconds), then let power settle
                 deadline = time.time() + 60
-                while time.time() < deadline and all(v.get("utilization.gpu", 0) < 90 for v in smi().values()):
+                while time.time() < deadline and all(
+                    v.get("utilization.gpu", 0) < 90 for v in smi().values()
+                ):
                     time.sleep(0.5)
                 time.sleep(3)
             end = time.time() + args.seconds
@@ -102,8 +132,15 @@ def main() -> None:
                 for uuid, smi_vals in s.items():
                     for field, (metric, factor) in PAIRS.items():
                         if field in smi_vals and metric in a.get(uuid, {}):
-                            rows.append({"phase": phase, "uuid": uuid, "field": field, "nvidia_smi": smi_vals[field],
-                                         "agent": round(a[uuid][metric] * factor, 3)})
+                            rows.append(
+                                {
+                                    "phase": phase,
+                                    "uuid": uuid,
+                                    "field": field,
+                                    "nvidia_smi": smi_vals[field],
+                                    "agent": round(a[uuid][metric] * factor, 3),
+                                }
+                            )
                 time.sleep(2)
             if worker:
                 worker.wait()
@@ -111,16 +148,20 @@ def main() -> None:
         agent.terminate()
         log = agent.communicate(timeout=10)[0]
     (out_dir / "compare_smi.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| phase | field | reads | mean nvidia-smi | mean agent | mean abs diff | max abs diff |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| phase | field | reads | mean nvidia-smi | mean agent | mean abs diff | max abs diff |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for phase in ("idle", "load"):
         for field in PAIRS:
             r = [x for x in rows if x["phase"] == phase and x["field"] == field]
             if not r:
                 continue
             d = [abs(x["agent"] - x["nvidia_smi"]) for x in r]
-            lines.append(f"| {phase} | {field} | {len(r)} | {sum(x['nvidia_smi'] for x in r) / len(r):.1f} | "
-                         f"{sum(x['agent'] for x in r) / len(r):.1f} | {sum(d) / len(d):.2f} | {max(d):.2f} |")
+            lines.append(
+                f"| {phase} | {field} | {len(r)} | {sum(x['nvidia_smi'] for x in r) / len(r):.1f} | "
+                f"{sum(x['agent'] for x in r) / len(r):.1f} | {sum(d) / len(d):.2f} | {max(d):.2f} |"
+            )
     report = "\n".join(lines)
     (out_dir / "compare_smi.md").write_text(report + "\n\nagent log:\n```\n" + log[-3000:] + "\n```\n")
     print(report)

@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gpufleet.agent.attribution import DeviceLabels  # noqa: E402
 from gpufleet.agent.core import Agent  # noqa: E402
 from gpufleet.agent.nvml import Nvml  # noqa: E402
 from gpufleet.agent.simulator import SimulatedNVML  # noqa: E402
@@ -45,10 +46,16 @@ from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 GPUS_PER_NODE = 8
 KEEP = {  # the families the rule pack reads (the rest of the agent's output is left out of the trace)
-    "gpufleet_gpu_up", "gpufleet_gpu_xid_errors_total", "gpufleet_gpu_ecc_errors_total",
-    "gpufleet_gpu_clock_event_active", "gpufleet_gpu_temperature_celsius",
-    "gpufleet_gpu_slowdown_temperature_celsius", "gpufleet_gpu_sm_active_ratio", "gpufleet_gpu_memory_used_bytes",
-    "gpufleet_gpu_memory_total_bytes", "gpufleet_agent_source_success",
+    "gpufleet_gpu_up",
+    "gpufleet_gpu_xid_errors_total",
+    "gpufleet_gpu_ecc_errors_total",
+    "gpufleet_gpu_clock_event_active",
+    "gpufleet_gpu_temperature_celsius",
+    "gpufleet_gpu_slowdown_temperature_celsius",
+    "gpufleet_gpu_sm_active_ratio",
+    "gpufleet_gpu_memory_used_bytes",
+    "gpufleet_gpu_memory_total_bytes",
+    "gpufleet_agent_source_success",
 }
 REASONS = {"hw_thermal", "hw_power_brake", "hw_slowdown"}
 
@@ -68,8 +75,12 @@ KINDS = {
     "gpu_missing": ({"GpuMissingFromInventory"}, "stale", None, 1),
     "node_stale": ({"NodeTelemetryStale"}, "stale", 600, 1),
 }
-SIM_FAULT = {"thermal_slowdown": "thermal", "power_brake": "power_brake", "hw_slowdown": "hw_slowdown",
-             "idle_allocated": "idle_memory"}
+SIM_FAULT = {
+    "thermal_slowdown": "thermal",
+    "power_brake": "power_brake",
+    "hw_slowdown": "hw_slowdown",
+    "idle_allocated": "idle_memory",
+}
 CRITICAL_XIDS = [48, 62, 64, 74, 94, 95, 119, 120]
 APP_XIDS = [13, 31, 43, 45, 68]
 
@@ -98,10 +109,13 @@ class Node:
         self.name = name
         self.sim = SimulatedNVML(GPUS_PER_NODE, clock=clock, seed=seed, workload="busy" if busy else "mixed")
         self.nvml = Nvml(self.sim)
-        attribution = (lambda uuid, job=job, name=name: {"job": job, "pod": f"{job}-{name}"}) if job else \
-            (lambda uuid, name=name: {"pod": f"svc-{name}"})
-        self.source = GpuSource(self.nvml, name, cluster="bench", attribution=attribution)
-        self.agent = Agent([self.source], node=name, clock=clock)
+        self.attribution = (
+            (lambda uuid, job=job, name=name: {"job": job, "pod": f"{job}-{name}"})
+            if job
+            else (lambda uuid, name=name: {"pod": f"svc-{name}"})
+        )
+        self.source = GpuSource(self.nvml, name, cluster="bench")
+        self.agent = Agent([self.source], node=name, clock=clock, enrichers=[DeviceLabels(self.attribution)])
 
     def start(self) -> None:
         self.source.start()
@@ -122,7 +136,7 @@ def plan_faults(nodes: list[Node], hours: float, rng: random.Random, t0: float) 
     end = t0 + hours * 3600
     faults: list[Fault] = []
     busy = [(n, i) for n in nodes[: len(nodes) // 2] for i in range(GPUS_PER_NODE)]
-    mixed = [(n, i) for n in nodes[len(nodes) // 2: -1] for i in range(GPUS_PER_NODE)]
+    mixed = [(n, i) for n in nodes[len(nodes) // 2 : -1] for i in range(GPUS_PER_NODE)]
     rng.shuffle(busy)
     rng.shuffle(mixed)
     missing_node = nodes[-2]
@@ -147,14 +161,27 @@ def plan_faults(nodes: list[Node], hours: float, rng: random.Random, t0: float) 
             if kind == "memory_leak":
                 start = rng.uniform(t0 + 1800, end - 3000)
             fend = end if duration is None else start + span
-            xid = rng.choice(CRITICAL_XIDS) if kind == "xid_critical" else \
-                rng.choice(APP_XIDS) if kind == "app_xid" else None
+            xid = (
+                rng.choice(CRITICAL_XIDS)
+                if kind == "xid_critical"
+                else rng.choice(APP_XIDS)
+                if kind == "app_xid"
+                else None
+            )
             faults.append(Fault(kind, n.name, i, n.uuids()[i], start, fend, xid))
     return sorted(faults, key=lambda f: f.start)
 
 
-def build_trace(path: Path, nodes: list[Node], clock: Clock, t0: float, hours: float, interval: float,
-                faults: list[Fault], seed: int) -> int:
+def build_trace(
+    path: Path,
+    nodes: list[Node],
+    clock: Clock,
+    t0: float,
+    hours: float,
+    interval: float,
+    faults: list[Fault],
+    seed: int,
+) -> int:
     rng = random.Random(seed)
     series: dict[tuple[str, tuple], list[tuple[float, float]]] = defaultdict(list)
     kinds: dict[str, str] = {}
@@ -208,12 +235,16 @@ def build_trace(path: Path, nodes: list[Node], clock: Clock, t0: float, hours: f
             for g in node.source.gpus:  # PCIe replays: a slow background, and bursts on a bad link
                 if any(f.kind == "gpu_missing" and f.uuid == g.uuid and t >= f.start for f in faults):
                     continue
-                burst = any(f.kind == "pcie_replay_burst" and f.uuid == g.uuid and f.start <= t < f.end
-                            for f in faults)
+                burst = any(
+                    f.kind == "pcie_replay_burst" and f.uuid == g.uuid and f.start <= t < f.end
+                    for f in faults
+                )
                 lam = (2.0 if burst else 0.005) * interval
                 pcie[g.uuid] += _poisson(rng, lam)
-                labels = {**node.source.labels(g)}
-                series[("gpufleet_gpu_pcie_replay_total", tuple(sorted(labels.items())))].append((t, pcie[g.uuid]))
+                labels = {**node.source.labels(g), **node.attribution(g.uuid)}
+                series[("gpufleet_gpu_pcie_replay_total", tuple(sorted(labels.items())))].append(
+                    (t, pcie[g.uuid])
+                )
                 kinds["gpufleet_gpu_pcie_replay_total"] = "counter"
     n = 0
     with open(path, "w") as out:
@@ -235,7 +266,7 @@ def build_trace(path: Path, nodes: list[Node], clock: Clock, t0: float, hours: f
 
 def _poisson(rng: random.Random, lam: float) -> int:
     if lam > 30:
-        return max(0, round(rng.gauss(lam, lam ** 0.5)))
+        return max(0, round(rng.gauss(lam, lam**0.5)))
     k, p, limit = 0, 1.0, pow(2.718281828459045, -lam)
     while True:
         p *= rng.random()
@@ -260,8 +291,13 @@ def _trace_faults(name: str, uuid: str | None, t: float, value: float, faults: l
 
 
 def backtest(trace: Path) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "gpufleet.cli", "alerts", "backtest", str(trace)], cwd=REPO,
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "alerts", "backtest", str(trace)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     trace.with_suffix(".notifications.jsonl").write_text(r.stdout)
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -290,10 +326,13 @@ def score(faults: list[Fault], notes: list[dict], interval: float) -> tuple[dict
             if same and x["alert"] in alerts and f.start <= x["at"] <= f.end + 180:
                 hits.append(x["at"] - f.start)
                 explained.add(i)
-        for i, x in enumerate(firing):  # whatever else a fault sets off on its GPU is not a false alarm either
+        for i, x in enumerate(
+            firing
+        ):  # whatever else a fault sets off on its GPU is not a false alarm either
             lab = x["labels"]
-            if (lab.get("uuid") == f.uuid or (f.kind == "node_stale" and lab.get("node") == f.node)) and \
-                    f.start - interval <= x["at"] <= f.end + 600:
+            if (
+                lab.get("uuid") == f.uuid or (f.kind == "node_stale" and lab.get("node") == f.node)
+            ) and f.start - interval <= x["at"] <= f.end + 600:
                 explained.add(i)
         k = per_kind.setdefault(f.kind, {"class": KINDS[f.kind][1], "faults": 0, "detected": 0, "delays": []})
         k["faults"] += 1
@@ -313,7 +352,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)  # the agent logs each injected XID and lost GPU; the table says it
+    logging.basicConfig(
+        level=logging.ERROR
+    )  # the agent logs each injected XID and lost GPU; the table says it
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
     gpus = args.nodes * GPUS_PER_NODE
@@ -329,7 +370,9 @@ def main() -> None:
     clock2 = Clock(t0)
     clean_nodes = make_fleet(args.nodes, clock2, args.seed + 1)
     clean_trace = args.out / "clean-trace.om"
-    n_clean = build_trace(clean_trace, clean_nodes, clock2, t0, args.clean_hours, args.interval, [], args.seed + 1)
+    n_clean = build_trace(
+        clean_trace, clean_nodes, clock2, t0, args.clean_hours, args.interval, [], args.seed + 1
+    )
     for n in clean_nodes:
         n.source.close()
     w1 = time.perf_counter()
@@ -352,40 +395,69 @@ def main() -> None:
     rows = []
     for kind, k in sorted(per_kind.items(), key=lambda kv: list(KINDS).index(kv[0])):
         d = k["delays"]
-        rows.append({"kind": kind, "class": k["class"], "faults": k["faults"], "detected": k["detected"],
-                     "recall": k["detected"] / k["faults"],
-                     "delay_median_s": statistics.median(d) if d else None, "delay_max_s": max(d) if d else None})
+        rows.append(
+            {
+                "kind": kind,
+                "class": k["class"],
+                "faults": k["faults"],
+                "detected": k["detected"],
+                "recall": k["detected"] / k["faults"],
+                "delay_median_s": statistics.median(d) if d else None,
+                "delay_max_s": max(d) if d else None,
+            }
+        )
     result = {
-        "fleet": {"nodes": args.nodes, "gpus": gpus, "interval_s": args.interval, "fault_hours": args.hours,
-                  "clean_hours": args.clean_hours, "fault_trace_samples": n_fault, "clean_trace_samples": n_clean},
+        "fleet": {
+            "nodes": args.nodes,
+            "gpus": gpus,
+            "interval_s": args.interval,
+            "fault_hours": args.hours,
+            "clean_hours": args.clean_hours,
+            "fault_trace_samples": n_fault,
+            "clean_trace_samples": n_clean,
+        },
         "per_kind": rows,
-        "clean": {"gpu_hours": clean_gpu_hours, "firing_by_severity": dict(by_sev),
-                  "per_1000_gpu_hours": {s: v * 1000 / clean_gpu_hours for s, v in by_sev.items()},
-                  "alerts": sorted({x["alert"] for x in clean_firing})},
-        "fault_trace_unexplained": {"gpu_hours": fault_gpu_hours, "by_severity": dict(unexplained_sev),
-                                    "alerts": sorted({x["alert"] for x in unexplained})},
-        "wall_s": {"generate": round(w1 - w0, 1), "backtest_fault": round(w2 - w1, 1),
-                   "backtest_clean": round(w3 - w2, 1),
-                   "replay_speedup_vs_real_time": round(args.hours * 3600 / max(w2 - w1, 1e-9))},
+        "clean": {
+            "gpu_hours": clean_gpu_hours,
+            "firing_by_severity": dict(by_sev),
+            "per_1000_gpu_hours": {s: v * 1000 / clean_gpu_hours for s, v in by_sev.items()},
+            "alerts": sorted({x["alert"] for x in clean_firing}),
+        },
+        "fault_trace_unexplained": {
+            "gpu_hours": fault_gpu_hours,
+            "by_severity": dict(unexplained_sev),
+            "alerts": sorted({x["alert"] for x in unexplained}),
+        },
+        "wall_s": {
+            "generate": round(w1 - w0, 1),
+            "backtest_fault": round(w2 - w1, 1),
+            "backtest_clean": round(w3 - w2, 1),
+            "replay_speedup_vs_real_time": round(args.hours * 3600 / max(w2 - w1, 1e-9)),
+        },
     }
     (args.out / "detection.json").write_text(json.dumps(result, indent=2))
     (args.out / "faults.json").write_text(json.dumps([f.__dict__ for f in faults], indent=1))
-    lines = [f"Fleet: {gpus} GPUs ({args.nodes} nodes), sample interval {args.interval:g} s; fault trace "
-             f"{args.hours:g} h ({n_fault:,} samples), clean trace {args.clean_hours:g} h ({n_clean:,} samples)",
-             "",
-             "| fault kind | class | faults | recall | delay median (s) | delay max (s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Fleet: {gpus} GPUs ({args.nodes} nodes), sample interval {args.interval:g} s; fault trace "
+        f"{args.hours:g} h ({n_fault:,} samples), clean trace {args.clean_hours:g} h ({n_clean:,} samples)",
+        "",
+        "| fault kind | class | faults | recall | delay median (s) | delay max (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         med = "-" if r["delay_median_s"] is None else f"{r['delay_median_s']:.0f}"
         mx = "-" if r["delay_max_s"] is None else f"{r['delay_max_s']:.0f}"
         lines.append(f"| {r['kind']} | {r['class']} | {r['faults']} | {r['recall']:.2f} | {med} | {mx} |")
-    lines += ["", f"Clean trace ({clean_gpu_hours:g} GPU-hours): false notifications per 1,000 GPU-hours: "
-              + (", ".join(f"{s} {v * 1000 / clean_gpu_hours:.2f}" for s, v in sorted(by_sev.items())) or "none")
-              + f" (critical pages: {by_sev.get('critical', 0) * 1000 / clean_gpu_hours:.2f})",
-              f"Fault trace: notifications no injected fault explains: {dict(unexplained_sev) or 'none'} "
-              f"{sorted({x['alert'] for x in unexplained})}",
-              f"Wall time: generate {w1 - w0:.0f} s, backtest {w2 - w1:.0f} s + {w3 - w2:.0f} s "
-              f"({result['wall_s']['replay_speedup_vs_real_time']}x real time)"]
+    lines += [
+        "",
+        f"Clean trace ({clean_gpu_hours:g} GPU-hours): false notifications per 1,000 GPU-hours: "
+        + (", ".join(f"{s} {v * 1000 / clean_gpu_hours:.2f}" for s, v in sorted(by_sev.items())) or "none")
+        + f" (critical pages: {by_sev.get('critical', 0) * 1000 / clean_gpu_hours:.2f})",
+        f"Fault trace: notifications no injected fault explains: {dict(unexplained_sev) or 'none'} "
+        f"{sorted({x['alert'] for x in unexplained})}",
+        f"Wall time: generate {w1 - w0:.0f} s, backtest {w2 - w1:.0f} s + {w3 - w2:.0f} s "
+        f"({result['wall_s']['replay_speedup_vs_real_time']}x real time)",
+    ]
     text = "\n".join(lines)
     (args.out / "detection.md").write_text(text + "\n")
     print(text)

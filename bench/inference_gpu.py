@@ -31,10 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
+
 from gpufleet.agent.inference.config import Endpoint, InferenceSettings, Probe  # noqa: E402
 from gpufleet.agent.inference.histogram import log_buckets  # noqa: E402
 from gpufleet.agent.sources.inference import InferenceSource  # noqa: E402
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
 
 BUCKETS = list(log_buckets(0.001, 1.15, 80))  # 1 ms .. ~70 s, 15% apart: the agent's error bound
 
@@ -57,7 +58,9 @@ class TinyDecoder(torch.nn.Module):
 class ModelServer:
     """Batches waiting requests (up to ``max_batch``) and decodes them together, one token per step."""
 
-    def __init__(self, device: str, dim: int, layers: int, max_batch: int = 32, prompt_tokens: int = 16) -> None:
+    def __init__(
+        self, device: str, dim: int, layers: int, max_batch: int = 32, prompt_tokens: int = 16
+    ) -> None:
         self.device = device
         self.model = TinyDecoder(4096, dim, layers).to(device).eval()
         if device == "cuda":
@@ -67,10 +70,16 @@ class ModelServer:
         self.prompt_tokens = prompt_tokens
         self.pending: queue.Queue = queue.Queue()
         reg = self.registry = CollectorRegistry()
-        self.e2e = Histogram("bench_request_duration_seconds", "Request latency.", ["model"], buckets=BUCKETS,
-                             registry=reg)
-        self.ttft = Histogram("bench_time_to_first_token_seconds", "Time to first token.", ["model"],
-                              buckets=BUCKETS, registry=reg)
+        self.e2e = Histogram(
+            "bench_request_duration_seconds", "Request latency.", ["model"], buckets=BUCKETS, registry=reg
+        )
+        self.ttft = Histogram(
+            "bench_time_to_first_token_seconds",
+            "Time to first token.",
+            ["model"],
+            buckets=BUCKETS,
+            registry=reg,
+        )
         self.errors = Counter("bench_request_errors", "Failed requests.", ["model"], registry=reg)
         self.errors.labels("tiny-decoder")
         threading.Thread(target=self._work, daemon=True).start()
@@ -144,13 +153,16 @@ class ModelServer:
 
 
 def client(base: str, max_tokens: int, stop: threading.Event, results: list, lock: threading.Lock) -> None:
-    body = json.dumps({"model": "tiny-decoder", "prompt": "hi", "max_tokens": max_tokens, "stream": True}).encode()
+    body = json.dumps(
+        {"model": "tiny-decoder", "prompt": "hi", "max_tokens": max_tokens, "stream": True}
+    ).encode()
     while not stop.is_set():
         t0 = time.perf_counter()
         ttft = None
         try:
-            req = urllib.request.Request(base + "/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                base + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=60) as resp:
                 for line in resp:
                     if line.startswith(b"data:") and ttft is None and b"[DONE]" not in line:
@@ -195,17 +207,35 @@ def main() -> None:
         gpu_label = f"{gpu.model} (GPU {gpu.index}, {gpu.uuid})"
     clock_now = [time.time()]
     settings = InferenceSettings(
-        endpoints=[Endpoint("tiny", server.base + "/metrics", server="generic",
-                            histogram="bench_request_duration_seconds",
-                            ttft_histogram="bench_time_to_first_token_seconds", model_label="model",
-                            errors_counter="bench_request_errors_total",
-                            gpus=(str(torch.cuda.current_device()),) if device == "cuda" else ())],
-        probes=[Probe("tiny-probe", server.base + "/v1/completions", kind="openai-completions", max_tokens=4,
-                      timeout=30)],
-        interval=0.0)
-    source = InferenceSource(settings, "bench", clock=lambda: clock_now[0],
-                             gpu_lookup=(lambda: [(str(g.index), g.uuid) for g in gpu_source.gpus])
-                             if gpu_source else None)
+        endpoints=[
+            Endpoint(
+                "tiny",
+                server.base + "/metrics",
+                server="generic",
+                histogram="bench_request_duration_seconds",
+                ttft_histogram="bench_time_to_first_token_seconds",
+                model_label="model",
+                errors_counter="bench_request_errors_total",
+                gpus=(str(torch.cuda.current_device()),) if device == "cuda" else (),
+            )
+        ],
+        probes=[
+            Probe(
+                "tiny-probe",
+                server.base + "/v1/completions",
+                kind="openai-completions",
+                max_tokens=4,
+                timeout=30,
+            )
+        ],
+        interval=0.0,
+    )
+    source = InferenceSource(
+        settings,
+        "bench",
+        clock=lambda: clock_now[0],
+        gpu_lookup=(lambda: [(str(g.index), g.uuid) for g in gpu_source.gpus]) if gpu_source else None,
+    )
 
     # warm up (CUDA kernels, allocator) before anything is measured
     warm_stop, warm = threading.Event(), []
@@ -218,8 +248,10 @@ def main() -> None:
         source.collect()
         results: list = []
         lock, stop = threading.Lock(), threading.Event()
-        threads = [threading.Thread(target=client, args=(server.base, args.max_tokens, stop, results, lock))
-                   for _ in range(level)]
+        threads = [
+            threading.Thread(target=client, args=(server.base, args.max_tokens, stop, results, lock))
+            for _ in range(level)
+        ]
         for t in threads:
             t.start()
         sm, util = [], []
@@ -248,16 +280,25 @@ def main() -> None:
         rps = fams.get("gpufleet_inference_requests_per_second")
         e2e = [r[0] for r in results]
         ttft = [r[1] for r in results if r[1] is not None]
-        rows.append({
-            "clients": level, "requests": len(results), "loadgen_rps": len(results) / args.seconds,
-            "agent_rps": rps.samples[0][1] if rps else None,
-            "loadgen_p50": q(e2e, 0.5), "agent_p50": agent("gpufleet_inference_request_duration_seconds", "0.5"),
-            "loadgen_p99": q(e2e, 0.99), "agent_p99": agent("gpufleet_inference_request_duration_seconds", "0.99"),
-            "loadgen_ttft_p50": q(ttft, 0.5),
-            "agent_ttft_p50": agent("gpufleet_inference_time_to_first_token_seconds", "0.5"),
-            "probe_ok": probe.ok, "probe_ttft": probe.ttft, "probe_duration": probe.duration,
-            "sm_active": statistics.mean(sm) if sm else None, "gpu_util": statistics.mean(util) if util else None,
-        })
+        rows.append(
+            {
+                "clients": level,
+                "requests": len(results),
+                "loadgen_rps": len(results) / args.seconds,
+                "agent_rps": rps.samples[0][1] if rps else None,
+                "loadgen_p50": q(e2e, 0.5),
+                "agent_p50": agent("gpufleet_inference_request_duration_seconds", "0.5"),
+                "loadgen_p99": q(e2e, 0.99),
+                "agent_p99": agent("gpufleet_inference_request_duration_seconds", "0.99"),
+                "loadgen_ttft_p50": q(ttft, 0.5),
+                "agent_ttft_p50": agent("gpufleet_inference_time_to_first_token_seconds", "0.5"),
+                "probe_ok": probe.ok,
+                "probe_ttft": probe.ttft,
+                "probe_duration": probe.duration,
+                "sm_active": statistics.mean(sm) if sm else None,
+                "gpu_util": statistics.mean(util) if util else None,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     def ms(v: float | None) -> str:
@@ -269,7 +310,8 @@ def main() -> None:
     lines = [
         f"Device: {device}, {gpu_label}; model: {layers}-layer decoder, width {dim}, {args.max_tokens} tokens a "
         f"request, batches up to {server.max_batch}; {args.seconds:.0f} s a level. Agent quantiles come from "
-        "histogram deltas over the level (buckets 15% apart), load generator's from its own timings.", "",
+        "histogram deltas over the level (buckets 15% apart), load generator's from its own timings.",
+        "",
         "| clients | requests/s (loadgen / agent) | p50 ms (loadgen / agent) | p99 ms (loadgen / agent) "
         "| TTFT p50 ms (loadgen / agent) | probe TTFT / total ms | SM active | GPU util |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -279,10 +321,12 @@ def main() -> None:
             f"| {r['clients']} | {r['loadgen_rps']:.1f} / {r['agent_rps'] or 0:.1f} "
             f"| {ms(r['loadgen_p50'])} / {ms(r['agent_p50'])} | {ms(r['loadgen_p99'])} / {ms(r['agent_p99'])} "
             f"| {ms(r['loadgen_ttft_p50'])} / {ms(r['agent_ttft_p50'])} "
-            f"| {ms(r['probe_ttft'])} / {ms(r['probe_duration'])} | {pct(r['sm_active'])} | {pct(r['gpu_util'])} |")
+            f"| {ms(r['probe_ttft'])} / {ms(r['probe_duration'])} | {pct(r['sm_active'])} | {pct(r['gpu_util'])} |"
+        )
     (out_dir / "inference_gpu.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "inference_gpu.json").write_text(json.dumps({"device": device, "gpu": gpu_label, "rows": rows},
-                                                           indent=2))
+    (out_dir / "inference_gpu.json").write_text(
+        json.dumps({"device": device, "gpu": gpu_label, "rows": rows}, indent=2)
+    )
     print("\n".join(lines))
     source.close()
     if gpu_source is not None:

@@ -34,8 +34,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpufleet.collector.store import Store  # noqa: E402
-
-from gpufleet import remote_write as rw  # noqa: E402
+from gpufleet.core import remote_write as rw  # noqa: E402
 
 CORE = [  # (metric, generator(gpu, t) -> value): shaped like what NVML and GPM report
     ("gpufleet_gpu_up", lambda g, t, r: 1.0),
@@ -66,8 +65,14 @@ ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def labels(node: int, gpu: int, metric: str) -> dict[str, str]:
-    return {"__name__": metric, "cluster": "bench", "node": f"node-{node:04d}", "gpu": str(gpu),
-            "uuid": f"GPU-{node:04d}-{gpu}", "model": "NVIDIA H100 80GB HBM3"}
+    return {
+        "__name__": metric,
+        "cluster": "bench",
+        "node": f"node-{node:04d}",
+        "gpu": str(gpu),
+        "uuid": f"GPU-{node:04d}-{gpu}",
+        "model": "NVIDIA H100 80GB HBM3",
+    }
 
 
 def node_series(node: int, t0_ms: int, seconds: int, rnd: random.Random) -> list[rw.Series]:
@@ -75,8 +80,12 @@ def node_series(node: int, t0_ms: int, seconds: int, rnd: random.Random) -> list
     for gpu in range(GPUS_PER_NODE):
         g = node * GPUS_PER_NODE + gpu
         for metric, fn in CORE:
-            out.append(rw.Series(labels(node, gpu, metric),
-                                 [(t0_ms + i * 1000, fn(g, t0_ms / 1000 + i, rnd)) for i in range(seconds)]))
+            out.append(
+                rw.Series(
+                    labels(node, gpu, metric),
+                    [(t0_ms + i * 1000, fn(g, t0_ms / 1000 + i, rnd)) for i in range(seconds)],
+                )
+            )
     return out
 
 
@@ -96,9 +105,14 @@ class Db:
         with psycopg.connect(self.url) as c:
             total = 0
             for t in tables:
-                total += c.execute("SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
-                                   "FROM pg_partition_tree(%s::regclass)", (t,)).fetchone()[0] or \
-                    c.execute("SELECT pg_total_relation_size(%s::regclass)", (t,)).fetchone()[0]
+                total += (
+                    c.execute(
+                        "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
+                        "FROM pg_partition_tree(%s::regclass)",
+                        (t,),
+                    ).fetchone()[0]
+                    or c.execute("SELECT pg_total_relation_size(%s::regclass)", (t,)).fetchone()[0]
+                )
             return int(total)
 
 
@@ -120,8 +134,11 @@ def push(port: int, bodies: list[tuple[bytes, int]], seconds: float | None, work
 
     def worker() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING,
-                   "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION}
+        headers = {
+            "Content-Type": rw.CONTENT_TYPE,
+            "Content-Encoding": rw.CONTENT_ENCODING,
+            "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION,
+        }
         while time.monotonic() < stop_at:
             with lock:
                 item = next(it, None)
@@ -148,15 +165,35 @@ def push(port: int, bodies: list[tuple[bytes, int]], seconds: float | None, work
     return {**done, "seconds": round(elapsed, 2), "gpu_samples_per_s": round(done["gpu_samples"] / elapsed)}
 
 
-def ingest_http(db: Db, layout: str, warm: list[tuple[bytes, int]], bodies: list[tuple[bytes, int]],
-                seconds: float, workers: int) -> dict:
+def ingest_http(
+    db: Db,
+    layout: str,
+    warm: list[tuple[bytes, int]],
+    bodies: list[tuple[bytes, int]],
+    seconds: float,
+    workers: int,
+) -> dict:
     """Start a real collector process; push ``warm`` (one batch per node: registers every series, the
     first contact of each GPU), then ``bodies`` for ``seconds``: the sustained rate of a known fleet."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "collector", "--db", db.url, "--listen",
-                             f"127.0.0.1:{port}", "--raw-layout", layout], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "collector",
+            "--db",
+            db.url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--raw-layout",
+            layout,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -187,8 +224,10 @@ def storage(db: Db, layout: str, gpus: int) -> dict:
     started = time.perf_counter()
     for w in range(3600 // PUSH_SECONDS):
         for node in range(nodes):
-            store.write(node_series(node, t0 + w * PUSH_SECONDS * 1000, PUSH_SECONDS, rnd),
-                        now_ms=t0 + (w + 1) * PUSH_SECONDS * 1000)
+            store.write(
+                node_series(node, t0 + w * PUSH_SECONDS * 1000, PUSH_SECONDS, rnd),
+                now_ms=t0 + (w + 1) * PUSH_SECONDS * 1000,
+            )
     write_s = time.perf_counter() - started
     started = time.perf_counter()
     store.maintain(now_ms=t0 + 3 * 3_600_000)
@@ -199,8 +238,13 @@ def storage(db: Db, layout: str, gpus: int) -> dict:
     store.close()
     tables = ["sample_chunks", "sample_head", "samples"] if layout == "chunks" else ["samples"]
     size = db.size(tables)
-    return {"samples": samples, "bytes": size, "bytes_per_sample": round(size / samples, 2),
-            "direct_write_s": round(write_s, 1), "compaction_and_rollup_s": round(maintain_s, 1)}
+    return {
+        "samples": samples,
+        "bytes": size,
+        "bytes_per_sample": round(size / samples, 2),
+        "direct_write_s": round(write_s, 1),
+        "compaction_and_rollup_s": round(maintain_s, 1),
+    }
 
 
 def fleet_query(db: Db, gpus: int, interval_s: int) -> dict:
@@ -209,19 +253,27 @@ def fleet_query(db: Db, gpus: int, interval_s: int) -> dict:
     store = Store.open(db.url)
     day0 = 1_800_000_000_000 // 86_400_000 * 86_400_000
     with psycopg.connect(db.url, autocommit=True) as c:
-        c.execute("INSERT INTO series (fingerprint, metric, labels, node, uuid, created_ms) "
-                  "SELECT g, 'gpufleet_gpu_sm_active_ratio', json_build_object('node', 'node-' || g / 8, "
-                  "'gpu', (g %% 8)::text, 'uuid', 'GPU-' || g, 'model', 'H100', 'cluster', 'bench')::text, "
-                  "'node-' || g / 8, 'GPU-' || g, 0 FROM generate_series(1, %s) g", (gpus,))
+        c.execute(
+            "INSERT INTO series (fingerprint, metric, labels, node, uuid, created_ms) "
+            "SELECT g, 'gpufleet_gpu_sm_active_ratio', json_build_object('node', 'node-' || g / 8, "
+            "'gpu', (g %% 8)::text, 'uuid', 'GPU-' || g, 'model', 'H100', 'cluster', 'bench')::text, "
+            "'node-' || g / 8, 'GPU-' || g, 0 FROM generate_series(1, %s) g",
+            (gpus,),
+        )
         for d in (day0, day0 + 86_400_000):
-            c.execute(f"CREATE TABLE sample_chunks_p{d // 86_400_000} PARTITION OF sample_chunks "
-                      f"FOR VALUES FROM ({d}) TO ({d + 86_400_000})")
+            c.execute(
+                f"CREATE TABLE sample_chunks_p{d // 86_400_000} PARTITION OF sample_chunks "
+                f"FOR VALUES FROM ({d}) TO ({d + 86_400_000})"
+            )
         per_hour = 3600 // interval_s
-        c.execute("INSERT INTO sample_chunks (series_id, start_ms, end_ms, dts, vals) "
-                  "SELECT s.id, %(d)s + h * 3600000, %(d)s + h * 3600000 + (%(n)s - 1) * %(i)s * 1000, "
-                  "array_prepend(0, array_fill(%(i)s * 1000, ARRAY[%(n)s - 1])), "
-                  "ARRAY(SELECT 0.75 + random() * 0.2 + s.id * 0 + h * 0 FROM generate_series(1, %(n)s)) "
-                  "FROM series s, generate_series(0, 23) h", {"d": day0, "n": per_hour, "i": interval_s})
+        c.execute(
+            "INSERT INTO sample_chunks (series_id, start_ms, end_ms, dts, vals) "
+            "SELECT s.id, %(d)s + h * 3600000, %(d)s + h * 3600000 + (%(n)s - 1) * %(i)s * 1000, "
+            "array_prepend(0, array_fill(%(i)s * 1000, ARRAY[%(n)s - 1])), "
+            "ARRAY(SELECT 0.75 + random() * 0.2 + s.id * 0 + h * 0 FROM generate_series(1, %(n)s)) "
+            "FROM series s, generate_series(0, 23) h",
+            {"d": day0, "n": per_hour, "i": interval_s},
+        )
         c.execute("VACUUM ANALYZE")
     started = time.perf_counter()
     store.maintain(now_ms=day0 + 86_400_000 + 3 * 60_000)
@@ -232,13 +284,18 @@ def fleet_query(db: Db, gpus: int, interval_s: int) -> dict:
     samples = gpus * 24 * 3600 // interval_s
     sql = {
         "with_rollups": "SELECT time, sum(avg * count) / sum(count) FROM metric_samples_1m "
-                        "WHERE metric = 'gpufleet_gpu_sm_active_ratio' AND time >= to_timestamp(%(a)s) "
-                        "AND time < to_timestamp(%(b)s) GROUP BY 1 ORDER BY 1",
+        "WHERE metric = 'gpufleet_gpu_sm_active_ratio' AND time >= to_timestamp(%(a)s) "
+        "AND time < to_timestamp(%(b)s) GROUP BY 1 ORDER BY 1",
         "raw": "SELECT date_trunc('minute', time), avg(value) FROM metric_samples "
-               "WHERE metric = 'gpufleet_gpu_sm_active_ratio' AND time >= to_timestamp(%(a)s) "
-               "AND time < to_timestamp(%(b)s) GROUP BY 1 ORDER BY 1",
+        "WHERE metric = 'gpufleet_gpu_sm_active_ratio' AND time >= to_timestamp(%(a)s) "
+        "AND time < to_timestamp(%(b)s) GROUP BY 1 ORDER BY 1",
     }
-    out: dict = {"gpus": gpus, "raw_interval_s": interval_s, "raw_samples": samples, "rollup_job_s": round(rollup_s, 1)}
+    out: dict = {
+        "gpus": gpus,
+        "raw_interval_s": interval_s,
+        "raw_samples": samples,
+        "rollup_job_s": round(rollup_s, 1),
+    }
     with psycopg.connect(db.url, autocommit=True) as c:
         for name, q in sql.items():
             times, rows = [], []
@@ -275,10 +332,18 @@ def main() -> None:
         series = node_series(node, t_start + window * PUSH_SECONDS * 1000, PUSH_SECONDS, rnd)
         bodies.append((rw.encode(series), GPUS_PER_NODE * PUSH_SECONDS))
     # One earlier batch per node, pushed before the timed run: the first contact registers its series.
-    warm = [(rw.encode(node_series(node, t_start - PUSH_SECONDS * 1000, PUSH_SECONDS, rnd)),
-             GPUS_PER_NODE * PUSH_SECONDS) for node in range(nodes)]
-    print(f"encoded {len(bodies)} agent batches ({GPUS_PER_NODE} GPUs x {len(CORE)} fields x {PUSH_SECONDS} s) "
-          f"in {time.perf_counter() - t:.1f} s", flush=True)
+    warm = [
+        (
+            rw.encode(node_series(node, t_start - PUSH_SECONDS * 1000, PUSH_SECONDS, rnd)),
+            GPUS_PER_NODE * PUSH_SECONDS,
+        )
+        for node in range(nodes)
+    ]
+    print(
+        f"encoded {len(bodies)} agent batches ({GPUS_PER_NODE} GPUs x {len(CORE)} fields x {PUSH_SECONDS} s) "
+        f"in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
 
     results: dict = {"ingest": {}, "storage": {}}
     for layout in ("chunks", "rows"):
@@ -304,14 +369,22 @@ def main() -> None:
     i, s, q = results["ingest"], results["storage"], results["fleet_query"]
     print()
     print(f"{'':34s}{'chunks (gpufleet)':>20s}{'rows (naive)':>16s}{'ratio':>8s}   goal")
-    print(f"{'GPU samples/s via HTTP':34s}{i['chunks']['gpu_samples_per_s']:>20,}{i['rows']['gpu_samples_per_s']:>16,}"
-          f"{i['chunks']['gpu_samples_per_s'] / max(1, i['rows']['gpu_samples_per_s']):>8.1f}   >= 10,000")
-    print(f"{'  first contact (new series)':34s}{i['chunks']['first_contact']['gpu_samples_per_s']:>20,}"
-          f"{i['rows']['first_contact']['gpu_samples_per_s']:>16,}")
-    print(f"{'bytes on disk per metric sample':34s}{s['chunks']['bytes_per_sample']:>20}{s['rows']['bytes_per_sample']:>16}"
-          f"{s['rows']['bytes_per_sample'] / s['chunks']['bytes_per_sample']:>8.1f}   <= 8")
-    print(f"{'24 h fleet query, 1,000 GPUs (ms)':34s}{q['with_rollups']['ms']:>20}{q['raw']['ms']:>16}"
-          f"{q['speedup']:>8.1f}   < 300 (rollups vs raw at {q['raw_interval_s']} s)")
+    print(
+        f"{'GPU samples/s via HTTP':34s}{i['chunks']['gpu_samples_per_s']:>20,}{i['rows']['gpu_samples_per_s']:>16,}"
+        f"{i['chunks']['gpu_samples_per_s'] / max(1, i['rows']['gpu_samples_per_s']):>8.1f}   >= 10,000"
+    )
+    print(
+        f"{'  first contact (new series)':34s}{i['chunks']['first_contact']['gpu_samples_per_s']:>20,}"
+        f"{i['rows']['first_contact']['gpu_samples_per_s']:>16,}"
+    )
+    print(
+        f"{'bytes on disk per metric sample':34s}{s['chunks']['bytes_per_sample']:>20}{s['rows']['bytes_per_sample']:>16}"
+        f"{s['rows']['bytes_per_sample'] / s['chunks']['bytes_per_sample']:>8.1f}   <= 8"
+    )
+    print(
+        f"{'24 h fleet query, 1,000 GPUs (ms)':34s}{q['with_rollups']['ms']:>20}{q['raw']['ms']:>16}"
+        f"{q['speedup']:>8.1f}   < 300 (rollups vs raw at {q['raw_interval_s']} s)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

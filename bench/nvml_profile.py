@@ -62,14 +62,22 @@ def main() -> None:
     total = (time.perf_counter() - t0) / args.samples
     nvml_total = sum(sum(v) for v in lib.times.values()) / args.samples
     rows = sorted(lib.times.items(), key=lambda kv: -sum(kv[1]))
-    out = [f"One sample of {len(src.gpus)} GPU(s): {total * 1e3:.3f} ms, of which NVML calls {nvml_total * 1e3:.3f} ms",
-           "", "| NVML function | calls per sample | mean µs per call | µs per sample |", "| --- | --- | --- | --- |"]
+    out = [
+        f"One sample of {len(src.gpus)} GPU(s): {total * 1e3:.3f} ms, of which NVML calls {nvml_total * 1e3:.3f} ms",
+        "",
+        "| NVML function | calls per sample | mean µs per call | µs per sample |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, ts in rows:
-        out.append(f"| {name} | {len(ts) / args.samples:g} | {sum(ts) / len(ts) * 1e6:.1f} | "
-                   f"{sum(ts) / args.samples * 1e6:.1f} |")
+        out.append(
+            f"| {name} | {len(ts) / args.samples:g} | {sum(ts) / len(ts) * 1e6:.1f} | "
+            f"{sum(ts) / args.samples * 1e6:.1f} |"
+        )
     # each field id of the batched read, on its own
     h = src.gpus[0].handle
-    ids = sorted({(s.id, s.scope) for f in FIELDS if not f.slow for s in f.sources() if isinstance(s, FieldValue)})
+    ids = sorted(
+        {(s.id, s.scope) for f in FIELDS if not f.slow for s in f.sources() if isinstance(s, FieldValue)}
+    )
     per_id = []
     for fid, scope in ids:
         t0 = time.perf_counter()

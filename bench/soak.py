@@ -37,18 +37,33 @@ import psycopg
 import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpufleet import remote_write as rw  # noqa: E402
+from gpufleet.core import remote_write as rw  # noqa: E402
 
-METRICS = ["gpufleet_gpu_utilization_ratio", "gpufleet_gpu_temperature_celsius", "gpufleet_gpu_power_watts",
-           "gpufleet_gpu_memory_used_bytes", "gpufleet_gpu_sm_active_ratio", "gpufleet_gpu_up"]
+METRICS = [
+    "gpufleet_gpu_utilization_ratio",
+    "gpufleet_gpu_temperature_celsius",
+    "gpufleet_gpu_power_watts",
+    "gpufleet_gpu_memory_used_bytes",
+    "gpufleet_gpu_sm_active_ratio",
+    "gpufleet_gpu_up",
+]
 
 
 class SimAgent:
     def __init__(self, i: int, gpus: int, metrics: int, sample_interval: float, start: float) -> None:
         self.node = f"soak-node-{i:05d}"
-        self.labels = [{"__name__": m, "node": self.node, "gpu": str(g), "uuid": f"GPU-soak-{i:05d}-{g}",
-                        "model": "NVIDIA H100 80GB HBM3", "cluster": "soak"}
-                       for g in range(gpus) for m in METRICS[:metrics]]
+        self.labels = [
+            {
+                "__name__": m,
+                "node": self.node,
+                "gpu": str(g),
+                "uuid": f"GPU-soak-{i:05d}-{g}",
+                "model": "NVIDIA H100 80GB HBM3",
+                "cluster": "soak",
+            }
+            for g in range(gpus)
+            for m in METRICS[:metrics]
+        ]
         self.sample_interval = sample_interval
         self.next_sample = start
         self.backlog: list[tuple[int, int]] = []  # (first ts, count) per unsent sampling tick, oldest first
@@ -79,12 +94,17 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per agent")
-    ap.add_argument("--metrics", type=int, default=4, choices=range(1, len(METRICS) + 1), help="metrics per GPU")
+    ap.add_argument(
+        "--metrics", type=int, default=4, choices=range(1, len(METRICS) + 1), help="metrics per GPU"
+    )
     ap.add_argument("--push-interval", type=float, default=5.0, help="the agent's default")
     ap.add_argument("--sample-interval", type=float, default=1.0, help="the agent's default")
     ap.add_argument("--workers", type=int, default=32, help="concurrent pushes")
-    ap.add_argument("--pg", default=os.environ.get("GPUFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
-                    help="PostgreSQL admin URL; a fresh database is made and dropped")
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get("GPUFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+        help="PostgreSQL admin URL; a fresh database is made and dropped",
+    )
     ap.add_argument("--keep-db", action="store_true")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "./out"))
@@ -94,10 +114,24 @@ def main() -> None:
     pg_admin(args.pg, f'CREATE DATABASE "{db_name}"')
     db_url = args.pg.rsplit("/", 1)[0] + "/" + db_name
     port = 20000 + random.randrange(20000)
-    coll = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "collector", "--db", db_url,
-                             "--listen", f"127.0.0.1:{port}", "--eval-interval", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    coll = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "collector",
+            "--db",
+            db_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--eval-interval",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}/api/v1/write"
     deadline = time.monotonic() + 60
     while True:
@@ -112,8 +146,11 @@ def main() -> None:
     rss_start = proc.memory_info().rss
 
     http = urllib3.PoolManager(maxsize=args.workers, retries=False, timeout=urllib3.Timeout(total=30))
-    headers = {"Content-Encoding": "snappy", "Content-Type": "application/x-protobuf",
-               "X-Prometheus-Remote-Write-Version": "0.1.0"}
+    headers = {
+        "Content-Encoding": "snappy",
+        "Content-Type": "application/x-protobuf",
+        "X-Prometheus-Remote-Write-Version": "0.1.0",
+    }
     t0 = time.time()
     end = t0 + args.minutes * 60
     agents = [SimAgent(i, args.gpus, args.metrics, args.sample_interval, t0) for i in range(args.agents)]
@@ -138,7 +175,7 @@ def main() -> None:
             except Exception:
                 status = 0
             if 200 <= status < 300:
-                del a.pending_ticks[:len(ticks)]
+                del a.pending_ticks[: len(ticks)]
             with slock:
                 stats["pushes"] += 1
                 lags.append(lag)
@@ -193,26 +230,39 @@ def main() -> None:
 
     lags_sorted = sorted(lags) or [0.0]
     result = {
-        "agents": args.agents, "minutes": args.minutes, "gpus_per_agent": args.gpus, "metrics_per_gpu": args.metrics,
-        "series": args.agents * args.gpus * args.metrics, "push_interval_s": args.push_interval,
+        "agents": args.agents,
+        "minutes": args.minutes,
+        "gpus_per_agent": args.gpus,
+        "metrics_per_gpu": args.metrics,
+        "series": args.agents * args.gpus * args.metrics,
+        "push_interval_s": args.push_interval,
         "sample_interval_s": args.sample_interval,
         "offered_samples_per_s": round(args.agents * args.gpus * args.metrics / args.sample_interval),
-        "pushes": stats["pushes"], "pushes_ok": stats["ok"], "responses_503": stats["status_503"],
+        "pushes": stats["pushes"],
+        "pushes_ok": stats["ok"],
+        "responses_503": stats["status_503"],
         "other_failures": stats["other_fail"],
-        "samples_produced": produced, "samples_acknowledged": stats["acked_samples"], "samples_stored": stored,
-        "samples_lost": produced - stored, "backlog_after_drain": backlog,
+        "samples_produced": produced,
+        "samples_acknowledged": stats["acked_samples"],
+        "samples_stored": stored,
+        "samples_lost": produced - stored,
+        "backlog_after_drain": backlog,
         "ingest_wall_s": round(t_done - t0, 1),
         "stored_per_s": round(stored / (t_done - t0)),
         # keeps up: pushes leave on time (p99 lag under one push interval) and nothing waits at the end
         "keeps_up": bool(lags_sorted[int(0.99 * (len(lags_sorted) - 1))] < args.push_interval),
-        "push_lag_s": {"p50": round(statistics.median(lags_sorted), 3),
-                       "p99": round(lags_sorted[int(0.99 * (len(lags_sorted) - 1))], 3),
-                       "max": round(lags_sorted[-1], 3)},
-        "collector_rss_mib": {"start": round(rss_start / 2**20, 1),
-                              "after_1_min": round((rss_warm or rss_start) / 2**20, 1),
-                              "end": round(rss_end / 2**20, 1)},
+        "push_lag_s": {
+            "p50": round(statistics.median(lags_sorted), 3),
+            "p99": round(lags_sorted[int(0.99 * (len(lags_sorted) - 1))], 3),
+            "max": round(lags_sorted[-1], 3),
+        },
+        "collector_rss_mib": {
+            "start": round(rss_start / 2**20, 1),
+            "after_1_min": round((rss_warm or rss_start) / 2**20, 1),
+            "end": round(rss_end / 2**20, 1),
+        },
         "machine": f"{platform.node()} {platform.machine()}, {psutil.cpu_count()} CPUs, "
-                   f"{round(psutil.virtual_memory().total / 2**30)} GiB, Python {platform.python_version()}",
+        f"{round(psutil.virtual_memory().total / 2**30)} GiB, Python {platform.python_version()}",
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
     }
     (out_dir / "soak.json").write_text(json.dumps(result, indent=2))

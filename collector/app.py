@@ -16,11 +16,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from gpufleet.collector.auth import Token, TokenSet, scope_problem
-from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
-from gpufleet.collector.fleet import fleet_summary
-from gpufleet.collector.runbooks import CSP, Runbooks
-from gpufleet.collector.store import Store, StoreUnavailable
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -33,7 +28,12 @@ from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpufleet import remote_write as rw
+from gpufleet.collector.auth import Token, TokenSet, scope_problem
+from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
+from gpufleet.collector.fleet import fleet_summary
+from gpufleet.collector.runbooks import CSP, Runbooks
+from gpufleet.collector.store import Store, StoreUnavailable
+from gpufleet.core import remote_write as rw
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +61,44 @@ class Limits:
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.samples = Counter("gpufleet_collector_samples_received", "Samples accepted and stored.", registry=r)
-        self.requests = Counter("gpufleet_collector_write_requests", "Remote-write requests by outcome.",
-                                ["outcome"], registry=r)
-        self.dropped = Counter("gpufleet_collector_dropped", "Parts of accepted requests that cannot be stored.",
-                               ["what"], registry=r)
-        self.write_seconds = Histogram("gpufleet_collector_write_duration_seconds", "Time to store one request.",
-                                       registry=r)
-        self.evaluations = Gauge("gpufleet_collector_rule_evaluations", "Rule evaluations since start.", registry=r)
-        self.notifications = Gauge("gpufleet_collector_notifications_sent", "Notifications sent since start.",
-                                   registry=r)
-        self.leader = Gauge("gpufleet_collector_leader", "1 while this collector evaluates rules and notifies.",
-                            registry=r)
+        self.samples = Counter(
+            "gpufleet_collector_samples_received", "Samples accepted and stored.", registry=r
+        )
+        self.requests = Counter(
+            "gpufleet_collector_write_requests", "Remote-write requests by outcome.", ["outcome"], registry=r
+        )
+        self.dropped = Counter(
+            "gpufleet_collector_dropped",
+            "Parts of accepted requests that cannot be stored.",
+            ["what"],
+            registry=r,
+        )
+        self.write_seconds = Histogram(
+            "gpufleet_collector_write_duration_seconds", "Time to store one request.", registry=r
+        )
+        self.evaluations = Gauge(
+            "gpufleet_collector_rule_evaluations", "Rule evaluations since start.", registry=r
+        )
+        self.notifications = Gauge(
+            "gpufleet_collector_notifications_sent", "Notifications sent since start.", registry=r
+        )
+        self.leader = Gauge(
+            "gpufleet_collector_leader", "1 while this collector evaluates rules and notifies.", registry=r
+        )
         self.inflight = Gauge("gpufleet_collector_inflight_writes", "Writes being stored now.", registry=r)
-        self.notify_failed = Gauge("gpufleet_collector_notifications_failed",
-                                   "Notifications a notifier refused for good (not retried), since start.", registry=r)
-        self.notify_queued = Gauge("gpufleet_collector_notifications_queued",
-                                   "Messages waiting in the per-channel Slack send queues.", registry=r)
-        self.notify_retries = Gauge("gpufleet_collector_notification_retries",
-                                    "Retries after Slack rate limits (429) and server errors, since start.", registry=r)
+        self.notify_failed = Gauge(
+            "gpufleet_collector_notifications_failed",
+            "Notifications a notifier refused for good (not retried), since start.",
+            registry=r,
+        )
+        self.notify_queued = Gauge(
+            "gpufleet_collector_notifications_queued", "Notifications waiting in the send queue.", registry=r
+        )
+        self.notify_retries = Gauge(
+            "gpufleet_collector_notification_retries",
+            "Retries after Slack rate limits (429) and server errors, since start.",
+            registry=r,
+        )
 
 
 class ErrorBody(BaseModel):
@@ -96,36 +115,75 @@ def _errors(**codes: str) -> dict[int | str, dict[str, Any]]:
 
 WRITE_RESPONSES = {
     204: {"description": "Stored, every sample of it."},
-    **_errors(e400="Not a valid remote-write body, or a series breaks a label rule; nothing was stored.",
-              e401="Tokens are configured and the request has none of them.",
-              e403="The token is scoped to another cluster than a series carries; nothing was stored.",
-              e413="Over a size cap (body, inflated body, series or samples per request); nothing was stored.",
-              e503="The store cannot take writes now (database down or busy); retry after Retry-After seconds."),
+    **_errors(
+        e400="Not a valid remote-write body, or a series breaks a label rule; nothing was stored.",
+        e401="Tokens are configured and the request has none of them.",
+        e403="The token is scoped to another cluster than a series carries; nothing was stored.",
+        e413="Over a size cap (body, inflated body, series or samples per request); nothing was stored.",
+        e503="The store cannot take writes now (database down or busy); retry after Retry-After seconds.",
+    ),
 }
-WRITE_BODY = {"requestBody": {"required": True, "description": "A snappy-compressed (block format) protobuf "
-                              "prometheus.WriteRequest, as remote-write 1.0 sends it.",
-                              "content": {"application/x-protobuf": {"schema": {"type": "string",
-                                                                                "format": "binary"}}}}}
+WRITE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A snappy-compressed (block format) protobuf "
+        "prometheus.WriteRequest, as remote-write 1.0 sends it.",
+        "content": {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 LATEST_MS = 4_102_444_800_000  # 2100-01-01: later times are typing mistakes
-SILENCE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["matchers"],
-    "description": "Give `endsAt` (Unix seconds) or `duration` (e.g. 2h).",
-    "properties": {
-        "matchers": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["name", "value"],
-            "properties": {"name": {"type": "string"}, "value": {"type": "string"},
-                           "isRegex": {"type": "boolean"}, "isEqual": {"type": "boolean"}}}},
-        "startsAt": {"type": "number"}, "endsAt": {"type": "number"},
-        "duration": {"type": "string", "example": "2h"},
-        "createdBy": {"type": "string"}, "comment": {"type": "string"}}}}}}}
+SILENCE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["matchers"],
+                    "description": "Give `endsAt` (Unix seconds) or `duration` (e.g. 2h).",
+                    "properties": {
+                        "matchers": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "value"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "value": {"type": "string"},
+                                    "isRegex": {"type": "boolean"},
+                                    "isEqual": {"type": "boolean"},
+                                },
+                            },
+                        },
+                        "startsAt": {"type": "number"},
+                        "endsAt": {"type": "number"},
+                        "duration": {"type": "string", "example": "2h"},
+                        "createdBy": {"type": "string"},
+                        "comment": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
-def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = None, engine: Any = None,
-               limits: Limits | None = None, on_write: Any = None, metrics: Metrics | None = None,
-               info: dict | None = None, silences: Any = None, forwarder: Any = None,
-               runbooks: Runbooks | None = None) -> FastAPI:
+def create_app(
+    store: Store,
+    *,
+    tokens: TokenSet | list[str | Token] | None = None,
+    engine: Any = None,
+    limits: Limits | None = None,
+    on_write: Any = None,
+    metrics: Metrics | None = None,
+    info: dict | None = None,
+    silences: Any = None,
+    forwarder: Any = None,
+    runbooks: Runbooks | None = None,
+) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
     to a cluster, see :mod:`gpufleet.collector.auth`); none means open.
     ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences.
@@ -139,33 +197,55 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
     def authorised(request: Request) -> bool:
         """Changes other than writes (silences) need a write token too, when tokens are configured."""
         return not token_set or token_set.check(request.headers.get("authorization")) is not None
+
     inflight = 0
-    app = FastAPI(title="gpufleet collector", version="0.1.0",
-                  description="Receives Prometheus remote-write from gpufleet agents, stores GPU time series, "
-                              "evaluates alert rules.")
+    app = FastAPI(
+        title="gpufleet collector",
+        version="0.1.0",
+        description="Receives Prometheus remote-write from gpufleet agents, stores GPU time series, "
+        "evaluates alert rules.",
+    )
     app.state.metrics = metrics
 
     def fail(status: int, outcome: str, message: str) -> JSONResponse:
         metrics.requests.labels(outcome).inc()
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.post("/api/v1/write", status_code=204, summary="Prometheus remote-write 1.0 receiver",
-              responses=WRITE_RESPONSES, openapi_extra=WRITE_BODY, response_class=Response)
+    @app.post(
+        "/api/v1/write",
+        status_code=204,
+        summary="Prometheus remote-write 1.0 receiver",
+        responses=WRITE_RESPONSES,
+        openapi_extra=WRITE_BODY,
+        response_class=Response,
+    )
     async def write(request: Request) -> Response:
         nonlocal inflight
         token = token_set.check(request.headers.get("authorization")) if token_set else None
         if token_set and token is None:
-            return fail(401, "unauthorised", "missing or wrong bearer token; set the agent's --token "
-                        "(GPUFLEET_TOKEN) to one of the collector's tokens")
+            return fail(
+                401,
+                "unauthorised",
+                "missing or wrong bearer token; set the agent's --token "
+                "(GPUFLEET_TOKEN) to one of the collector's tokens",
+            )
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_body_bytes:
-            return fail(413, "too_large", f"body of {length} bytes is over the {limits.max_body_bytes}-byte limit; "
-                        "send smaller batches")
+            return fail(
+                413,
+                "too_large",
+                f"body of {length} bytes is over the {limits.max_body_bytes}-byte limit; "
+                "send smaller batches",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limits.max_body_bytes:
-                return fail(413, "too_large", f"body is over the {limits.max_body_bytes}-byte limit; send smaller batches")
+                return fail(
+                    413,
+                    "too_large",
+                    f"body is over the {limits.max_body_bytes}-byte limit; send smaller batches",
+                )
         try:
             req = rw.decode(bytes(body), limits.max_uncompressed_bytes)
         except rw.TooLarge as exc:
@@ -183,8 +263,11 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
                 return fail(403, "forbidden", problem)
         if inflight >= limits.max_inflight_writes:
             metrics.requests.labels("busy").inc()
-            return JSONResponse({"error": f"collector busy ({inflight} writes being stored); retry later"},
-                                status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"error": f"collector busy ({inflight} writes being stored); retry later"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         inflight += 1
         metrics.inflight.set(inflight)
         t0 = time.perf_counter()
@@ -195,8 +278,11 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         except (StoreUnavailable, PoolTimeout) as exc:
             log.warning("refusing a write while the store is unavailable: %s", exc)
             metrics.requests.labels("unavailable").inc()
-            return JSONResponse({"error": f"store unavailable, retry later: {exc}"}, status_code=503,
-                                headers={"Retry-After": "5"})
+            return JSONResponse(
+                {"error": f"store unavailable, retry later: {exc}"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         finally:
             inflight -= 1
             metrics.inflight.set(inflight)
@@ -210,31 +296,42 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             forwarder.submit(bytes(body), n)
         if req.histograms_ignored:
             metrics.dropped.labels("native_histogram").inc(req.histograms_ignored)
-            log.warning("%d native histogram samples were not stored: this collector stores float samples only",
-                        req.histograms_ignored)
+            log.warning(
+                "%d native histogram samples were not stored: this collector stores float samples only",
+                req.histograms_ignored,
+            )
         if on_write is not None and request.headers.get("x-gpufleet-urgent"):
             on_write({s.name for s in req.series})
         return Response(status_code=204)
 
     @app.get("/api/v1/gpus", summary="Every GPU known, with its newest values")
     async def gpus() -> dict:
-        return {"gpus": await run_in_threadpool(store.gpus)}
+        return {"gpus": [g.to_api() for g in await run_in_threadpool(store.gpus)]}
 
-    @app.get("/api/v1/query_range", summary="One metric over a time range",
-             responses={400: {"model": DetailBody, "description": "Bad metric name, range or step."}})
-    async def query_range(request: Request,
-                          metric: str = Query(pattern=_METRIC_NAME.pattern, max_length=200),
-                          # found by fuzzing: times past 64-bit milliseconds overflowed into a 500
-                          start: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
-                          end: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
-                          step: float = Query(15.0, gt=0, le=MAX_UNIX_S, description="Seconds")) -> dict:
+    @app.get(
+        "/api/v1/query_range",
+        summary="One metric over a time range",
+        responses={400: {"model": DetailBody, "description": "Bad metric name, range or step."}},
+    )
+    async def query_range(
+        request: Request,
+        metric: str = Query(pattern=_METRIC_NAME.pattern, max_length=200),
+        # found by fuzzing: times past 64-bit milliseconds overflowed into a 500
+        start: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
+        end: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
+        step: float = Query(15.0, gt=0, le=MAX_UNIX_S, description="Seconds"),
+    ) -> dict:
         if not _METRIC_NAME.match(metric):
             raise HTTPException(400, f"metric {metric!r} is not a metric name")
         if end < start:
             raise HTTPException(400, "end is before start")
         if step <= 0 or (end - start) / step > 11_000:
-            raise HTTPException(400, "step too small for this range: at most 11,000 points per series; raise step")
-        matchers = {k: v for k, v in request.query_params.items() if k not in ("metric", "start", "end", "step")}
+            raise HTTPException(
+                400, "step too small for this range: at most 11,000 points per series; raise step"
+            )
+        matchers = {
+            k: v for k, v in request.query_params.items() if k not in ("metric", "start", "end", "step")
+        }
         result = await run_in_threadpool(store.query_range, metric, matchers, start, end, step)
         return {"status": "success", "data": {"resultType": "matrix", "result": result}}
 
@@ -242,10 +339,20 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
     async def alerts() -> dict:
         if engine is None:
             return {"alerts": []}
-        return {"alerts": [{"rule": a["rule"], "state": a["state"], "labels": a["labels"],
-                            "annotations": a["annotations"], "value": a["value"],
-                            "active_since": a["active_since"] / 1000.0, "muted_by": a.get("muted_by")}
-                           for a in engine.active_alerts()]}
+        return {
+            "alerts": [
+                {
+                    "rule": a["rule"],
+                    "state": a["state"],
+                    "labels": a["labels"],
+                    "annotations": a["annotations"],
+                    "value": a["value"],
+                    "active_since": a["active_since"] / 1000.0,
+                    "muted_by": a.get("muted_by"),
+                }
+                for a in engine.active_alerts()
+            ]
+        }
 
     @app.get("/api/v1/silences", summary="Every silence: active, pending and expired")
     async def list_silences() -> dict:
@@ -254,12 +361,20 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         now = int(time.time() * 1000)
         return {"silences": [s.to_api(now) for s in await run_in_threadpool(silences.list_silences)]}
 
-    @app.post("/api/v1/silences", summary="Add a silence: matchers, endsAt (or duration), createdBy, comment",
-              status_code=201, openapi_extra=SILENCE_BODY,
-              responses={201: {"description": "The silence, with its id."},
-                         **_errors(e400="Not a valid silence (body, matchers or times); nothing was added.",
-                                   e401="Tokens are configured and the request has none of them.",
-                                   e404="This collector keeps no silences.")})
+    @app.post(
+        "/api/v1/silences",
+        summary="Add a silence: matchers, endsAt (or duration), createdBy, comment",
+        status_code=201,
+        openapi_extra=SILENCE_BODY,
+        responses={
+            201: {"description": "The silence, with its id."},
+            **_errors(
+                e400="Not a valid silence (body, matchers or times); nothing was added.",
+                e401="Tokens are configured and the request has none of them.",
+                e404="This collector keeps no silences.",
+            ),
+        },
+    )
     async def add_silence(request: Request) -> JSONResponse:
         if not authorised(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
@@ -284,9 +399,17 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             else:
                 raise ValueError("give 'endsAt' (Unix seconds) or 'duration' (e.g. 2h)")
             if not (0 <= starts < ends <= LATEST_MS):
-                raise ValueError("startsAt must come before endsAt, both between 1970 and 2100 (Unix seconds)")
-            s = Silence.new([Matcher.from_api(m) for m in matchers], starts, ends, str(body.get("createdBy", "")),
-                            str(body.get("comment", "")), now)
+                raise ValueError(
+                    "startsAt must come before endsAt, both between 1970 and 2100 (Unix seconds)"
+                )
+            s = Silence.new(
+                [Matcher.from_api(m) for m in matchers],
+                starts,
+                ends,
+                str(body.get("createdBy", "")),
+                str(body.get("comment", "")),
+                now,
+            )
             json.dumps(s.to_api()).encode("utf-8")  # lone surrogates cannot be stored (found by schemathesis)
         except (ValueError, OverflowError) as exc:  # json.JSONDecodeError, UnicodeEncodeError are ValueErrors
             return JSONResponse({"error": f"bad silence: {exc}"}, status_code=400)
@@ -294,10 +417,17 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         log.info("silence %s added by %s until %s: %s", s.id, s.created_by, s.ends_at_ms, s.comment)
         return JSONResponse({"silenceID": s.id, "silence": s.to_api()}, status_code=201)
 
-    @app.delete("/api/v1/silences/{silence_id}", summary="Expire a silence now",
-                responses={200: {"description": "The silence, now expired."},
-                           **_errors(e401="Tokens are configured and the request has none of them.",
-                                     e404="No such silence, or this collector keeps no silences.")})
+    @app.delete(
+        "/api/v1/silences/{silence_id}",
+        summary="Expire a silence now",
+        responses={
+            200: {"description": "The silence, now expired."},
+            **_errors(
+                e401="Tokens are configured and the request has none of them.",
+                e404="No such silence, or this collector keeps no silences.",
+            ),
+        },
+    )
     async def expire_silence(silence_id: str, request: Request) -> JSONResponse:
         if not authorised(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
@@ -305,8 +435,9 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
         s = await run_in_threadpool(silences.expire_silence, silence_id, int(time.time() * 1000))
         if s is None:
-            return JSONResponse({"error": f"no silence {silence_id}; list them with GET /api/v1/silences"},
-                                status_code=404)
+            return JSONResponse(
+                {"error": f"no silence {silence_id}; list them with GET /api/v1/silences"}, status_code=404
+            )
         return JSONResponse({"silence": s.to_api()})
 
     @app.get("/api/v1/fleet", summary="Every GPU by node with its key numbers, active alerts, fleet totals")
@@ -314,13 +445,20 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         gpus = await run_in_threadpool(store.gpus)
         return fleet_summary(gpus, engine.active_alerts() if engine is not None else [])
 
-    @app.get("/api/v1/report", summary="Efficiency report over a time range (GPU-hours by state, waste, "
-             "throttling, errors, energy)",
-             responses={200: {"description": "The report as JSON, Markdown or HTML (`format`).",
-                              "content": {"application/json": {}, "text/markdown": {}, "text/html": {}}},
-                        400: {"model": DetailBody, "description": "`since`/`until` do not make a range."}})
-    async def report(since: str = "7d", until: float | None = None,
-                     format: Literal["json", "markdown", "html"] = "json") -> Response:
+    @app.get(
+        "/api/v1/report",
+        summary="Efficiency report over a time range (GPU-hours by state, waste, throttling, errors, energy)",
+        responses={
+            200: {
+                "description": "The report as JSON, Markdown or HTML (`format`).",
+                "content": {"application/json": {}, "text/markdown": {}, "text/html": {}},
+            },
+            400: {"model": DetailBody, "description": "`since`/`until` do not make a range."},
+        },
+    )
+    async def report(
+        since: str = "7d", until: float | None = None, format: Literal["json", "markdown", "html"] = "json"
+    ) -> Response:
         from gpufleet.collector.report import ReportError, build_report, parse_since, render
 
         try:
@@ -333,22 +471,42 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         body = render(rep, format)
         return HTMLResponse(body) if format == "html" else PlainTextResponse(body, media_type="text/markdown")
 
-    @app.get("/runbooks/", summary="Every runbook the collector serves", response_class=HTMLResponse,
-             responses={200: {"description": "An HTML page linking each runbook by its title.",
-                              "content": {"text/html": {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/runbooks/",
+        summary="Every runbook the collector serves",
+        response_class=HTMLResponse,
+        responses={
+            200: {
+                "description": "An HTML page linking each runbook by its title.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def runbook_index() -> HTMLResponse:
         return HTMLResponse(runbooks.index_page(), headers=RUNBOOK_HEADERS)
 
     # The name is only ever looked up among the runbook files, never used as a path.
-    @app.get("/runbooks/{name}", summary="One runbook (rendered from its Markdown) by name, e.g. xid-critical",
-             response_class=HTMLResponse,
-             responses={200: {"description": "The runbook as a self-contained HTML page.",
-                              "content": {"text/html": {"schema": {"type": "string"}}}},
-                        404: {"description": "No runbook of that name; the page lists those there are.",
-                              "content": {"text/html": {"schema": {"type": "string"}}}}})
-    async def runbook(name: str = RunbookName(description="The runbook's file name without .md: lower-case "
-                                                           "words joined by hyphens.", examples=["xid-critical"])
-                      ) -> HTMLResponse:
+    @app.get(
+        "/runbooks/{name}",
+        summary="One runbook (rendered from its Markdown) by name, e.g. xid-critical",
+        response_class=HTMLResponse,
+        responses={
+            200: {
+                "description": "The runbook as a self-contained HTML page.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            },
+            404: {
+                "description": "No runbook of that name; the page lists those there are.",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            },
+        },
+    )
+    async def runbook(
+        name: str = RunbookName(
+            description="The runbook's file name without .md: lower-case words joined by hyphens.",
+            examples=["xid-critical"],
+        ),
+    ) -> HTMLResponse:
         page = runbooks.page(name)
         if page is None:
             return HTMLResponse(runbooks.not_found_page(name), status_code=404, headers=RUNBOOK_HEADERS)
@@ -360,8 +518,11 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
         # the same HTML page as an unknown name, not the router's JSON.
         prefix = "/runbooks/"
         if exc.status_code == 404 and request.url.path.startswith(prefix):
-            return HTMLResponse(runbooks.not_found_page(request.url.path[len(prefix):]), status_code=404,
-                                headers=RUNBOOK_HEADERS)
+            return HTMLResponse(
+                runbooks.not_found_page(request.url.path[len(prefix) :]),
+                status_code=404,
+                headers=RUNBOOK_HEADERS,
+            )
         return await http_exception_handler(request, exc)
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
@@ -370,9 +531,14 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
     async def fleet_page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz", summary="Liveness and readiness",
-             responses={200: {"description": "Up, and the store answers."},
-                        503: {"description": "Up, but the store does not answer (body says why)."}})
+    @app.get(
+        "/healthz",
+        summary="Liveness and readiness",
+        responses={
+            200: {"description": "Up, and the store answers."},
+            503: {"description": "Up, but the store does not answer (body says why)."},
+        },
+    )
     async def healthz() -> JSONResponse:
         body = {"ok": True, **(info or {})}
         try:
@@ -381,17 +547,24 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
             body.update(ok=False, store_error=str(exc))
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
-    @app.get("/metrics", summary="The collector's own metrics (Prometheus text format)", response_class=Response,
-             responses={200: {"description": "Prometheus text exposition format.",
-                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/metrics",
+        summary="The collector's own metrics (Prometheus text format)",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def own_metrics() -> Response:
         if engine is not None:
             metrics.evaluations.set(engine.evaluations)
             metrics.notifications.set(engine.sent)
-            queues = [n.queue for n in getattr(engine, "notifiers", []) if hasattr(n, "queue")]
-            metrics.notify_failed.set(engine.send_failures + sum(q.failed for q in queues))
-            metrics.notify_queued.set(sum(q.pending() for q in queues))
-            metrics.notify_retries.set(sum(q.retries for q in queues))
+            metrics.notify_failed.set(engine.send_failures)
+            metrics.notify_queued.set(engine.queue.pending())
+            metrics.notify_retries.set(engine.queue.retries)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -400,8 +573,10 @@ def create_app(store: Store, *, tokens: TokenSet | list[str | Token] | None = No
 def _validate(req: rw.WriteRequest, limits: Limits) -> str | None:
     """The first reason to refuse the whole request, or None. Runs before anything is stored."""
     if len(req.series) > limits.max_series:
-        return (f"too many series: {len(req.series)} in one request, over the limit of {limits.max_series}; "
-                "send smaller batches")
+        return (
+            f"too many series: {len(req.series)} in one request, over the limit of {limits.max_series}; "
+            "send smaller batches"
+        )
     n = req.sample_count
     if n > limits.max_samples:
         return f"too many samples: {n} in one request, over the limit of {limits.max_samples}; send smaller batches"

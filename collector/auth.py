@@ -50,8 +50,10 @@ def parse_token(spec: str) -> Token:
     if secret.lower().startswith("sha256:"):
         digest = secret[7:].lower()
         if not _HEX.match(digest):
-            raise ValueError("a token given as sha256:… must be followed by 64 hex digits "
-                             "(make one with: gpufleet hash-token)")
+            raise ValueError(
+                "a token given as sha256:… must be followed by 64 hex digits "
+                "(make one with: gpufleet hash-token)"
+            )
         return Token(digest, cluster)
     return Token(hash_token(secret), cluster)
 
@@ -64,7 +66,9 @@ class TokenSet:
 
     @classmethod
     def parse(cls, specs: Sequence[str | Token]) -> TokenSet:
-        return cls(s if isinstance(s, Token) else parse_token(s) for s in specs if isinstance(s, Token) or s.strip())
+        return cls(
+            s if isinstance(s, Token) else parse_token(s) for s in specs if isinstance(s, Token) or s.strip()
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> list[Token]:
@@ -110,9 +114,11 @@ def scope_problem(token: Token, series_labels: Iterable[dict[str, str]]) -> str 
             where = f"cluster={got!r}" if got is not None else "no cluster label"
             name = labels.get("__name__", "?")
             ident = ",".join(f"{k}={labels[k]}" for k in ("node", "gpu") if k in labels)
-            return (f"token {token.name} may only write cluster {token.cluster!r}, but series {name}"
-                    f"{'{' + ident + '}' if ident else ''} has {where}; nothing in this request was stored. "
-                    f"Run the agent with --cluster {token.cluster} or give it that cluster's token")
+            return (
+                f"token {token.name} may only write cluster {token.cluster!r}, but series {name}"
+                f"{'{' + ident + '}' if ident else ''} has {where}; nothing in this request was stored. "
+                f"Run the agent with --cluster {token.cluster} or give it that cluster's token"
+            )
     return None
 
 

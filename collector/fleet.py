@@ -6,17 +6,15 @@ The fleet page and `gpufleet top` both read this one JSON shape, so they show th
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gpufleet.collector.store.reads import GpuRecord
+
 # Clock-event reasons that mean "the GPU runs slower than it could". gpu_idle, applications_clocks,
 # display_clocks and sync_boost are set on healthy GPUs and are not shown as throttling.
 SLOWDOWN_REASONS = ("hw_thermal", "sw_thermal", "hw_slowdown", "hw_power_brake", "sw_power_cap")
-
-_KEY = re.compile(r'^(?P<metric>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$')
-_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 _VALUES = {
     "sm_active": "gpufleet_gpu_sm_active_ratio",
@@ -33,58 +31,64 @@ _VALUES = {
 }
 
 
-def _split_key(key: str) -> tuple[str, dict[str, str]]:
-    m = _KEY.match(key)
-    if not m:
-        return key, {}
-    return m["metric"], dict(_PAIR.findall(m["labels"] or ""))
-
-
 def _alert_view(a: Mapping[str, Any]) -> dict[str, Any]:
     labels = a.get("labels", {})
     annotations = a.get("annotations", {})
     since = a.get("active_since")
     return {
-        "rule": a["rule"], "state": a["state"], "severity": labels.get("severity", "none"),
-        "summary": annotations.get("summary", ""), "description": annotations.get("description", ""),
+        "rule": a["rule"],
+        "state": a["state"],
+        "severity": labels.get("severity", "none"),
+        "summary": annotations.get("summary", ""),
+        "description": annotations.get("description", ""),
         "runbook_url": annotations.get("runbook_url"),
-        "cluster": labels.get("cluster"), "node": labels.get("node"), "gpu": labels.get("gpu"),
-        "uuid": labels.get("uuid"), "pod": labels.get("pod"), "namespace": labels.get("namespace"),
-        "labels": dict(labels), "value": a.get("value"),
+        "cluster": labels.get("cluster"),
+        "node": labels.get("node"),
+        "gpu": labels.get("gpu"),
+        "uuid": labels.get("uuid"),
+        "pod": labels.get("pod"),
+        "namespace": labels.get("namespace"),
+        "labels": dict(labels),
+        "value": a.get("value"),
         "active_since": since / 1000.0 if isinstance(since, int | float) and since > 1e11 else since,
     }
 
 
-def gpu_view(g: Mapping[str, Any], alerts: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+def gpu_view(g: GpuRecord, alerts: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """One GPU of `Store.gpus()` as the page and `top` show it."""
-    values: Mapping[str, float] = g.get("values", {})
-    out: dict[str, Any] = {k: g.get(k) for k in ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace",
-                                                 "container")}
-    out.update(up=bool(g.get("up")), stale=bool(g.get("stale")), last_seen=g.get("last_seen"))
+    out: dict[str, Any] = {
+        k: g.label(k) for k in ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
+    }
+    out["uuid"] = g.uuid
+    out.update(up=g.up, stale=g.stale, last_seen=g.last_seen)
     for name, metric in _VALUES.items():
-        out[name] = values.get(metric)
-    throttle, xids, ecc = [], 0.0, {"corrected": 0.0, "uncorrected": 0.0}
-    for key, value in values.items():
-        metric, labels = _split_key(key)
-        if metric == "gpufleet_gpu_clock_event_active" and value >= 1 and labels.get("reason") in SLOWDOWN_REASONS:
-            throttle.append(labels["reason"])
-        elif metric == "gpufleet_gpu_xid_errors_total":
-            xids += value
-        elif metric == "gpufleet_gpu_ecc_errors_total" and labels.get("scope") == "volatile" \
-                and labels.get("type") in ecc:
-            ecc[labels["type"]] += value
+        out[name] = g.value(metric)
+    throttle: list[str] = []
+    for v in g.series("gpufleet_gpu_clock_event_active"):
+        reason = v.labels.get("reason")
+        if reason is not None and v.value >= 1 and reason in SLOWDOWN_REASONS:
+            throttle.append(reason)
+    xids = sum((v.value for v in g.series("gpufleet_gpu_xid_errors_total")), 0.0)
+    ecc = {"corrected": 0.0, "uncorrected": 0.0}
+    for v in g.series("gpufleet_gpu_ecc_errors_total"):
+        kind = v.labels.get("type")
+        if v.labels.get("scope") == "volatile" and kind in ecc:
+            ecc[kind] += v.value
     out["throttle"] = sorted(throttle, key=SLOWDOWN_REASONS.index)
     out["xid_errors"] = xids
     out["ecc_errors"] = ecc
     used, total = out["memory_used_bytes"], out["memory_total_bytes"]
     out["memory_ratio"] = used / total if used is not None and total else None
-    out["alerts"] = [{"rule": a["rule"], "state": a["state"], "severity": a["severity"],
-                      "runbook_url": a["runbook_url"]} for a in alerts]
+    out["alerts"] = [
+        {"rule": a["rule"], "state": a["state"], "severity": a["severity"], "runbook_url": a["runbook_url"]}
+        for a in alerts
+    ]
     return out
 
 
-def fleet_summary(gpus: list[Mapping[str, Any]], alerts: list[Mapping[str, Any]],
-                  now: float | None = None) -> dict[str, Any]:
+def fleet_summary(
+    gpus: Iterable[GpuRecord], alerts: list[Mapping[str, Any]], now: float | None = None
+) -> dict[str, Any]:
     """GPUs grouped by (cluster, node), active alerts with runbooks, and fleet totals."""
     now = time.time() if now is None else now
     alert_views = [_alert_view(a) for a in alerts]
@@ -95,7 +99,7 @@ def fleet_summary(gpus: list[Mapping[str, Any]], alerts: list[Mapping[str, Any]]
     nodes: dict[tuple[str, str], dict[str, Any]] = {}
     views = []
     for g in gpus:
-        v = gpu_view(g, by_uuid.get(g.get("uuid", ""), ()))
+        v = gpu_view(g, by_uuid.get(g.uuid, ()))
         views.append(v)
         key = (v["cluster"] or "", v["node"] or "")
         nodes.setdefault(key, {"cluster": v["cluster"], "node": v["node"], "gpus": []})["gpus"].append(v)
@@ -106,12 +110,17 @@ def fleet_summary(gpus: list[Mapping[str, Any]], alerts: list[Mapping[str, Any]]
 
     firing = [a for a in alert_views if a["state"] == "firing"]
     totals = {
-        "gpus": len(views), "up": sum(v["up"] and not v["stale"] for v in views),
-        "down": sum(not v["up"] for v in views), "stale": sum(v["stale"] for v in views),
-        "nodes": len(nodes), "throttled": sum(bool(v["throttle"]) for v in views),
-        "alerts_firing": len(firing), "alerts_pending": len(alert_views) - len(firing),
+        "gpus": len(views),
+        "up": sum(v["up"] and not v["stale"] for v in views),
+        "down": sum(not v["up"] for v in views),
+        "stale": sum(v["stale"] for v in views),
+        "nodes": len(nodes),
+        "throttled": sum(bool(v["throttle"]) for v in views),
+        "alerts_firing": len(firing),
+        "alerts_pending": len(alert_views) - len(firing),
         "power_watts": sum(v["power_watts"] or 0.0 for v in views if v["up"] and not v["stale"]),
-        "sm_active": mean("sm_active"), "utilization": mean("utilization"),
+        "sm_active": mean("sm_active"),
+        "utilization": mean("utilization"),
         "memory_used_bytes": sum(v["memory_used_bytes"] or 0.0 for v in views),
         "memory_total_bytes": sum(v["memory_total_bytes"] or 0.0 for v in views),
     }

@@ -3,39 +3,49 @@
 
 One bounded queue and one sender thread per URL, so a slow or dead target never holds up ingest or the
 other targets. Bodies are forwarded as received (already snappy-compressed remote-write 1.0). A batch
-is retried with backoff on connection errors, 5xx, 408 and 429; a 4xx refusal or a full queue drops it,
-and every drop is counted and logged.
+is retried on connection errors, 5xx, 408 and 429 (after the target's Retry-After, else with backoff and
+jitter); a 4xx refusal or a full queue drops it, and every drop is counted and logged.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
-from gpufleet import remote_write as rw
+from gpufleet.core.retry import RetryPolicy, Verdict
+from gpufleet.core.sender import HttpTransport, RemoteWriteSender, http_pool
 
 log = logging.getLogger(__name__)
 
 
 class RemoteWriteTarget:
-    def __init__(self, url: str, *, http: Any | None = None, max_queue_samples: int = 5_000_000,
-                 headers: dict[str, str] | None = None, max_backoff: float = 30.0,
-                 sleep: Callable[[float], Any] | None = None, timeout: float = 10.0) -> None:
-        if http is None:
-            import urllib3
-
-            http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=timeout))
+    def __init__(
+        self,
+        url: str,
+        *,
+        http: HttpTransport | None = None,
+        max_queue_samples: int = 5_000_000,
+        headers: dict[str, str] | None = None,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], object] | None = None,
+        timeout: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.url = url
-        self._http = http
-        self._headers = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING,
-                         "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION,
-                         "User-Agent": "gpufleet-collector", **(headers or {})}
+        self._sender = RemoteWriteSender(
+            url,
+            http if http is not None else http_pool(timeout),
+            user_agent="gpufleet-collector",
+            headers=headers,
+        )
         self._max_queue = max_queue_samples
-        self._max_backoff = max_backoff
+        self._retry = RetryPolicy(
+            first_s=min(0.2, max_backoff), max_s=max_backoff, rng=rng or random.Random()
+        )
         self._queue: deque[tuple[bytes, int]] = deque()
         self._queued_samples = 0
         self._cond = threading.Condition()
@@ -59,15 +69,19 @@ class RemoteWriteTarget:
         with self._cond:
             if self._queued_samples + samples > self._max_queue:
                 self.dropped_samples += samples
-                log.error("remote-write to %s is behind by %d samples (queue full); dropped a batch of %d",
-                          self.url, self._queued_samples, samples)
+                log.error(
+                    "remote-write to %s is behind by %d samples (queue full); dropped a batch of %d",
+                    self.url,
+                    self._queued_samples,
+                    samples,
+                )
                 return
             self._queue.append((body, samples))
             self._queued_samples += samples
             self._cond.notify()
 
     def _run(self) -> None:
-        backoff = 0.0
+        failures = 0
         while not self._stop.is_set():
             with self._cond:
                 while not self._queue and not self._stop.is_set():
@@ -75,41 +89,42 @@ class RemoteWriteTarget:
                 if self._stop.is_set():
                     return
                 body, n = self._queue[0]
-            outcome = self._send(body, n)
-            if outcome == "retry":
-                backoff = min(max(backoff * 2, 0.2), self._max_backoff)
-                self._sleep(backoff)
+            verdict, retry_after = self._send(body, n)
+            if verdict is Verdict.RETRY:
+                self._sleep(self._retry.delay(failures, retry_after))
+                failures += 1
                 continue
-            backoff = 0.0
+            failures = 0
             with self._cond:
                 self._queue.popleft()
                 self._queued_samples -= n
-            if outcome == "sent":
+            if verdict is Verdict.OK:
                 self.sent_samples += n
             else:
                 self.dropped_samples += n
 
-    def _send(self, body: bytes, n: int) -> str:
-        try:
-            resp = self._http.request("POST", self.url, body=body, headers=self._headers)
-            status, detail = resp.status, resp.data[:200].decode(errors="replace")
-        except Exception as exc:
-            status, detail = 0, str(exc)
-        if 200 <= status < 300:
+    def _send(self, body: bytes, n: int) -> tuple[Verdict, float | None]:
+        result = self._sender.send(body)
+        if result.verdict is Verdict.OK:
             if self.last_error:
                 log.info("remote-write to %s works again", self.url)
             self.last_error = None
-            return "sent"
+            return result.verdict, None
         self.failed_sends += 1
-        if 400 <= status < 500 and status not in (408, 429):
-            log.error("remote-write target %s refused a batch of %d samples (HTTP %d: %s); dropped it",
-                      self.url, n, status, detail)
-            return "refused"
-        msg = f"cannot remote-write to {self.url} ({f'HTTP {status}: {detail}' if status else detail}); retrying"
+        if result.verdict is Verdict.REFUSED:
+            log.error(
+                "remote-write target %s refused a batch of %d samples (HTTP %d: %s); dropped it",
+                self.url,
+                n,
+                result.status,
+                result.detail,
+            )
+            return result.verdict, None
+        msg = f"cannot remote-write to {self.url} ({result.problem}); retrying"
         if msg != self.last_error:
             log.warning(msg)
         self.last_error = msg
-        return "retry"
+        return result.verdict, result.retry_after_s
 
     def drain(self, timeout: float) -> bool:
         """Wait until the queue is empty (True) or ``timeout`` seconds have passed (False)."""
@@ -132,7 +147,9 @@ class RemoteWriteTarget:
 class Forwarder:
     """Every stored batch goes to every target."""
 
-    def __init__(self, urls: list[str], *, http: Any | None = None, max_queue_samples: int = 5_000_000) -> None:
+    def __init__(
+        self, urls: list[str], *, http: HttpTransport | None = None, max_queue_samples: int = 5_000_000
+    ) -> None:
         self.targets = [RemoteWriteTarget(u, http=http, max_queue_samples=max_queue_samples) for u in urls]
 
     def start(self) -> Forwarder:

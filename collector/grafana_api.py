@@ -48,20 +48,27 @@ class GrafanaApi:
     :class:`GrafanaError`.
     """
 
-    def __init__(self, url: str, token: str | None, *, timeout: float = 10.0,
-                 http: urllib3.PoolManager | None = None) -> None:
+    def __init__(
+        self, url: str, token: str | None, *, timeout: float = 10.0, http: urllib3.PoolManager | None = None
+    ) -> None:
         parts = urllib.parse.urlsplit(url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"--grafana-url {url!r} is not an http(s) URL; give Grafana's root URL, "
-                             "e.g. http://grafana:3000")
+            raise ValueError(
+                f"--grafana-url {url!r} is not an http(s) URL; give Grafana's root URL, "
+                "e.g. http://grafana:3000"
+            )
         # user:password@ in the URL is Grafana's basic auth (a local admin); it never shows in messages.
         self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self._headers = {"Accept": "application/json", "User-Agent": "gpufleet"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         elif parts.username:
-            self._headers.update(urllib3.make_headers(basic_auth=f"{urllib.parse.unquote(parts.username)}:"
-                                                                 f"{urllib.parse.unquote(parts.password or '')}"))
+            self._headers.update(
+                urllib3.make_headers(
+                    basic_auth=f"{urllib.parse.unquote(parts.username)}:"
+                    f"{urllib.parse.unquote(parts.password or '')}"
+                )
+            )
         self._http = http if http is not None else urllib3.PoolManager()
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
 
@@ -73,8 +80,9 @@ class GrafanaApi:
         return self._call("POST", "/folders", {"uid": uid, "title": title})
 
     def update_folder(self, uid: str, *, title: str, version: int | None, overwrite: bool) -> JSON:
-        return self._call("PUT", f"/folders/{_seg(uid)}", {"title": title, "version": version,
-                                                           "overwrite": overwrite})
+        return self._call(
+            "PUT", f"/folders/{_seg(uid)}", {"title": title, "version": version, "overwrite": overwrite}
+        )
 
     # ---- data sources ----------------------------------------------------------------------------
     def get_datasource(self, uid: str) -> JSON | None:
@@ -93,21 +101,34 @@ class GrafanaApi:
 
     def save_dashboard(self, dashboard: JSON, *, folder_uid: str, overwrite: bool, message: str) -> JSON:
         """Create or update (each save is a new version in Grafana's history)."""
-        return self._call("POST", "/dashboards/db", {"dashboard": dashboard, "folderUid": folder_uid,
-                                                     "overwrite": overwrite, "message": message})
+        return self._call(
+            "POST",
+            "/dashboards/db",
+            {"dashboard": dashboard, "folderUid": folder_uid, "overwrite": overwrite, "message": message},
+        )
 
     # ---- annotations -----------------------------------------------------------------------------
-    def add_annotation(self, *, time_ms: int, tags: list[str], text: str, time_end_ms: int | None = None) -> int:
+    def add_annotation(
+        self, *, time_ms: int, tags: list[str], text: str, time_end_ms: int | None = None
+    ) -> int:
         """An organisation-wide annotation (a region when ``time_end_ms`` is given); its id."""
         body: JSON = {"time": time_ms, "tags": tags, "text": text}
         if time_end_ms is not None:
             body["timeEnd"] = time_end_ms
         return int(self._call("POST", "/annotations", body)["id"])
 
-    def patch_annotation(self, annotation_id: int, *, time_end_ms: int | None = None, tags: list[str] | None = None,
-                         text: str | None = None) -> None:
+    def patch_annotation(
+        self,
+        annotation_id: int,
+        *,
+        time_end_ms: int | None = None,
+        tags: list[str] | None = None,
+        text: str | None = None,
+    ) -> None:
         """Change only the fields given; the others keep their values."""
-        body: JSON = {k: v for k, v in (("timeEnd", time_end_ms), ("tags", tags), ("text", text)) if v is not None}
+        body: JSON = {
+            k: v for k, v in (("timeEnd", time_end_ms), ("tags", tags), ("text", text)) if v is not None
+        }
         self._call("PATCH", f"/annotations/{annotation_id}", body)
 
     # ---- plumbing --------------------------------------------------------------------------------
@@ -127,8 +148,15 @@ class GrafanaApi:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         try:
-            resp = self._http.request(method, self.url + api_path, body=data, headers=headers,
-                                      timeout=self._timeout, retries=False, redirect=False)
+            resp = self._http.request(
+                method,
+                self.url + api_path,
+                body=data,
+                headers=headers,
+                timeout=self._timeout,
+                retries=False,
+                redirect=False,
+            )
         except urllib3.exceptions.HTTPError as exc:
             raise GrafanaError(self.url, method, api_path, None, _reason(exc)) from None
         if not 200 <= resp.status < 300:
@@ -136,8 +164,13 @@ class GrafanaApi:
         try:
             return json.loads(resp.data) if resp.data else {}
         except ValueError:
-            raise GrafanaError(self.url, method, api_path, resp.status,
-                               f"the answer is not JSON ({resp.data[:80]!r}); is this Grafana's root URL?") from None
+            raise GrafanaError(
+                self.url,
+                method,
+                api_path,
+                resp.status,
+                f"the answer is not JSON ({resp.data[:80]!r}); is this Grafana's root URL?",
+            ) from None
 
 
 def _seg(value: str) -> str:

@@ -25,7 +25,9 @@ from sqlalchemy.pool import NullPool
 log = logging.getLogger(__name__)
 
 # One 64-bit key for "evaluates gpufleet rules" in this database.
-LOCK_KEY = int.from_bytes(hashlib.blake2b(b"gpufleet-rule-evaluation", digest_size=8).digest(), "big", signed=True)
+LOCK_KEY = int.from_bytes(
+    hashlib.blake2b(b"gpufleet-rule-evaluation", digest_size=8).digest(), "big", signed=True
+)
 
 
 class AlwaysLeader:
@@ -45,9 +47,17 @@ class AdvisoryLockLeader:
 
     def __init__(self, engine: Engine, *, key: int = LOCK_KEY, name: str = "") -> None:
         # Its own engine without a pool: the lock's session must never be handed to other work.
-        self._engine = create_engine(engine.url, poolclass=NullPool,
-                                     connect_args={"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5,
-                                                   "keepalives_interval": 2, "keepalives_count": 3})
+        self._engine = create_engine(
+            engine.url,
+            poolclass=NullPool,
+            connect_args={
+                "connect_timeout": 5,
+                "keepalives": 1,
+                "keepalives_idle": 5,
+                "keepalives_interval": 2,
+                "keepalives_count": 3,
+            },
+        )
         self._key = key
         self._conn: Any = None
         self._name = name
@@ -64,8 +74,12 @@ class AdvisoryLockLeader:
                 self._conn.execute(text("SELECT 1"))
                 return True
             except Exception as exc:
-                log.error("%slost the rule-evaluation lock (its database session ended: %s); "
-                          "stepping down until it can be taken again", self._prefix(), _short(exc))
+                log.error(
+                    "%slost the rule-evaluation lock (its database session ended: %s); "
+                    "stepping down until it can be taken again",
+                    self._prefix(),
+                    _short(exc),
+                )
                 self._close()
         try:
             conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -74,8 +88,11 @@ class AdvisoryLockLeader:
             return False
         try:
             # The server drops the session (and the lock) soon after the leader's host stops answering.
-            for setting, value in (("tcp_keepalives_idle", 5), ("tcp_keepalives_interval", 2),
-                                   ("tcp_keepalives_count", 3)):
+            for setting, value in (
+                ("tcp_keepalives_idle", 5),
+                ("tcp_keepalives_interval", 2),
+                ("tcp_keepalives_count", 3),
+            ):
                 conn.execute(text(f"SET {setting} = {value}"))
             got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._key}).scalar_one()
         except Exception as exc:

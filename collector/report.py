@@ -30,12 +30,17 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from gpufleet.durations import parse_duration
+from gpufleet.core.durations import parse_duration
 
 GIB = float(1 << 30)
 STATES = ("busy", "busy_low_sm", "idle_with_memory", "idle")
-STATE_TITLES = {"busy": "busy", "busy_low_sm": "busy, low SM activity", "idle_with_memory": "idle with memory held",
-                "idle": "idle", "unknown": "no utilization data"}
+STATE_TITLES = {
+    "busy": "busy",
+    "busy_low_sm": "busy, low SM activity",
+    "idle_with_memory": "idle with memory held",
+    "idle": "idle",
+    "unknown": "no utilization data",
+}
 THROTTLE_REASONS = ("hw_thermal", "sw_thermal", "hw_slowdown", "hw_power_brake", "sw_power_cap")
 
 
@@ -98,13 +103,17 @@ def parse_since(since: str, until: float | None = None, now: float | None = None
         try:
             t = dt.datetime.fromisoformat(since)
         except ValueError:
-            raise ReportError(f"--since {since!r} is neither a duration (7d, 24h, 90m, 3600s) nor an ISO 8601 time "
-                              "(2024-05-01T00:00:00+00:00)") from None
+            raise ReportError(
+                f"--since {since!r} is neither a duration (7d, 24h, 90m, 3600s) nor an ISO 8601 time "
+                "(2024-05-01T00:00:00+00:00)"
+            ) from None
         start = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
     if not (0 <= start < end <= _LATEST):  # NaN fails every comparison
         if not (0 <= end <= _LATEST) or not (0 <= start <= _LATEST):
-            raise ReportError(f"the report range {since!r}..{until!r} is outside 1970..2100; give Unix seconds "
-                              "or a duration such as 7d")
+            raise ReportError(
+                f"the report range {since!r}..{until!r} is outside 1970..2100; give Unix seconds "
+                "or a duration such as 7d"
+            )
         raise ReportError(f"the report range is empty: since ({since}) is not before until ({end})")
     return start, end
 
@@ -150,9 +159,9 @@ GROUP BY uuid, node, gpu, pod, namespace, metric, bucket"""
 
 def _sql_throttle(q: _Sql) -> str:
     reasons = ", ".join(f"'{r}'" for r in THROTTLE_REASONS)
-    return f"""SELECT uuid, node, {q.label('reason')} AS reason, {q.bucket()} AS bucket, AVG(value) AS value
+    return f"""SELECT uuid, node, {q.label("reason")} AS reason, {q.bucket()} AS bucket, AVG(value) AS value
 FROM metric_samples
-WHERE metric = 'gpufleet_gpu_clock_event_active' AND {q.label('reason')} IN ({reasons}) AND {q.in_range()}
+WHERE metric = 'gpufleet_gpu_clock_event_active' AND {q.label("reason")} IN ({reasons}) AND {q.in_range()}
 GROUP BY uuid, node, reason, bucket"""
 
 
@@ -179,7 +188,9 @@ WHERE metric = 'gpufleet_inference_tokens_per_second' AND {q.in_range()}
 GROUP BY node, model, bucket"""
 
 
-def _durations(buckets: Iterable[int], step: int, since: float, until: float, max_gap_s: float) -> dict[int, float]:
+def _durations(
+    buckets: Iterable[int], step: int, since: float, until: float, max_gap_s: float
+) -> dict[int, float]:
     """Seconds each bucket stands for: until the next bucket with data, at most max_gap_s, not past until."""
     bs = sorted(set(buckets))
     out = {}
@@ -200,9 +211,16 @@ def _pct(part: float, whole: float) -> str:
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
-def build_report(engine: Engine, since: float, until: float, *, step: int | None = None,
-                 thresholds: Thresholds | None = None, top: int = 10,
-                 progress: Callable[[str], None] | None = None) -> Report:
+def build_report(
+    engine: Engine,
+    since: float,
+    until: float,
+    *,
+    step: int | None = None,
+    thresholds: Thresholds | None = None,
+    top: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
     """Compute the report for [since, until) from the store behind ``engine``. ``progress`` hears which of
     the six queries runs (over weeks of a large fleet each can take a while)."""
     th = thresholds or Thresholds()
@@ -210,14 +228,18 @@ def build_report(engine: Engine, since: float, until: float, *, step: int | None
     q = _Sql(engine.dialect.name)
     params = {"since": since, "until": until, "step": step}
     xid_sql = _sql_counter_increase(q, q.label("xid"), count_first=True)
-    ecc_sql = _sql_counter_increase(q, q.label("type"), where=f" AND {q.label('scope')} = 'volatile'",
-                                    count_first=False)
+    ecc_sql = _sql_counter_increase(
+        q, q.label("type"), where=f" AND {q.label('scope')} = 'volatile'", count_first=False
+    )
     energy_sql = _sql_counter_increase(q, "''", count_first=False)
-    queries = [("GPU utilization", _sql_gpu_buckets(q), {}), ("throttling", _sql_throttle(q), {}),
-               ("XID errors", xid_sql, {"metric": "gpufleet_gpu_xid_errors_total"}),
-               ("ECC errors", ecc_sql, {"metric": "gpufleet_gpu_ecc_errors_total"}),
-               ("energy", energy_sql, {"metric": "gpufleet_gpu_energy_joules_total"}),
-               ("inference tokens", _sql_tokens(q), {})]
+    queries = [
+        ("GPU utilization", _sql_gpu_buckets(q), {}),
+        ("throttling", _sql_throttle(q), {}),
+        ("XID errors", xid_sql, {"metric": "gpufleet_gpu_xid_errors_total"}),
+        ("ECC errors", ecc_sql, {"metric": "gpufleet_gpu_ecc_errors_total"}),
+        ("energy", energy_sql, {"metric": "gpufleet_gpu_energy_joules_total"}),
+        ("inference tokens", _sql_tokens(q), {}),
+    ]
     results = []
     with engine.connect() as conn:
         for n, (what, sql, extra) in enumerate(queries, 1):
@@ -269,37 +291,63 @@ def build_report(engine: Engine, since: float, until: float, *, step: int | None
                 p[state] += secs
 
     total_s = sum(hours.values())
-    report = Report(since=since, until=until, step_s=step, generated_at=time.time(),
-                    gpu_hours={k: _h(v) for k, v in hours.items() if k != "unknown" or v})
+    report = Report(
+        since=since,
+        until=until,
+        step_s=step,
+        generated_at=time.time(),
+        gpu_hours={k: _h(v) for k, v in hours.items() if k != "unknown" or v},
+    )
 
     # GPU-hours by state ------------------------------------------------------------------------------
     findings = []
     if total_s:
-        findings.append(f"{_h(total_s):g} GPU-hours observed on {len(per_gpu)} GPUs; "
-                        f"{_pct(hours['busy'], total_s)} busy with real SM activity.")
+        findings.append(
+            f"{_h(total_s):g} GPU-hours observed on {len(per_gpu)} GPUs; "
+            f"{_pct(hours['busy'], total_s)} busy with real SM activity."
+        )
         if hours["busy_low_sm"]:
             worst = sorted(by_gpu.items(), key=lambda kv: -kv[1]["busy_low_sm"])[:3]
             findings.append(
                 f"{_h(hours['busy_low_sm']):g} GPU-hours ({_pct(hours['busy_low_sm'], total_s)}) had a kernel running "
                 f"but SM activity under {th.low_sm_activity:.0%}; most on "
-                + ", ".join(f"{g['node']} GPU {g['gpu']} ({_h(g['busy_low_sm']):g} h)" for _, g in worst
-                            if g["busy_low_sm"]) + ".")
+                + ", ".join(
+                    f"{g['node']} GPU {g['gpu']} ({_h(g['busy_low_sm']):g} h)"
+                    for _, g in worst
+                    if g["busy_low_sm"]
+                )
+                + "."
+            )
         if hours["idle_with_memory"]:
-            findings.append(f"{_h(hours['idle_with_memory']):g} GPU-hours idle while holding memory "
-                            f"(>= {th.memory_held_bytes / GIB:g} GiB): allocated to a job that did not use them.")
+            findings.append(
+                f"{_h(hours['idle_with_memory']):g} GPU-hours idle while holding memory "
+                f"(>= {th.memory_held_bytes / GIB:g} GiB): allocated to a job that did not use them."
+            )
         if no_sm_s:
-            findings.append(f"{_h(no_sm_s):g} busy GPU-hours had no SM activity data (no GPM): counted as busy.")
+            findings.append(
+                f"{_h(no_sm_s):g} busy GPU-hours had no SM activity data (no GPM): counted as busy."
+            )
     else:
         findings.append("No GPU utilization samples in this range.")
-    report.sections.append(Section(
-        "states", "GPU-hours by state", ["node", "gpu", "uuid", *(STATE_TITLES[s] for s in STATES)],
-        [[g["node"], g["gpu"], u, *(_h(g[s]) for s in STATES)]
-         for u, g in sorted(by_gpu.items(), key=lambda kv: (kv[1]["node"] or "", int(kv[1]["gpu"] or 0)))],
-        findings, _sql_gpu_buckets(q),
-        f"(gpufleet_gpu_utilization_ratio >= {th.idle_utilization}) and "
-        f"(avg_over_time(gpufleet_gpu_sm_active_ratio[{step}s]) < {th.low_sm_activity})",
-        f"{step}-second buckets; utilization >= {th.idle_utilization:.0%} is busy, SM activity < "
-        f"{th.low_sm_activity:.0%} is low, memory >= {th.memory_held_bytes / GIB:g} GiB is held."))
+    report.sections.append(
+        Section(
+            "states",
+            "GPU-hours by state",
+            ["node", "gpu", "uuid", *(STATE_TITLES[s] for s in STATES)],
+            [
+                [g["node"], g["gpu"], u, *(_h(g[s]) for s in STATES)]
+                for u, g in sorted(
+                    by_gpu.items(), key=lambda kv: (kv[1]["node"] or "", int(kv[1]["gpu"] or 0))
+                )
+            ],
+            findings,
+            _sql_gpu_buckets(q),
+            f"(gpufleet_gpu_utilization_ratio >= {th.idle_utilization}) and "
+            f"(avg_over_time(gpufleet_gpu_sm_active_ratio[{step}s]) < {th.low_sm_activity})",
+            f"{step}-second buckets; utilization >= {th.idle_utilization:.0%} is busy, SM activity < "
+            f"{th.low_sm_activity:.0%} is low, memory >= {th.memory_held_bytes / GIB:g} GiB is held.",
+        )
+    )
 
     # Wasted GPU-hours by pod and namespace ---------------------------------------------------------------
     def wasted(p: dict[str, float]) -> float:
@@ -310,47 +358,95 @@ def build_report(engine: Engine, since: float, until: float, *, step: int | None
     for (ns, _), p in by_pod.items():
         for k, v in p.items():
             namespaces[ns][k] += v
-    rows = [["pod", f"{ns}/{pod}", _h(p["total"]), _h(wasted(p)), _h(p["busy_low_sm"]), _h(p["idle_with_memory"]),
-             _h(p["idle"])] for (ns, pod), p in pods[:top] if wasted(p) > 0]
-    rows += [["namespace", ns, _h(p["total"]), _h(wasted(p)), _h(p["busy_low_sm"]), _h(p["idle_with_memory"]),
-              _h(p["idle"])] for ns, p in sorted(namespaces.items(), key=lambda kv: -wasted(kv[1]))[:top]
-             if wasted(p) > 0]
-    findings = [f"{ns}/{pod} held GPUs for {_h(p['total']):g} h and wasted {_h(wasted(p)):g} h "
-                f"({_pct(wasted(p), p['total'])})." for (ns, pod), p in pods[:3] if wasted(p) > 0]
+    rows = [
+        [
+            "pod",
+            f"{ns}/{pod}",
+            _h(p["total"]),
+            _h(wasted(p)),
+            _h(p["busy_low_sm"]),
+            _h(p["idle_with_memory"]),
+            _h(p["idle"]),
+        ]
+        for (ns, pod), p in pods[:top]
+        if wasted(p) > 0
+    ]
+    rows += [
+        [
+            "namespace",
+            ns,
+            _h(p["total"]),
+            _h(wasted(p)),
+            _h(p["busy_low_sm"]),
+            _h(p["idle_with_memory"]),
+            _h(p["idle"]),
+        ]
+        for ns, p in sorted(namespaces.items(), key=lambda kv: -wasted(kv[1]))[:top]
+        if wasted(p) > 0
+    ]
+    findings = [
+        f"{ns}/{pod} held GPUs for {_h(p['total']):g} h and wasted {_h(wasted(p)):g} h "
+        f"({_pct(wasted(p), p['total'])})."
+        for (ns, pod), p in pods[:3]
+        if wasted(p) > 0
+    ]
     if not by_pod:
-        findings = ["No GPU series carried a pod label in this range (run the agent with Kubernetes enrichment)."]
+        findings = [
+            "No GPU series carried a pod label in this range (run the agent with Kubernetes enrichment)."
+        ]
     elif not findings:
         findings = ["Every pod-held GPU-hour was busy."]
-    report.sections.append(Section(
-        "waste", "Top pods and namespaces by wasted GPU-hours",
-        ["by", "name", "GPU-hours held", "wasted", "busy, low SM", "idle with memory", "idle"], rows, findings,
-        _sql_gpu_buckets(q),
-        f"sum by (namespace, pod) (gpufleet_gpu_utilization_ratio < {th.idle_utilization} or "
-        f"gpufleet_gpu_sm_active_ratio < {th.low_sm_activity})",
-        "Wasted: every hour a pod held a GPU that was not busy with real SM activity."))
+    report.sections.append(
+        Section(
+            "waste",
+            "Top pods and namespaces by wasted GPU-hours",
+            ["by", "name", "GPU-hours held", "wasted", "busy, low SM", "idle with memory", "idle"],
+            rows,
+            findings,
+            _sql_gpu_buckets(q),
+            f"sum by (namespace, pod) (gpufleet_gpu_utilization_ratio < {th.idle_utilization} or "
+            f"gpufleet_gpu_sm_active_ratio < {th.low_sm_activity})",
+            "Wasted: every hour a pod held a GPU that was not busy with real SM activity.",
+        )
+    )
 
     # Throttled hours by cause and node ---------------------------------------------------------------------
     tcells: dict[tuple[str, str], dict[int, tuple[str, float]]] = defaultdict(dict)
     for uuid, node, reason, bucket, value in throttle_rows:
         tcells[(uuid, reason)][int(bucket)] = (node, value)
     throttled: dict[tuple[str, str], float] = defaultdict(float)
-    for (_uuid, reason), bs in tcells.items():
-        for b, secs in _durations(bs, step, since, until, th.max_gap_s).items():
-            node, value = bs[b]
+    for (_uuid, reason), by_bucket in tcells.items():
+        for b, secs in _durations(by_bucket, step, since, until, th.max_gap_s).items():
+            node, value = by_bucket[b]
             throttled[(node, reason)] += value * secs
-    trows = [[node, reason, _h(s)] for (node, reason), s in sorted(throttled.items(), key=lambda kv: -kv[1]) if s > 0]
+    trows = [
+        [node, reason, _h(s)]
+        for (node, reason), s in sorted(throttled.items(), key=lambda kv: -kv[1])
+        if s > 0
+    ]
     by_reason: dict[str, float] = defaultdict(float)
     for (_, reason), s in throttled.items():
         by_reason[reason] += s
-    findings = [f"{_h(s):g} GPU-hours throttled by {reason}." for reason, s in
-                sorted(by_reason.items(), key=lambda kv: -kv[1]) if s > 0] or ["No clock throttling in this range."]
+    findings = [
+        f"{_h(s):g} GPU-hours throttled by {reason}."
+        for reason, s in sorted(by_reason.items(), key=lambda kv: -kv[1])
+        if s > 0
+    ] or ["No clock throttling in this range."]
     if trows:
         findings.append(f"Most throttled: {trows[0][0]} ({trows[0][1]}, {trows[0][2]:g} h).")
-    report.sections.append(Section(
-        "throttle", "Throttled hours by cause and node", ["node", "reason", "GPU-hours"], trows, findings,
-        _sql_throttle(q),
-        'sum by (node, reason) (avg_over_time(gpufleet_gpu_clock_event_active{reason=~"'
-        + "|".join(THROTTLE_REASONS) + '"}[1h]))'))
+    report.sections.append(
+        Section(
+            "throttle",
+            "Throttled hours by cause and node",
+            ["node", "reason", "GPU-hours"],
+            trows,
+            findings,
+            _sql_throttle(q),
+            'sum by (node, reason) (avg_over_time(gpufleet_gpu_clock_event_active{reason=~"'
+            + "|".join(THROTTLE_REASONS)
+            + '"}[1h]))',
+        )
+    )
 
     # XID and ECC counts by node --------------------------------------------------------------------------------
     errors: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -362,18 +458,33 @@ def build_report(engine: Engine, since: float, until: float, *, step: int | None
     for node, _uuid, key, inc in ecc_rows:
         if inc:
             errors[node][f"ecc_{key}"] += inc
-    erows = [[node, int(e["xid"]), ", ".join(f"{code}×{int(n)}" for (nd, code), n in sorted(xids_by_code.items())
-                                              if nd == node),
-              int(e["ecc_corrected"]), int(e["ecc_uncorrected"])] for node, e in sorted(errors.items())]
-    findings = [f"{node}: {int(e['xid'])} XID events, {int(e['ecc_uncorrected'])} uncorrected and "
-                f"{int(e['ecc_corrected'])} corrected ECC errors." for node, e in
-                sorted(errors.items(), key=lambda kv: -(kv[1]["xid"] + kv[1]["ecc_uncorrected"]))[:5]] \
-        or ["No XID events or ECC errors in this range."]
-    report.sections.append(Section(
-        "errors", "XID and ECC errors by node", ["node", "XID events", "XID codes", "ECC corrected", "ECC uncorrected"],
-        erows, findings, xid_sql + ";\n-- ECC: the same with key = type, scope = 'volatile'",
-        "sum by (node, xid) (increase(gpufleet_gpu_xid_errors_total[7d])); "
-        'sum by (node, type) (increase(gpufleet_gpu_ecc_errors_total{scope="volatile"}[7d]))'))
+    erows = [
+        [
+            node,
+            int(e["xid"]),
+            ", ".join(f"{code}×{int(n)}" for (nd, code), n in sorted(xids_by_code.items()) if nd == node),
+            int(e["ecc_corrected"]),
+            int(e["ecc_uncorrected"]),
+        ]
+        for node, e in sorted(errors.items())
+    ]
+    findings = [
+        f"{node}: {int(e['xid'])} XID events, {int(e['ecc_uncorrected'])} uncorrected and "
+        f"{int(e['ecc_corrected'])} corrected ECC errors."
+        for node, e in sorted(errors.items(), key=lambda kv: -(kv[1]["xid"] + kv[1]["ecc_uncorrected"]))[:5]
+    ] or ["No XID events or ECC errors in this range."]
+    report.sections.append(
+        Section(
+            "errors",
+            "XID and ECC errors by node",
+            ["node", "XID events", "XID codes", "ECC corrected", "ECC uncorrected"],
+            erows,
+            findings,
+            xid_sql + ";\n-- ECC: the same with key = type, scope = 'volatile'",
+            "sum by (node, xid) (increase(gpufleet_gpu_xid_errors_total[7d])); "
+            'sum by (node, type) (increase(gpufleet_gpu_ecc_errors_total{scope="volatile"}[7d]))',
+        )
+    )
 
     # Energy --------------------------------------------------------------------------------------------------------
     counter_j: dict[str, tuple[str, float]] = {uuid: (node, inc or 0.0) for node, uuid, _, inc in energy_rows}
@@ -385,21 +496,31 @@ def build_report(engine: Engine, since: float, until: float, *, step: int | None
         else:  # no energy counter on this GPU: integrate its power draw
             node_energy[nodes_of.get(uuid) or counter_j.get(uuid, ("?",))[0]] += power_j.get(uuid, 0.0)
     total_j = sum(node_energy.values())
-    report.sections.append(Section(
-        "energy", "Energy used", ["node", "kWh"],
-        [[node, round(j / 3.6e6, 3)] for node, j in sorted(node_energy.items())],
-        [f"{total_j / 3.6e6:.2f} kWh used by the GPUs in this range." if total_j else "No energy or power samples."],
-        energy_sql, "sum by (node) (increase(gpufleet_gpu_energy_joules_total[7d])) / 3.6e6",
-        "From the GPUs' energy counters; GPUs without one by integrating their power draw."))
+    report.sections.append(
+        Section(
+            "energy",
+            "Energy used",
+            ["node", "kWh"],
+            [[node, round(j / 3.6e6, 3)] for node, j in sorted(node_energy.items())],
+            [
+                f"{total_j / 3.6e6:.2f} kWh used by the GPUs in this range."
+                if total_j
+                else "No energy or power samples."
+            ],
+            energy_sql,
+            "sum by (node) (increase(gpufleet_gpu_energy_joules_total[7d])) / 3.6e6",
+            "From the GPUs' energy counters; GPUs without one by integrating their power draw.",
+        )
+    )
 
     # Tokens per joule per model -----------------------------------------------------------------------------------
     tk: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for node, model, bucket, value in token_rows:
         tk[(node, model)][int(bucket)] = value
     tokens_nb: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
-    for (node, model), bs in tk.items():
-        for b, secs in _durations(bs, step, since, until, th.max_gap_s).items():
-            tokens_nb[(node, b)][model] = bs[b] * secs
+    for (node, model), rates in tk.items():
+        for b, secs in _durations(rates, step, since, until, th.max_gap_s).items():
+            tokens_nb[(node, b)][model] = rates[b] * secs
     model_tokens: dict[str, float] = defaultdict(float)
     model_j: dict[str, float] = defaultdict(float)
     for (node, b), per_model in tokens_nb.items():
@@ -408,18 +529,34 @@ def build_report(engine: Engine, since: float, until: float, *, step: int | None
             model_tokens[model] += t
             if n_tokens:  # the node's GPU energy in the bucket, shared by the models' token counts
                 model_j[model] += node_j.get((node, b), 0.0) * t / n_tokens
-    irows = [[m, round(model_tokens[m]), round(model_j[m] / 3.6e6, 4),
-              round(model_tokens[m] / model_j[m], 3) if model_j[m] else None] for m in sorted(model_tokens)]
-    findings = [f"{m}: {r[3]:g} tokens per joule ({r[1]:,} tokens)." for m, r in zip(sorted(model_tokens), irows,
-                                                                                    strict=True) if r[3]] \
-        or ["No inference data (gpufleet_inference_tokens_per_second) in this range."]
-    report.sections.append(Section(
-        "inference", "Tokens per joule by model", ["model", "tokens", "GPU kWh", "tokens per joule"], irows, findings,
-        _sql_tokens(q),
-        "sum by (model) (gpufleet_inference_tokens_per_second) / "
-        "sum by (model) (sum by (node) (gpufleet_gpu_power_watts) * on (node) group_right "
-        "count by (node, model) (gpufleet_inference_tokens_per_second))",
-        "A node's GPU energy is shared between the models it served in proportion to their tokens."))
+    irows = [
+        [
+            m,
+            round(model_tokens[m]),
+            round(model_j[m] / 3.6e6, 4),
+            round(model_tokens[m] / model_j[m], 3) if model_j[m] else None,
+        ]
+        for m in sorted(model_tokens)
+    ]
+    findings = [
+        f"{m}: {r[3]:g} tokens per joule ({r[1]:,} tokens)."
+        for m, r in zip(sorted(model_tokens), irows, strict=True)
+        if r[3]
+    ] or ["No inference data (gpufleet_inference_tokens_per_second) in this range."]
+    report.sections.append(
+        Section(
+            "inference",
+            "Tokens per joule by model",
+            ["model", "tokens", "GPU kWh", "tokens per joule"],
+            irows,
+            findings,
+            _sql_tokens(q),
+            "sum by (model) (gpufleet_inference_tokens_per_second) / "
+            "sum by (model) (sum by (node) (gpufleet_gpu_power_watts) * on (node) group_right "
+            "count by (node, model) (gpufleet_inference_tokens_per_second))",
+            "A node's GPU energy is shared between the models it served in proportion to their tokens.",
+        )
+    )
     return report
 
 
@@ -437,8 +574,12 @@ def _when(t: float) -> str:
 
 
 def render_markdown(r: Report) -> str:
-    out = [f"# GPU fleet report: {_when(r.since)} to {_when(r.until)}", "",
-           "| state | GPU-hours |", "| --- | ---: |"]
+    out = [
+        f"# GPU fleet report: {_when(r.since)} to {_when(r.until)}",
+        "",
+        "| state | GPU-hours |",
+        "| --- | ---: |",
+    ]
     out += [f"| {STATE_TITLES[k]} | {v:g} |" for k, v in r.gpu_hours.items()]
     for s in r.sections:
         out += ["", f"## {s.title}", ""]
@@ -454,11 +595,13 @@ def render_markdown(r: Report) -> str:
 
 def render_html(r: Report) -> str:
     e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
-             "content='width=device-width,initial-scale=1'>",
-             f"<title>GPU fleet report</title><style>{_CSS}</style></head><body>",
-             f"<h1>GPU fleet report</h1><p>{e(_when(r.since))} to {e(_when(r.until))}</p>",
-             "<table><tr><th>state</th><th>GPU-hours</th></tr>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+        "content='width=device-width,initial-scale=1'>",
+        f"<title>GPU fleet report</title><style>{_CSS}</style></head><body>",
+        f"<h1>GPU fleet report</h1><p>{e(_when(r.since))} to {e(_when(r.until))}</p>",
+        "<table><tr><th>state</th><th>GPU-hours</th></tr>",
+    ]
     parts += [f"<tr><td>{e(STATE_TITLES[k])}</td><td class=n>{v:g}</td></tr>" for k, v in r.gpu_hours.items()]
     parts.append("</table>")
     for s in r.sections:
@@ -471,15 +614,19 @@ def render_html(r: Report) -> str:
             parts.append("</table>")
         if s.note:
             parts.append(f"<p class=note>{e(s.note)}</p>")
-        parts.append(f"<details><summary>Backed by</summary><p>PromQL: <code>{e(s.promql)}</code></p>"
-                     f"<pre>{e(s.sql)}</pre></details></section>")
+        parts.append(
+            f"<details><summary>Backed by</summary><p>PromQL: <code>{e(s.promql)}</code></p>"
+            f"<pre>{e(s.sql)}</pre></details></section>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-_CSS = ("body{font:14px/1.4 system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}"
-        "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.2rem .5rem}"
-        "td.n{text-align:right}pre{background:#f4f4f4;padding:.5rem;overflow:auto}.note{color:#555}")
+_CSS = (
+    "body{font:14px/1.4 system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem}"
+    "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.2rem .5rem}"
+    "td.n{text-align:right}pre{background:#f4f4f4;padding:.5rem;overflow:auto}.note{color:#555}"
+)
 
 
 def render(r: Report, fmt: str) -> str:
@@ -501,7 +648,11 @@ def slack_blocks(r: Report, link: str | None = None) -> tuple[str, list[dict[str
     for s in r.sections:
         body = f"*{s.title}*\n" + "\n".join(f"• {f}" for f in s.findings)
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": body[:3000]}})
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"PromQL: `{s.promql}`"[:2000]}]})
+        blocks.append(
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"PromQL: `{s.promql}`"[:2000]}]}
+        )
     if link:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Full report with SQL: {link}"}]})
+        blocks.append(
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"Full report with SQL: {link}"}]}
+        )
     return head + ": " + states.replace("*", ""), blocks[:50]

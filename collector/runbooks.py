@@ -17,7 +17,9 @@ NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,99}")
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 # Inline styles only, no scripts or outside resources: the header below forbids everything else.
-CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+)
 
 _PAGE = """<!doctype html>
 <html lang="en">
@@ -101,31 +103,42 @@ class Runbooks:
             book = self.get(name)
             if book is None:
                 return None
-            self._pages[name] = _PAGE.format(title=html.escape(f"{book.title} · gpufleet runbook"), home="../",
-                                             index="./", body=_MARKDOWN.render(book.markdown))
+            self._pages[name] = _PAGE.format(
+                title=html.escape(f"{book.title} · gpufleet runbook"),
+                home="../",
+                index="./",
+                body=_MARKDOWN.render(book.markdown),
+            )
         return self._pages[name]
 
     def _list(self) -> str:
         if not self._files:
             return f"<p>No runbooks in {html.escape(str(self.directory))}.</p>"
-        items = "".join(f'<li><a href="{n}">{html.escape(b.title)}</a> <span class="muted">{n}</span></li>\n'
-                        for n in self._files if (b := self.get(n)) is not None)
+        items = "".join(
+            f'<li><a href="{n}">{html.escape(b.title)}</a> <span class="muted">{n}</span></li>\n'
+            for n in self._files
+            if (b := self.get(n)) is not None
+        )
         return f"<ul>\n{items}</ul>"
 
     def index_page(self) -> str:
         """Every runbook by its title; links are relative, so the page works under any path prefix."""
-        body = ("<h1>Runbooks</h1>\n<p>The runbooks of the rule pack: what each alert means, what to check and "
-                "what to do.</p>\n" + self._list())
+        body = (
+            "<h1>Runbooks</h1>\n<p>The runbooks of the rule pack: what each alert means, what to check and "
+            "what to do.</p>\n" + self._list()
+        )
         return _PAGE.format(title="Runbooks · gpufleet", home="../", index="./", body=body)
 
     def not_found_page(self, name: str) -> str:
         """The answer to an unknown name: what was asked for, and every runbook there is."""
         shown = name if len(name) <= 100 else name[:100] + "…"
-        body = (f"<h1>No runbook {html.escape(repr(shown))}</h1>\n<p>This collector has no runbook of that name. "
-                "Runbook names are lower-case words joined by hyphens, e.g. <code>xid-critical</code>. "
-                "A rule's <code>runbook_url</code> that names one outside this list points at a runbook of "
-                "your own: set <code>--runbook-base-url</code> to where those live.</p>\n<h2>Runbooks here</h2>\n"
-                + self._list())
+        body = (
+            f"<h1>No runbook {html.escape(repr(shown))}</h1>\n<p>This collector has no runbook of that name. "
+            "Runbook names are lower-case words joined by hyphens, e.g. <code>xid-critical</code>. "
+            "A rule's <code>runbook_url</code> that names one outside this list points at a runbook of "
+            "your own: set <code>--runbook-base-url</code> to where those live.</p>\n<h2>Runbooks here</h2>\n"
+            + self._list()
+        )
         # Relative links, as on every page here; a NAME with slashes puts this page deeper under /runbooks/.
         up = "../" * name.count("/")
         return _PAGE.format(title="No such runbook · gpufleet", home=up + "../", index=up or "./", body=body)

@@ -13,16 +13,19 @@ from typing import Any
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
+
 from gpufleet.collector.app import Limits, Metrics, create_app
+from gpufleet.collector.auth import Token
 from gpufleet.collector.leader import leadership_for
 from gpufleet.collector.notify.console import ConsoleNotifier
+from gpufleet.collector.notify.queue import SendQueue
+from gpufleet.collector.rules.contract import Notifier
 from gpufleet.collector.rules.engine import Engine
 from gpufleet.collector.rules.model import default_rules_path, load_pack, with_runbook_base
-from gpufleet.collector.rules.state import SqlState
+from gpufleet.collector.rules.state import SqlAlertState
 from gpufleet.collector.store import Store
 from gpufleet.collector.store.store import Retention
-
-from gpufleet.addresses import split_listen
+from gpufleet.core.addresses import split_listen
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class CollectorSettings:
     db: str = "sqlite:///gpufleet.db"
     rules: list[Path] = field(default_factory=list)  # empty: the default rule pack
     eval_interval: float = 5.0
-    tokens: list[str] = field(default_factory=list)
+    tokens: list[str | Token] = field(default_factory=list)
     console: bool = False
     slack_token: str | None = None
     slack_channel: str | None = None
@@ -72,8 +75,13 @@ def own_runbook_base_url(listen: str, scheme: str, public_url: str | None) -> st
 
 
 class Collector:
-    def __init__(self, settings: CollectorSettings, *, notifiers: list[Any] | None = None,
-                 slack_client: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: CollectorSettings,
+        *,
+        notifiers: list[Notifier] | None = None,
+        slack_client: Any | None = None,
+    ) -> None:
         self.settings = settings
         self._check_tls(settings)
         # A database that hangs must turn into a quick 503 for the agents (which spool and retry), not into
@@ -81,8 +89,9 @@ class Collector:
         engine_kw: dict[str, Any] = {}
         if not settings.db.startswith("sqlite"):
             engine_kw = {"pool_timeout": 5, "connect_args": {"connect_timeout": 5}}
-        self.store = Store.open(settings.db, raw_layout=settings.raw_layout, retention=settings.retention,
-                                **engine_kw)
+        self.store = Store.open(
+            settings.db, raw_layout=settings.raw_layout, retention=settings.retention, **engine_kw
+        )
         self.forwarder = None
         if settings.forward:
             from gpufleet.collector.forward import Forwarder
@@ -90,11 +99,14 @@ class Collector:
             self.forwarder = Forwarder(settings.forward)
         self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
         self.runbook_base_url = settings.runbook_base_url or own_runbook_base_url(
-            settings.listen, "https" if settings.tls_cert else "http", settings.public_url)
-        self.pack = with_runbook_base(load_pack(settings.rules or [default_rules_path()]), self.runbook_base_url)
+            settings.listen, "https" if settings.tls_cert else "http", settings.public_url
+        )
+        self.pack = with_runbook_base(
+            load_pack(settings.rules or [default_rules_path()]), self.runbook_base_url
+        )
         log.info("runbook links of the rules point at %s/NAME", self.runbook_base_url.rstrip("/"))
         self.rules = self.pack.rules
-        self.state = SqlState(self.store)
+        self.state = SqlAlertState(self.store.engine)
         if notifiers is None:
             notifiers = []
             if settings.console:
@@ -108,8 +120,11 @@ class Collector:
                     from slack_sdk import WebClient
 
                     slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
-                notifiers.append(SlackNotifier(slack_client, settings.slack_channel, targets=self.state,
-                                               grafana_url=settings.grafana_dashboard_url))
+                notifiers.append(
+                    SlackNotifier(
+                        slack_client, settings.slack_channel, grafana_url=settings.grafana_dashboard_url
+                    )
+                )
         if settings.report_cron and slack_client is None and settings.slack_token:
             from slack_sdk import WebClient
 
@@ -126,20 +141,42 @@ class Collector:
             if settings.db.startswith("postgresql"):
                 self.grafana_pusher = collector_pusher(grafana, settings.db)
             else:
-                log.warning("Grafana is configured but the store is %s, which Grafana cannot read: posting alert "
-                            "annotations only, no dashboards", settings.db.split(":", 1)[0])
+                log.warning(
+                    "Grafana is configured but the store is %s, which Grafana cannot read: posting alert "
+                    "annotations only, no dashboards",
+                    settings.db.split(":", 1)[0],
+                )
         self.notifiers = notifiers
-        self.engine = Engine(self.pack, self.store, self.state, notifiers)
+        self.engine = Engine(self.pack, self.store, self.state, notifiers, queue=SendQueue())
         self.metrics = Metrics()
         # ticks: evaluation slots seen (led or not); leader_since_tick: the slot this replica took over in
-        self.info: dict[str, Any] = {"rules": len(self.rules), "leader": False, "ticks": 0, "leader_since_tick": None}
-        self.app = create_app(self.store, tokens=settings.tokens, engine=self.engine, on_write=self._on_write,
-                              metrics=self.metrics, info=self.info, limits=settings.limits,
-                              silences=self.state, forwarder=self.forwarder)
+        self.info: dict[str, Any] = {
+            "rules": len(self.rules),
+            "leader": False,
+            "ticks": 0,
+            "leader_since_tick": None,
+        }
+        self.app = create_app(
+            self.store,
+            tokens=settings.tokens,
+            engine=self.engine,
+            on_write=self._on_write,
+            metrics=self.metrics,
+            info=self.info,
+            limits=settings.limits,
+            silences=self.state,
+            forwarder=self.forwarder,
+        )
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self._job = self.scheduler.add_job(self.evaluate, "interval", seconds=settings.eval_interval,
-                                           id="rules", max_instances=1, coalesce=True)
+        self._job = self.scheduler.add_job(
+            self.evaluate,
+            "interval",
+            seconds=settings.eval_interval,
+            id="rules",
+            max_instances=1,
+            coalesce=True,
+        )
         self.digest_job = None
         if settings.report_cron:
             from apscheduler.triggers.cron import CronTrigger
@@ -151,12 +188,26 @@ class Collector:
             try:
                 trigger = CronTrigger.from_crontab(settings.report_cron, timezone="UTC")
             except ValueError as exc:
-                raise ValueError(f"--report-cron {settings.report_cron!r} is not a crontab line "
-                                 f"(minute hour day month weekday, e.g. '0 9 * * mon'): {exc}") from None
-            self.digest_job = self.scheduler.add_job(self.send_digest, trigger, id="digest", max_instances=1,
-                                                     coalesce=True, misfire_grace_time=3600)
-        self.scheduler.add_job(self.maintain, "interval", seconds=settings.maintenance_interval, id="store",
-                               max_instances=1, coalesce=True)
+                raise ValueError(
+                    f"--report-cron {settings.report_cron!r} is not a crontab line "
+                    f"(minute hour day month weekday, e.g. '0 9 * * mon'): {exc}"
+                ) from None
+            self.digest_job = self.scheduler.add_job(
+                self.send_digest,
+                trigger,
+                id="digest",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=3600,
+            )
+        self.scheduler.add_job(
+            self.maintain,
+            "interval",
+            seconds=settings.maintenance_interval,
+            id="store",
+            max_instances=1,
+            coalesce=True,
+        )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -175,9 +226,11 @@ class Collector:
                 if settings.tls_client_ca:
                     ctx.load_verify_locations(settings.tls_client_ca)
             except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"cannot use the TLS files ({settings.tls_cert}, {settings.tls_key}"
-                                 f"{', ' + settings.tls_client_ca if settings.tls_client_ca else ''}): {exc}; "
-                                 "give a PEM certificate and its unencrypted PEM key") from None
+                raise ValueError(
+                    f"cannot use the TLS files ({settings.tls_cert}, {settings.tls_key}"
+                    f"{', ' + settings.tls_client_ca if settings.tls_client_ca else ''}): {exc}; "
+                    "give a PEM certificate and its unencrypted PEM key"
+                ) from None
 
     def evaluate(self) -> None:
         with self._tick_lock:
@@ -205,10 +258,14 @@ class Collector:
         report = build_report(self.store.engine, start, end)
         link = None
         if self.settings.public_url:
-            link = (f"{self.settings.public_url.rstrip('/')}/api/v1/report?format=html"
-                    f"&since={int(start)}&until={int(end)}")
+            link = (
+                f"{self.settings.public_url.rstrip('/')}/api/v1/report?format=html"
+                f"&since={int(start)}&until={int(end)}"
+            )
         text, blocks = slack_blocks(report, link)
         channel = self.settings.report_channel or self.settings.slack_channel
+        if self.slack_client is None:
+            raise RuntimeError("the weekly digest needs a Slack client (--slack-token)")
         try:
             resp = self.slack_client.chat_postMessage(channel=channel, text=text, blocks=blocks)
         except Exception as exc:  # SlackApiError and transport errors: the next week tries again
@@ -239,8 +296,16 @@ class Collector:
 
                 tls.update(ssl_ca_certs=self.settings.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         # log_config=None: uvicorn's lines go through the handler `gpufleet collector` set up (text or JSON)
-        return uvicorn.Config(self.app, host=host, port=port, log_level="warning", log_config=None,
-                              access_log=False, timeout_graceful_shutdown=5, **tls)
+        return uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level="warning",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            **tls,
+        )
 
     @property
     def scheme(self) -> str:
@@ -250,8 +315,12 @@ class Collector:
         if self.grafana_pusher is not None:  # in the background: Grafana may start after the collector
             from gpufleet.collector.grafana import push_with_retry
 
-            self._grafana_thread = threading.Thread(target=push_with_retry, name="grafana-push", daemon=True,
-                                                    args=(self.grafana_pusher, self._grafana_stop))
+            self._grafana_thread = threading.Thread(
+                target=push_with_retry,
+                name="grafana-push",
+                daemon=True,
+                args=(self.grafana_pusher, self._grafana_stop),
+            )
             self._grafana_thread.start()
 
     def serve(self) -> None:
@@ -292,9 +361,7 @@ class Collector:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.leadership.release()
-        for n in self.notifiers:
-            if hasattr(n, "close"):
-                n.close()
+        self.engine.close()
         if self.forwarder is not None:
             self.forwarder.stop()
         if self._grafana_thread is not None:  # at most one request in flight (its timeout is 10 s)

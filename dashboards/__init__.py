@@ -16,8 +16,13 @@ from typing import Any
 from gpufleet.dashboards import efficiency, fleet, health, inference, node
 from gpufleet.dashboards.model import FLAVOURS, DashboardDef, Flavour
 
-DASHBOARDS: tuple[DashboardDef, ...] = (fleet.DASHBOARD, node.DASHBOARD, health.DASHBOARD, inference.DASHBOARD,
-                                        efficiency.DASHBOARD)
+DASHBOARDS: tuple[DashboardDef, ...] = (
+    fleet.DASHBOARD,
+    node.DASHBOARD,
+    health.DASHBOARD,
+    inference.DASHBOARD,
+    efficiency.DASHBOARD,
+)
 HERE = Path(__file__).resolve().parent
 
 __all__ = ["DASHBOARDS", "FLAVOURS", "Flavour", "build", "file_name", "write", "committed", "shipped"]

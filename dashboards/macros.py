@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -43,16 +43,26 @@ def _rfc3339(t: float) -> str:
 def _globals(start: float, end: float, interval: str, scrape_interval: float) -> dict[str, str]:
     step = parse_duration(interval)
     rng = end - start
-    return {"__interval_ms": str(int(step * 1000)), "__interval": interval,
-            "__rate_interval": format_duration(max(step + scrape_interval, 4 * scrape_interval)),
-            "__range_ms": str(int(rng * 1000)), "__range_s": str(int(rng)), "__range": format_duration(int(rng))}
+    return {
+        "__interval_ms": str(int(step * 1000)),
+        "__interval": interval,
+        "__rate_interval": format_duration(max(step + scrape_interval, 4 * scrape_interval)),
+        "__range_ms": str(int(rng * 1000)),
+        "__range_s": str(int(rng)),
+        "__range": format_duration(int(rng)),
+    }
+
+
+def _literal(value: str) -> Callable[[re.Match[str]], str]:
+    """A replacement that re.sub inserts as it is (no backslash escapes)."""
+    return lambda _m: value
 
 
 def _variables(text: str, values: Mapping[str, str]) -> str:
     # longest names first, so $__interval_ms is not read as $__interval followed by "_ms"
     for name in sorted(values, key=len, reverse=True):
         text = text.replace("${" + name + "}", values[name])
-        text = re.sub(r"\$" + re.escape(name) + r"(?![A-Za-z0-9_])", lambda _m, v=values[name]: v, text)
+        text = re.sub(r"\$" + re.escape(name) + r"(?![A-Za-z0-9_])", _literal(values[name]), text)
     return text
 
 
@@ -80,8 +90,15 @@ def _args(text: str, start: int) -> tuple[list[str], int]:
     raise ValueError(f"unbalanced parentheses after {text[:start]!r}")
 
 
-def expand_sql(sql: str, *, start: float, end: float, interval: str, variables: Mapping[str, Sequence[str]],
-               scrape_interval: float = 15.0) -> str:
+def expand_sql(
+    sql: str,
+    *,
+    start: float,
+    end: float,
+    interval: str,
+    variables: Mapping[str, Sequence[str]],
+    scrape_interval: float = 15.0,
+) -> str:
     """The SQL Grafana's PostgreSQL data source sends for ``sql`` over [start, end] (Unix seconds)."""
     values = {k: ",".join("'" + v.replace("'", "''") + "'" for v in vs) for k, vs in variables.items()}
     sql = _variables(sql, {**_globals(start, end, interval, scrape_interval), **values})
@@ -89,7 +106,7 @@ def expand_sql(sql: str, *, start: float, end: float, interval: str, variables: 
     for m in re.finditer(r"\$__(timeFilter|timeFrom|timeTo|timeGroupAlias|timeGroup)\b", sql):
         if m.start() < i:
             continue
-        out += sql[i:m.start()]
+        out += sql[i : m.start()]
         args, i = _args(sql, m.end())
         name = m.group(1)
         if name == "timeFilter":
@@ -101,15 +118,25 @@ def expand_sql(sql: str, *, start: float, end: float, interval: str, variables: 
         else:
             secs = parse_duration(args[1])
             n = f"{secs:g}"
-            out += f"floor(extract(epoch from {args[0]})/{n})*{n}" + (' AS "time"' if name == "timeGroupAlias" else "")
+            out += f"floor(extract(epoch from {args[0]})/{n})*{n}" + (
+                ' AS "time"' if name == "timeGroupAlias" else ""
+            )
     out += sql[i:]
     if "$" in re.sub(r"'[^']*'", "", out):
         raise ValueError(f"unexpanded variable or macro left in query: {out}")
     return out
 
 
-def expand_promql(expr: str, *, start: float, end: float, interval: str, variables: Mapping[str, Sequence[str]],
-                  scrape_interval: float = 15.0, all_value: str = ".*") -> str:
+def expand_promql(
+    expr: str,
+    *,
+    start: float,
+    end: float,
+    interval: str,
+    variables: Mapping[str, Sequence[str]],
+    scrape_interval: float = 15.0,
+    all_value: str = ".*",
+) -> str:
     """The PromQL Grafana's Prometheus data source sends; a variable set to ``["$__all"]`` gets ``all_value``."""
     values = {}
     for k, vs in variables.items():

@@ -98,7 +98,9 @@ def sql_filter(variables: tuple[str, ...], prefix: str = "") -> str:
     parts = []
     for v in variables:
         col = f"{prefix}{v}"
-        parts.append(f"coalesce({col}, '{NO_CLUSTER}') IN ($cluster)" if v == "cluster" else f"{col} IN (${v})")
+        parts.append(
+            f"coalesce({col}, '{NO_CLUSTER}') IN ($cluster)" if v == "cluster" else f"{col} IN (${v})"
+        )
     return " AND ".join(parts) or "TRUE"
 
 

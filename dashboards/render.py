@@ -6,15 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gpufleet.dashboards.model import (
-    FLAVOURS,
-    NO_CLUSTER,
-    DashboardDef,
-    Flavour,
-    PanelDef,
-    prom_matchers,
-    sql_filter,
-)
 from grafana_foundation_sdk.builders import (
     annotationslist,
     bargauge,
@@ -34,6 +25,16 @@ from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import heatmap as heatmap_models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
 
+from gpufleet.dashboards.model import (
+    FLAVOURS,
+    NO_CLUSTER,
+    DashboardDef,
+    Flavour,
+    PanelDef,
+    prom_matchers,
+    sql_filter,
+)
+
 __all__ = ["FLAVOURS", "Flavour", "dumps", "render"]
 
 DS_VARIABLE = "datasource"
@@ -42,12 +43,20 @@ DS_VARIABLE = "datasource"
 class SqlQuery(cogvariants.Dataquery):
     """A query of Grafana's SQL data sources (the SDK ships no PostgreSQL query model)."""
 
-    def __init__(self, ref_id: str, raw_sql: str, fmt: str, datasource: dashboard_models.DataSourceRef) -> None:
+    def __init__(
+        self, ref_id: str, raw_sql: str, fmt: str, datasource: dashboard_models.DataSourceRef
+    ) -> None:
         self.ref_id, self.raw_sql, self.format, self.datasource = ref_id, raw_sql, fmt, datasource
 
     def to_json(self) -> dict[str, Any]:
-        return {"refId": self.ref_id, "datasource": self.datasource.to_json(), "editorMode": "code",
-                "format": self.format, "rawQuery": True, "rawSql": self.raw_sql}
+        return {
+            "refId": self.ref_id,
+            "datasource": self.datasource.to_json(),
+            "editorMode": "code",
+            "format": self.format,
+            "rawQuery": True,
+            "rawSql": self.raw_sql,
+        }
 
 
 class SqlQueryBuilder(cogbuilder.Builder[SqlQuery]):
@@ -65,22 +74,36 @@ def _ds(flavour: Flavour) -> dashboard_models.DataSourceRef:
 def _variables(d: DashboardDef, flavour: Flavour) -> list[cogbuilder.Builder[dashboard_models.VariableModel]]:
     ds = _ds(flavour)
     out: list[cogbuilder.Builder[dashboard_models.VariableModel]] = [
-        dashboard.DatasourceVariable(DS_VARIABLE).label("Data source").type(flavour.datasource_type)
-        .current(dashboard_models.VariableOption(selected=True, text=flavour.default_datasource_uid,
-                                                 value=flavour.default_datasource_uid))]
+        dashboard.DatasourceVariable(DS_VARIABLE)
+        .label("Data source")
+        .type(flavour.datasource_type)
+        .current(
+            dashboard_models.VariableOption(
+                selected=True, text=flavour.default_datasource_uid, value=flavour.default_datasource_uid
+            )
+        )
+    ]
     for i, name in enumerate(d.variables):
         before = d.variables[:i]
         if flavour.name == "postgres":
             col = f"coalesce(cluster, '{NO_CLUSTER}')" if name == "cluster" else name
-            query: str = (f"SELECT DISTINCT {col} FROM metric_samples WHERE metric = 'gpufleet_gpu_up' "
-                          f"AND $__timeFilter(time) AND {sql_filter(before)} ORDER BY 1")
+            query: str = (
+                f"SELECT DISTINCT {col} FROM metric_samples WHERE metric = 'gpufleet_gpu_up' "
+                f"AND $__timeFilter(time) AND {sql_filter(before)} ORDER BY 1"
+            )
         else:
             query = f"label_values(gpufleet_gpu_up{{{prom_matchers(before)}}}, {name})"
-        var = (dashboard.QueryVariable(name).label(name.capitalize() if name != "gpu" else "GPU").query(query)
-               .datasource(ds).multi(True).include_all(True)
-               .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
-               .sort(dashboard_models.VariableSort.NATURAL_ASC)
-               .current(dashboard_models.VariableOption(selected=True, text="All", value="$__all")))
+        var = (
+            dashboard.QueryVariable(name)
+            .label(name.capitalize() if name != "gpu" else "GPU")
+            .query(query)
+            .datasource(ds)
+            .multi(True)
+            .include_all(True)
+            .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dashboard_models.VariableSort.NATURAL_ASC)
+            .current(dashboard_models.VariableOption(selected=True, text="All", value="$__all"))
+        )
         if flavour.name == "prometheus":
             var = var.all_value(".*")
         out.append(var)
@@ -98,13 +121,21 @@ def _targets(p: PanelDef, flavour: Flavour) -> list[cogbuilder.Builder[cogvarian
                 continue
             out.append(SqlQueryBuilder(SqlQuery(ref, q.sql, "time_series" if series else "table", ds)))
             continue
-        t = prometheus.Dataquery().ref_id(ref).expr(q.promql).datasource(ds) \
+        t = (
+            prometheus.Dataquery()
+            .ref_id(ref)
+            .expr(q.promql)
+            .datasource(ds)
             .editor_mode(prometheus_models.QueryEditorMode.CODE)
+        )
         if series:
             t = t.range().legend_format(q.legend or "__auto")
         else:
-            t = t.instant().format(prometheus_models.PromQueryFormat.TABLE if p.kind == "table"
-                                   else prometheus_models.PromQueryFormat.TIME_SERIES)
+            t = t.instant().format(
+                prometheus_models.PromQueryFormat.TABLE
+                if p.kind == "table"
+                else prometheus_models.PromQueryFormat.TIME_SERIES
+            )
             if q.legend:
                 t = t.legend_format(q.legend)
         out.append(t)
@@ -119,15 +150,29 @@ def _panel(p: PanelDef, flavour: Flavour) -> cogbuilder.Builder[dashboard_models
         if p.stacked:
             b = b.stacking(common.StackingConfig().mode(common_models.StackingMode.NORMAL))
     elif p.kind == "heatmap":
-        b = heatmap.Panel().calculate(True).color(
-            heatmap.HeatmapColorOptions().mode(heatmap_models.HeatmapColorMode.SCHEME).scheme("Oranges").steps(64))
+        b = (
+            heatmap.Panel()
+            .calculate(True)
+            .color(
+                heatmap.HeatmapColorOptions()
+                .mode(heatmap_models.HeatmapColorMode.SCHEME)
+                .scheme("Oranges")
+                .steps(64)
+            )
+        )
     elif p.kind == "stat":
-        b = stat.Panel().reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False)) \
+        b = (
+            stat.Panel()
+            .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
             .graph_mode(common_models.BigValueGraphMode.NONE)
+        )
     elif p.kind == "bargauge":
-        b = bargauge.Panel().reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False)) \
-            .orientation(common_models.VizOrientation.HORIZONTAL) \
+        b = (
+            bargauge.Panel()
+            .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+            .orientation(common_models.VizOrientation.HORIZONTAL)
             .display_mode(common_models.BarGaugeDisplayMode.GRADIENT)
+        )
     elif p.kind == "table":
         b = table_builder.Panel()
         if flavour.name == "prometheus" and len(p.queries) > 1:
@@ -136,13 +181,27 @@ def _panel(p: PanelDef, flavour: Flavour) -> cogbuilder.Builder[dashboard_models
             names = {f"Value #{chr(ord('A') + i)}": q.name for i, q in enumerate(p.queries) if q.name}
             if len(p.queries) == 1 and p.queries[0].name:
                 names = {"Value": p.queries[0].name}
-            b = b.with_transformation(dashboard_models.DataTransformerConfig(
-                id_val="organize", options={"excludeByName": {"Time": True},
-                                            "indexByName": {c: i for i, c in enumerate(p.columns)},
-                                            "renameByName": names}))
+            b = b.with_transformation(
+                dashboard_models.DataTransformerConfig(
+                    id_val="organize",
+                    options={
+                        "excludeByName": {"Time": True},
+                        "indexByName": {c: i for i, c in enumerate(p.columns)},
+                        "renameByName": names,
+                    },
+                )
+            )
     else:  # annotations
-        b = annotationslist.Panel().only_from_this_dashboard(False).only_in_time_range(True) \
-            .tags(list(p.tags)).limit(50).show_tags(True).show_time(True).show_user(False)
+        b = (
+            annotationslist.Panel()
+            .only_from_this_dashboard(False)
+            .only_in_time_range(True)
+            .tags(list(p.tags))
+            .limit(50)
+            .show_tags(True)
+            .show_time(True)
+            .show_user(False)
+        )
     b = b.title(p.title).description(p.question).span(p.width).height(p.height)
     if p.kind != "annotations":
         b = b.datasource(_ds(flavour))
@@ -159,16 +218,33 @@ def _panel(p: PanelDef, flavour: Flavour) -> cogbuilder.Builder[dashboard_models
 
 def render(d: DashboardDef, flavour: Flavour) -> dict[str, Any]:
     """The dashboard as Grafana JSON (a plain dict), for ``flavour``."""
-    b = (dashboard.Dashboard(f"{d.title} ({flavour.label})").uid(f"gpufleet-{d.slug}-{flavour.name}")
-         .description(d.description).tags(["gpufleet", flavour.name]).editable().timezone("browser")
-         .time("now-6h", "now").refresh("1m")
-         .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
-         .link(dashboard.DashboardLink("gpufleet dashboards").type(dashboard_models.DashboardLinkType.DASHBOARDS)
-               .tags(["gpufleet", flavour.name]).as_dropdown(True).include_vars(True).keep_time(True))
-         .annotation(dashboard.AnnotationQuery().name("gpufleet alerts").enable(True).icon_color("red")
-                     .datasource(dashboard_models.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
-                     .target(dashboard.AnnotationTarget().type("tags").tags(["gpufleet"]).limit(200)
-                             .match_any(True))))
+    b = (
+        dashboard.Dashboard(f"{d.title} ({flavour.label})")
+        .uid(f"gpufleet-{d.slug}-{flavour.name}")
+        .description(d.description)
+        .tags(["gpufleet", flavour.name])
+        .editable()
+        .timezone("browser")
+        .time("now-6h", "now")
+        .refresh("1m")
+        .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
+        .link(
+            dashboard.DashboardLink("gpufleet dashboards")
+            .type(dashboard_models.DashboardLinkType.DASHBOARDS)
+            .tags(["gpufleet", flavour.name])
+            .as_dropdown(True)
+            .include_vars(True)
+            .keep_time(True)
+        )
+        .annotation(
+            dashboard.AnnotationQuery()
+            .name("gpufleet alerts")
+            .enable(True)
+            .icon_color("red")
+            .datasource(dashboard_models.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+            .target(dashboard.AnnotationTarget().type("tags").tags(["gpufleet"]).limit(200).match_any(True))
+        )
+    )
     for v in _variables(d, flavour):
         b = b.with_variable(v)
     for row in d.rows:

@@ -47,8 +47,9 @@ class Reporter:
         self.sent = 0
         self.dropped = 0
 
-    def record(self, model: str, seconds: float, *, ok: bool = True, ttft: float | None = None,
-               tokens: int = 0) -> bool:
+    def record(
+        self, model: str, seconds: float, *, ok: bool = True, ttft: float | None = None, tokens: int = 0
+    ) -> bool:
         """Send one request's latency; False (and ``dropped`` + 1) when it could not be handed over."""
         msg: dict[str, Any] = {"v": 1, "m": model, "d": round(seconds, 9), "ok": ok}
         if ttft is not None:
@@ -100,8 +101,13 @@ class latency:  # noqa: N801 - reads as a verb at the call site: with latency("m
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        (self._reporter or reporter()).record(self.model, time.perf_counter() - self._t0, ok=exc_type is None,
-                                              ttft=self._ttft, tokens=self.tokens)
+        (self._reporter or reporter()).record(
+            self.model,
+            time.perf_counter() - self._t0,
+            ok=exc_type is None,
+            ttft=self._ttft,
+            tokens=self.tokens,
+        )
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)

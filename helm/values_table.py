@@ -30,7 +30,9 @@ def rows(schema: dict[str, Any], values: Any, prefix: str = "") -> list[tuple[st
         kind = " or ".join(kind) if isinstance(kind, list) else kind
         if "enum" in sub:
             kind = " / ".join(f"`{v}`" for v in sub["enum"])
-        shown = json.dumps(default, ensure_ascii=False) if not isinstance(default, str) else json.dumps(default)
+        shown = (
+            json.dumps(default, ensure_ascii=False) if not isinstance(default, str) else json.dumps(default)
+        )
         out.append((key, kind, shown, sub.get("description", "")))
     return out
 

@@ -14,9 +14,19 @@ from typing import Any
 
 import websocket
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--remote-debugging-port=0",
+]
 
 
 class Chromium:
@@ -24,10 +34,15 @@ class Chromium:
 
     def __init__(self, executable: str = "/usr/bin/chromium") -> None:
         if not shutil.which(executable):
-            raise RuntimeError(f"{executable} is not installed: apt-get install -y chromium (make test installs it when run as root)")
+            raise RuntimeError(
+                f"{executable} is not installed: apt-get install -y chromium (make test installs it when run as root)"
+            )
         self.profile = Path(tempfile.mkdtemp(prefix="gpufleet-chromium-"))
-        self.proc = subprocess.Popen([executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [executable, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
@@ -40,8 +55,9 @@ class Chromium:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
             pages = [t for t in json.loads(resp.read()) if t["type"] == "page"]
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30,
-                                              suppress_origin=True)
+        self.ws = websocket.create_connection(
+            pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True
+        )
         self._ids = itertools.count(1)
 
     def send(self, method: str, **params: Any) -> dict:
@@ -61,8 +77,13 @@ class Chromium:
         return r["result"].get("value")
 
     def viewport(self, width: int, height: int, mobile: bool = False, scale: float = 1.0) -> None:
-        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=scale,
-                  mobile=mobile)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=scale,
+            mobile=mobile,
+        )
 
     def navigate(self, url: str) -> None:
         self.send("Page.enable")
@@ -71,7 +92,9 @@ class Chromium:
     def screenshot(self, path: Path, full_page: bool = True) -> None:
         params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page}
         if full_page:
-            w, h = self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+            w, h = self.evaluate(
+                "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
+            )
             params["clip"] = {"x": 0, "y": 0, "width": w, "height": h, "scale": 1}
         data = self.send("Page.captureScreenshot", **params)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)

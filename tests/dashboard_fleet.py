@@ -9,8 +9,7 @@ import urllib.request
 from typing import Any
 
 from gpufleet.agent.main import AgentSettings, start_agent
-
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port
 
 CLUSTER = "dc1"
@@ -22,9 +21,20 @@ SCRAPE_INTERVAL = 1.0
 def start_agents(collector_url: str | None) -> list[Any]:
     agents = []
     for i, node in enumerate(NODES):
-        agents.append(start_agent(AgentSettings(listen=f"127.0.0.1:{free_port()}", collector=collector_url,
-                                                simulate=2, node=node, cluster=CLUSTER, interval=0.5,
-                                                push_interval=1.0, seed=11 + i)))
+        agents.append(
+            start_agent(
+                AgentSettings(
+                    listen=f"127.0.0.1:{free_port()}",
+                    collector=collector_url,
+                    simulate=2,
+                    node=node,
+                    cluster=CLUSTER,
+                    interval=0.5,
+                    push_interval=1.0,
+                    seed=11 + i,
+                )
+            )
+        )
     a, b = agents
     a.simulator.inject(0, "xid", xid=48)
     a.simulator.inject(1, "ecc", count=2)
@@ -35,7 +45,13 @@ def start_agents(collector_url: str | None) -> list[Any]:
 
 def _gpu_labels(agent: Any, index: int) -> dict[str, str]:
     gpu = agent.agent.sources[0].gpus[index]
-    return {"node": agent.settings.node, "gpu": str(index), "uuid": gpu.uuid, "model": gpu.model, "cluster": CLUSTER}
+    return {
+        "node": agent.settings.node,
+        "gpu": str(index),
+        "uuid": gpu.uuid,
+        "model": gpu.model,
+        "cluster": CLUSTER,
+    }
 
 
 def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
@@ -55,17 +71,22 @@ def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
             add("gpufleet_gpu_retired_pages_total", {**g, "cause": "double_bit_ecc"}, i)
             add("gpufleet_gpu_pcie_replays_total", g, step * (i + 1))
             add("gpufleet_gpu_nvlink_errors_total", {**g, "type": "crc_flit"}, step * i)
-            add("gpufleet_gpu_process_memory_used_bytes", {**g, "pid": str(4000 + i), "command": "python"},
-                (20 + i) * (1 << 30))
+            add(
+                "gpufleet_gpu_process_memory_used_bytes",
+                {**g, "pid": str(4000 + i), "command": "python"},
+                (20 + i) * (1 << 30),
+            )
             # the agent's Kubernetes attribution puts pod labels on the GPU series
             add("gpufleet_gpu_utilization_ratio", {**g, "namespace": "ml", "pod": f"trainer-{i}"}, 0.9)
     node = agents[0].settings.node
     for model, server in (("llama-3-8b", "vllm-0"), ("mistral-7b", "vllm-1")):
         lab = {"node": node, "cluster": CLUSTER, "model": model, "server": server}
-        for name, p50, p99 in (("gpufleet_inference_request_duration_seconds", 0.8, 2.5),
-                               ("gpufleet_inference_time_to_first_token_seconds", 0.05, 0.3),
-                               ("gpufleet_inference_inter_token_latency_seconds", 0.02, 0.06),
-                               ("gpufleet_inference_queue_time_seconds", 0.01, 0.2)):
+        for name, p50, p99 in (
+            ("gpufleet_inference_request_duration_seconds", 0.8, 2.5),
+            ("gpufleet_inference_time_to_first_token_seconds", 0.05, 0.3),
+            ("gpufleet_inference_inter_token_latency_seconds", 0.02, 0.06),
+            ("gpufleet_inference_queue_time_seconds", 0.01, 0.2),
+        ):
             add(name, {**lab, "quantile": "0.5"}, p50)
             add(name, {**lab, "quantile": "0.99"}, p99)
         add("gpufleet_inference_requests_per_second", lab, 12.0)
@@ -75,9 +96,16 @@ def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
 
 
 def write(url: str, series: list[rw.Series]) -> None:
-    req = urllib.request.Request(url, data=rw.encode(series), method="POST", headers={
-        "Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING,
-        "X-Prometheus-Remote-Write-Version": "0.1.0"})
+    req = urllib.request.Request(
+        url,
+        data=rw.encode(series),
+        method="POST",
+        headers={
+            "Content-Type": rw.CONTENT_TYPE,
+            "Content-Encoding": rw.CONTENT_ENCODING,
+            "X-Prometheus-Remote-Write-Version": "0.1.0",
+        },
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status in (200, 204), resp.status
 
@@ -87,6 +115,8 @@ def run(agents: list[Any], write_url: str, seconds: float = 12.0) -> None:
     for step in range(int(seconds)):
         write(write_url, extra_series(agents, step, int(time.time() * 1000)))
         if step == seconds // 2:
-            agents[0].simulator.inject(0, "xid", xid=48)  # a second XID, so increases are seen inside the range
+            agents[0].simulator.inject(
+                0, "xid", xid=48
+            )  # a second XID, so increases are seen inside the range
             agents[0].simulator.inject(1, "xid", xid=79)
         time.sleep(1.0)

@@ -61,51 +61,146 @@ def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # rejected, as the API server does for a structural CRD schema.
 _DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
-_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
-    "matchLabels": _LABELS,
-    "matchExpressions": {"type": "array", "items": {
-        "type": "object", "additionalProperties": False, "required": ["key", "operator"],
-        "properties": {"key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                       "values": {"type": "array", "items": {"type": "string"}}}}}}}
-_NS_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
-    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}}
-_KEY_REF = {"type": "object", "additionalProperties": False, "required": ["name", "key"], "properties": {
-    "name": {"type": "string", "minLength": 1}, "key": {"type": "string", "minLength": 1}}}
-_SECRET_OR_CONFIGMAP = {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
-                        "properties": {"secret": _KEY_REF, "configMap": _KEY_REF}}
-_TLS_CONFIG = {"type": "object", "additionalProperties": False, "properties": {
-    "serverName": {"type": "string"}, "insecureSkipVerify": {"type": "boolean"}, "ca": _SECRET_OR_CONFIGMAP,
-    "cert": _SECRET_OR_CONFIGMAP, "keySecret": _KEY_REF}}
-_ENDPOINT = {"type": "object", "additionalProperties": False, "required": ["port"], "properties": {
-    "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
-    "scheme": {"enum": ["http", "https"]}, "tlsConfig": _TLS_CONFIG,
-    "interval": {"type": "string", "pattern": _DURATION}, "scrapeTimeout": {"type": "string", "pattern": _DURATION},
-    "honorLabels": {"type": "boolean"}}}
-_RULE = {"type": "object", "additionalProperties": False, "required": ["expr"], "oneOf": [
-    {"required": ["alert"]}, {"required": ["record"]}], "properties": {
-    "alert": {"type": "string"}, "record": {"type": "string"}, "expr": {"type": ["string", "integer"]},
-    "for": {"type": "string", "pattern": _DURATION}, "keep_firing_for": {"type": "string", "pattern": _DURATION},
-    "labels": _LABELS, "annotations": _LABELS}}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_NS_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
+}
+_KEY_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "key"],
+    "properties": {"name": {"type": "string", "minLength": 1}, "key": {"type": "string", "minLength": 1}},
+}
+_SECRET_OR_CONFIGMAP = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 1,
+    "properties": {"secret": _KEY_REF, "configMap": _KEY_REF},
+}
+_TLS_CONFIG = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "serverName": {"type": "string"},
+        "insecureSkipVerify": {"type": "boolean"},
+        "ca": _SECRET_OR_CONFIGMAP,
+        "cert": _SECRET_OR_CONFIGMAP,
+        "keySecret": _KEY_REF,
+    },
+}
+_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string", "pattern": "^/"},
+        "scheme": {"enum": ["http", "https"]},
+        "tlsConfig": _TLS_CONFIG,
+        "interval": {"type": "string", "pattern": _DURATION},
+        "scrapeTimeout": {"type": "string", "pattern": _DURATION},
+        "honorLabels": {"type": "boolean"},
+    },
+}
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+    "properties": {
+        "alert": {"type": "string"},
+        "record": {"type": "string"},
+        "expr": {"type": ["string", "integer"]},
+        "for": {"type": "string", "pattern": _DURATION},
+        "keep_firing_for": {"type": "string", "pattern": _DURATION},
+        "labels": _LABELS,
+        "annotations": _LABELS,
+    },
+}
 
 
 def _crd(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
-            "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"type": "string"},
-                           "metadata": {"type": "object"}, "spec": spec}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+        },
+    }
 
 
 CRD_SCHEMAS: dict[str, dict[str, Any]] = {
-    "ServiceMonitor": _crd({"type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
-                            "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
-                                           "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
-    "PodMonitor": _crd({"type": "object", "additionalProperties": False, "required": ["selector"],
-                        "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
-                                       "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
-    "PrometheusRule": _crd({"type": "object", "additionalProperties": False, "properties": {
-        "groups": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["name", "rules"], "properties": {
-                "name": {"type": "string", "minLength": 1}, "interval": {"type": "string", "pattern": _DURATION},
-                "rules": {"type": "array", "items": _RULE}}}}}}),
+    "ServiceMonitor": _crd(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _NS_SELECTOR,
+                "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        }
+    ),
+    "PodMonitor": _crd(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector"],
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _NS_SELECTOR,
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        }
+    ),
+    "PrometheusRule": _crd(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "rules": {"type": "array", "items": _RULE},
+                        },
+                    },
+                }
+            },
+        }
+    ),
 }
 
 
@@ -121,11 +216,13 @@ def validate(obj: dict[str, Any]) -> None:
     if kind in CRD_SCHEMAS:
         jsonschema.validate(obj, CRD_SCHEMAS[kind])
         # Metadata of a custom resource is an ordinary ObjectMeta: check it as one.
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]},
-                                     KUBE_VERSION, strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}, KUBE_VERSION, strict=True
+        )
         for ep in obj["spec"].get("endpoints", []) + obj["spec"].get("podMetricsEndpoints", []):
             if "scrapeTimeout" in ep and "interval" in ep:
-                assert _seconds(ep["scrapeTimeout"]) <= _seconds(ep["interval"]), \
+                assert _seconds(ep["scrapeTimeout"]) <= _seconds(ep["interval"]), (
                     f"{kind}: scrapeTimeout {ep['scrapeTimeout']} exceeds interval {ep['interval']}"
+                )
         return
     kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)

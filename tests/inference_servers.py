@@ -15,12 +15,74 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-VLLM_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-VLLM_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                    40.0, 80.0]
-VLLM_REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                        240.0, 480.0, 960.0, 1920.0, 7680.0]
+VLLM_TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+VLLM_ITL_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+VLLM_REQUEST_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 TRITON_FIRST_RESPONSE_BUCKETS_MS = [100, 500, 2000, 5000]
 TGI_DURATION_BUCKETS = [0.0001 * 1.5 ** (i + 1) for i in range(35)]
 
@@ -65,30 +127,68 @@ class VllmMetrics:
         self.registry = CollectorRegistry()
         r, ln = self.registry, ["model_name", "engine"]
         self.model, self.engines = model, engines
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             ln, buckets=VLLM_REQUEST_BUCKETS, registry=r)
-        self.queue = Histogram("vllm:request_queue_time_seconds",
-                               "Histogram of time spent in WAITING phase for request.", ln,
-                               buckets=VLLM_REQUEST_BUCKETS, registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              ln, buckets=VLLM_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                             ln, buckets=VLLM_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            ln,
+            buckets=VLLM_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            ln,
+            buckets=VLLM_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            ln,
+            buckets=VLLM_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ln,
+            buckets=VLLM_ITL_BUCKETS,
+            registry=r,
+        )
         self.prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", ln, registry=r)
-        self.generation = Counter("vllm:generation_tokens", "Number of generation tokens processed.", ln, registry=r)
-        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                               ln + ["finished_reason"], registry=r)
-        self.running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", ln,
-                             registry=r)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", ln,
-                             registry=r)
-        self.kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", ln, registry=r)
+        self.generation = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", ln, registry=r
+        )
+        self.success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            ln + ["finished_reason"],
+            registry=r,
+        )
+        self.running = Gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", ln, registry=r
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", ln, registry=r
+        )
+        self.kv = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", ln, registry=r
+        )
         for e in range(engines):
             for reason in ("stop", "length", "abort", "error"):
                 self.success.labels(model, str(e), reason)
 
-    def request(self, e2e: float, *, ttft: float, itl: list[float], queue: float, prompt_tokens: int,
-                engine: int = 0, reason: str = "stop") -> None:
+    def request(
+        self,
+        e2e: float,
+        *,
+        ttft: float,
+        itl: list[float],
+        queue: float,
+        prompt_tokens: int,
+        engine: int = 0,
+        reason: str = "stop",
+    ) -> None:
         labels = (self.model, str(engine))
         self.e2e.labels(*labels).observe(e2e)
         self.queue.labels(*labels).observe(queue)
@@ -131,8 +231,9 @@ class TritonMetrics:
         self.first_response_ms: list[float] = []
         self.pending = 0
 
-    def request(self, request_s: float, queue_s: float, compute_s: float, first_response_s: float,
-                batch: int = 1) -> None:
+    def request(
+        self, request_s: float, queue_s: float, compute_s: float, first_response_s: float, batch: int = 1
+    ) -> None:
         self.success += 1
         self.inferences += batch
         self.request_us += request_s * 1e6
@@ -170,18 +271,30 @@ class TritonMetrics:
             "# TYPE nv_inference_pending_request_count gauge",
             f"nv_inference_pending_request_count{{{lab}}} {self.pending}",
         ]
-        for family, values in (("nv_inference_request_summary_us", self.request_all),
-                               ("nv_inference_queue_summary_us", self.queue_all)):
-            lines += [f"# HELP {family} Summary of inference durations in microseconds", f"# TYPE {family} summary",
-                      f"{family}_count{{{lab}}} {len(values)}", f"{family}_sum{{{lab}}} {sum(values):.0f}"]
+        for family, values in (
+            ("nv_inference_request_summary_us", self.request_all),
+            ("nv_inference_queue_summary_us", self.queue_all),
+        ):
+            lines += [
+                f"# HELP {family} Summary of inference durations in microseconds",
+                f"# TYPE {family} summary",
+                f"{family}_count{{{lab}}} {len(values)}",
+                f"{family}_sum{{{lab}}} {sum(values):.0f}",
+            ]
             for q in (0.5, 0.9, 0.95, 0.99, 0.999):
                 v = _quantile(values, q) if values else float("nan")
                 lines.append(f'{family}{{{lab},quantile="{q}"}} {v}')
         fam = "nv_inference_first_response_histogram_ms"
-        lines += [f"# HELP {fam} Duration from request to first response in milliseconds", f"# TYPE {fam} histogram"]
+        lines += [
+            f"# HELP {fam} Duration from request to first response in milliseconds",
+            f"# TYPE {fam} histogram",
+        ]
         for le, n in _cumulative(TRITON_FIRST_RESPONSE_BUCKETS_MS, self.first_response_ms):
             lines.append(f'{fam}_bucket{{{lab},le="{le}"}} {n}')
-        lines += [f"{fam}_sum{{{lab}}} {sum(self.first_response_ms)}", f"{fam}_count{{{lab}}} {len(self.first_response_ms)}"]
+        lines += [
+            f"{fam}_sum{{{lab}}} {sum(self.first_response_ms)}",
+            f"{fam}_count{{{lab}}} {len(self.first_response_ms)}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -203,13 +316,23 @@ class TgiMetrics:
         self.generated.append(tokens)
 
     def render(self) -> str:
-        lines = ["# TYPE tgi_request_count counter", f"tgi_request_count {len(self.durations) + self.failures}",
-                 "# TYPE tgi_request_success counter", f"tgi_request_success {len(self.durations)}"]
+        lines = [
+            "# TYPE tgi_request_count counter",
+            f"tgi_request_count {len(self.durations) + self.failures}",
+            "# TYPE tgi_request_success counter",
+            f"tgi_request_success {len(self.durations)}",
+        ]
         if self.failures:
-            lines += ["# TYPE tgi_request_failure counter", f'tgi_request_failure{{err="generation"}} {self.failures}']
+            lines += [
+                "# TYPE tgi_request_failure counter",
+                f'tgi_request_failure{{err="generation"}} {self.failures}',
+            ]
         lines += ["# TYPE tgi_queue_size gauge", f"tgi_queue_size {self.queue_size}"]
-        for fam, values in (("tgi_request_duration", self.durations), ("tgi_request_queue_duration", self.queues),
-                            ("tgi_request_mean_time_per_token_duration", self.per_token)):
+        for fam, values in (
+            ("tgi_request_duration", self.durations),
+            ("tgi_request_queue_duration", self.queues),
+            ("tgi_request_mean_time_per_token_duration", self.per_token),
+        ):
             lines.append(f"# TYPE {fam} histogram")
             for le, n in _cumulative(TGI_DURATION_BUCKETS, values):
                 lines.append(f'{fam}_bucket{{le="{le}"}} {n}')
@@ -218,6 +341,8 @@ class TgiMetrics:
         lines.append("# TYPE tgi_request_generated_tokens histogram")
         for le, n in _cumulative(gen_bounds, self.generated):
             lines.append(f'tgi_request_generated_tokens_bucket{{le="{le}"}} {n}')
-        lines += [f"tgi_request_generated_tokens_sum {sum(self.generated)}",
-                  f"tgi_request_generated_tokens_count {len(self.generated)}"]
+        lines += [
+            f"tgi_request_generated_tokens_sum {sum(self.generated)}",
+            f"tgi_request_generated_tokens_count {len(self.generated)}",
+        ]
         return "\n".join(lines) + "\n"

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+
 from gpufleet.agent import fields as F
 from gpufleet.agent.fields import FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
-
 from tests.fake_nvml import GPU_IS_LOST, FakeNVML
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -48,9 +48,14 @@ def test_every_nvml_function_and_field_id_the_table_names_exists_in_the_real_bin
 
 def test_the_simulator_offers_every_function_the_table_and_the_source_call():
     sim = SimulatedNVML(1)
-    for fn in calls_of() + ["nvmlDeviceGetFieldValues", "nvmlGpmMigSampleGet", "nvmlDeviceGetMigMode",
-                            "nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetComputeRunningProcesses",
-                            "nvmlDeviceGetProcessUtilization"]:
+    for fn in calls_of() + [
+        "nvmlDeviceGetFieldValues",
+        "nvmlGpmMigSampleGet",
+        "nvmlDeviceGetMigMode",
+        "nvmlDeviceGetMigDeviceHandleByIndex",
+        "nvmlDeviceGetComputeRunningProcesses",
+        "nvmlDeviceGetProcessUtilization",
+    ]:
         assert callable(getattr(sim, fn, None)), f"the simulator lacks {fn}"
 
 
@@ -62,8 +67,16 @@ def test_every_row_reads_a_believable_value_on_the_simulator():
     src.collect()
     clock.t += 120  # two minutes of a training job
     fams = src.collect()
-    ranges = {"ratio": (0, 1), "celsius": (20, 100), "watts": (50, 1000), "hertz": (1e8, 4e9),
-              "bytes": (0, 200 * GIB), "joules": (1, 1e9), "seconds": (0, 1e6), "": (0, 64)}
+    ranges = {
+        "ratio": (0, 1),
+        "celsius": (20, 100),
+        "watts": (50, 1000),
+        "hertz": (1e8, 4e9),
+        "bytes": (0, 200 * GIB),
+        "joules": (1, 1e9),
+        "seconds": (0, 1e6),
+        "": (0, 64),
+    }
     for row in FIELDS:
         got = row_values(fams, row)
         expected_keys = set(row.read) if isinstance(row.read, dict) else {()}
@@ -92,7 +105,9 @@ def _field_answer(values: dict[int, tuple[int, int]]):
     def answer(ids):
         out = []
         for fid, scope in ids:
-            entry = SimpleNamespace(fieldId=fid, scopeId=scope, valueType=0, nvmlReturn=3, value=SimpleNamespace())
+            entry = SimpleNamespace(
+                fieldId=fid, scopeId=scope, valueType=0, nvmlReturn=3, value=SimpleNamespace()
+            )
             if fid in values:
                 vtype, v = values[fid]
                 entry.valueType, entry.nvmlReturn = vtype, 0
@@ -105,18 +120,49 @@ def _field_answer(values: dict[int, tuple[int, int]]):
 
 def scripted_gpu() -> dict:
     """NVML answers in NVML units for every function and field id the table reads."""
-    fields = {3: (3, 2), 4: (3, 0), 5: (3, 17), 6: (3, 1), 29: (1, 0), 30: (1, 0), 31: (1, 0),
-              38: (3, 4), 45: (3, 0), 52: (3, 9), 59: (3, 1), 160: (3, 0),
-              74: (3, 2_500_000_000), 75: (3, 0), 76: (3, 0), 77: (3, 0), 78: (3, 61_000_000_000), 79: (3, 0),
-              269: (3, 0), 270: (3, 0), 271: (3, 500_000_000),
-              82: (1, 71), 83: (3, 123_456_789), 94: (1, 12), 138: (3, 2048), 139: (3, 1024),
-              142: (1, 3), 143: (1, 1), 144: (1, 1), 145: (1, 0)}
+    fields = {
+        3: (3, 2),
+        4: (3, 0),
+        5: (3, 17),
+        6: (3, 1),
+        29: (1, 0),
+        30: (1, 0),
+        31: (1, 0),
+        38: (3, 4),
+        45: (3, 0),
+        52: (3, 9),
+        59: (3, 1),
+        160: (3, 0),
+        74: (3, 2_500_000_000),
+        75: (3, 0),
+        76: (3, 0),
+        77: (3, 0),
+        78: (3, 61_000_000_000),
+        79: (3, 0),
+        269: (3, 0),
+        270: (3, 0),
+        271: (3, 500_000_000),
+        82: (1, 71),
+        83: (3, 123_456_789),
+        94: (1, 12),
+        138: (3, 2048),
+        139: (3, 1024),
+        142: (1, 3),
+        143: (1, 1),
+        144: (1, 1),
+        145: (1, 0),
+    }
     return {
         "nvmlDeviceGetUtilizationRates": SimpleNamespace(gpu=87, memory=40),
         "nvmlDeviceGetEncoderUtilization": [5, 167000],
         "nvmlDeviceGetDecoderUtilization": [7, 167000],
         "nvmlDeviceGetMemoryInfo": lambda version: SimpleNamespace(
-            version=version, total=80 * GIB, reserved=512 * MIB, used=10 * GIB, free=80 * GIB - 512 * MIB - 10 * GIB),
+            version=version,
+            total=80 * GIB,
+            reserved=512 * MIB,
+            used=10 * GIB,
+            free=80 * GIB - 512 * MIB - 10 * GIB,
+        ),
         "nvmlDeviceGetTemperature": 61,
         "nvmlDeviceGetTemperatureThreshold": lambda kind: {0: 92, 1: 87}[kind],
         "nvmlDeviceGetPowerUsage": 312_500,
@@ -151,11 +197,24 @@ EXPECTED = {
     ("gpufleet_gpu_energy_joules_total", ()): 123_456.789,
     ("gpufleet_gpu_sm_clock_hertz", ()): 1.98e9,
     ("gpufleet_gpu_memory_clock_hertz", ()): 2.619e9,
-    **{("gpufleet_gpu_clock_event_active", (r,)): float(r in ("sw_power_cap", "hw_power_brake"))
-       for r in F.CLOCK_EVENT_REASONS},
-    **{("gpufleet_gpu_clock_event_violation_seconds_total", (r,)): v for r, v in {
-        "sw_power_cap": 2.5, "thermal": 0, "sync_boost": 0, "board_limit": 0, "low_utilization": 61,
-        "reliability": 0, "sw_thermal": 0, "hw_thermal": 0, "hw_power_brake": 0.5}.items()},
+    **{
+        ("gpufleet_gpu_clock_event_active", (r,)): float(r in ("sw_power_cap", "hw_power_brake"))
+        for r in F.CLOCK_EVENT_REASONS
+    },
+    **{
+        ("gpufleet_gpu_clock_event_violation_seconds_total", (r,)): v
+        for r, v in {
+            "sw_power_cap": 2.5,
+            "thermal": 0,
+            "sync_boost": 0,
+            "board_limit": 0,
+            "low_utilization": 61,
+            "reliability": 0,
+            "sw_thermal": 0,
+            "hw_thermal": 0,
+            "hw_power_brake": 0.5,
+        }.items()
+    },
     ("gpufleet_gpu_ecc_errors_total", ("corrected", "volatile")): 2,
     ("gpufleet_gpu_ecc_errors_total", ("uncorrected", "volatile")): 0,
     ("gpufleet_gpu_ecc_errors_total", ("corrected", "aggregate")): 17,
@@ -190,8 +249,9 @@ def test_every_row_converts_scripted_nvml_answers_to_base_units():
     src.start()
     fams = src.collect()
     got = {(row.name, key): v for row in FIELDS for key, v in row_values(fams, row).items()}
-    every_series = {(row.name, key) for row in FIELDS
-                    for key in (row.read if isinstance(row.read, dict) else {(): None})}
+    every_series = {
+        (row.name, key) for row in FIELDS for key in (row.read if isinstance(row.read, dict) else {(): None})
+    }
     assert set(EXPECTED) == every_series, "EXPECTED must name every series of the table"
     assert got.keys() == EXPECTED.keys()
     for key, want in EXPECTED.items():
@@ -201,8 +261,9 @@ def test_every_row_converts_scripted_nvml_answers_to_base_units():
 def test_one_sample_makes_each_nvml_call_once_per_gpu_and_leaves_slow_rows_to_the_slow_reader():
     clock = SimpleNamespace(t=0.0)
     fake = FakeNVML(["GPU-a", "GPU-b"], scripted_gpu())
-    src = GpuSource(Nvml(fake), "n", watch_events=False, background=False, clock=lambda: clock.t,
-                    slow_interval=10.0)
+    src = GpuSource(
+        Nvml(fake), "n", watch_events=False, background=False, clock=lambda: clock.t, slow_interval=10.0
+    )
     src.start()  # reads the slow rows once
     fake.calls.clear()
     for _ in range(5):
@@ -239,8 +300,12 @@ def test_a_gpu_lost_inside_the_batched_read_reads_down_while_the_others_go_on():
     answers = scripted_gpu()
 
     def lost_fields(ids):
-        return [SimpleNamespace(fieldId=fid, scopeId=s, valueType=0, nvmlReturn=GPU_IS_LOST, value=SimpleNamespace())
-                for fid, s in ids]
+        return [
+            SimpleNamespace(
+                fieldId=fid, scopeId=s, valueType=0, nvmlReturn=GPU_IS_LOST, value=SimpleNamespace()
+            )
+            for fid, s in ids
+        ]
 
     answers[("nvmlDeviceGetFieldValues", 1)] = lost_fields
     src = GpuSource(Nvml(FakeNVML(["GPU-a", "GPU-b"], answers)), "n", watch_events=False, background=False)
@@ -256,8 +321,15 @@ def test_an_old_gpu_without_field_values_or_gpm_still_reports_what_it_has():
     s = by_series(src.collect())
     names = {name for name, _ in s}
     assert "gpufleet_gpu_power_watts" in names and "gpufleet_gpu_ecc_errors_total" not in names
-    assert s[("gpufleet_gpu_up", (("gpu", "0"), ("model", "NVIDIA H100 80GB HBM3"), ("node", "n"),
-                                  ("uuid", "GPU-a")))] == 1.0
+    assert (
+        s[
+            (
+                "gpufleet_gpu_up",
+                (("gpu", "0"), ("model", "NVIDIA H100 80GB HBM3"), ("node", "n"), ("uuid", "GPU-a")),
+            )
+        ]
+        == 1.0
+    )
 
 
 def test_injected_memory_and_link_faults_show_in_their_rows():
@@ -271,8 +343,15 @@ def test_injected_memory_and_link_faults_show_in_their_rows():
     clock.t += 11  # past the slow cadence (10 s): the replay counter is a slow row
     fams = src.collect()
     rows = {f.name: f for f in FIELDS}
-    by_gpu = lambda row: {(lab["gpu"], *(lab[k] for k in row.labels)): v  # noqa: E731
-                          for f in fams if f.name == row.name for lab, v in f.samples}
+
+    def by_gpu(row):
+        return {
+            (lab["gpu"], *(lab[k] for k in row.labels)): v
+            for f in fams
+            if f.name == row.name
+            for lab, v in f.samples
+        }
+
     assert by_gpu(rows["gpufleet_gpu_remapped_rows_total"])[("1", "uncorrectable")] == 1
     assert by_gpu(rows["gpufleet_gpu_row_remap_pending"]) == {("0",): 0, ("1",): 1}
     assert by_gpu(rows["gpufleet_gpu_pcie_replays_total"]) == {("0",): 0, ("1",): 3}

@@ -15,11 +15,13 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from gpufleet.agent.attribution import PodAttribution
+from grpc_tools import protoc
+
+from gpufleet.agent.attribution import DeviceLabels, PodAttribution
+from gpufleet.agent.core import Agent
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
-from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).parent / "kubelet"
 
@@ -45,10 +47,16 @@ class Kubelet:
         self.requests = 0
         self.socket_path = socket_path
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        handler = grpc.method_handlers_generic_handler("v1.PodResourcesLister", {
-            "List": grpc.unary_unary_rpc_method_handler(
-                self._list, request_deserializer=api.ListPodResourcesRequest.FromString,
-                response_serializer=api.ListPodResourcesResponse.SerializeToString)})
+        handler = grpc.method_handlers_generic_handler(
+            "v1.PodResourcesLister",
+            {
+                "List": grpc.unary_unary_rpc_method_handler(
+                    self._list,
+                    request_deserializer=api.ListPodResourcesRequest.FromString,
+                    response_serializer=api.ListPodResourcesResponse.SerializeToString,
+                )
+            },
+        )
         self.server.add_generic_rpc_handlers((handler,))
         assert self.server.add_insecure_port(f"unix://{socket_path}") == 1
 
@@ -58,12 +66,26 @@ class Kubelet:
 
     def pod(self, name, namespace, containers):
         api = self.api
-        return api.PodResources(name=name, namespace=namespace, containers=[
-            api.ContainerResources(name=c, cpu_ids=[2, 3], devices=[
-                api.ContainerDevices(resource_name=res, device_ids=ids,
-                                     topology=api.TopologyInfo(nodes=[api.NUMANode(ID=0)]))
-                for res, ids in devices], isolation={"cpu": api.ISOLATION_CONTAINER})
-            for c, devices in containers.items()])
+        return api.PodResources(
+            name=name,
+            namespace=namespace,
+            containers=[
+                api.ContainerResources(
+                    name=c,
+                    cpu_ids=[2, 3],
+                    devices=[
+                        api.ContainerDevices(
+                            resource_name=res,
+                            device_ids=ids,
+                            topology=api.TopologyInfo(nodes=[api.NUMANode(ID=0)]),
+                        )
+                        for res, ids in devices
+                    ],
+                    isolation={"cpu": api.ISOLATION_CONTAINER},
+                )
+                for c, devices in containers.items()
+            ],
+        )
 
     def __enter__(self):
         self.server.start()
@@ -80,10 +102,17 @@ def socket_path():
         yield str(Path(d) / "kubelet.sock")
 
 
-def labels_by_gpu(src):
-    up = next(f for f in src.collect() if f.name == "gpufleet_gpu_up")
-    return {lab["gpu"]: {k: lab.get(k) for k in ("pod", "namespace", "container") if k in lab}
-            for lab, _ in up.samples}
+def attributed(src, attribution):
+    """The GPU source in the agent's pipeline, with the kubelet's labels added by the enrich stage."""
+    return Agent([src], node="n", enrichers=[DeviceLabels(attribution)])
+
+
+def labels_by_gpu(agent):
+    up = next(f for f in agent.sample().families if f.name == "gpufleet_gpu_up")
+    return {
+        lab["gpu"]: {k: lab.get(k) for k in ("pod", "namespace", "container") if k in lab}
+        for lab, _ in up.samples
+    }
 
 
 def test_each_gpu_is_labelled_with_the_pod_and_container_the_kubelet_gave_it(api, socket_path):
@@ -91,17 +120,20 @@ def test_each_gpu_is_labelled_with_the_pod_and_container_the_kubelet_gave_it(api
     uuids = [g["uuid"] for g in sim.describe()]
     with Kubelet(api, socket_path) as kubelet:
         kubelet.pods = [
-            kubelet.pod("trainer-0", "ml", {"main": [("nvidia.com/gpu", [uuids[0], uuids[1]]),
-                                                     ("example.com/nic", ["eth9"])]}),
+            kubelet.pod(
+                "trainer-0",
+                "ml",
+                {"main": [("nvidia.com/gpu", [uuids[0], uuids[1]]), ("example.com/nic", ["eth9"])]},
+            ),
             # time-sliced GPU 2, shared by two pods: both are named
             kubelet.pod("infer-b", "serving", {"server": [("nvidia.com/gpu", [uuids[2] + "::1"])]}),
             kubelet.pod("infer-a", "serving", {"server": [("nvidia.com/gpu", [uuids[2] + "::0"])]}),
             kubelet.pod("web", "default", {"nginx": [("example.com/nic", [uuids[3]])]}),  # not a GPU resource
         ]
         attribution = PodAttribution(socket_path)
-        src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, attribution=attribution)
+        src = GpuSource(Nvml(sim), "n", watch_events=False, background=False)
         src.start()
-        got = labels_by_gpu(src)
+        got = labels_by_gpu(attributed(src, attribution))
         attribution.close()
     assert got["0"] == got["1"] == {"pod": "trainer-0", "namespace": "ml", "container": "main"}
     assert got["2"] == {"pod": "infer-a,infer-b", "namespace": "serving", "container": "server,server"}
@@ -113,34 +145,44 @@ def test_mig_instances_are_labelled_with_the_pod_holding_them(api, socket_path):
     sim = SimulatedNVML(1, seed=2, mig={0: ["3g.40gb", "3g.40gb"]})
     migs = sim.describe()[0]["mig"]
     with Kubelet(api, socket_path) as kubelet:
-        kubelet.pods = [kubelet.pod("small-job", "research", {"c": [("nvidia.com/mig-3g.40gb", [migs[1]["uuid"]])]})]
+        kubelet.pods = [
+            kubelet.pod("small-job", "research", {"c": [("nvidia.com/mig-3g.40gb", [migs[1]["uuid"]])]})
+        ]
         attribution = PodAttribution(socket_path)
-        src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, attribution=attribution)
+        src = GpuSource(Nvml(sim), "n", watch_events=False, background=False)
         src.start()
-        info = [lab for f in src.collect() if f.name == "gpufleet_mig_info" for lab, _ in f.samples]
+        info = [
+            lab
+            for f in attributed(src, attribution).sample().families
+            if f.name == "gpufleet_mig_info"
+            for lab, _ in f.samples
+        ]
         attribution.close()
     by_mig = {lab["mig_uuid"]: lab.get("pod") for lab in info}
     assert by_mig == {migs[0]["uuid"]: None, migs[1]["uuid"]: "small-job"}
 
 
-def test_a_kubelet_that_is_down_costs_the_labels_not_the_sample_and_they_return_with_it(api, socket_path, caplog):
+def test_a_kubelet_that_is_down_costs_the_labels_not_the_sample_and_they_return_with_it(
+    api, socket_path, caplog
+):
     clock = SimpleNamespace(t=0.0)
     sim = SimulatedNVML(1, seed=3)
     uuid = sim.describe()[0]["uuid"]
     attribution = PodAttribution(socket_path, refresh=10.0, timeout=0.5, clock=lambda: clock.t)
-    src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, attribution=attribution)
+    src = GpuSource(Nvml(sim), "n", watch_events=False, background=False)
     src.start()
-    assert labels_by_gpu(src) == {"0": {}}
+    agent = attributed(src, attribution)
+    assert labels_by_gpu(agent) == {"0": {}}
     assert attribution.failures == 1 and "pod-resources" in caplog.text and socket_path in caplog.text
     with Kubelet(api, socket_path) as kubelet:
         kubelet.pods = [kubelet.pod("p", "ns", {"c": [("nvidia.com/gpu", [uuid])]})]
         clock.t += 1
-        assert labels_by_gpu(src) == {"0": {}}  # not asked again before the refresh interval
+        assert labels_by_gpu(agent) == {"0": {}}  # not asked again before the refresh interval
         clock.t += 10
-        assert labels_by_gpu(src) == {"0": {"pod": "p", "namespace": "ns", "container": "c"}}
+        assert labels_by_gpu(agent) == {"0": {"pod": "p", "namespace": "ns", "container": "c"}}
         kubelet.pods = []
         clock.t += 10
-        assert labels_by_gpu(src) == {"0": {}}  # the pod ended
+        assert labels_by_gpu(agent) == {"0": {}}  # the pod ended
     attribution.close()
 
 

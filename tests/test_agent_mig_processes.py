@@ -20,9 +20,11 @@ class Recording:
     def __getattr__(self, name):
         value = getattr(self._lib, name)
         if callable(value) and name.startswith("nvml"):
+
             def record(*args, **kwargs):
                 self.calls.append(name)
                 return value(*args, **kwargs)
+
             return record
         return value
 
@@ -32,8 +34,9 @@ def series(fams, name):
 
 
 def mig_source(clock, **kw):
-    sim = SimulatedNVML(2, clock=lambda: clock.t, seed=4, workload="busy",
-                        mig={0: ["3g.40gb", "2g.20gb", "1g.10gb"]})
+    sim = SimulatedNVML(
+        2, clock=lambda: clock.t, seed=4, workload="busy", mig={0: ["3g.40gb", "2g.20gb", "1g.10gb"]}
+    )
     lib = Recording(sim)
     src = GpuSource(Nvml(lib), "node-a", watch_events=False, background=False, clock=lambda: clock.t, **kw)
     src.start()
@@ -48,7 +51,10 @@ def test_a_gpu_in_mig_mode_reports_each_instance_and_its_profile():
     fams = src.collect()
     used = series(fams, "gpufleet_mig_memory_used_bytes")
     assert sorted((lab["gpu"], lab["mig_profile"], lab["gpu_instance"]) for lab, _ in used) == [
-        ("0", "1g.10gb", "13"), ("0", "2g.20gb", "5"), ("0", "3g.40gb", "1")]
+        ("0", "1g.10gb", "13"),
+        ("0", "2g.20gb", "5"),
+        ("0", "3g.40gb", "1"),
+    ]
     total = {lab["mig_profile"]: v for lab, v in series(fams, "gpufleet_mig_memory_total_bytes")}
     assert total["3g.40gb"] == 40192 * 2**20
     assert all(lab["mig_uuid"].startswith("MIG-") and lab["uuid"].startswith("GPU-") for lab, _ in used)
@@ -67,7 +73,9 @@ def test_the_agent_only_reads_mig_state_and_never_changes_it():
         clock.t += 5
         src.collect()
     assert "nvmlDeviceGetMigDeviceHandleByIndex" in lib.calls
-    changing = [c for c in set(lib.calls) if any(w in c for w in ("Set", "Create", "Destroy", "Reset", "Clear"))]
+    changing = [
+        c for c in set(lib.calls) if any(w in c for w in ("Set", "Create", "Destroy", "Reset", "Clear"))
+    ]
     assert changing == []
 
 
@@ -78,11 +86,14 @@ def write_proc(root, pid, comm, cgroup):
     (d / "cgroup").write_text(cgroup)
 
 
-CONTAINERD_SYSTEMD = ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
-                      "0a1b2c3d_1111_2222_3333_444455556666.slice/cri-containerd-"
-                      + "ab" * 32 + ".scope\n")
-CGROUPFS_V1 = ("12:memory:/kubepods/besteffort/pod9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff/" + "cd" * 32 + "\n"
-               "11:cpu,cpuacct:/kubepods/besteffort/pod9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff/" + "cd" * 32 + "\n")
+CONTAINERD_SYSTEMD = (
+    "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+    "0a1b2c3d_1111_2222_3333_444455556666.slice/cri-containerd-" + "ab" * 32 + ".scope\n"
+)
+CGROUPFS_V1 = (
+    "12:memory:/kubepods/besteffort/pod9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff/" + "cd" * 32 + "\n"
+    "11:cpu,cpuacct:/kubepods/besteffort/pod9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff/" + "cd" * 32 + "\n"
+)
 
 
 def test_container_and_pod_of_a_process_come_from_its_cgroup(tmp_path):
@@ -104,8 +115,15 @@ def test_process_series_are_opt_in_and_name_the_container(tmp_path):
     write_proc(tmp_path, pid, "python3", CONTAINERD_SYSTEMD)
     off = GpuSource(Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t)
     off.start()
-    on = GpuSource(Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t,
-                   process_metrics=True, proc_root=tmp_path)
+    on = GpuSource(
+        Nvml(sim),
+        "n",
+        watch_events=False,
+        background=False,
+        clock=lambda: clock.t,
+        process_metrics=True,
+        proc_root=tmp_path,
+    )
     on.start()
     clock.t += 60
     assert series(off.collect(), "gpufleet_gpu_process_memory_used_bytes") == []

@@ -25,9 +25,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from gpufleet.cli import _os_user, main
-from gpufleet.logs import REDACTED, configure
-from gpufleet.progress import StatusLine
+from gpufleet.cli import main
+from gpufleet.cli.logs import REDACTED, configure
+from gpufleet.cli.progress import StatusLine
+from gpufleet.cli.silence import os_user as _os_user
 from tests.conftest import free_port
 
 SCRIPT = Path(sys.executable).with_name("gpufleet")
@@ -35,15 +36,24 @@ GPUFLEET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gpuflee
 AS_ROOT = os.geteuid() == 0  # root reads any file: "permission denied" cannot happen to it
 
 BAD_YAML = "groups:\n  - name: g\n    rules: [\n"
-TRACE = "\n".join(["# TYPE gpufleet_gpu_up gauge",
-                   *(f'gpufleet_gpu_up{{node="n1",gpu="0",uuid="GPU-a"}} {int(t < 1_700_000_300)} {t}'
-                     for t in range(1_700_000_000, 1_700_000_600, 10)), "# EOF", ""])
+TRACE = "\n".join(
+    [
+        "# TYPE gpufleet_gpu_up gauge",
+        *(
+            f'gpufleet_gpu_up{{node="n1",gpu="0",uuid="GPU-a"}} {int(t < 1_700_000_300)} {t}'
+            for t in range(1_700_000_000, 1_700_000_600, 10)
+        ),
+        "# EOF",
+        "",
+    ]
+)
 
 
 def gpufleet(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
-    return subprocess.run([*GPUFLEET, *args], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [*GPUFLEET, *args], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture
@@ -62,92 +72,234 @@ def files(tmp_path: Path) -> Iterator[dict[str, str]]:
     with socket.socket() as busy:  # another program holds this address
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        yield {"BAD": str(tmp_path / "bad.yaml"), "EMPTY": str(tmp_path / "empty"),
-               "FOLDER": str(tmp_path / "folder"), "MISSING": str(tmp_path / "missing.yaml"), "SECRET": str(secret),
-               "TRACE": str(tmp_path / "trace.om"), "GARBAGE": str(tmp_path / "garbage.om"),
-               "BUSY": f"127.0.0.1:{busy.getsockname()[1]}",
-               # nothing listens there: the database is down
-               "DOWN": f"postgresql+psycopg://gpufleet@127.0.0.1:{free_port()}/gpufleet"}
+        yield {
+            "BAD": str(tmp_path / "bad.yaml"),
+            "EMPTY": str(tmp_path / "empty"),
+            "FOLDER": str(tmp_path / "folder"),
+            "MISSING": str(tmp_path / "missing.yaml"),
+            "SECRET": str(secret),
+            "TRACE": str(tmp_path / "trace.om"),
+            "GARBAGE": str(tmp_path / "garbage.om"),
+            "BUSY": f"127.0.0.1:{busy.getsockname()[1]}",
+            # nothing listens there: the database is down
+            "DOWN": f"postgresql+psycopg://gpufleet@127.0.0.1:{free_port()}/gpufleet",
+        }
 
 
 LISTEN = [("abc", "no port"), ("host:notaport", "'notaport' is not a number"), (":99999", "out of range")]
-DB = [("postgres://gpufleet:pw@db/gpufleet", "write postgresql+psycopg://"),
-      ("mysql://gpufleet@db/gpufleet", "SQLite or PostgreSQL only"), ("notaurl", "is not a database URL")]
-RULES = [("MISSING", "does not exist"), ("EMPTY", "no rule files"), ("BAD", "bad.yaml:4:1: not valid YAML"),
-         ("SECRET", "is not readable")]
+DB = [
+    ("postgres://gpufleet:pw@db/gpufleet", "write postgresql+psycopg://"),
+    ("mysql://gpufleet@db/gpufleet", "SQLite or PostgreSQL only"),
+    ("notaurl", "is not a database URL"),
+]
+RULES = [
+    ("MISSING", "does not exist"),
+    ("EMPTY", "no rule files"),
+    ("BAD", "bad.yaml:4:1: not valid YAML"),
+    ("SECRET", "is not readable"),
+]
 UNREADABLE = pytest.mark.skipif(AS_ROOT, reason="root reads any file")
 
 # (arguments, environment, exit status, words the one line must hold); FILE names come from the fixture.
 CASES = [
-    *[pytest.param(["agent", "--simulate", "1", "--listen", v], {}, 2, ["--listen", words], id=f"agent-listen-{v}")
-      for v, words in LISTEN],
-    *[pytest.param(["collector", "--listen", v], {}, 2, ["--listen", words], id=f"collector-listen-{v}")
-      for v, words in LISTEN],
-    *[pytest.param(["up", "--listen", v], {}, 2, ["--listen", words], id=f"up-listen-{v}") for v, words in LISTEN],
-    pytest.param(["up", "--agent-listen", "abc"], {}, 2, ["--agent-listen", "HOST:PORT"], id="up-agent-listen"),
-    pytest.param(["agent", "--simulate", "1"], {"GPUFLEET_LISTEN": "abc"}, 2, ["GPUFLEET_LISTEN", "HOST:PORT"],
-                 id="agent-listen-from-the-environment"),
-    *[pytest.param([cmd, "--db", v], {}, 2, ["--db", words], id=f"{cmd.replace(' ', '-')}-db-{v.split(':')[0]}")
-      for cmd in ("collector", "up", "report", "db upgrade") for v, words in DB],
-    pytest.param(["collector"], {"GPUFLEET_DB": "postgres://gpufleet@db/gpufleet"}, 2,
-                 ["GPUFLEET_DB", "postgresql+psycopg://"], id="collector-db-from-the-environment"),
-    *[pytest.param([cmd, "--rules", f], {}, 2, ["--rules", words], id=f"{cmd.split()[-1]}-rules-{f.lower()}",
-                   marks=[UNREADABLE] if f == "SECRET" else [])
-      for cmd in ("collector", "up", "alerts backtest TRACE") for f, words in RULES],
+    *[
+        pytest.param(
+            ["agent", "--simulate", "1", "--listen", v], {}, 2, ["--listen", words], id=f"agent-listen-{v}"
+        )
+        for v, words in LISTEN
+    ],
+    *[
+        pytest.param(["collector", "--listen", v], {}, 2, ["--listen", words], id=f"collector-listen-{v}")
+        for v, words in LISTEN
+    ],
+    *[
+        pytest.param(["up", "--listen", v], {}, 2, ["--listen", words], id=f"up-listen-{v}")
+        for v, words in LISTEN
+    ],
+    pytest.param(
+        ["up", "--agent-listen", "abc"], {}, 2, ["--agent-listen", "HOST:PORT"], id="up-agent-listen"
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1"],
+        {"GPUFLEET_LISTEN": "abc"},
+        2,
+        ["GPUFLEET_LISTEN", "HOST:PORT"],
+        id="agent-listen-from-the-environment",
+    ),
+    *[
+        pytest.param(
+            [cmd, "--db", v], {}, 2, ["--db", words], id=f"{cmd.replace(' ', '-')}-db-{v.split(':')[0]}"
+        )
+        for cmd in ("collector", "up", "report", "db upgrade")
+        for v, words in DB
+    ],
+    pytest.param(
+        ["collector"],
+        {"GPUFLEET_DB": "postgres://gpufleet@db/gpufleet"},
+        2,
+        ["GPUFLEET_DB", "postgresql+psycopg://"],
+        id="collector-db-from-the-environment",
+    ),
+    *[
+        pytest.param(
+            [cmd, "--rules", f],
+            {},
+            2,
+            ["--rules", words],
+            id=f"{cmd.split()[-1]}-rules-{f.lower()}",
+            marks=[UNREADABLE] if f == "SECRET" else [],
+        )
+        for cmd in ("collector", "up", "alerts backtest TRACE")
+        for f, words in RULES
+    ],
     pytest.param(["alerts", "check", "MISSING"], {}, 2, ["does not exist"], id="check-missing"),
     # `alerts check` reads the files to judge them: a bad one is its verdict (1), as with promtool
     pytest.param(["alerts", "check", "BAD"], {}, 1, ["bad.yaml:4:1: not valid YAML"], id="check-bad-yaml"),
     pytest.param(["alerts", "check", "EMPTY"], {}, 1, ["no rule files"], id="check-empty-folder"),
-    pytest.param(["alerts", "check", "SECRET"], {}, 2, ["is not readable"], id="check-unreadable", marks=UNREADABLE),
-    pytest.param(["agent", "--simulate", "1", "--inference-config", "MISSING"], {}, 2,
-                 ["--inference-config", "does not exist"], id="agent-config-missing"),
-    pytest.param(["agent", "--simulate", "1", "--inference-config", "FOLDER"], {}, 2,
-                 ["--inference-config", "is a directory"], id="agent-config-folder"),
-    pytest.param(["agent", "--simulate", "1", "--inference-config", "BAD"], {}, 2,
-                 ["bad.yaml:4:1: not valid YAML", "--inference-config"], id="agent-config-bad-yaml"),
-    pytest.param(["agent", "--simulate", "1", "--inference-config", "SECRET"], {}, 2,
-                 ["--inference-config", "not readable"], id="agent-config-unreadable",
-                 marks=UNREADABLE),
-    pytest.param(["collector", "--retention-raw", "1.5h"], {}, 2, ["--retention-raw", "1h30m"], id="retention-1.5h"),
-    pytest.param(["collector", "--retention-raw", "1h"], {}, 2, ["--retention-raw", "least", "6h"],
-                 id="retention-too-short"),
-    pytest.param(["agent", "--simulate", "1", "--spool-max-age", "5x"], {}, 2, ["--spool-max-age", "not a duration"],
-                 id="spool-age"),
-    pytest.param(["agent", "--simulate", "1", "--interval", "soon"], {}, 2, ["--interval", "not a duration"],
-                 id="agent-interval"),
+    pytest.param(
+        ["alerts", "check", "SECRET"], {}, 2, ["is not readable"], id="check-unreadable", marks=UNREADABLE
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--inference-config", "MISSING"],
+        {},
+        2,
+        ["--inference-config", "does not exist"],
+        id="agent-config-missing",
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--inference-config", "FOLDER"],
+        {},
+        2,
+        ["--inference-config", "is a directory"],
+        id="agent-config-folder",
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--inference-config", "BAD"],
+        {},
+        2,
+        ["bad.yaml:4:1: not valid YAML", "--inference-config"],
+        id="agent-config-bad-yaml",
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--inference-config", "SECRET"],
+        {},
+        2,
+        ["--inference-config", "not readable"],
+        id="agent-config-unreadable",
+        marks=UNREADABLE,
+    ),
+    pytest.param(
+        ["collector", "--retention-raw", "1.5h"], {}, 2, ["--retention-raw", "1h30m"], id="retention-1.5h"
+    ),
+    pytest.param(
+        ["collector", "--retention-raw", "1h"],
+        {},
+        2,
+        ["--retention-raw", "least", "6h"],
+        id="retention-too-short",
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--spool-max-age", "5x"],
+        {},
+        2,
+        ["--spool-max-age", "not a duration"],
+        id="spool-age",
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--interval", "soon"],
+        {},
+        2,
+        ["--interval", "not a duration"],
+        id="agent-interval",
+    ),
     pytest.param(["report", "--since", "soon"], {}, 2, ["--since", "neither a duration"], id="report-since"),
-    pytest.param(["alerts", "backtest", "TRACE", "--step", "5x"], {}, 2, ["--step", "not a duration"],
-                 id="backtest-step"),
-    pytest.param(["collector", "--log-level", "loud"], {}, 2, ["--log-level", "'loud' is not one of"],
-                 id="log-level"),
-    pytest.param(["up"], {"GPUFLEET_LOG_FORMAT": "xml"}, 2, ["GPUFLEET_LOG_FORMAT", "'xml' is not one of"],
-                 id="log-format-from-the-environment"),
+    pytest.param(
+        ["alerts", "backtest", "TRACE", "--step", "5x"],
+        {},
+        2,
+        ["--step", "not a duration"],
+        id="backtest-step",
+    ),
+    pytest.param(
+        ["collector", "--log-level", "loud"], {}, 2, ["--log-level", "'loud' is not one of"], id="log-level"
+    ),
+    pytest.param(
+        ["up"],
+        {"GPUFLEET_LOG_FORMAT": "xml"},
+        2,
+        ["GPUFLEET_LOG_FORMAT", "'xml' is not one of"],
+        id="log-format-from-the-environment",
+    ),
     # The user's fault, found while running: one line and status 1.
-    pytest.param(["collector", "--listen", "127.0.0.1:0", "--tokens", "token-of-the-test", "--db", "DOWN"], {}, 1,
-                 ["cannot reach the database", "Connection refused"], id="collector-database-down"),
-
-    pytest.param(["up", "--simulate", "1", "--db", "DOWN"], {}, 1, ["cannot reach the database"],
-                 id="up-database-down"),
-    pytest.param(["db", "upgrade", "--db", "DOWN"], {}, 1, ["cannot reach the database"], id="upgrade-database-down"),
-    pytest.param(["report", "--db", "DOWN"], {}, 1, ["cannot open the store", "Connection refused"],
-                 id="report-database-down"),
-    pytest.param(["agent", "--simulate", "1", "--listen", "BUSY"], {}, 1, ["cannot listen on", "in use"],
-                 id="agent-address-in-use"),
-    pytest.param(["collector", "--listen", "BUSY", "--tokens", "token-of-the-test"], {}, 1,
-                 ["cannot listen on", "in use", "another --listen"], id="collector-address-in-use"),
-    pytest.param(["up", "--simulate", "1", "--agent-listen", "BUSY"], {}, 1,
-                 ["cannot listen on", "in use", "another --agent-listen"], id="up-address-in-use"),
-    pytest.param(["report", "--db", "sqlite:///missing.db"], {}, 1, ["no store at missing.db", "db upgrade"],
-                 id="report-missing-store"),
-    pytest.param(["alerts", "backtest", "GARBAGE"], {}, 1, ["garbage.om is not valid OpenMetrics"],
-                 id="backtest-not-a-trace"),
-    pytest.param(["collector", "--listen", "0.0.0.0:9446"], {}, 2, ["--allow-open-writes", "--tokens"],
-                 id="collector-open-writes"),
+    pytest.param(
+        ["collector", "--listen", "127.0.0.1:0", "--tokens", "token-of-the-test", "--db", "DOWN"],
+        {},
+        1,
+        ["cannot reach the database", "Connection refused"],
+        id="collector-database-down",
+    ),
+    pytest.param(
+        ["up", "--simulate", "1", "--db", "DOWN"], {}, 1, ["cannot reach the database"], id="up-database-down"
+    ),
+    pytest.param(
+        ["db", "upgrade", "--db", "DOWN"], {}, 1, ["cannot reach the database"], id="upgrade-database-down"
+    ),
+    pytest.param(
+        ["report", "--db", "DOWN"],
+        {},
+        1,
+        ["cannot open the store", "Connection refused"],
+        id="report-database-down",
+    ),
+    pytest.param(
+        ["agent", "--simulate", "1", "--listen", "BUSY"],
+        {},
+        1,
+        ["cannot listen on", "in use"],
+        id="agent-address-in-use",
+    ),
+    pytest.param(
+        ["collector", "--listen", "BUSY", "--tokens", "token-of-the-test"],
+        {},
+        1,
+        ["cannot listen on", "in use", "another --listen"],
+        id="collector-address-in-use",
+    ),
+    pytest.param(
+        ["up", "--simulate", "1", "--agent-listen", "BUSY"],
+        {},
+        1,
+        ["cannot listen on", "in use", "another --agent-listen"],
+        id="up-address-in-use",
+    ),
+    pytest.param(
+        ["report", "--db", "sqlite:///missing.db"],
+        {},
+        1,
+        ["no store at missing.db", "db upgrade"],
+        id="report-missing-store",
+    ),
+    pytest.param(
+        ["alerts", "backtest", "GARBAGE"],
+        {},
+        1,
+        ["garbage.om is not valid OpenMetrics"],
+        id="backtest-not-a-trace",
+    ),
+    pytest.param(
+        ["collector", "--listen", "0.0.0.0:9446"],
+        {},
+        2,
+        ["--allow-open-writes", "--tokens"],
+        id="collector-open-writes",
+    ),
 ]
 
 
 @pytest.mark.parametrize("args, env, status, words", CASES)
-def test_a_bad_input_is_one_line_naming_the_problem_and_no_traceback(args, env, status, words, files, tmp_path):
+def test_a_bad_input_is_one_line_naming_the_problem_and_no_traceback(
+    args, env, status, words, files, tmp_path
+):
     argv = [part for a in args for part in (a.split() if " " in a else [a])]
     argv = [files.get(a, a) for a in argv]
     r = gpufleet(*argv, cwd=tmp_path, env=env)
@@ -162,8 +314,9 @@ def test_a_bad_input_is_one_line_naming_the_problem_and_no_traceback(args, env, 
     for w in words:
         assert w in lines[0], out
     assert "pw@" not in out  # a password in a refused URL is not echoed
-    assert not (tmp_path / "gpufleet.db").exists() and not (tmp_path / "missing.db").exists(), \
+    assert not (tmp_path / "gpufleet.db").exists() and not (tmp_path / "missing.db").exists(), (
         "a command that refused to start created a store"
+    )
 
 
 def test_a_report_on_a_missing_store_creates_no_file(tmp_path):
@@ -207,8 +360,11 @@ def test_every_setting_of_the_long_running_commands_and_simulate_has_a_variable(
     cmd = main
     for name in path:
         cmd = cmd.commands[name]
-    missing = [p.opts[-1] for p in cmd.params
-               if isinstance(p, click.Option) and p.name not in NOT_SETTINGS and not p.envvar]
+    missing = [
+        p.opts[-1]
+        for p in cmd.params
+        if isinstance(p, click.Option) and p.name not in NOT_SETTINGS and not p.envvar
+    ]
     assert not missing, f"gpufleet {' '.join(path)}: options without an environment variable: {missing}"
     names = [n for p in cmd.params for n in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])]
     assert all(n.startswith("GPUFLEET_") or n == "NODE_NAME" for n in names), names
@@ -259,8 +415,19 @@ def test_a_silence_added_without_user_is_signed_with_the_login_name():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         r = CliRunner(env={"USER": None}).invoke(
-            main, ["silence", "add", "node=gpu-7", "--duration", "1h30m", "--comment", "fan swap",
-                   "--collector", f"http://127.0.0.1:{server.server_port}"])
+            main,
+            [
+                "silence",
+                "add",
+                "node=gpu-7",
+                "--duration",
+                "1h30m",
+                "--comment",
+                "fan swap",
+                "--collector",
+                f"http://127.0.0.1:{server.server_port}",
+            ],
+        )
     finally:
         server.shutdown()
     assert r.exit_code == 0 and r.output.strip() == "s-1", r.output
@@ -272,12 +439,29 @@ def test_an_agent_with_json_logs_writes_one_json_object_a_line_and_never_its_tok
     token = "agent-token-" + "t" * 24
     port = free_port()
     env = {"GPUFLEET_LOG_FORMAT": "json", "GPUFLEET_TOKEN": token, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*GPUFLEET, "agent", "--simulate", "1", "--listen", f"127.0.0.1:{port}",
-                             "--collector", f"http://127.0.0.1:{free_port()}", "--push-interval", "200ms",
-                             "--spool-dir", "", "--log-level", "debug"],
-                            cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")},
-                                               **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *GPUFLEET,
+            "agent",
+            "--simulate",
+            "1",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--collector",
+            f"http://127.0.0.1:{free_port()}",
+            "--push-interval",
+            "200ms",
+            "--spool-dir",
+            "",
+            "--log-level",
+            "debug",
+        ],
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(4)  # it starts, samples, and fails to push to the collector that is not there
     finally:
@@ -336,8 +520,13 @@ def test_a_backtest_says_how_far_through_the_trace_it_is_on_a_terminal_and_nothi
     summary = piped.stderr.strip()
     assert piped.returncode == 0 and re.fullmatch(r"[1-9]\d* notifications", summary), piped.stderr
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen([*GPUFLEET, "alerts", "backtest", str(trace)], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=secondary, env={k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")})
+    proc = subprocess.Popen(
+        [*GPUFLEET, "alerts", "backtest", str(trace)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")},
+    )
     os.close(secondary)
     seen = b""
     while True:

@@ -14,6 +14,9 @@ import time
 import pytest
 import urllib3
 from click.testing import CliRunner
+
+from gpufleet import dashboards
+from gpufleet.cli import main
 from gpufleet.collector.grafana import (
     GrafanaAnnotationNotifier,
     GrafanaPusher,
@@ -24,12 +27,10 @@ from gpufleet.collector.grafana import (
 )
 from gpufleet.collector.grafana_api import GrafanaError
 from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.kinds import Threshold
 from gpufleet.collector.rules.memory import MemoryView
 from gpufleet.collector.rules.model import Route, Rule
-from gpufleet.collector.rules.state import SqlState
-
-from gpufleet import dashboards
-from gpufleet.cli import main
+from gpufleet.collector.rules.state import SqlAlertState
 from tests.conftest import free_port, wait_until
 from tests.doubles.grafana_api import GrafanaDouble
 
@@ -44,8 +45,11 @@ def grafana():
 
 
 def _push(grafana, *args):
-    result = CliRunner().invoke(main, ["dashboards", "push", "--grafana-url", grafana.url, "--grafana-token",
-                                       grafana.token, *args], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main,
+        ["dashboards", "push", "--grafana-url", grafana.url, "--grafana-token", grafana.token, *args],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -58,14 +62,21 @@ def test_first_push_creates_folder_data_sources_and_every_dashboard_of_both_flav
     by_uid = {d["uid"]: d for d in grafana.datasources.values()}
     pg = by_uid["gpufleet-postgres"]
     assert (pg["type"], pg["url"], pg["user"], pg["database"]) == (
-        "grafana-postgresql-datasource", "db.example:5432", "grafana_reader", "gpufleet")
+        "grafana-postgresql-datasource",
+        "db.example:5432",
+        "grafana_reader",
+        "gpufleet",
+    )
     assert pg["secureJsonData"] == {"password": "s3cret"}
     assert by_uid["gpufleet-prometheus"]["url"] == PROM
     shipped = dashboards.shipped()
-    assert {grafana.dashboards[m["uid"]]["dashboard"]["title"] for m in shipped.values()} == \
-        {m["title"] for m in shipped.values()}
+    assert {grafana.dashboards[m["uid"]]["dashboard"]["title"] for m in shipped.values()} == {
+        m["title"] for m in shipped.values()
+    }
     assert len(grafana.dashboards) == len(shipped) == 2 * len(dashboards.DASHBOARDS)
-    assert all(d["folderUid"] == "gpufleet" and d["dashboard"]["version"] == 1 for d in grafana.dashboards.values())
+    assert all(
+        d["folderUid"] == "gpufleet" and d["dashboard"]["version"] == 1 for d in grafana.dashboards.values()
+    )
 
 
 def test_a_second_push_changes_nothing_and_adds_no_version(grafana):
@@ -107,15 +118,18 @@ def test_a_changed_data_source_and_a_renamed_folder_are_put_back_in_place(grafan
 
 
 def test_push_refuses_a_sqlite_store_and_says_what_to_do(grafana):
-    result = CliRunner().invoke(main, ["dashboards", "push", "--grafana-url", grafana.url, "--db", "sqlite:///x.db"])
+    result = CliRunner().invoke(
+        main, ["dashboards", "push", "--grafana-url", grafana.url, "--db", "sqlite:///x.db"]
+    )
     assert result.exit_code != 0
     assert "PostgreSQL" in result.output and "--prometheus-url" in result.output
 
 
 def test_a_refused_token_says_what_grafana_answered_and_what_to_check_but_never_the_token(grafana):
     wrong = "glsa_wrong_token_do_not_print"
-    result = CliRunner().invoke(main, ["dashboards", "push", "--grafana-url", grafana.url, "--grafana-token", wrong,
-                                       "--db", PG])
+    result = CliRunner().invoke(
+        main, ["dashboards", "push", "--grafana-url", grafana.url, "--grafana-token", wrong, "--db", PG]
+    )
     assert result.exit_code != 0
     assert "answered 401 to GET /api/folders/gpufleet: Unauthorized" in result.output
     assert "--grafana-token" in result.output and wrong not in result.output
@@ -126,8 +140,11 @@ def test_a_refused_token_says_what_grafana_answered_and_what_to_check_but_never_
 
 
 def test_grafana_refusing_a_dashboard_is_an_error_with_its_status_and_message(grafana):
-    pusher = GrafanaPusher(connect(grafana.url, grafana.token), datasources=[],
-                           dashboards={"untitled.json": {"uid": "untitled", "panels": []}})
+    pusher = GrafanaPusher(
+        connect(grafana.url, grafana.token),
+        datasources=[],
+        dashboards={"untitled.json": {"uid": "untitled", "panels": []}},
+    )
     with pytest.raises(GrafanaError) as err:
         pusher.push()
     assert err.value.status == 400 and err.value.method == "POST" and err.value.path == "/api/dashboards/db"
@@ -146,10 +163,18 @@ def test_an_unreachable_grafana_is_an_error_without_a_status():
 def test_the_double_refuses_a_request_gpufleets_api_description_does_not_allow(grafana):
     http = urllib3.PoolManager()
     auth = {"Authorization": f"Bearer {grafana.token}", "Content-Type": "application/json"}
-    bad_type = http.request("POST", grafana.url + "/api/dashboards/db", headers=auth,
-                            body=json.dumps({"dashboard": {"title": "x"}, "folderUid": 7}))
-    unknown_field = http.request("POST", grafana.url + "/api/annotations", headers=auth,
-                                 body=json.dumps({"text": "x", "dashboardId": 1}))
+    bad_type = http.request(
+        "POST",
+        grafana.url + "/api/dashboards/db",
+        headers=auth,
+        body=json.dumps({"dashboard": {"title": "x"}, "folderUid": 7}),
+    )
+    unknown_field = http.request(
+        "POST",
+        grafana.url + "/api/annotations",
+        headers=auth,
+        body=json.dumps({"text": "x", "dashboardId": 1}),
+    )
     undescribed = http.request("GET", grafana.url + "/api/search", headers=auth)
     assert [r.status for r in (bad_type, unknown_field, undescribed)] == [400, 400, 400]
     assert len(grafana.problems) == 3
@@ -163,7 +188,9 @@ def test_retries_wait_twice_as_long_each_time_up_to_five_minutes():
     assert [next(delays) for _ in range(11)] == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
 
 
-def test_a_grafana_that_answers_only_after_a_while_gets_the_push_with_one_log_line_per_failure(grafana, caplog):
+def test_a_grafana_that_answers_only_after_a_while_gets_the_push_with_one_log_line_per_failure(
+    grafana, caplog
+):
     grafana.answer_next(503, times=4)  # still starting
     pusher = collector_pusher(connect(grafana.url, grafana.token), PG)
     with caplog.at_level(logging.WARNING, logger="gpufleet.collector.grafana"):
@@ -181,8 +208,9 @@ def test_the_start_up_push_never_gives_up_and_stops_when_told(grafana):
     stop = threading.Event()
     result = []
     pusher = collector_pusher(connect(grafana.url, grafana.token), PG)
-    t = threading.Thread(target=lambda: result.append(push_with_retry(pusher, stop, first_delay=0.01,
-                                                                      max_delay=0.02)))
+    t = threading.Thread(
+        target=lambda: result.append(push_with_retry(pusher, stop, first_delay=0.01, max_delay=0.02))
+    )
     t.start()
     wait_until(lambda: len(grafana.scripted) < 10_000 - 50, timeout=20)  # many more tries than 20 s' worth
     assert t.is_alive()
@@ -192,15 +220,31 @@ def test_the_start_up_push_never_gives_up_and_stops_when_told(grafana):
 
 
 RULES = [
-    Rule(name="GpuHardwareThermalSlowdown", kind="threshold", metric="hw_thermal", severity="warning", op="==",
-         threshold=1, annotations={"summary": "GPU {{ $labels.gpu }} on {{ $labels.node }} slows for heat"}),
-    Rule(name="GpuTemperatureCritical", kind="threshold", metric="temperature", severity="critical", op=">",
-         threshold=90, annotations={"summary": "GPU {{ $labels.gpu }} at {{ $value }} C"}),
+    Rule(
+        name="GpuHardwareThermalSlowdown",
+        metric="hw_thermal",
+        severity="warning",
+        spec=Threshold(op="==", value=1),
+        annotations={"summary": "GPU {{ $labels.gpu }} on {{ $labels.node }} slows for heat"},
+    ),
+    Rule(
+        name="GpuTemperatureCritical",
+        metric="temperature",
+        severity="critical",
+        spec=Threshold(op=">", value=90),
+        annotations={"summary": "GPU {{ $labels.gpu }} at {{ $value }} C"},
+    ),
 ]
 
 
 def gpu(metric: str, i: int) -> dict[str, str]:
-    return {"__name__": metric, "cluster": "prod", "node": "gpu-node-7", "gpu": str(i), "uuid": f"GPU-{i:04d}"}
+    return {
+        "__name__": metric,
+        "cluster": "prod",
+        "node": "gpu-node-7",
+        "gpu": str(i),
+        "uuid": f"GPU-{i:04d}",
+    }
 
 
 def test_each_alert_group_becomes_one_annotation_region_from_first_alert_to_resolve(grafana, store):
@@ -208,7 +252,13 @@ def test_each_alert_group_becomes_one_annotation_region_from_first_alert_to_reso
 
     def engine():  # each call a new collector process: where the annotations are comes back from the store
         notifier = GrafanaAnnotationNotifier(connect(grafana.url, grafana.token))
-        return Engine(RULES, view, SqlState(store), [notifier], route=Route(group_wait_s=0, group_interval_s=0))
+        return Engine(
+            RULES,
+            view,
+            SqlAlertState(store.engine),
+            [notifier],
+            route=Route(group_wait_s=0, group_interval_s=0),
+        )
 
     t0 = 1_700_000_000_000
     eng = engine()
@@ -228,8 +278,16 @@ def test_each_alert_group_becomes_one_annotation_region_from_first_alert_to_reso
     assert all((a["time"], a["timeEnd"]) == (t0, t0 + 300_000) for a in regions)
     both, one = regions
     assert both["text"].startswith("[RESOLVED] 2 alerts: GpuHardwareThermalSlowdown, GpuTemperatureCritical")
-    assert {"gpufleet", "GpuHardwareThermalSlowdown", "GpuTemperatureCritical", "critical", "cluster=prod",
-            "node=gpu-node-7", "gpu=0", "resolved"} <= set(both["tags"])
+    assert {
+        "gpufleet",
+        "GpuHardwareThermalSlowdown",
+        "GpuTemperatureCritical",
+        "critical",
+        "cluster=prod",
+        "node=gpu-node-7",
+        "gpu=0",
+        "resolved",
+    } <= set(both["tags"])
     assert one["text"].startswith("[RESOLVED] GpuHardwareThermalSlowdown: GPU 1 on gpu-node-7 slows for heat")
     assert {"gpufleet", "GpuHardwareThermalSlowdown", "warning", "gpu=1", "resolved"} <= set(one["tags"])
     assert not any("firing" in a["tags"] for a in regions)
@@ -240,7 +298,13 @@ def test_each_alert_group_becomes_one_annotation_region_from_first_alert_to_reso
 def test_an_annotation_deleted_in_grafana_comes_back_as_a_closed_region_on_resolve(grafana, store):
     view = MemoryView()
     notifier = GrafanaAnnotationNotifier(connect(grafana.url, grafana.token))
-    eng = Engine(RULES[:1], view, SqlState(store), [notifier], route=Route(group_wait_s=0, group_interval_s=0))
+    eng = Engine(
+        RULES[:1],
+        view,
+        SqlAlertState(store.engine),
+        [notifier],
+        route=Route(group_wait_s=0, group_interval_s=0),
+    )
     view.observe(gpu("hw_thermal", 3), 1000, 1)
     eng.tick(1000)
     grafana.annotations.clear()  # someone tidied up Grafana
@@ -254,8 +318,11 @@ def test_an_annotation_deleted_in_grafana_comes_back_as_a_closed_region_on_resol
 def test_the_collector_pushes_its_dashboards_on_start_when_grafana_is_configured(grafana, pg_url):
     from gpufleet.collector.service import Collector, CollectorSettings
 
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url,
-                                    grafana_token=grafana.token)).start()
+    c = Collector(
+        CollectorSettings(
+            listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url, grafana_token=grafana.token
+        )
+    ).start()
     try:
         wait_until(lambda: len(grafana.dashboards) == len(dashboards.DASHBOARDS), timeout=20)
         assert {d["uid"] for d in grafana.datasources.values()} == {"gpufleet-postgres"}
@@ -269,8 +336,11 @@ def test_a_collector_whose_grafana_never_answers_still_stops_at_once(grafana, pg
     from gpufleet.collector.service import Collector, CollectorSettings
 
     grafana.answer_next(503, times=10_000)
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url,
-                                    grafana_token=grafana.token)).start()
+    c = Collector(
+        CollectorSettings(
+            listen=f"127.0.0.1:{free_port()}", db=pg_url, grafana_url=grafana.url, grafana_token=grafana.token
+        )
+    ).start()
     wait_until(lambda: len(grafana.scripted) < 10_000)  # the first push failed; the next waits 2 s
     started = time.monotonic()
     c.close()

@@ -10,11 +10,11 @@ from numbers import Number
 
 import psycopg
 import pytest
+
+from gpufleet import dashboards
 from gpufleet.collector.service import Collector, CollectorSettings
 from gpufleet.dashboards.macros import expand_sql
 from gpufleet.dashboards.render import render
-
-from gpufleet import dashboards
 from tests import dashboard_fleet as fleet
 from tests.conftest import PG_ADMIN, _admin_exec, free_port, wait_until
 
@@ -69,8 +69,14 @@ def _variables(conn, d, start, end) -> dict[str, list[str]]:
 
 def run_query(conn, d, sql: str):
     start, end = _window(conn)
-    expanded = expand_sql(sql, start=start, end=end, interval=fleet.INTERVAL,
-                          variables=_variables(conn, d, start, end), scrape_interval=fleet.SCRAPE_INTERVAL)
+    expanded = expand_sql(
+        sql,
+        start=start,
+        end=end,
+        interval=fleet.INTERVAL,
+        variables=_variables(conn, d, start, end),
+        scrape_interval=fleet.SCRAPE_INTERVAL,
+    )
     cur = conn.execute(expanded)
     return [c.name for c in cur.description], cur.fetchall(), expanded
 
@@ -82,8 +88,9 @@ def test_variables_list_the_fleet(db):
     assert values == {"cluster": [fleet.CLUSTER], "node": list(fleet.NODES), "gpu": ["0", "1"]}
 
 
-@pytest.mark.parametrize(("d", "panel", "query"), PANELS,
-                         ids=[f"{d.slug}:{p.title}:{i}" for i, (d, p, _) in enumerate(PANELS)])
+@pytest.mark.parametrize(
+    ("d", "panel", "query"), PANELS, ids=[f"{d.slug}:{p.title}:{i}" for i, (d, p, _) in enumerate(PANELS)]
+)
 def test_every_sql_panel_returns_data_of_its_shape(db, d, panel, query):
     columns, rows, sql = run_query(db, d, query.sql)
     assert rows, f"{d.title} / {panel.title}: the query returned nothing:\n{sql}"

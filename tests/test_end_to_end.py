@@ -10,10 +10,10 @@ import sys
 import urllib.request
 
 import pytest
-from gpufleet.agent.main import AgentSettings, start_agent
-from gpufleet.collector.service import Collector, CollectorSettings
 from slack_sdk import WebClient
 
+from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.collector.service import Collector, CollectorSettings
 from tests.conftest import free_port, wait_until
 from tests.doubles.slack_api import SlackDouble
 
@@ -34,10 +34,23 @@ def fleet(db_url):
     with SlackDouble() as slack:
         port, agent_port = free_port(), free_port()
         client = WebClient(token="xoxb-test-token", base_url=slack.base_url)
-        c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=db_url, eval_interval=1.0,
-                                        slack_channel="C0ONCALL"), slack_client=client).start()
-        a = start_agent(AgentSettings(listen=f"127.0.0.1:{agent_port}", collector=f"http://127.0.0.1:{port}",
-                                      simulate=3, node="gpu-node-7", interval=0.2, push_interval=0.5, seed=7))
+        c = Collector(
+            CollectorSettings(
+                listen=f"127.0.0.1:{port}", db=db_url, eval_interval=1.0, slack_channel="C0ONCALL"
+            ),
+            slack_client=client,
+        ).start()
+        a = start_agent(
+            AgentSettings(
+                listen=f"127.0.0.1:{agent_port}",
+                collector=f"http://127.0.0.1:{port}",
+                simulate=3,
+                node="gpu-node-7",
+                interval=0.2,
+                push_interval=0.5,
+                seed=7,
+            )
+        )
         try:
             yield c, a, slack, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{agent_port}"
         finally:
@@ -67,8 +80,11 @@ def test_an_injected_xid_sends_exactly_one_slack_message_naming_node_gpu_and_xid
 
 def test_samples_flow_agent_to_store_and_back_out_through_the_api(fleet):
     c, a, slack, url, agent_url = fleet
-    gpus = wait_until(lambda: (lambda g: g if len(g) == 3 and all(x["up"] for x in g) else None)(
-        get_json(url + "/api/v1/gpus")["gpus"]))
+    gpus = wait_until(
+        lambda: (lambda g: g if len(g) == 3 and all(x["up"] for x in g) else None)(
+            get_json(url + "/api/v1/gpus")["gpus"]
+        )
+    )
     metrics = get_text(agent_url + "/metrics")
     for g in gpus:
         assert g["node"] == "gpu-node-7" and g["model"] == "NVIDIA H100 80GB HBM3"
@@ -78,8 +94,10 @@ def test_samples_flow_agent_to_store_and_back_out_through_the_api(fleet):
     import time
 
     now = time.time()
-    q = get_json(f"{url}/api/v1/query_range?metric=gpufleet_gpu_power_watts&uuid={uuid}"
-                 f"&start={now - 30}&end={now}&step=1")
+    q = get_json(
+        f"{url}/api/v1/query_range?metric=gpufleet_gpu_power_watts&uuid={uuid}"
+        f"&start={now - 30}&end={now}&step=1"
+    )
     (series,) = q["data"]["result"]
     assert series["metric"]["uuid"] == uuid and len(series["values"]) >= 1
     assert all(50 < v < 800 for _, v in series["values"])
@@ -92,8 +110,12 @@ def test_a_lost_gpu_pages_once_and_the_others_keep_reporting(fleet):
     uuid = a.agent.sources[0].gpus[2].uuid
     msgs = wait_until(lambda: slack.channel_messages("C0ONCALL"), timeout=15)
     # both lost-GPU rules fire (XID 79 and NVML's "GPU is lost"), about one GPU: one alert group, one message
-    firing = wait_until(lambda: (lambda x: x if {"GpuFellOffBus", "GpuLost"} <= {r["rule"] for r in x} else None)(
-        get_json(url + "/api/v1/alerts")["alerts"]), timeout=15)
+    firing = wait_until(
+        lambda: (lambda x: x if {"GpuFellOffBus", "GpuLost"} <= {r["rule"] for r in x} else None)(
+            get_json(url + "/api/v1/alerts")["alerts"]
+        ),
+        timeout=15,
+    )
     assert {r["labels"]["uuid"] for r in firing} == {uuid}
     evals = c.engine.evaluations
     wait_until(lambda: c.engine.evaluations >= evals + 3, timeout=10)
@@ -107,10 +129,13 @@ def test_a_lost_gpu_pages_once_and_the_others_keep_reporting(fleet):
 
 def test_writes_need_the_token_when_tokens_are_configured(tmp_path):
     port = free_port()
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/t.db",
-                                    tokens=["s3cret-token"])).start()
+    c = Collector(
+        CollectorSettings(
+            listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/t.db", tokens=["s3cret-token"]
+        )
+    ).start()
     try:
-        from gpufleet import remote_write as rw
+        from gpufleet.core import remote_write as rw
 
         body = rw.encode([rw.Series({"__name__": "gpufleet_gpu_up", "uuid": "GPU-x"}, [(1000, 1.0)])])
         for token, status in ((None, 401), ("wrong", 401), ("s3cret-token", 204)):
@@ -132,10 +157,27 @@ def test_gpufleet_up_as_a_new_user_runs_it(tmp_path):
     """`gpufleet up --simulate 4`: within 15 s, /metrics shows 4 GPUs and the collector lists the same 4."""
     agent_port, port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "up", "--simulate", "4",
-                             "--agent-listen", f"127.0.0.1:{agent_port}", "--listen", f"127.0.0.1:{port}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "up",
+            "--simulate",
+            "4",
+            "--agent-listen",
+            f"127.0.0.1:{agent_port}",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def ready():
             try:
                 metrics = get_text(f"http://127.0.0.1:{agent_port}/metrics")
@@ -145,14 +187,22 @@ def test_gpufleet_up_as_a_new_user_runs_it(tmp_path):
             return (metrics, gpus) if len(gpus) == 4 else None
 
         metrics, gpus = wait_until(ready, timeout=15)
-        for name in ("gpufleet_gpu_up", "gpufleet_gpu_utilization_ratio", "gpufleet_gpu_memory_used_bytes",
-                     "gpufleet_gpu_temperature_celsius", "gpufleet_gpu_power_watts"):
+        for name in (
+            "gpufleet_gpu_up",
+            "gpufleet_gpu_utilization_ratio",
+            "gpufleet_gpu_memory_used_bytes",
+            "gpufleet_gpu_temperature_celsius",
+            "gpufleet_gpu_power_watts",
+        ):
             lines = [ln for ln in metrics.splitlines() if ln.startswith(name + "{")]
             assert len(lines) == 4, name
             for ln in lines:
                 assert all(f'{k}="' in ln for k in ("node", "gpu", "uuid", "model")), ln
-        assert {g["uuid"] for g in gpus} == {ln.split('uuid="')[1].split('"')[0] for ln in metrics.splitlines()
-                                             if ln.startswith("gpufleet_gpu_up{")}
+        assert {g["uuid"] for g in gpus} == {
+            ln.split('uuid="')[1].split('"')[0]
+            for ln in metrics.splitlines()
+            if ln.startswith("gpufleet_gpu_up{")
+        }
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=20)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.engine import Delivery, Engine
+from gpufleet.collector.rules.kinds import Event, Threshold
 from gpufleet.collector.rules.memory import MemoryState, MemoryView
 from gpufleet.collector.rules.model import Route, Rule
 
@@ -15,15 +16,22 @@ class Recorder:
     def __init__(self) -> None:
         self.sent = []
 
-    def send(self, g, previous):
+    def send(self, g):
         for n in g.changes:
-            self.sent.append((n, previous))
-        return previous or ("C1", f"{len(self.sent)}.0")
+            self.sent.append((n, g.previous))
+        return Delivery(g.previous or ("C1", f"{len(self.sent)}.0"))
 
 
 def hot_rule(**kw):
-    return Rule(name="Hot", kind="threshold", metric="temp", severity="warning", op=">", threshold=80,
-                for_s=60, annotations={"summary": "GPU {{ $labels.gpu }} at {{ $value }}"}, **kw)
+    return Rule(
+        name="Hot",
+        metric="temp",
+        severity="warning",
+        spec=Threshold(op=">", value=80),
+        for_s=60,
+        annotations={"summary": "GPU {{ $labels.gpu }} at {{ $value }}"},
+        **kw,
+    )
 
 
 def make(rule):
@@ -62,8 +70,15 @@ def test_stale_data_does_not_resolve_a_firing_alert():
 
 
 def test_event_rule_fires_at_once_on_increase_and_on_first_sight_of_a_nonzero_counter():
-    rule = Rule(name="Xid", kind="event", metric="xid_total", severity="critical", matchers={"xid": "48|79"},
-                annotations={"summary": "XID {{ $labels.xid }}"}, send_resolved=False)
+    rule = Rule(
+        name="Xid",
+        metric="xid_total",
+        severity="critical",
+        spec=Event(),
+        matchers={"xid": "48|79"},
+        annotations={"summary": "XID {{ $labels.xid }}"},
+        send_resolved=False,
+    )
     view, state, rec, eng = make(rule)
     view.observe({"__name__": "xid_total", **GPU, "xid": "48"}, 1000, 1)  # first sight, already 1
     eng.tick(1000)
@@ -74,12 +89,16 @@ def test_event_rule_fires_at_once_on_increase_and_on_first_sight_of_a_nonzero_co
 
 
 def test_a_restarted_engine_neither_re_pages_nor_forgets():
-    rule = Rule(name="Xid", kind="event", metric="xid_total", severity="critical", annotations={"summary": "x"})
+    rule = Rule(
+        name="Xid", metric="xid_total", severity="critical", spec=Event(), annotations={"summary": "x"}
+    )
     view, state, rec, eng = make(rule)
     view.observe({"__name__": "xid_total", **GPU, "xid": "79"}, 1000, 1)
     eng.tick(1000)
     rec2 = Recorder()
-    eng2 = Engine([rule], view, state, [rec2], route=Route(group_interval_s=0))  # same persisted state, new process
+    eng2 = Engine(
+        [rule], view, state, [rec2], route=Route(group_interval_s=0)
+    )  # same persisted state, new process
     eng2.tick(2000)
     assert rec2.sent == []
     assert [a["rule"] for a in eng2.active_alerts()] == ["Xid"]

@@ -26,9 +26,17 @@ def test_make_test_passes_in_a_fresh_clone_with_nothing_beside_it(tmp_path):
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
     assert sorted(p.name for p in empty.iterdir()) == ["gpufleet"]  # no shared/ or anything else beside it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "PYTEST"))}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p + "/")
-    result = subprocess.run(["make", "test", f"PYTEST_ARGS=-q -p no:cacheprovider -k '{SUBSET}'"], cwd=clone,
-                            env=env, capture_output=True, text=True, timeout=1500)
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p + "/"
+    )
+    result = subprocess.run(
+        ["make", "test", f"PYTEST_ARGS=-q -p no:cacheprovider -k '{SUBSET}'"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     tail = (result.stdout + result.stderr)[-4000:]
     assert result.returncode == 0, tail
     summary = [line for line in result.stdout.splitlines() if " passed" in line]

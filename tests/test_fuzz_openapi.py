@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from gpufleet.collector.service import Collector, CollectorSettings
 from hypothesis import HealthCheck, given, settings
 
+from gpufleet.collector.service import Collector, CollectorSettings
 from tests.conftest import free_port
 
 EXAMPLES_PER_OPERATION = 40
@@ -24,7 +24,9 @@ def _raw_bytes(ctx, value):
 def collector_url(tmp_path_factory):
     port = free_port()
     db = tmp_path_factory.mktemp("openapi") / "t.db"
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{db}", tokens=["fuzz-token"])).start()
+    c = Collector(
+        CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{db}", tokens=["fuzz-token"])
+    ).start()
     yield f"http://127.0.0.1:{port}"
     c.close()
 
@@ -32,21 +34,35 @@ def collector_url(tmp_path_factory):
 def test_the_collector_api_keeps_its_openapi_contract(collector_url):
     schema = schemathesis.openapi.from_url(f"{collector_url}/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/api/v1/write", "/api/v1/gpus", "/api/v1/query_range",
-                                              "/api/v1/alerts", "/healthz", "/metrics", "/runbooks/",
-                                              "/runbooks/{name}"}
+    assert {op.path for op in operations} >= {
+        "/api/v1/write",
+        "/api/v1/gpus",
+        "/api/v1/query_range",
+        "/api/v1/alerts",
+        "/healthz",
+        "/metrics",
+        "/runbooks/",
+        "/runbooks/{name}",
+    }
     for op in operations:
+
         @given(case=op.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
         def check(case):
             # "Schema-valid data must be accepted" cannot hold for four operations: a binary schema cannot say
             # which bytes are a valid snappy protobuf, and "end after start, at most 11,000 steps", "since
             # before until" or "endsAt or duration, after startsAt" relate fields, which OpenAPI cannot
             # express. Each is refused with a documented 400 naming the problem.
-            excluded = [schemathesis.checks.positive_data_acceptance] \
-                if case.path in ("/api/v1/write", "/api/v1/query_range", "/api/v1/report",
-                                 "/api/v1/silences") else []
+            excluded = (
+                [schemathesis.checks.positive_data_acceptance]
+                if case.path in ("/api/v1/write", "/api/v1/query_range", "/api/v1/report", "/api/v1/silences")
+                else []
+            )
             case.call_and_validate(headers={"Authorization": "Bearer fuzz-token"}, excluded_checks=excluded)
 
         check()

@@ -10,15 +10,21 @@ import cramjam
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 
 label_names = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,20}", fullmatch=True)
-label_values = st.text(max_size=40)  # any Unicode, control characters and surrogate-free astral planes included
+label_values = st.text(
+    max_size=40
+)  # any Unicode, control characters and surrogate-free astral planes included
 series = st.builds(
     lambda name, labels, samples: rw.Series({"__name__": name, **labels}, samples),
-    label_names, st.dictionaries(label_names.filter(lambda k: k != "__name__"), label_values, max_size=6),
-    st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True)),
-             max_size=5))
+    label_names,
+    st.dictionaries(label_names.filter(lambda k: k != "__name__"), label_values, max_size=6),
+    st.lists(
+        st.tuples(st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True)),
+        max_size=5,
+    ),
+)
 
 
 @given(st.lists(series, max_size=8))

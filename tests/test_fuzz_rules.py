@@ -6,24 +6,63 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from gpufleet.collector.rules.model import RuleError, load_rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpufleet.collector.rules.model import RuleError, load_rules
+
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                      max_leaves=8)
-FIELDS = ["alert", "kind", "metric", "severity", "op", "value", "for", "keep_firing_for", "match", "labels",
-          "annotations", "send_resolved"]
-GOOD = {"alert": "A", "kind": "threshold", "metric": "m", "severity": "warning", "op": ">", "value": 1, "for": "1m"}
-rule = st.fixed_dictionaries({}, optional={k: st.one_of(values, st.just(GOOD[k]) if k in GOOD else values)
-                                           for k in FIELDS})
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+FIELDS = [
+    "alert",
+    "kind",
+    "metric",
+    "severity",
+    "op",
+    "value",
+    "for",
+    "keep_firing_for",
+    "match",
+    "labels",
+    "annotations",
+    "send_resolved",
+]
+GOOD = {
+    "alert": "A",
+    "kind": "threshold",
+    "metric": "m",
+    "severity": "warning",
+    "op": ">",
+    "value": 1,
+    "for": "1m",
+}
+rule = st.fixed_dictionaries(
+    {}, optional={k: st.one_of(values, st.just(GOOD[k]) if k in GOOD else values) for k in FIELDS}
+)
 document = st.one_of(
     values,
-    st.fixed_dictionaries({"groups": st.one_of(values, st.lists(st.one_of(
-        values, st.fixed_dictionaries({"name": values, "rules": st.one_of(values, st.lists(rule, max_size=3))})),
-        max_size=3))}),
+    st.fixed_dictionaries(
+        {
+            "groups": st.one_of(
+                values,
+                st.lists(
+                    st.one_of(
+                        values,
+                        st.fixed_dictionaries(
+                            {"name": values, "rules": st.one_of(values, st.lists(rule, max_size=3))}
+                        ),
+                    ),
+                    max_size=3,
+                ),
+            )
+        }
+    ),
 )
 
 

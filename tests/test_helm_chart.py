@@ -38,8 +38,10 @@ probes:
 MATRIX: dict[str, dict] = {
     "defaults": {},
     "per-process": {"agent": {"perProcess": True}},
-    "prometheus-operator": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-                            "prometheusRule": {"enabled": True}},
+    "prometheus-operator": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "prometheusRule": {"enabled": True},
+    },
     "pod-monitor": {"podMonitor": {"enabled": True}, "agent": {"service": {"enabled": False}}},
     "external-database": {"database": {"url": PG_URL}, "collector": {"replicas": 3}},
     "existing-secrets": {
@@ -49,46 +51,104 @@ MATRIX: dict[str, dict] = {
         "grafana": {"url": "https://grafana.example", "existingSecret": "gpufleet-grafana"},
         "collector": {"replicas": 2},
     },
-    "locked-down": {"networkPolicy": {"enabled": True, "agentIngressFrom": [
-                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
-                        "collectorIngressFrom": [{"podSelector": {"matchLabels": {"app": "grafana"}}}]},
-                    "agent": {"podResources": {"enabled": False}, "nvidia": {"runtimeClassName": ""}},
-                    "collector": {"persistence": {"enabled": False}}},
-    "tokens-and-slack": {"auth": {"tokens": ["a" * 32, "b" * 32]}, "cluster": "prod-east",
-                         "slack": {"token": "xoxb-1-2-3", "channel": "C0123ONCALL",
-                                   "baseUrl": "https://slack.example/api/", "digestCron": "0 9 * * mon",
-                                   "digestChannel": "C0DIGEST", "publicUrl": "https://gpufleet.example.com"},
-                         "grafana": {"url": "https://grafana.example", "token": "glsa_x",
-                                     "dashboardUrl": "https://grafana.example/d/gpufleet-node-gpu-postgres"},
-                         "rules": {"files": {"gpu.yaml": "groups: []\n", "site.yaml": "groups: []\n"}}},
-    "agents-only": {"collector": {"enabled": False}, "podMonitor": {"enabled": True},
-                    "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True, "sources": ["gpu", "host"]}},
-    "inference": {"networkPolicy": {"enabled": True}, "agent": {"inference": {
-        "endpoints": ["llama=http://10.0.0.12:8000/metrics", "tgi=http://tgi.serving.svc:3000/metrics"],
-        "config": INFERENCE_CONFIG,
-        "kubelet": {"url": "https://$(NODE_IP):10250", "rbac": {"create": True}},
-        "interval": 5, "slo": "2.5:0.99",
-        "probes": ["llama-chat=http://10.0.0.12:8000/v1/chat/completions", "tgi-health=http://tgi.serving.svc:3000/health"],
-        "probeInterval": 15, "probeTimeout": 4, "probePrompt": "Say OK.", "probeModel": "llama-3-8b",
-        "probeMaxTokens": 4, "receiver": {"address": "udp://0.0.0.0:9447", "hostPort": True}}}},
+    "locked-down": {
+        "networkPolicy": {
+            "enabled": True,
+            "agentIngressFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ],
+            "collectorIngressFrom": [{"podSelector": {"matchLabels": {"app": "grafana"}}}],
+        },
+        "agent": {"podResources": {"enabled": False}, "nvidia": {"runtimeClassName": ""}},
+        "collector": {"persistence": {"enabled": False}},
+    },
+    "tokens-and-slack": {
+        "auth": {"tokens": ["a" * 32, "b" * 32]},
+        "cluster": "prod-east",
+        "slack": {
+            "token": "xoxb-1-2-3",
+            "channel": "C0123ONCALL",
+            "baseUrl": "https://slack.example/api/",
+            "digestCron": "0 9 * * mon",
+            "digestChannel": "C0DIGEST",
+            "publicUrl": "https://gpufleet.example.com",
+        },
+        "grafana": {
+            "url": "https://grafana.example",
+            "token": "glsa_x",
+            "dashboardUrl": "https://grafana.example/d/gpufleet-node-gpu-postgres",
+        },
+        "rules": {"files": {"gpu.yaml": "groups: []\n", "site.yaml": "groups: []\n"}},
+    },
+    "agents-only": {
+        "collector": {"enabled": False},
+        "podMonitor": {"enabled": True},
+        "agent": {"simulate": 4, "gpuNodesOnly": False, "verbose": True, "sources": ["gpu", "host"]},
+    },
+    "inference": {
+        "networkPolicy": {"enabled": True},
+        "agent": {
+            "inference": {
+                "endpoints": [
+                    "llama=http://10.0.0.12:8000/metrics",
+                    "tgi=http://tgi.serving.svc:3000/metrics",
+                ],
+                "config": INFERENCE_CONFIG,
+                "kubelet": {"url": "https://$(NODE_IP):10250", "rbac": {"create": True}},
+                "interval": 5,
+                "slo": "2.5:0.99",
+                "probes": [
+                    "llama-chat=http://10.0.0.12:8000/v1/chat/completions",
+                    "tgi-health=http://tgi.serving.svc:3000/health",
+                ],
+                "probeInterval": 15,
+                "probeTimeout": 4,
+                "probePrompt": "Say OK.",
+                "probeModel": "llama-3-8b",
+                "probeMaxTokens": 4,
+                "receiver": {"address": "udp://0.0.0.0:9447", "hostPort": True},
+            }
+        },
+    },
     # Every reliability and security setting at once: a non-root agent spooling on a host folder, mutual TLS
     # between agents and collector, more tokens from a file, every request limit.
     "tls-and-spool": {
-        "agent": {"runAsUser": 10001, "spool": {"maxBytes": "2GiB", "maxAge": "2d"},
-                  "tls": {"ca": {"existingConfigMap": "fleet-ca"}, "clientCert": {"existingSecret": "agent-client"}}},
-        "collector": {"tls": {"existingSecret": "collector-tls", "clientCAKey": "ca.crt"},
-                      "limits": {"maxBodyBytes": 32 << 20, "maxUncompressedBytes": 128 << 20, "maxSeries": 200_000,
-                                 "maxSamples": 4_000_000, "maxLabels": 60, "maxLabelLength": 4096,
-                                 "maxInflightWrites": 128}},
+        "agent": {
+            "runAsUser": 10001,
+            "spool": {"maxBytes": "2GiB", "maxAge": "2d"},
+            "tls": {
+                "ca": {"existingConfigMap": "fleet-ca"},
+                "clientCert": {"existingSecret": "agent-client"},
+            },
+        },
+        "collector": {
+            "tls": {"existingSecret": "collector-tls", "clientCAKey": "ca.crt"},
+            "limits": {
+                "maxBodyBytes": 32 << 20,
+                "maxUncompressedBytes": 128 << 20,
+                "maxSeries": 200_000,
+                "maxSamples": 4_000_000,
+                "maxLabels": 60,
+                "maxLabelLength": 4096,
+                "maxInflightWrites": 128,
+            },
+        },
         "auth": {"tokenFile": {"existingSecret": "fleet-tokens"}},
         "serviceMonitor": {"enabled": True},
     },
     "open-writes": {"auth": {"enabled": False}},
     # PostgreSQL kept for a year at one-minute resolution, forwarded to two remote-write receivers.
-    "store-options": {"database": {"url": PG_URL}, "collector": {
-        "retention": {"rawDays": 0.5, "oneMinuteDays": 365, "oneHourDays": 1825},
-        "forward": ["http://prometheus.monitoring.svc:9090/api/v1/write", "https://mimir.example/api/v1/push"],
-        "rawLayout": "rows"}},
+    "store-options": {
+        "database": {"url": PG_URL},
+        "collector": {
+            "retention": {"rawDays": 0.5, "oneMinuteDays": 365, "oneHourDays": 1825},
+            "forward": [
+                "http://prometheus.monitoring.svc:9090/api/v1/write",
+                "https://mimir.example/api/v1/push",
+            ],
+            "rawLayout": "rows",
+        },
+    },
 }
 
 
@@ -105,15 +165,21 @@ def test_every_rendered_object_is_valid_for_current_kubernetes(rendered, scenari
         try:
             validate(obj)
         except Exception as exc:  # name the object, the schema error alone does not say which one
-            pytest.fail(f"{scenario}: {obj['kind']} {obj['metadata'].get('name')} from {obj['__template__']}: {exc}")
+            pytest.fail(
+                f"{scenario}: {obj['kind']} {obj['metadata'].get('name')} from {obj['__template__']}: {exc}"
+            )
 
 
 def test_agent_runs_only_on_gpu_nodes_and_tolerates_their_taint(rendered):
     pod = find(rendered["defaults"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
-    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
     keys = {t["matchExpressions"][0]["key"] for t in terms}
     assert keys == {"nvidia.com/gpu.present", "feature.node.kubernetes.io/pci-10de.present"}
-    assert all(len(t["matchExpressions"]) == 1 for t in terms), "any one GPU label must be enough (terms are ORed)"
+    assert all(len(t["matchExpressions"]) == 1 for t in terms), (
+        "any one GPU label must be enough (terms are ORed)"
+    )
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["runtimeClassName"] == "nvidia"
     env = env_of(pod["containers"][0])
@@ -142,23 +208,32 @@ def test_agent_has_least_privilege_and_host_pid_only_for_per_process(rendered):
         assert pod.get("hostNetwork", False) is False
         assert pod["automountServiceAccountToken"] is False
     # The spool's init container: root for one chown, CAP_CHOWN alone, never privileged.
-    init = find(rendered["tls-and-spool"], "DaemonSet", "-agent")["spec"]["template"]["spec"]["initContainers"]
+    init = find(rendered["tls-and-spool"], "DaemonSet", "-agent")["spec"]["template"]["spec"][
+        "initContainers"
+    ]
     assert [i["name"] for i in init] == ["spool-owner"]
     isc = init[0]["securityContext"]
     assert isc["privileged"] is False and isc["allowPrivilegeEscalation"] is False
-    assert isc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]} and isc["readOnlyRootFilesystem"] is True
+    assert (
+        isc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]} and isc["readOnlyRootFilesystem"] is True
+    )
     per_process = env_of(container(rendered["per-process"], "agent"))
     assert per_process["GPUFLEET_PROCESS_METRICS"]["value"] == "true"
     assert "GPUFLEET_PROCESS_METRICS" not in env_of(container(rendered["defaults"], "agent"))
     # Without the root-only kubelet socket the agent runs as the image's unprivileged user.
     locked = find(rendered["locked-down"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
-    assert locked["securityContext"]["runAsNonRoot"] is True and locked["securityContext"]["runAsUser"] == 10001
+    assert (
+        locked["securityContext"]["runAsNonRoot"] is True and locked["securityContext"]["runAsUser"] == 10001
+    )
     assert "runtimeClassName" not in locked
 
 
 def test_privileged_and_profiling_are_explicit_options():
     objs = objects(render({"agent": {"profilingCapability": True}}))
-    assert container(objs, "agent")["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert container(objs, "agent")["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["SYS_ADMIN"],
+    }
     objs = objects(render({"agent": {"privileged": True}}))
     assert container(objs, "agent")["securityContext"]["privileged"] is True
     for o in objs:
@@ -172,7 +247,9 @@ def test_pod_resources_socket_is_mounted_read_only(rendered):
     assert mount["readOnly"] is True and mount["mountPath"] == "/var/lib/kubelet/pod-resources"
     vol = next(v for v in ds["volumes"] if v["name"] == "pod-resources")
     assert vol["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
-    assert env_of(c)["GPUFLEET_POD_RESOURCES_SOCKET"]["value"] == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    assert (
+        env_of(c)["GPUFLEET_POD_RESOURCES_SOCKET"]["value"] == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )
 
 
 def test_agent_resources_and_health_probes(rendered):
@@ -195,7 +272,10 @@ def test_sqlite_by_default_on_a_kept_volume_with_one_replica(rendered):
     objs = rendered["defaults"]
     deploy = find(objs, "Deployment", "-collector")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
-    assert env_of(container(objs, "collector"))["GPUFLEET_DB"]["value"] == "sqlite:////var/lib/gpufleet/gpufleet.db"
+    assert (
+        env_of(container(objs, "collector"))["GPUFLEET_DB"]["value"]
+        == "sqlite:////var/lib/gpufleet/gpufleet.db"
+    )
     pvc = find(objs, "PersistentVolumeClaim", "-collector")
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert find(objs, "PodDisruptionBudget", "-collector")["spec"]["maxUnavailable"] == 1
@@ -218,12 +298,19 @@ def test_existing_secrets_are_referenced_not_created(rendered):
     col = env_of(container(objs, "collector"))
     assert col["GPUFLEET_DB"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-db", "key": "url"}
     assert col["GPUFLEET_TOKENS"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-auth", "key": "tokens"}
-    assert col["GPUFLEET_SLACK_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-slack",
-                                                                        "key": "slack-token"}
-    assert col["GPUFLEET_GRAFANA_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-grafana",
-                                                                          "key": "grafana-token"}
+    assert col["GPUFLEET_SLACK_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "gpufleet-slack",
+        "key": "slack-token",
+    }
+    assert col["GPUFLEET_GRAFANA_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "gpufleet-grafana",
+        "key": "grafana-token",
+    }
     agent = env_of(container(objs, "agent"))
-    assert agent["GPUFLEET_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "gpufleet-auth", "key": "agent-token"}
+    assert agent["GPUFLEET_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "gpufleet-auth",
+        "key": "agent-token",
+    }
 
 
 def test_write_tokens_agents_send_are_ones_the_collector_accepts(rendered):
@@ -280,24 +367,40 @@ def test_inference_latency_settings_reach_the_agent(rendered):
     assert env_of(c)["NODE_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
     # The config file: a ConfigMap mounted read-only where GPUFLEET_INFERENCE_CONFIG points.
     cm = find(objs, "ConfigMap", "-agent-inference")
-    assert yaml.safe_load(cm["data"]["config.yaml"]) == yaml.safe_load(MATRIX["inference"]["agent"]["inference"]["config"])
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == yaml.safe_load(
+        MATRIX["inference"]["agent"]["inference"]["config"]
+    )
     mount = next(m for m in c["volumeMounts"] if m["name"] == "inference-config")
     assert mount["readOnly"] is True
     assert env_of(c)["GPUFLEET_INFERENCE_CONFIG"]["value"] == mount["mountPath"] + "/config.yaml"
-    assert next(v for v in pod["volumes"] if v["name"] == "inference-config")["configMap"]["name"] == cm["metadata"]["name"]
-    assert "checksum/inference-config" in find(objs, "DaemonSet", "-agent")["spec"]["template"]["metadata"]["annotations"]
+    assert (
+        next(v for v in pod["volumes"] if v["name"] == "inference-config")["configMap"]["name"]
+        == cm["metadata"]["name"]
+    )
+    assert (
+        "checksum/inference-config"
+        in find(objs, "DaemonSet", "-agent")["spec"]["template"]["metadata"]["annotations"]
+    )
     # Kubelet discovery on the authenticated port: RBAC for the agent's ServiceAccount and a token in the agent only.
     role = find(objs, "ClusterRole", "-agent-kubelet")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
     binding = find(objs, "ClusterRoleBinding", "-agent-kubelet")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": NAMESPACE}
+    ]
     assert pod["automountServiceAccountToken"] is False
     token = next(m for m in c["volumeMounts"] if m["name"] == "kubelet-token")
-    assert token == {"name": "kubelet-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
-                     "readOnly": True}
+    assert token == {
+        "name": "kubelet-token",
+        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+        "readOnly": True,
+    }
     from gpufleet.agent.inference.config import SERVICE_ACCOUNT_TOKEN
-    assert token["mountPath"] + "/token" == SERVICE_ACCOUNT_TOKEN, "the agent reads the token where the chart mounts it"
+
+    assert token["mountPath"] + "/token" == SERVICE_ACCOUNT_TOKEN, (
+        "the agent reads the token where the chart mounts it"
+    )
     # The UDP receiver on the node's port, admitted by the agent's NetworkPolicy.
     assert {"name": "inference", "containerPort": 9447, "protocol": "UDP", "hostPort": 9447} in c["ports"]
     pol = find(objs, "NetworkPolicy", "-agent")
@@ -306,20 +409,39 @@ def test_inference_latency_settings_reach_the_agent(rendered):
     defaults = rendered["defaults"]
     plain = container(defaults, "agent")
     assert not [n for n in env_of(plain) if "INFERENCE" in n or n == "NODE_IP"]
-    assert not [o for o in defaults if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "ConfigMap")
-                and "agent" in o["metadata"]["name"]]
+    assert not [
+        o
+        for o in defaults
+        if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "ConfigMap")
+        and "agent" in o["metadata"]["name"]
+    ]
     assert {m["name"] for m in plain["volumeMounts"]} == {"tmp", "spool", "pod-resources"}
 
 
 def test_inference_receiver_socket_and_read_only_kubelet_port():
-    objs = objects(render({"agent": {"inference": {
-        "kubelet": {"url": "http://$(NODE_IP):10255"}, "interval": 2.5,
-        "receiver": {"address": "unix:///run/gpufleet/inference.sock", "hostPath": "/run/gpufleet"}}}}))
+    objs = objects(
+        render(
+            {
+                "agent": {
+                    "inference": {
+                        "kubelet": {"url": "http://$(NODE_IP):10255"},
+                        "interval": 2.5,
+                        "receiver": {
+                            "address": "unix:///run/gpufleet/inference.sock",
+                            "hostPath": "/run/gpufleet",
+                        },
+                    }
+                }
+            }
+        )
+    )
     for o in objs:
         validate(o)
     pod = find(objs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert next(m for m in c["volumeMounts"] if m["name"] == "inference-socket")["mountPath"] == "/run/gpufleet"
+    assert (
+        next(m for m in c["volumeMounts"] if m["name"] == "inference-socket")["mountPath"] == "/run/gpufleet"
+    )
     vol = next(v for v in pod["volumes"] if v["name"] == "inference-socket")
     assert vol["hostPath"] == {"path": "/run/gpufleet", "type": "DirectoryOrCreate"}
     assert env_of(c)["GPUFLEET_INFERENCE_INTERVAL"]["value"] == "2.5"
@@ -330,7 +452,9 @@ def test_inference_receiver_socket_and_read_only_kubelet_port():
 
 
 def _pod(objs, component: str) -> dict:
-    return find(objs, "DaemonSet" if component == "agent" else "Deployment", f"-{component}")["spec"]["template"]["spec"]
+    return find(objs, "DaemonSet" if component == "agent" else "Deployment", f"-{component}")["spec"][
+        "template"
+    ]["spec"]
 
 
 def _volume(pod: dict, name: str) -> dict:
@@ -345,15 +469,25 @@ def test_spool_on_a_host_folder_outlives_the_agent_pod(rendered):
     # A non-root agent: the kubelet creates the folder as root, the init container hands it to uid 10001.
     pod = _pod(rendered["tls-and-spool"], "agent")
     c = pod["containers"][0]
-    assert _volume(pod, "spool")["hostPath"] == {"path": "/var/lib/gpufleet/spool", "type": "DirectoryOrCreate"}
-    assert env_of(c)["GPUFLEET_SPOOL_DIR"]["value"] == _mount(c, "spool")["mountPath"] == "/var/lib/gpufleet/spool"
+    assert _volume(pod, "spool")["hostPath"] == {
+        "path": "/var/lib/gpufleet/spool",
+        "type": "DirectoryOrCreate",
+    }
+    assert (
+        env_of(c)["GPUFLEET_SPOOL_DIR"]["value"]
+        == _mount(c, "spool")["mountPath"]
+        == "/var/lib/gpufleet/spool"
+    )
     assert _mount(c, "spool").get("readOnly", False) is False
     init = pod["initContainers"][0]
     assert init["command"] == ["chown", "-R", "10001:10001", "/var/lib/gpufleet/spool"]
     assert _mount(init, "spool")["mountPath"] == "/var/lib/gpufleet/spool"
     assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["fsGroup"] == 10001
     env = env_of(c)
-    assert (env["GPUFLEET_SPOOL_MAX_BYTES"]["value"], env["GPUFLEET_SPOOL_MAX_AGE"]["value"]) == ("2GiB", "2d")
+    assert (env["GPUFLEET_SPOOL_MAX_BYTES"]["value"], env["GPUFLEET_SPOOL_MAX_AGE"]["value"]) == (
+        "2GiB",
+        "2d",
+    )
     # By default the agent is root (the kubelet socket is root-only): the host folder, no init container, and
     # the limits left to the agent.
     pod = _pod(rendered["defaults"], "agent")
@@ -365,14 +499,31 @@ def test_spool_on_a_host_folder_outlives_the_agent_pod(rendered):
     pod = _pod(objects(render({"agent": {"spool": {"type": "none"}}})), "agent")
     assert env_of(pod["containers"][0])["GPUFLEET_SPOOL_DIR"]["value"] == ""
     assert "spool" not in {v["name"] for v in pod["volumes"]}
-    pod = _pod(objects(render({"agent": {"runAsUser": 10001, "spool": {"chownInit": False,
-                                                                       "hostPath": "/data/gpufleet/spool"}}})), "agent")
+    pod = _pod(
+        objects(
+            render(
+                {
+                    "agent": {
+                        "runAsUser": 10001,
+                        "spool": {"chownInit": False, "hostPath": "/data/gpufleet/spool"},
+                    }
+                }
+            )
+        ),
+        "agent",
+    )
     assert "initContainers" not in pod and _volume(pod, "spool")["hostPath"]["path"] == "/data/gpufleet/spool"
 
 
 def test_https_collector_with_probes_over_https_and_agents_verifying_it():
-    objs = objects(render({"collector": {"tls": {"existingSecret": "collector-tls"}},
-                           "agent": {"tls": {"ca": {"existingSecret": "fleet-ca", "key": "bundle.pem"}}}}))
+    objs = objects(
+        render(
+            {
+                "collector": {"tls": {"existingSecret": "collector-tls"}},
+                "agent": {"tls": {"ca": {"existingSecret": "fleet-ca", "key": "bundle.pem"}}},
+            }
+        )
+    )
     for o in objs:
         validate(o)
     pod = _pod(objs, "collector")
@@ -413,23 +564,37 @@ def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
         assert c[probe]["tcpSocket"] == {"port": "http"} and "httpGet" not in c[probe], probe
     # More tokens from a file in the user's Secret, next to the generated one the agents send.
     assert env["GPUFLEET_TOKEN_FILE"]["value"] == "/etc/gpufleet/auth/tokens"
-    assert _mount(c, "token-file") == {"name": "token-file", "mountPath": "/etc/gpufleet/auth", "readOnly": True}
+    assert _mount(c, "token-file") == {
+        "name": "token-file",
+        "mountPath": "/etc/gpufleet/auth",
+        "readOnly": True,
+    }
     assert _volume(pod, "token-file")["secret"]["items"] == [{"key": "token-file", "path": "tokens"}]
     assert "GPUFLEET_TOKENS" in env
     limits = MATRIX["tls-and-spool"]["collector"]["limits"]
-    names = {"maxBodyBytes": "GPUFLEET_MAX_BODY_BYTES", "maxUncompressedBytes": "GPUFLEET_MAX_UNCOMPRESSED_BYTES",
-             "maxSeries": "GPUFLEET_MAX_SERIES", "maxSamples": "GPUFLEET_MAX_SAMPLES", "maxLabels": "GPUFLEET_MAX_LABELS",
-             "maxLabelLength": "GPUFLEET_MAX_LABEL_LENGTH", "maxInflightWrites": "GPUFLEET_MAX_INFLIGHT_WRITES"}
+    names = {
+        "maxBodyBytes": "GPUFLEET_MAX_BODY_BYTES",
+        "maxUncompressedBytes": "GPUFLEET_MAX_UNCOMPRESSED_BYTES",
+        "maxSeries": "GPUFLEET_MAX_SERIES",
+        "maxSamples": "GPUFLEET_MAX_SAMPLES",
+        "maxLabels": "GPUFLEET_MAX_LABELS",
+        "maxLabelLength": "GPUFLEET_MAX_LABEL_LENGTH",
+        "maxInflightWrites": "GPUFLEET_MAX_INFLIGHT_WRITES",
+    }
     assert {names[k]: str(v) for k, v in limits.items()} == {n: env[n]["value"] for n in names.values()}
-    assert not [n for n in env_of(container(rendered["defaults"], "collector")) if n.startswith("GPUFLEET_MAX_")]
+    assert not [
+        n for n in env_of(container(rendered["defaults"], "collector")) if n.startswith("GPUFLEET_MAX_")
+    ]
     assert env["GPUFLEET_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     # The agents present their client certificate; the key is readable by their group only.
     apod = _pod(objs, "agent")
     a = apod["containers"][0]
     aenv = env_of(a)
     assert aenv["GPUFLEET_COLLECTOR"]["value"].startswith("https://")
-    assert (aenv["GPUFLEET_CLIENT_CERT"]["value"], aenv["GPUFLEET_CLIENT_KEY"]["value"]) == \
-        ("/etc/gpufleet/tls/client/tls.crt", "/etc/gpufleet/tls/client/tls.key")
+    assert (aenv["GPUFLEET_CLIENT_CERT"]["value"], aenv["GPUFLEET_CLIENT_KEY"]["value"]) == (
+        "/etc/gpufleet/tls/client/tls.crt",
+        "/etc/gpufleet/tls/client/tls.key",
+    )
     assert _mount(a, "tls-client")["readOnly"] is True
     client = _volume(apod, "tls-client")["secret"]
     assert client["secretName"] == "agent-client" and client["defaultMode"] == 0o440
@@ -439,10 +604,12 @@ def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
     sm = find(objs, "ServiceMonitor")
     ep = next(e for e in sm["spec"]["endpoints"] if e["port"] == "http")
     assert ep["scheme"] == "https"
-    assert ep["tlsConfig"] == {"serverName": f"gf-gpufleet-collector.{NAMESPACE}.svc",
-                               "ca": {"configMap": {"name": "fleet-ca", "key": "ca.crt"}},
-                               "cert": {"secret": {"name": "agent-client", "key": "tls.crt"}},
-                               "keySecret": {"name": "agent-client", "key": "tls.key"}}
+    assert ep["tlsConfig"] == {
+        "serverName": f"gf-gpufleet-collector.{NAMESPACE}.svc",
+        "ca": {"configMap": {"name": "fleet-ca", "key": "ca.crt"}},
+        "cert": {"secret": {"name": "agent-client", "key": "tls.crt"}},
+        "keySecret": {"name": "agent-client", "key": "tls.key"},
+    }
 
 
 def test_collector_gets_tokens_or_an_explicit_open_door(rendered):
@@ -461,81 +628,139 @@ def test_network_policies_admit_agents_and_listed_peers(rendered):
     col = pols["gf-gpufleet-collector"]["spec"]["ingress"][0]["from"]
     assert col[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "agent"
     assert {"podSelector": {"matchLabels": {"app": "grafana"}}} in col
-    assert pols["gf-gpufleet-agent"]["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert pols["gf-gpufleet-agent"]["spec"]["ingress"][0]["ports"] == [
+        {"port": "metrics", "protocol": "TCP"}
+    ]
 
 
 def test_retention_forwarding_and_layout_reach_the_collector_only_when_set(rendered):
     env = env_of(container(rendered["store-options"], "collector"))
-    assert {n: env[n]["value"] for n in ("GPUFLEET_RETENTION_RAW", "GPUFLEET_RETENTION_1M", "GPUFLEET_RETENTION_1H")} \
-        == {"GPUFLEET_RETENTION_RAW": "0.5", "GPUFLEET_RETENTION_1M": "365", "GPUFLEET_RETENTION_1H": "1825"}
+    assert {
+        n: env[n]["value"]
+        for n in ("GPUFLEET_RETENTION_RAW", "GPUFLEET_RETENTION_1M", "GPUFLEET_RETENTION_1H")
+    } == {"GPUFLEET_RETENTION_RAW": "0.5", "GPUFLEET_RETENTION_1M": "365", "GPUFLEET_RETENTION_1H": "1825"}
     assert env["GPUFLEET_FORWARD"]["value"] == " ".join(MATRIX["store-options"]["collector"]["forward"])
     assert env["GPUFLEET_RAW_LAYOUT"]["value"] == "rows"
     slack = env_of(container(rendered["tokens-and-slack"], "collector"))
-    assert slack["GPUFLEET_GRAFANA_DASHBOARD_URL"]["value"] == "https://grafana.example/d/gpufleet-node-gpu-postgres"
+    assert (
+        slack["GPUFLEET_GRAFANA_DASHBOARD_URL"]["value"]
+        == "https://grafana.example/d/gpufleet-node-gpu-postgres"
+    )
     defaults = env_of(container(rendered["defaults"], "collector"))
-    assert not [n for n in defaults if n.startswith(("GPUFLEET_RETENTION_", "GPUFLEET_FORWARD", "GPUFLEET_RAW_LAYOUT",
-                                                     "GPUFLEET_GRAFANA_DASHBOARD_URL"))]
+    assert not [
+        n
+        for n in defaults
+        if n.startswith(
+            (
+                "GPUFLEET_RETENTION_",
+                "GPUFLEET_FORWARD",
+                "GPUFLEET_RAW_LAYOUT",
+                "GPUFLEET_GRAFANA_DASHBOARD_URL",
+            )
+        )
+    ]
     # One value alone is passed alone: the collector's defaults hold for the others.
     one = env_of(container(objects(render({"collector": {"retention": {"oneHourDays": 3650}}})), "collector"))
     assert [n for n in one if n.startswith("GPUFLEET_RETENTION_")] == ["GPUFLEET_RETENTION_1H"]
 
 
 # ---- wrong values fail at template time, with the fix in the message --------------------------------
-@pytest.mark.parametrize("values, says", [
-    ({"agent": {"perProccess": True}}, "additional properties 'perProccess' not allowed"),
-    ({"agent": {"interval": 0}}, "/agent/interval"),
-    ({"agent": {"metricNames": "dcgm-exporter"}}, "/agent/metricNames"),
-    ({"collector": {"replicas": 0}}, "/collector/replicas"),
-    ({"agent": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}, "/agent/resources/requests"),
-    ({"database": {"url": "mysql://x"}}, "/database/url"),
-    ({"auth": {"tokens": ["short"]}}, "/auth/tokens/0"),
-    ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
-    ({"collector": {"replicas": 2}}, "collector.replicas > 1 needs PostgreSQL"),
-    ({"collector": {"replicas": 2}, "database": {"url": "sqlite:////data/x.db"}}, "needs PostgreSQL"),
-    ({"slack": {"token": "xoxb-1"}}, "slack.channel is empty"),
-    ({"slack": {"channel": "C0123"}}, "there is no bot token"),
-    ({"grafana": {"token": "t"}}, "grafana.url is empty"),
-    ({"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}, "scrape every agent twice"),
-    ({"rules": {"builtin": False}}, "leaves the collector without rules"),
-    ({"rules": {"files": {"gpu.txt": "x"}}}, "is not a rule file name"),
-    ({"agent": {"inference": {"endpoints": ["http://127.0.0.1:8000/metrics"]}}}, "/agent/inference/endpoints/0"),
-    ({"agent": {"inference": {"probes": ["a=http://x/v1 b=http://y/v1"]}}}, "/agent/inference/probes/0"),
-    ({"agent": {"inference": {"slo": "99%"}}}, "/agent/inference/slo"),
-    ({"agent": {"inference": {"kubelet": {"url": "10.0.0.1:10250"}}}}, "/agent/inference/kubelet/url"),
-    ({"agent": {"inference": {"kubelet": {"rbac": {"resources": ["nodes"]}}}}}, "/agent/inference/kubelet/rbac"),
-    ({"agent": {"inference": {"receiver": {"address": "tcp://0.0.0.0:9447"}}}}, "/agent/inference/receiver/address"),
-    ({"agent": {"inference": {"config": "endpoints: [unclosed"}}}, "agent.inference.config is not a YAML mapping"),
-    ({"agent": {"inference": {"config": "- just a list"}}}, "agent.inference.config is not a YAML mapping"),
-    ({"agent": {"inference": {"receiver": {"hostPort": True}}}}, "set agent.inference.receiver.address to udp://"),
-    ({"agent": {"inference": {"receiver": {"address": "unix:///run/gpufleet/inference.sock"}}}},
-     "set agent.inference.receiver.hostPath"),
-    ({"agent": {"spool": {"type": "hostpath"}}}, "/agent/spool/type"),
-    ({"agent": {"spool": {"hostPath": "var/lib/gpufleet"}}}, "/agent/spool/hostPath"),
-    ({"agent": {"spool": {"maxBytes": "2 gigabytes"}}}, "/agent/spool/maxBytes"),
-    ({"agent": {"spool": {"maxAge": "1 week"}}}, "/agent/spool/maxAge"),
-    ({"agent": {"spool": {"sizeLimit": "1Gi"}}}, "additional properties 'sizeLimit' not allowed"),
-    ({"collector": {"limits": {"maxBodyBytes": 100}}}, "/collector/limits/maxBodyBytes"),
-    ({"collector": {"limits": {"maxInflightWrites": "64"}}}, "/collector/limits/maxInflightWrites"),
-    ({"collector": {"tls": {"existingSecret": "Collector_TLS"}}}, "/collector/tls/existingSecret"),
-    ({"collector": {"tls": {"clientCAKey": "ca.crt"}}}, "set collector.tls.existingSecret"),
-    ({"collector": {"tls": {"existingSecret": "collector-tls", "clientCAKey": "ca.crt"}}},
-     "set agent.tls.clientCert.existingSecret"),
-    ({"agent": {"tls": {"clientCert": {"existingSecret": "agent-client"}}}},
-     "set collector.tls.existingSecret (this release's collector serves HTTPS) or an https:// agent.collectorUrl"),
-    ({"agent": {"tls": {"ca": {"existingSecret": "a", "existingConfigMap": "b"}}},
-      "collector": {"tls": {"existingSecret": "collector-tls"}}}, "unset the other"),
-    ({"auth": {"enabled": False, "tokenFile": {"existingSecret": "fleet-tokens"}}}, "set auth.enabled=true"),
-    ({"collector": {"retention": {"rawDays": 0.1}}}, "/collector/retention/rawDays"),
-    ({"collector": {"retention": {"oneHourDays": "730"}}}, "/collector/retention/oneHourDays"),
-    ({"collector": {"retention": {"raw": 15}}}, "additional properties 'raw' not allowed"),
-    ({"collector": {"forward": ["prometheus:9090/api/v1/write"]}}, "/collector/forward/0"),
-    ({"collector": {"forward": ["http://a/api/v1/write http://b/api/v1/write"]}}, "/collector/forward/0"),
-    ({"collector": {"rawLayout": "chunked"}, "database": {"url": PG_URL}}, "/collector/rawLayout"),
-    ({"collector": {"rawLayout": "rows"}}, "collector.rawLayout=rows applies to PostgreSQL only"),
-    ({"grafana": {"dashboardUrl": "grafana.example/d/gpufleet-node-gpu-postgres"}}, "/grafana/dashboardUrl"),
-    ({"collector": {"runbookBaseUrl": "wiki.example.com/gpu"}}, "/collector/runbookBaseUrl"),
-    ({"collector": {"enabled": False}, "prometheusRule": {"enabled": True}}, "set collector.runbookBaseUrl"),
-])
+@pytest.mark.parametrize(
+    "values, says",
+    [
+        ({"agent": {"perProccess": True}}, "additional properties 'perProccess' not allowed"),
+        ({"agent": {"interval": 0}}, "/agent/interval"),
+        ({"agent": {"metricNames": "dcgm-exporter"}}, "/agent/metricNames"),
+        ({"collector": {"replicas": 0}}, "/collector/replicas"),
+        ({"agent": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}, "/agent/resources/requests"),
+        ({"database": {"url": "mysql://x"}}, "/database/url"),
+        ({"auth": {"tokens": ["short"]}}, "/auth/tokens/0"),
+        ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
+        ({"collector": {"replicas": 2}}, "collector.replicas > 1 needs PostgreSQL"),
+        ({"collector": {"replicas": 2}, "database": {"url": "sqlite:////data/x.db"}}, "needs PostgreSQL"),
+        ({"slack": {"token": "xoxb-1"}}, "slack.channel is empty"),
+        ({"slack": {"channel": "C0123"}}, "there is no bot token"),
+        ({"grafana": {"token": "t"}}, "grafana.url is empty"),
+        ({"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}, "scrape every agent twice"),
+        ({"rules": {"builtin": False}}, "leaves the collector without rules"),
+        ({"rules": {"files": {"gpu.txt": "x"}}}, "is not a rule file name"),
+        (
+            {"agent": {"inference": {"endpoints": ["http://127.0.0.1:8000/metrics"]}}},
+            "/agent/inference/endpoints/0",
+        ),
+        ({"agent": {"inference": {"probes": ["a=http://x/v1 b=http://y/v1"]}}}, "/agent/inference/probes/0"),
+        ({"agent": {"inference": {"slo": "99%"}}}, "/agent/inference/slo"),
+        ({"agent": {"inference": {"kubelet": {"url": "10.0.0.1:10250"}}}}, "/agent/inference/kubelet/url"),
+        (
+            {"agent": {"inference": {"kubelet": {"rbac": {"resources": ["nodes"]}}}}},
+            "/agent/inference/kubelet/rbac",
+        ),
+        (
+            {"agent": {"inference": {"receiver": {"address": "tcp://0.0.0.0:9447"}}}},
+            "/agent/inference/receiver/address",
+        ),
+        (
+            {"agent": {"inference": {"config": "endpoints: [unclosed"}}},
+            "agent.inference.config is not a YAML mapping",
+        ),
+        (
+            {"agent": {"inference": {"config": "- just a list"}}},
+            "agent.inference.config is not a YAML mapping",
+        ),
+        (
+            {"agent": {"inference": {"receiver": {"hostPort": True}}}},
+            "set agent.inference.receiver.address to udp://",
+        ),
+        (
+            {"agent": {"inference": {"receiver": {"address": "unix:///run/gpufleet/inference.sock"}}}},
+            "set agent.inference.receiver.hostPath",
+        ),
+        ({"agent": {"spool": {"type": "hostpath"}}}, "/agent/spool/type"),
+        ({"agent": {"spool": {"hostPath": "var/lib/gpufleet"}}}, "/agent/spool/hostPath"),
+        ({"agent": {"spool": {"maxBytes": "2 gigabytes"}}}, "/agent/spool/maxBytes"),
+        ({"agent": {"spool": {"maxAge": "1 week"}}}, "/agent/spool/maxAge"),
+        ({"agent": {"spool": {"sizeLimit": "1Gi"}}}, "additional properties 'sizeLimit' not allowed"),
+        ({"collector": {"limits": {"maxBodyBytes": 100}}}, "/collector/limits/maxBodyBytes"),
+        ({"collector": {"limits": {"maxInflightWrites": "64"}}}, "/collector/limits/maxInflightWrites"),
+        ({"collector": {"tls": {"existingSecret": "Collector_TLS"}}}, "/collector/tls/existingSecret"),
+        ({"collector": {"tls": {"clientCAKey": "ca.crt"}}}, "set collector.tls.existingSecret"),
+        (
+            {"collector": {"tls": {"existingSecret": "collector-tls", "clientCAKey": "ca.crt"}}},
+            "set agent.tls.clientCert.existingSecret",
+        ),
+        (
+            {"agent": {"tls": {"clientCert": {"existingSecret": "agent-client"}}}},
+            "set collector.tls.existingSecret (this release's collector serves HTTPS) or an https:// agent.collectorUrl",
+        ),
+        (
+            {
+                "agent": {"tls": {"ca": {"existingSecret": "a", "existingConfigMap": "b"}}},
+                "collector": {"tls": {"existingSecret": "collector-tls"}},
+            },
+            "unset the other",
+        ),
+        (
+            {"auth": {"enabled": False, "tokenFile": {"existingSecret": "fleet-tokens"}}},
+            "set auth.enabled=true",
+        ),
+        ({"collector": {"retention": {"rawDays": 0.1}}}, "/collector/retention/rawDays"),
+        ({"collector": {"retention": {"oneHourDays": "730"}}}, "/collector/retention/oneHourDays"),
+        ({"collector": {"retention": {"raw": 15}}}, "additional properties 'raw' not allowed"),
+        ({"collector": {"forward": ["prometheus:9090/api/v1/write"]}}, "/collector/forward/0"),
+        ({"collector": {"forward": ["http://a/api/v1/write http://b/api/v1/write"]}}, "/collector/forward/0"),
+        ({"collector": {"rawLayout": "chunked"}, "database": {"url": PG_URL}}, "/collector/rawLayout"),
+        ({"collector": {"rawLayout": "rows"}}, "collector.rawLayout=rows applies to PostgreSQL only"),
+        (
+            {"grafana": {"dashboardUrl": "grafana.example/d/gpufleet-node-gpu-postgres"}},
+            "/grafana/dashboardUrl",
+        ),
+        ({"collector": {"runbookBaseUrl": "wiki.example.com/gpu"}}, "/collector/runbookBaseUrl"),
+        (
+            {"collector": {"enabled": False}, "prometheusRule": {"enabled": True}},
+            "set collector.runbookBaseUrl",
+        ),
+    ],
+)
 def test_wrong_values_fail_with_a_clear_message(values, says):
     with pytest.raises(helm.HelmError) as err:
         render(values)
@@ -552,12 +777,16 @@ def test_a_broken_template_fails_the_render(tmp_path):
 def test_an_invalid_object_fails_validation(tmp_path):
     chart = _copy_chart(tmp_path)
     ds = chart / "templates" / "agent-daemonset.yaml"
-    ds.write_text(ds.read_text().replace("containerPort: {{ $a.port }}", "containerPort: nine-four-four-five"))
+    ds.write_text(
+        ds.read_text().replace("containerPort: {{ $a.port }}", "containerPort: nine-four-four-five")
+    )
     bad = find(objects(render({}, chart=chart)), "DaemonSet", "-agent")
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(bad)
-    sm = find(objects(render({"serviceMonitor": {"enabled": True, "interval": "5s", "scrapeTimeout": "10s"}})),
-              "ServiceMonitor")
+    sm = find(
+        objects(render({"serviceMonitor": {"enabled": True, "interval": "5s", "scrapeTimeout": "10s"}})),
+        "ServiceMonitor",
+    )
     with pytest.raises(AssertionError, match="exceeds interval"):
         validate(sm)
 
@@ -571,8 +800,9 @@ def _copy_chart(tmp_path: Path) -> Path:
 # ---- dashboards for the Grafana sidecar -------------------------------------------------------------
 def test_chart_ships_the_repository_dashboards():
     link = CHART / "files" / "dashboards"
-    assert link.resolve() == (CHART.parents[1] / "dashboards").resolve(), \
+    assert link.resolve() == (CHART.parents[1] / "dashboards").resolve(), (
         "files/dashboards must point at the repository's dashboards/ so the chart ships what `dashboards build` made"
+    )
 
 
 def test_dashboard_config_maps_for_sidecar_provisioning(tmp_path):
@@ -582,13 +812,25 @@ def test_dashboard_config_maps_for_sidecar_provisioning(tmp_path):
         f.unlink()
     (shipped / "gpu-fleet.json").write_text(json.dumps({"title": "GPU fleet", "panels": []}))
     (shipped / "gpu-health.json").write_text(json.dumps({"title": "GPU health", "panels": []}))
-    values = {"grafana": {"dashboards": {"configMaps": True, "namespace": "grafana",
-                                         "extra": {"gpu-health.json": json.dumps({"title": "Ours"}),
-                                                   "site.json": json.dumps({"title": "Site"})}}}}
+    values = {
+        "grafana": {
+            "dashboards": {
+                "configMaps": True,
+                "namespace": "grafana",
+                "extra": {
+                    "gpu-health.json": json.dumps({"title": "Ours"}),
+                    "site.json": json.dumps({"title": "Site"}),
+                },
+            }
+        }
+    }
     cms = [o for o in objects(render(values, chart=chart)) if o["kind"] == "ConfigMap"]
     by_file = {k: json.loads(v) for cm in cms for k, v in cm["data"].items()}
-    assert by_file == {"gpu-fleet.json": {"title": "GPU fleet", "panels": []}, "gpu-health.json": {"title": "Ours"},
-                       "site.json": {"title": "Site"}}
+    assert by_file == {
+        "gpu-fleet.json": {"title": "GPU fleet", "panels": []},
+        "gpu-health.json": {"title": "Ours"},
+        "site.json": {"title": "Site"},
+    }
     for cm in cms:
         validate(cm)
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -627,29 +869,46 @@ def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path):
     committed = yaml.safe_load((CHART / "files" / "prometheusrule.yaml").read_text())
     assert exported["spec"] == committed["spec"], (
         "helm/gpufleet/files/prometheusrule.yaml is stale: regenerate it with "
-        "gpufleet alerts export --format prometheusrule -o helm/gpufleet/files/prometheusrule.yaml")
+        "gpufleet alerts export --format prometheusrule -o helm/gpufleet/files/prometheusrule.yaml"
+    )
 
 
-@pytest.mark.parametrize("values, base", [
-    ({}, "http://gf-gpufleet-collector.monitoring.svc:9446/runbooks"),
-    ({"collector": {"tls": {"existingSecret": "collector-tls"}}},
-     "https://gf-gpufleet-collector.monitoring.svc:9446/runbooks"),
-    ({"slack": {"publicUrl": "https://gpufleet.example.com/"}}, "https://gpufleet.example.com/runbooks"),
-    ({"slack": {"publicUrl": "https://gpufleet.example.com"},
-      "collector": {"runbookBaseUrl": "https://wiki.example.com/gpu/"}}, "https://wiki.example.com/gpu"),
-    ({"collector": {"enabled": False, "runbookBaseUrl": "https://wiki.example.com/gpu"}}, "https://wiki.example.com/gpu"),
-])
+@pytest.mark.parametrize(
+    "values, base",
+    [
+        ({}, "http://gf-gpufleet-collector.monitoring.svc:9446/runbooks"),
+        (
+            {"collector": {"tls": {"existingSecret": "collector-tls"}}},
+            "https://gf-gpufleet-collector.monitoring.svc:9446/runbooks",
+        ),
+        ({"slack": {"publicUrl": "https://gpufleet.example.com/"}}, "https://gpufleet.example.com/runbooks"),
+        (
+            {
+                "slack": {"publicUrl": "https://gpufleet.example.com"},
+                "collector": {"runbookBaseUrl": "https://wiki.example.com/gpu/"},
+            },
+            "https://wiki.example.com/gpu",
+        ),
+        (
+            {"collector": {"enabled": False, "runbookBaseUrl": "https://wiki.example.com/gpu"}},
+            "https://wiki.example.com/gpu",
+        ),
+    ],
+)
 def test_runbook_links_of_the_prometheus_rule_and_the_collector_agree(tmp_path, values, base):
     """The chart's PrometheusRule is `gpufleet alerts export --runbook-base-url BASE`, and the collector sends
     and shows the same BASE/NAME links: its own /runbooks unless told otherwise."""
     objs = objects(render({**values, "prometheusRule": {"enabled": True}}))
     out = tmp_path / "prometheusrule.yaml"
-    result = CliRunner().invoke(main, ["alerts", "export", "--format", "prometheusrule", "--runbook-base-url", base,
-                                       "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["alerts", "export", "--format", "prometheusrule", "--runbook-base-url", base, "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     spec = find(objs, "PrometheusRule")["spec"]
     assert spec == yaml.safe_load(out.read_text())["spec"]
-    assert f"{base}/xid-critical" in {r["annotations"]["runbook_url"] for g in spec["groups"] for r in g["rules"]}
+    assert f"{base}/xid-critical" in {
+        r["annotations"]["runbook_url"] for g in spec["groups"] for r in g["rules"]
+    }
     if values.get("collector", {}).get("enabled", True):
         assert env_of(container(objs, "collector"))["GPUFLEET_RUNBOOK_BASE_URL"]["value"] == base
 
@@ -660,8 +919,13 @@ def test_notes_tell_where_to_look_next():
     assert "port-forward service/gf-gpufleet-collector 9446" in notes
     assert "No Slack token" in notes
     assert "docs/install.md" in notes
-    assert "gf-gpufleet-collector.monitoring.svc:9446/runbooks/NAME,\n  which opens inside the cluster only" in notes
-    assert "WARNING: auth.enabled=false" in render({"auth": {"enabled": False}})["gpufleet/templates/NOTES.txt"]
+    assert (
+        "gf-gpufleet-collector.monitoring.svc:9446/runbooks/NAME,\n  which opens inside the cluster only"
+        in notes
+    )
+    assert (
+        "WARNING: auth.enabled=false" in render({"auth": {"enabled": False}})["gpufleet/templates/NOTES.txt"]
+    )
 
 
 def test_helm_lint_is_clean():

@@ -23,13 +23,17 @@ def _values_table():
 def _leaves(values: Any, schema: dict, prefix: str = "") -> set[str]:
     """Keys of values.yaml down to where the schema stops naming properties (free-form maps are one value)."""
     if isinstance(values, dict) and schema.get("properties"):
-        return set().union(*(_leaves(v, schema["properties"].get(k, {}), f"{prefix}{k}.") for k, v in values.items()))
+        return set().union(
+            *(_leaves(v, schema["properties"].get(k, {}), f"{prefix}{k}.") for k, v in values.items())
+        )
     return {prefix.rstrip(".")}
 
 
 def _values_and_schema() -> tuple[dict, dict]:
-    return (yaml.safe_load((CHART / "values.yaml").read_text()),
-            json.loads((CHART / "values.schema.json").read_text()))
+    return (
+        yaml.safe_load((CHART / "values.yaml").read_text()),
+        json.loads((CHART / "values.schema.json").read_text()),
+    )
 
 
 def _schema_paths(schema: dict, prefix: str = "") -> dict[str, dict]:
@@ -43,7 +47,9 @@ def _schema_paths(schema: dict, prefix: str = "") -> dict[str, dict]:
 def test_install_doc_lists_every_value_as_generated():
     vt = _values_table()
     doc = vt.DOC.read_text()
-    assert vt.updated(doc) == doc, "docs/install.md's table of values is stale: run python3 helm/values_table.py"
+    assert vt.updated(doc) == doc, (
+        "docs/install.md's table of values is stale: run python3 helm/values_table.py"
+    )
     for key in _leaves(*_values_and_schema()):
         assert f"| `{key}` |" in doc, f"value {key} is missing from docs/install.md"
 
@@ -59,9 +65,13 @@ def test_every_value_has_a_schema_entry_with_a_description_and_back():
         parent = values
         parts = key.split(".")
         for part in parts[:-1]:
-            assert isinstance(parent, dict) and part in parent, f"values.schema.json describes {key}, values.yaml lacks it"
+            assert isinstance(parent, dict) and part in parent, (
+                f"values.schema.json describes {key}, values.yaml lacks it"
+            )
             parent = parent[part]
-        assert parts[-1] in parent or len(parts) > 2, f"values.schema.json describes {key}, values.yaml lacks it"
+        assert parts[-1] in parent or len(parts) > 2, (
+            f"values.schema.json describes {key}, values.yaml lacks it"
+        )
 
 
 def test_install_doc_covers_install_upgrade_and_uninstall():

@@ -37,7 +37,7 @@ EXPANDED_ONLY = {"NODE_IP"}
 # get a chart value (values.yaml, values.schema.json, the template) or a line here saying why not.
 NOT_IN_CHART: dict[tuple[str, str], str] = {
     ("agent", "proc_root"): "the container sees the host's processes at /proc itself once hostPID is on "
-                            "(agent.perProcess); the flag exists for tests and for agents run outside a pod",
+    "(agent.perProcess); the flag exists for tests and for agents run outside a pod",
 }
 
 # Flags without an environment variable, set through the container's args.
@@ -87,8 +87,10 @@ def test_every_env_var_the_chart_sets_is_read_by_the_program(chart_env, componen
             assert any(f"$({name})" in v for v in refs), f"the chart sets {name} but no variable refers to it"
             continue
         unknown.append(name)
-    assert not unknown, (f"the chart sets {unknown} on the {component}, but `gpufleet {component}` reads none of "
-                         f"them (it reads {sorted(read)}): rename the chart's variable or add the flag")
+    assert not unknown, (
+        f"the chart sets {unknown} on the {component}, but `gpufleet {component}` reads none of "
+        f"them (it reads {sorted(read)}): rename the chart's variable or add the flag"
+    )
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -103,9 +105,13 @@ def test_every_program_setting_has_a_chart_value(chart_env, component):
             continue
         names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
         if not any(n in chart_env[component] for n in names if n):
-            missing.append(f"{param.opts[-1]} ({', '.join(n for n in names if n) or 'no environment variable'})")
-    assert not missing, (f"`gpufleet {component}` settings with no chart value: {missing}; add a value to "
-                         "helm/gpufleet (values.yaml, values.schema.json, the template) or a reason to NOT_IN_CHART")
+            missing.append(
+                f"{param.opts[-1]} ({', '.join(n for n in names if n) or 'no environment variable'})"
+            )
+    assert not missing, (
+        f"`gpufleet {component}` settings with no chart value: {missing}; add a value to "
+        "helm/gpufleet (values.yaml, values.schema.json, the template) or a reason to NOT_IN_CHART"
+    )
 
 
 def test_verbose_flags_reach_the_container_args():
@@ -117,12 +123,22 @@ def test_verbose_flags_reach_the_container_args():
 
 
 # What the kubelet fills in from the downward API on the node the pod runs on.
-FIELDS = {"spec.nodeName": "gpu-node-7", "status.hostIP": "10.1.2.3",
-          "metadata.name": "gf-gpufleet-collector-5d8f7c9b4-x2k7q"}
+FIELDS = {
+    "spec.nodeName": "gpu-node-7",
+    "status.hostIP": "10.1.2.3",
+    "metadata.name": "gf-gpufleet-collector-5d8f7c9b4-x2k7q",
+}
 
 # Variables that name a file: the chart must mount it, read-only, from a Secret or ConfigMap.
-FILE_ENV = ("GPUFLEET_CA_BUNDLE", "GPUFLEET_CLIENT_CERT", "GPUFLEET_CLIENT_KEY", "GPUFLEET_TOKEN_FILE",
-            "GPUFLEET_TLS_CERT", "GPUFLEET_TLS_KEY", "GPUFLEET_TLS_CLIENT_CA")
+FILE_ENV = (
+    "GPUFLEET_CA_BUNDLE",
+    "GPUFLEET_CLIENT_CERT",
+    "GPUFLEET_CLIENT_KEY",
+    "GPUFLEET_TOKEN_FILE",
+    "GPUFLEET_TLS_CERT",
+    "GPUFLEET_TLS_KEY",
+    "GPUFLEET_TLS_CLIENT_CA",
+)
 
 # A write token the user keeps in the token-file Secret of the tls-and-spool scenario, hashed there.
 SITE_TOKEN = "site-token-" + "s" * 32
@@ -135,14 +151,16 @@ USER_SECRETS = {("gpufleet-db", "url"): "postgresql+psycopg://gpufleet:secret@db
 def _resolve(entry: dict, secrets: dict[str, str], earlier: dict[str, str]) -> str:
     if "value" in entry:
         # Dependent variables: $(NAME) of a variable defined earlier in the list is expanded, as the kubelet does.
-        return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: earlier.get(m.group(1), m.group(0)),
-                      entry["value"])
+        return re.sub(
+            r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: earlier.get(m.group(1), m.group(0)), entry["value"]
+        )
     ref = entry["valueFrom"]
     if "fieldRef" in ref:
         return FIELDS[ref["fieldRef"]["fieldPath"]]
     key = ref["secretKeyRef"]
-    return secrets.get(key["key"], USER_SECRETS.get((key["name"], key["key"]),
-                                                    f"from-secret-{key['name']}-{key['key']}"))
+    return secrets.get(
+        key["key"], USER_SECRETS.get((key["name"], key["key"]), f"from-secret-{key['name']}-{key['key']}")
+    )
 
 
 def _mounted(pod: dict, c: dict, path: str) -> tuple[str, str]:
@@ -156,7 +174,7 @@ def _mounted(pod: dict, c: dict, path: str) -> tuple[str, str]:
         vol = next(v for v in pod["volumes"] if v["name"] == m["name"])
         src = vol.get("secret") or vol.get("configMap")
         assert src is not None, f"{path} comes from volume {vol}, neither a Secret nor a ConfigMap"
-        rel = path[len(prefix):]
+        rel = path[len(prefix) :]
         items = src.get("items")
         if items:
             keys = [i["key"] for i in items if i["path"] == rel]
@@ -166,22 +184,31 @@ def _mounted(pod: dict, c: dict, path: str) -> tuple[str, str]:
     raise AssertionError(f"no mount in the {c['name']} container provides {path}")
 
 
-def _container_env(objs: list[dict], component: str, tmp_path: Path,
-                   files: dict[tuple[str, str], bytes]) -> tuple[dict[str, str], list[str]]:
+def _container_env(
+    objs: list[dict], component: str, tmp_path: Path, files: dict[tuple[str, str], bytes]
+) -> tuple[dict[str, str], list[str]]:
     """The environment and arguments the container runs with, as the kubelet makes them, with every mounted
     file written under tmp_path (contents from ``files`` by (Secret or ConfigMap, key))."""
     from gpufleet.collector.rules.model import default_rules_path
 
-    secrets = {k: base64.b64decode(v).decode() for o in objs if o["kind"] == "Secret"
-               for k, v in o.get("data", {}).items()}
-    pod = find(objs, "DaemonSet" if component == "agent" else "Deployment", f"-{component}")["spec"]["template"]["spec"]
+    secrets = {
+        k: base64.b64decode(v).decode()
+        for o in objs
+        if o["kind"] == "Secret"
+        for k, v in o.get("data", {}).items()
+    }
+    pod = find(objs, "DaemonSet" if component == "agent" else "Deployment", f"-{component}")["spec"][
+        "template"
+    ]["spec"]
     c = container(objs, component)
     env: dict[str, str] = {}
     for name, e in env_of(c).items():
         env[name] = _resolve(e, secrets, env)
     # The ConfigMap the chart mounts at the config's path, written where this machine can read it.
     if "GPUFLEET_INFERENCE_CONFIG" in env:
-        cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-inference"))
+        cm = next(
+            o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-inference")
+        )
         path = tmp_path / Path(env["GPUFLEET_INFERENCE_CONFIG"]).name
         path.write_text(cm["data"][path.name])
         env["GPUFLEET_INFERENCE_CONFIG"] = str(path)
@@ -194,13 +221,26 @@ def _container_env(objs: list[dict], component: str, tmp_path: Path,
             env[name] = str(path)
     # The image copies the built-in rule pack (the alerts package's files) to this folder.
     if "GPUFLEET_RULES" in env:
-        env["GPUFLEET_RULES"] = env["GPUFLEET_RULES"].replace("/usr/share/gpufleet/rules", str(default_rules_path()))
+        env["GPUFLEET_RULES"] = env["GPUFLEET_RULES"].replace(
+            "/usr/share/gpufleet/rules", str(default_rules_path())
+        )
     return env, list(c["args"])
 
 
-@pytest.mark.parametrize("scenario", ["defaults", "tokens-and-slack", "external-database", "existing-secrets",
-                                      "agents-only", "inference", "tls-and-spool", "open-writes",
-                                      "store-options"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "defaults",
+        "tokens-and-slack",
+        "external-database",
+        "existing-secrets",
+        "agents-only",
+        "inference",
+        "tls-and-spool",
+        "open-writes",
+        "store-options",
+    ],
+)
 def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
     """Feed each container's rendered environment to the real click command and read back its settings."""
     objs = objects(render(MATRIX[scenario]))
@@ -228,12 +268,16 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
             if scenario == "tls-and-spool":
                 assert (p["spool_max_bytes"], p["spool_max_age"]) == ("2GiB", "2d")
                 assert p["collector"].startswith("https://")
-                assert [Path(p[k]).relative_to(tmp_path).parts for k in ("ca_bundle", "client_cert", "client_key")] \
-                    == [("agent", "fleet-ca", "ca.crt"), ("agent", "agent-client", "tls.crt"),
-                        ("agent", "agent-client", "tls.key")]
-                from gpufleet.cli import _agent_settings
+                assert [
+                    Path(p[k]).relative_to(tmp_path).parts for k in ("ca_bundle", "client_cert", "client_key")
+                ] == [
+                    ("agent", "fleet-ca", "ca.crt"),
+                    ("agent", "agent-client", "tls.crt"),
+                    ("agent", "agent-client", "tls.key"),
+                ]
+                from gpufleet.cli.agent import agent_settings
 
-                s = _agent_settings(**p)
+                s = agent_settings(p)
                 assert (s.spool_max_bytes, s.spool_max_age) == (2 << 30, 2 * 86400.0)
         else:
             assert p["listen"] == "0.0.0.0:9446"
@@ -244,33 +288,41 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
             if scenario == "tls-and-spool":
                 limits = MATRIX[scenario]["collector"]["limits"]
                 assert {k: p[re.sub(r"([A-Z])", r"_\1", k).lower()] for k in limits} == limits
-                assert [Path(p[k]).relative_to(tmp_path).parts for k in ("token_file", "tls_cert", "tls_key",
-                                                                          "tls_client_ca")] == \
-                    [("collector", "fleet-tokens", "token-file"), ("collector", "collector-tls", "tls.crt"),
-                     ("collector", "collector-tls", "tls.key"), ("collector", "collector-tls", "ca.crt")]
+                assert [
+                    Path(p[k]).relative_to(tmp_path).parts
+                    for k in ("token_file", "tls_cert", "tls_key", "tls_client_ca")
+                ] == [
+                    ("collector", "fleet-tokens", "token-file"),
+                    ("collector", "collector-tls", "tls.crt"),
+                    ("collector", "collector-tls", "tls.key"),
+                    ("collector", "collector-tls", "ca.crt"),
+                ]
             assert p["console"] is False and p["eval_interval"] == 5.0
             assert [str(r) for r in p["rules"]] == [env["GPUFLEET_RULES"]]
             # runbook links: the collector's own /runbooks, where people reach it when the chart knows
-            assert p["runbook_base_url"] == ("https://gpufleet.example.com/runbooks" if scenario == "tokens-and-slack"
-                                             else "https://gf-gpufleet-collector.monitoring.svc:9446/runbooks"
-                                             if scenario == "tls-and-spool"
-                                             else "http://gf-gpufleet-collector.monitoring.svc:9446/runbooks")
+            assert p["runbook_base_url"] == (
+                "https://gpufleet.example.com/runbooks"
+                if scenario == "tokens-and-slack"
+                else "https://gf-gpufleet-collector.monitoring.svc:9446/runbooks"
+                if scenario == "tls-and-spool"
+                else "http://gf-gpufleet-collector.monitoring.svc:9446/runbooks"
+            )
             if scenario == "tokens-and-slack":
                 assert p["slack_token"] == "xoxb-1-2-3" and p["slack_channel"] == "C0123ONCALL"
                 assert p["slack_base_url"] == "https://slack.example/api/"
                 assert p["grafana_dashboard_url"] == "https://grafana.example/d/gpufleet-node-gpu-postgres"
-            from gpufleet.cli import _collector_settings
+            from gpufleet.cli.collector import collector_settings
 
-            store_keys = ("grafana_dashboard_url", "forward", "retention_raw", "retention_1m", "retention_1h",
-                          "raw_layout")
-            s = _collector_settings(p["listen"], p["db"], p["rules"], p["eval_interval"], p["slack_token"],
-                                    p["slack_channel"], p["slack_base_url"], **{k: p[k] for k in store_keys})
+            s = collector_settings(p)
             if scenario == "store-options":
                 values = MATRIX[scenario]["collector"]
                 assert s.forward == values["forward"] and s.raw_layout == "rows"
                 day = 86_400_000
-                assert (s.retention.raw_ms, s.retention.rollup_1m_ms, s.retention.rollup_1h_ms) == \
-                    (day // 2, 365 * day, 1825 * day)
+                assert (s.retention.raw_ms, s.retention.rollup_1m_ms, s.retention.rollup_1h_ms) == (
+                    day // 2,
+                    365 * day,
+                    1825 * day,
+                )
             else:  # nothing set: the collector's own defaults
                 assert s.forward == [] and s.raw_layout == "chunks"
                 assert s.retention.raw_ms == 15 * 86_400_000
@@ -281,22 +333,28 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
 
 def _check_inference(p: dict, values: dict) -> None:
     """The agent's own settings loader takes what the chart rendered: flags, the mounted file, the node IP."""
-    from gpufleet.cli import _inference_settings
+    from gpufleet.cli.agent import inference_settings as _inference_settings
 
     assert p["inference_endpoints"] == tuple(values["endpoints"])
     assert p["inference_probes"] == tuple(values["probes"])
     assert p["inference_kubelet"] == "https://10.1.2.3:10250"
     assert p["inference_interval"] == 5.0 and p["inference_slo"] == "2.5:0.99"
     assert (p["inference_probe_interval"], p["inference_probe_timeout"]) == (15.0, 4.0)
-    assert (p["inference_probe_prompt"], p["inference_probe_model"], p["inference_probe_max_tokens"]) == \
-        ("Say OK.", "llama-3-8b", 4)
+    assert (p["inference_probe_prompt"], p["inference_probe_model"], p["inference_probe_max_tokens"]) == (
+        "Say OK.",
+        "llama-3-8b",
+        4,
+    )
     assert p["inference_receiver"] == "udp://0.0.0.0:9447"
     s = _inference_settings(p)
     assert [e.name for e in s.endpoints] == ["llama", "tgi", "ranker"]
     ranker = s.endpoints[2]
     assert ranker.server == "generic" and ranker.gpus == ("0", "1") and ranker.slo.target == 0.995
     assert [(pr.name, pr.kind) for pr in s.probes] == [
-        ("llama-chat", "openai-chat"), ("tgi-health", "http"), ("ranker-health", "http")]
+        ("llama-chat", "openai-chat"),
+        ("tgi-health", "http"),
+        ("ranker-health", "http"),
+    ]
     assert s.probes[0].model == "llama-3-8b" and s.probes[0].max_tokens == 4 and s.probes[0].timeout == 4.0
     assert s.kubernetes.kubelet == "https://10.1.2.3:10250"
     assert s.slo.latency_seconds == 2.5 and s.interval == 5.0 and s.receiver == "udp://0.0.0.0:9447"
@@ -313,13 +371,15 @@ def chart_files(tmp_path_factory) -> dict[tuple[str, str], bytes]:
     ca_key, ca = make_ca(d / "ca", "fleet CA")
     make_leaf(d / "collector", "collector", ca_key, ca, server=True)
     make_leaf(d / "agent", "gpu-node-7", ca_key, ca, server=False)
-    return {("collector-tls", "tls.crt"): (d / "collector.crt").read_bytes(),
-            ("collector-tls", "tls.key"): (d / "collector.key").read_bytes(),
-            ("collector-tls", "ca.crt"): (d / "ca.crt").read_bytes(),
-            ("fleet-ca", "ca.crt"): (d / "ca.crt").read_bytes(),
-            ("agent-client", "tls.crt"): (d / "agent.crt").read_bytes(),
-            ("agent-client", "tls.key"): (d / "agent.key").read_bytes(),
-            ("fleet-tokens", "token-file"): f"# other sites\nsha256:{hash_token(SITE_TOKEN)}\n".encode()}
+    return {
+        ("collector-tls", "tls.crt"): (d / "collector.crt").read_bytes(),
+        ("collector-tls", "tls.key"): (d / "collector.key").read_bytes(),
+        ("collector-tls", "ca.crt"): (d / "ca.crt").read_bytes(),
+        ("fleet-ca", "ca.crt"): (d / "ca.crt").read_bytes(),
+        ("agent-client", "tls.crt"): (d / "agent.crt").read_bytes(),
+        ("agent-client", "tls.key"): (d / "agent.key").read_bytes(),
+        ("fleet-tokens", "token-file"): f"# other sites\nsha256:{hash_token(SITE_TOKEN)}\n".encode(),
+    }
 
 
 def _process_env(env: dict[str, str]) -> dict[str, str]:
@@ -345,8 +405,11 @@ def test_the_rendered_install_runs_and_agents_write(scenario, tmp_path, chart_fi
     objs = objects(render(MATRIX[scenario]))
     port, agent_port = free_port(), free_port()
     env, args = _container_env(objs, "collector", tmp_path, chart_files)
-    env.update(GPUFLEET_LISTEN=f"0.0.0.0:{port}", GPUFLEET_DB=f"sqlite:///{tmp_path / 'gpufleet.db'}",
-               GPUFLEET_EVAL_INTERVAL="60")
+    env.update(
+        GPUFLEET_LISTEN=f"0.0.0.0:{port}",
+        GPUFLEET_DB=f"sqlite:///{tmp_path / 'gpufleet.db'}",
+        GPUFLEET_EVAL_INTERVAL="60",
+    )
     aenv, aargs = _container_env(objs, "agent", tmp_path, chart_files)
     tls = "GPUFLEET_TLS_CERT" in env
     base = f"{'https' if tls else 'http'}://localhost:{port}"
@@ -354,10 +417,16 @@ def test_the_rendered_install_runs_and_agents_write(scenario, tmp_path, chart_fi
     if tls:  # this test reads the collector with the agents' CA and client certificate
         ctx = ssl.create_default_context(cafile=aenv["GPUFLEET_CA_BUNDLE"])
         ctx.load_cert_chain(aenv["GPUFLEET_CLIENT_CERT"], aenv["GPUFLEET_CLIENT_KEY"])
-    collector = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", *args], env=_process_env(env),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "gpufleet.cli", *args],
+        env=_process_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     agent = None
     try:
+
         def get(path: str):
             assert collector.poll() is None, "the collector stopped:\n" + _stop(collector)
             try:
@@ -369,18 +438,33 @@ def test_the_rendered_install_runs_and_agents_write(scenario, tmp_path, chart_fi
         wait_until(lambda: get("/healthz"), timeout=30)
         assert aenv["GPUFLEET_COLLECTOR"].startswith("https://" if tls else "http://")
         # Reach this machine's collector instead of the Service's cluster name; listen off the agent port.
-        aenv.update(GPUFLEET_COLLECTOR=base, GPUFLEET_LISTEN=f"127.0.0.1:{agent_port}", GPUFLEET_SIMULATE="2",
-                    GPUFLEET_PUSH_INTERVAL="0.5", GPUFLEET_SPOOL_DIR=str(tmp_path / "spool"))
+        aenv.update(
+            GPUFLEET_COLLECTOR=base,
+            GPUFLEET_LISTEN=f"127.0.0.1:{agent_port}",
+            GPUFLEET_SIMULATE="2",
+            GPUFLEET_PUSH_INTERVAL="0.5",
+            GPUFLEET_SPOOL_DIR=str(tmp_path / "spool"),
+        )
         aenv.pop("GPUFLEET_POD_RESOURCES_SOCKET", None)  # no kubelet here
-        agent = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", *aargs], env=_process_env(aenv),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "gpufleet.cli", *aargs],
+            env=_process_env(aenv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         wait_until(lambda: len((get("/api/v1/gpus") or {}).get("gpus", [])) == 2, timeout=30)
     finally:
         agent_out = _stop(agent) if agent is not None else ""
         out = _stop(collector)
     assert "write tokens" in out, out
-    assert ("2 write tokens" if scenario == "tls-and-spool" else
-            "0 write tokens" if scenario == "open-writes" else "1 write tokens") in out, out
+    assert (
+        "2 write tokens"
+        if scenario == "tls-and-spool"
+        else "0 write tokens"
+        if scenario == "open-writes"
+        else "1 write tokens"
+    ) in out, out
     assert "client certificates required" in out if tls else "client certificates" not in out, out
     assert "Traceback" not in agent_out, agent_out
 
@@ -390,6 +474,11 @@ def test_without_the_open_door_the_collector_refuses_to_start(tmp_path):
     env, args = _container_env(objects(render(MATRIX["open-writes"])), "collector", tmp_path, {})
     del env["GPUFLEET_ALLOW_OPEN_WRITES"]
     env.update(GPUFLEET_LISTEN=f"0.0.0.0:{free_port()}", GPUFLEET_DB=f"sqlite:///{tmp_path / 'gpufleet.db'}")
-    result = subprocess.run([sys.executable, "-m", "gpufleet.cli", *args], env=_process_env(env),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", *args],
+        env=_process_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and "--allow-open-writes" in result.stderr, result.stderr

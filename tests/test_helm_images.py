@@ -23,15 +23,22 @@ DOCKER = ROOT / "docker"
 @pytest.fixture(scope="module")
 def wheel_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would reuse a stale build/lib of an older layout
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "-w", str(out), str(ROOT)], check=True)
+    shutil.rmtree(
+        ROOT / "build", ignore_errors=True
+    )  # setuptools would reuse a stale build/lib of an older layout
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)], check=True
+    )
     return out
 
 
 def _install(extra: str, wheel_dir: Path, prefix: Path, *more: str) -> Path:
-    result = subprocess.run(["sh", str(DOCKER / "install-wheel.sh"), extra, str(prefix), str(wheel_dir), *more],
-                            capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["sh", str(DOCKER / "install-wheel.sh"), extra, str(prefix), str(wheel_dir), *more],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return prefix / "bin"
 
@@ -51,10 +58,15 @@ def test_agent_install_has_no_collector_dependencies_and_serves_metrics(wheel_di
         probe = subprocess.run([str(bin_dir / "python"), "-I", "-c", f"import {module}"], capture_output=True)
         assert probe.returncode != 0, f"the agent image would carry the collector dependency {module}"
     port = free_port()
-    proc = subprocess.Popen([str(bin_dir / "gpufleet"), "agent", "--simulate", "2", "--listen", f"127.0.0.1:{port}"],
-                            env={"NODE_NAME": "gpu-node-7", "PATH": str(bin_dir)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(bin_dir / "gpufleet"), "agent", "--simulate", "2", "--listen", f"127.0.0.1:{port}"],
+        env={"NODE_NAME": "gpu-node-7", "PATH": str(bin_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def get(path: str) -> str | None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
@@ -65,7 +77,7 @@ def test_agent_install_has_no_collector_dependencies_and_serves_metrics(wheel_di
         health = wait_until(lambda: get("/healthz"), timeout=30)
         assert '"node": "gpu-node-7"' in health  # NODE_NAME, as the chart's downward API sets it
         metrics = wait_until(lambda: get("/metrics"))
-        assert 'gpufleet_gpu_up{' in metrics and 'node="gpu-node-7"' in metrics
+        assert "gpufleet_gpu_up{" in metrics and 'node="gpu-node-7"' in metrics
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -76,17 +88,31 @@ def test_collector_install_carries_the_rule_pack_where_the_chart_points(wheel_di
     bin_dir = _install("collector", wheel_dir, tmp_path / "collector", str(rules))
     shipped = sorted(p.name for p in (ROOT / "alerts").glob("*.yaml"))
     assert sorted(p.name for p in rules.glob("*.yaml")) == shipped
-    check = subprocess.run([str(bin_dir / "gpufleet"), "alerts", "check", str(rules)], capture_output=True, text=True)
+    check = subprocess.run(
+        [str(bin_dir / "gpufleet"), "alerts", "check", str(rules)], capture_output=True, text=True
+    )
     assert check.returncode == 0 and "rules OK" in check.stdout, check.stdout + check.stderr
     # and the runbooks its rules link to, which it serves from the package at /runbooks/NAME
-    probe = subprocess.run([str(bin_dir / "python"), "-I", "-c", "from gpufleet.collector.runbooks import Runbooks; "
-                            "b = Runbooks.shipped(); print(len(b.names()), 'GpuXidCritical' in b.page('xid-critical'))"],
-                           capture_output=True, text=True)
-    assert probe.stdout.split() == [str(len(list((ROOT / "alerts" / "runbooks").glob("*.md")))), "True"], \
+    probe = subprocess.run(
+        [
+            str(bin_dir / "python"),
+            "-I",
+            "-c",
+            "from gpufleet.collector.runbooks import Runbooks; "
+            "b = Runbooks.shipped(); print(len(b.names()), 'GpuXidCritical' in b.page('xid-critical'))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.split() == [str(len(list((ROOT / "alerts" / "runbooks").glob("*.md")))), "True"], (
         probe.stdout + probe.stderr
+    )
 
 
 def test_install_script_names_the_fix_when_the_wheel_is_missing(tmp_path):
-    result = subprocess.run(["sh", str(DOCKER / "install-wheel.sh"), "agent", str(tmp_path / "v"), str(tmp_path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["sh", str(DOCKER / "install-wheel.sh"), "agent", str(tmp_path / "v"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "pip wheel --no-deps -w dist ." in result.stderr

@@ -8,10 +8,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.inference.config import ConfigError, load_config, settings_from_flags
 from gpufleet.agent.main import AgentSettings, start_agent
 from gpufleet.collector.rules.model import load_rules
-
 from tests.conftest import free_port, wait_until
 from tests.inference_servers import MetricsServer, VllmMetrics
 
@@ -22,29 +22,44 @@ def test_an_agent_with_an_inference_endpoint_serves_its_latency_next_to_the_gpus
     vllm = VllmMetrics("llama")
     server = MetricsServer(vllm.render)
     port = free_port()
-    settings = AgentSettings(listen=f"127.0.0.1:{port}", simulate=2, node="a7", interval=0.1, seed=1,
-                             inference=settings_from_flags(endpoints=(f"llama={server.url}",), interval=0.3))
+    settings = AgentSettings(
+        listen=f"127.0.0.1:{port}",
+        simulate=2,
+        node="a7",
+        interval=0.1,
+        seed=1,
+        inference=settings_from_flags(endpoints=(f"llama={server.url}",), interval=0.3),
+    )
     settings.inference.endpoints[0] = settings.inference.endpoints[0].__class__(
-        "llama", server.url, gpus=("1",))
+        "llama", server.url, gpus=("1",)
+    )
     agent = start_agent(settings)
     try:
+
         def metrics() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
                 return resp.read().decode()
 
         def has_quantile() -> bool:
             vllm.request(2.0, ttft=0.1, itl=[0.02], queue=0.0, prompt_tokens=3)
-            return 'gpufleet_inference_request_duration_seconds{' in metrics()
+            return "gpufleet_inference_request_duration_seconds{" in metrics()
 
         wait_until(has_quantile, timeout=20, interval=0.2)
         text = metrics()
-        assert 'gpufleet_gpu_up{' in text
-        line = next(x for x in text.splitlines()
-                    if x.startswith("gpufleet_inference_request_duration_seconds{") and 'quantile="0.5"' in x)
-        assert 'model="llama"' in line and 'server="vllm"' in line and 'gpus="1"' in line and 'node="a7"' in line
+        assert "gpufleet_gpu_up{" in text
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith("gpufleet_inference_request_duration_seconds{") and 'quantile="0.5"' in x
+        )
+        assert (
+            'model="llama"' in line and 'server="vllm"' in line and 'gpus="1"' in line and 'node="a7"' in line
+        )
         uuid = agent.agent.sources[0].gpus[1].uuid
-        assert f'gpufleet_inference_gpu_info{{endpoint="llama",gpu="1",gpus="1",model="llama",node="a7",' \
-               f'server="vllm",uuid="{uuid}"}} 1.0' in text
+        assert (
+            f'gpufleet_inference_gpu_info{{endpoint="llama",gpu="1",gpus="1",model="llama",node="a7",'
+            f'server="vllm",uuid="{uuid}"}} 1.0' in text
+        )
         assert 'gpufleet_agent_source_success{node="a7",source="inference"} 1.0' in text
     finally:
         agent.stop()
@@ -87,16 +102,19 @@ kubernetes: {kubelet: "http://10.0.0.5:10255", refresh: 1m}
     assert s.kubernetes.refresh == 60 and s.receiver == "udp://127.0.0.1:9447"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("endpoints: [{name: a, url: 'localhost:8000'}]", "is not a URL"),
-    ("endpoints: [{name: a, url: 'http://h/m', server: ollama}]", "server 'ollama' is not one of"),
-    ("endpoints: [{name: a, url: 'http://h/m', server: generic}]", "needs 'histogram'"),
-    ("endpoints: [{name: a, url: 'http://h/m', timeout: 3}]", "unknown key(s) ['timeout']"),
-    ("slo: {latency_seconds: 2, target: 99}", "target between 0 and 1"),
-    ("probes: [{name: p, url: 'http://h/x', interval: soon}]", "is not a duration"),
-    ("receiver: tcp://1.2.3.4:5", "udp://HOST:PORT or unix:///PATH"),
-    ("endpoints: [{name: a, url: 'http://h/m'}, {name: a, url: 'http://h/n'}]", "used twice"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("endpoints: [{name: a, url: 'localhost:8000'}]", "is not a URL"),
+        ("endpoints: [{name: a, url: 'http://h/m', server: ollama}]", "server 'ollama' is not one of"),
+        ("endpoints: [{name: a, url: 'http://h/m', server: generic}]", "needs 'histogram'"),
+        ("endpoints: [{name: a, url: 'http://h/m', timeout: 3}]", "unknown key(s) ['timeout']"),
+        ("slo: {latency_seconds: 2, target: 99}", "target between 0 and 1"),
+        ("probes: [{name: p, url: 'http://h/x', interval: soon}]", "is not a duration"),
+        ("receiver: tcp://1.2.3.4:5", "udp://HOST:PORT or unix:///PATH"),
+        ("endpoints: [{name: a, url: 'http://h/m'}, {name: a, url: 'http://h/n'}]", "used twice"),
+    ],
+)
 def test_config_mistakes_name_the_key_and_the_fix(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
@@ -106,9 +124,24 @@ def test_config_mistakes_name_the_key_and_the_fix(tmp_path, text, message):
 
 
 def test_the_cli_refuses_a_malformed_endpoint_flag():
-    proc = subprocess.run([sys.executable, "-m", "gpufleet.cli", "agent", "--simulate", "1",
-                           "--listen", f"127.0.0.1:{free_port()}", "--inference-endpoint", "http://h:8000/metrics"],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "agent",
+            "--simulate",
+            "1",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--inference-endpoint",
+            "http://h:8000/metrics",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0
     assert "write NAME=URL" in proc.stderr
 
@@ -116,8 +149,12 @@ def test_the_cli_refuses_a_malformed_endpoint_flag():
 def test_the_inference_rule_pack_loads_with_the_engines_threshold_rules():
     rules = load_rules([ROOT / "alerts" / "inference.yaml"])
     names = {r.name: r for r in rules}
-    assert {"InferenceLatencySloFastBurn", "InferenceLatencySloSlowBurn", "InferenceLatencyP99Doubled",
-            "InferenceEndpointDown"} <= set(names)
+    assert {
+        "InferenceLatencySloFastBurn",
+        "InferenceLatencySloSlowBurn",
+        "InferenceLatencyP99Doubled",
+        "InferenceEndpointDown",
+    } <= set(names)
     fast = names["InferenceLatencySloFastBurn"]
     assert fast.metric == "gpufleet_inference_latency_slo_multiwindow_burn_rate"
-    assert fast.matchers == {"windows": "1h,5m"} and fast.threshold == 14.4
+    assert fast.matchers == {"windows": "1h,5m"} and fast.spec.value == 14.4

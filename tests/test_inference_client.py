@@ -6,10 +6,10 @@ import math
 import random
 
 import pytest
+
 from gpufleet.agent.inference.config import InferenceSettings
 from gpufleet.agent.inference.receiver import CLIENT_BUCKETS, Receiver
 from gpufleet.agent.sources.inference import InferenceSource
-
 from gpufleet.inference_client import Reporter, latency
 from tests.conftest import free_port, wait_until
 
@@ -21,7 +21,9 @@ def true_quantile(values, q):
 
 @pytest.fixture(params=["udp", "unix"])
 def receiver(request, tmp_path):
-    address = f"udp://127.0.0.1:{free_port()}" if request.param == "udp" else f"unix://{tmp_path}/inference.sock"
+    address = (
+        f"udp://127.0.0.1:{free_port()}" if request.param == "udp" else f"unix://{tmp_path}/inference.sock"
+    )
     r = Receiver(address)
     r.start()
     yield r
@@ -31,8 +33,9 @@ def receiver(request, tmp_path):
 def test_recorded_latencies_become_the_models_quantiles(receiver):
     rep = Reporter(receiver.address)
     now = [0.0]
-    src = InferenceSource(InferenceSettings(receiver=receiver.address), "node-a7", receiver=receiver,
-                          clock=lambda: now[0])
+    src = InferenceSource(
+        InferenceSettings(receiver=receiver.address), "node-a7", receiver=receiver, clock=lambda: now[0]
+    )
     src.collect()
     rng = random.Random(3)
     values = [rng.lognormvariate(math.log(0.25), 0.8) for _ in range(400)]
@@ -42,8 +45,13 @@ def test_recorded_latencies_become_the_models_quantiles(receiver):
             wait_until(lambda n=i + 1: receiver.datagrams == n, interval=0.002)
     now[0] += 10
     fams = src.collect()
-    got = {lab["quantile"]: v for f in fams if f.name == "gpufleet_inference_request_duration_seconds"
-           for lab, v in f.samples if lab["model"] == "ranker"}
+    got = {
+        lab["quantile"]: v
+        for f in fams
+        if f.name == "gpufleet_inference_request_duration_seconds"
+        for lab, v in f.samples
+        if lab["model"] == "ranker"
+    }
     bounds = list(CLIENT_BUCKETS)
     for q in (0.5, 0.9, 0.99):
         truth = true_quantile(values, q)

@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from gpufleet.agent.inference.config import InferenceSettings, Probe
 from gpufleet.agent.inference.probes import ProbeRunner
 from gpufleet.agent.sources.inference import InferenceSource
@@ -30,7 +31,9 @@ class OpenAIServer:
                 if self.path != "/v1/models":
                     self.send_error(404)
                     return
-                body = json.dumps({"object": "list", "data": [{"id": "tiny-llm", "object": "model"}]}).encode()
+                body = json.dumps(
+                    {"object": "list", "data": [{"id": "tiny-llm", "object": "model"}]}
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -84,8 +87,14 @@ def openai():
 
 
 def test_a_streaming_chat_probe_measures_time_to_first_token_and_total_time(openai):
-    probe = Probe("chat", openai.base + "/v1/chat/completions", kind="openai-chat", prompt="Hi", max_tokens=4,
-                  api_key_env="PROBE_KEY")
+    probe = Probe(
+        "chat",
+        openai.base + "/v1/chat/completions",
+        kind="openai-chat",
+        prompt="Hi",
+        max_tokens=4,
+        api_key_env="PROBE_KEY",
+    )
     runner = ProbeRunner([probe], environ={"PROBE_KEY": "sk-probe"})
     r = runner.run_once(probe)
     assert r.ok and r.tokens == 4
@@ -93,8 +102,12 @@ def test_a_streaming_chat_probe_measures_time_to_first_token_and_total_time(open
     assert r.ttft >= 0.2
     assert r.duration >= r.ttft + 0.15
     sent = openai.requests[-1]
-    assert sent == {"model": "tiny-llm", "max_tokens": 4, "stream": True,
-                    "messages": [{"role": "user", "content": "Hi"}]}
+    assert sent == {
+        "model": "tiny-llm",
+        "max_tokens": 4,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
     assert openai.headers[-1]["Authorization"] == "Bearer sk-probe"
 
 
@@ -117,8 +130,12 @@ def test_probe_failures_are_counted_by_reason(openai):
     assert runner.run_once(dead).reason == "connection"
     runs, failures, _ = runner.snapshot()
     assert runs == {"chat": 3, "dead": 1}
-    assert failures == {("chat", "http_503"): 1, ("chat", "no_tokens"): 1, ("chat", "timeout"): 1,
-                        ("dead", "connection"): 1}
+    assert failures == {
+        ("chat", "http_503"): 1,
+        ("chat", "no_tokens"): 1,
+        ("chat", "timeout"): 1,
+        ("dead", "connection"): 1,
+    }
 
 
 def test_an_http_probe_checks_the_status_and_the_source_exports_probe_series(openai):
@@ -131,6 +148,10 @@ def test_an_http_probe_checks_the_status_and_the_source_exports_probe_series(ope
     fams = {f.name: f for f in src.collect()}
     success = {lab["probe"]: v for lab, v in fams["gpufleet_inference_probe_success"].samples}
     assert success == {"models": 1.0, "wrong": 0.0}
-    failures = {(lab["probe"], lab["reason"]): v for lab, v in fams["gpufleet_inference_probe_failures_total"].samples}
+    failures = {
+        (lab["probe"], lab["reason"]): v for lab, v in fams["gpufleet_inference_probe_failures_total"].samples
+    }
     assert failures == {("wrong", "http_404"): 1}
-    assert [lab["probe"] for lab, _ in fams["gpufleet_inference_probe_duration_seconds"].samples] == ["models"]
+    assert [lab["probe"] for lab, _ in fams["gpufleet_inference_probe_duration_seconds"].samples] == [
+        "models"
+    ]

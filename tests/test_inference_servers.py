@@ -12,9 +12,9 @@ import math
 import random
 
 import pytest
+
 from gpufleet.agent.inference.config import Endpoint, InferenceSettings, Slo
 from gpufleet.agent.sources.inference import InferenceSource
-
 from tests.inference_servers import (
     TGI_DURATION_BUCKETS,
     TRITON_FIRST_RESPONSE_BUCKETS_MS,
@@ -39,8 +39,9 @@ def assert_same_bucket(estimate: float, truth: float, bounds: list[float], what:
     i = next((k for k, b in enumerate(bounds) if truth <= b), len(bounds))
     lower = bounds[i - 1] if i > 0 else 0.0
     upper = bounds[i] if i < len(bounds) else math.inf
-    assert lower <= estimate <= upper, f"{what}: estimate {estimate} outside the true value's bucket " \
-                                       f"({lower}, {upper}] (true {truth})"
+    assert lower <= estimate <= upper, (
+        f"{what}: estimate {estimate} outside the true value's bucket ({lower}, {upper}] (true {truth})"
+    )
     assert abs(estimate - truth) <= upper - lower
 
 
@@ -70,8 +71,9 @@ def clock():
 
 
 def make_source(clock, *endpoints: Endpoint, slo: Slo | None = None) -> InferenceSource:
-    src = InferenceSource(InferenceSettings(endpoints=list(endpoints), interval=10.0, slo=slo), "node-a7",
-                          clock=clock)
+    src = InferenceSource(
+        InferenceSettings(endpoints=list(endpoints), interval=10.0, slo=slo), "node-a7", clock=clock
+    )
     src.start()
     return src
 
@@ -88,8 +90,14 @@ def test_vllm_quantiles_come_from_the_last_interval_not_the_servers_lifetime(clo
     try:
         # a long calm past: fast requests
         for _ in range(3000):
-            vllm.request(rng.uniform(0.3, 0.9), ttft=rng.uniform(0.005, 0.05), itl=[0.02] * 4, queue=0.0,
-                         prompt_tokens=20, engine=rng.randrange(2))
+            vllm.request(
+                rng.uniform(0.3, 0.9),
+                ttft=rng.uniform(0.005, 0.05),
+                itl=[0.02] * 4,
+                queue=0.0,
+                prompt_tokens=20,
+                engine=rng.randrange(2),
+            )
         src.collect()
         clock.now += 10
         # the interval that matters: slow, spread over both data-parallel engines
@@ -98,18 +106,27 @@ def test_vllm_quantiles_come_from_the_last_interval_not_the_servers_lifetime(clo
         itl = lognormal(rng, 4000, 0.09, 0.5, 0.011, 79)
         queue = lognormal(rng, 800, 1.2, 0.8, 0.31, 7000)
         for i in range(800):
-            vllm.request(e2e[i], ttft=ttft[i], itl=itl[5 * i:5 * i + 5], queue=queue[i], prompt_tokens=100,
-                         engine=i % 2, reason="error" if i < 40 else "stop")
+            vllm.request(
+                e2e[i],
+                ttft=ttft[i],
+                itl=itl[5 * i : 5 * i + 5],
+                queue=queue[i],
+                prompt_tokens=100,
+                engine=i % 2,
+                reason="error" if i < 40 else "stop",
+            )
         fams = src.collect()
     finally:
         server.close()
         src.close()
     model = "meta-llama/Llama-3.1-8B-Instruct"
     labels = {"model": model, "server": "vllm", "endpoint": "llama", "node": "node-a7"}
-    for name, values, bounds in (("gpufleet_inference_request_duration_seconds", e2e, VLLM_REQUEST_BUCKETS),
-                                 ("gpufleet_inference_time_to_first_token_seconds", ttft, VLLM_TTFT_BUCKETS),
-                                 ("gpufleet_inference_inter_token_latency_seconds", itl, VLLM_ITL_BUCKETS),
-                                 ("gpufleet_inference_queue_time_seconds", queue, VLLM_REQUEST_BUCKETS)):
+    for name, values, bounds in (
+        ("gpufleet_inference_request_duration_seconds", e2e, VLLM_REQUEST_BUCKETS),
+        ("gpufleet_inference_time_to_first_token_seconds", ttft, VLLM_TTFT_BUCKETS),
+        ("gpufleet_inference_inter_token_latency_seconds", itl, VLLM_ITL_BUCKETS),
+        ("gpufleet_inference_queue_time_seconds", queue, VLLM_REQUEST_BUCKETS),
+    ):
         got = series(fams, name, **labels)
         for q in QS:
             assert_same_bucket(got[f"{q:g}"], true_quantile(values, q), bounds, f"{name} q={q}")
@@ -119,7 +136,9 @@ def test_vllm_quantiles_come_from_the_last_interval_not_the_servers_lifetime(clo
     assert series(fams, "gpufleet_inference_errors_per_second", **labels)[""] == pytest.approx(4.0)
     assert series(fams, "gpufleet_inference_error_ratio", **labels)[""] == pytest.approx(0.05)
     assert series(fams, "gpufleet_inference_prompt_tokens_per_second", **labels)[""] == pytest.approx(8000.0)
-    assert series(fams, "gpufleet_inference_generation_tokens_per_second", **labels)[""] == pytest.approx(480.0)
+    assert series(fams, "gpufleet_inference_generation_tokens_per_second", **labels)[""] == pytest.approx(
+        480.0
+    )
     assert series(fams, "gpufleet_inference_requests_total", **labels)[""] == 800
     assert series(fams, "gpufleet_inference_up", endpoint="llama")[""] == 1.0
 
@@ -172,10 +191,12 @@ def test_triton_counters_give_mean_latencies_and_its_histogram_gives_time_to_fir
         src.close()
     labels = {"model": "resnet50", "server": "triton"}
     # Triton's default counters hold sums, so the interval gives exact means (to the microsecond rounding)
-    assert series(fams, "gpufleet_inference_request_duration_mean_seconds", **labels)[""] == \
-        pytest.approx(sum(req) / len(req), abs=2e-6)
-    assert series(fams, "gpufleet_inference_queue_time_mean_seconds", **labels)[""] == \
-        pytest.approx(sum(queue) / len(queue), abs=2e-6)
+    assert series(fams, "gpufleet_inference_request_duration_mean_seconds", **labels)[""] == pytest.approx(
+        sum(req) / len(req), abs=2e-6
+    )
+    assert series(fams, "gpufleet_inference_queue_time_mean_seconds", **labels)[""] == pytest.approx(
+        sum(queue) / len(queue), abs=2e-6
+    )
     bounds = [b / 1000 for b in TRITON_FIRST_RESPONSE_BUCKETS_MS]
     ttft = series(fams, "gpufleet_inference_time_to_first_token_seconds", **labels)
     for q in QS:
@@ -209,15 +230,19 @@ def test_tgi_histograms_with_its_geometric_buckets(clock):
         server.close()
         src.close()
     labels = {"model": "mistral-7b", "server": "tgi", "endpoint": "tgi"}
-    for name, values in (("gpufleet_inference_request_duration_seconds", dur),
-                         ("gpufleet_inference_queue_time_seconds", queue),
-                         ("gpufleet_inference_inter_token_latency_seconds", per_token)):
+    for name, values in (
+        ("gpufleet_inference_request_duration_seconds", dur),
+        ("gpufleet_inference_queue_time_seconds", queue),
+        ("gpufleet_inference_inter_token_latency_seconds", per_token),
+    ):
         got = series(fams, name, **labels)
         for q in QS:
             assert_same_bucket(got[f"{q:g}"], true_quantile(values, q), TGI_DURATION_BUCKETS, f"{name} q={q}")
     assert series(fams, "gpufleet_inference_requests_per_second", **labels)[""] == pytest.approx(51.0)
     assert series(fams, "gpufleet_inference_errors_per_second", **labels)[""] == pytest.approx(1.0)
-    assert series(fams, "gpufleet_inference_generation_tokens_per_second", **labels)[""] == pytest.approx(3200.0)
+    assert series(fams, "gpufleet_inference_generation_tokens_per_second", **labels)[""] == pytest.approx(
+        3200.0
+    )
 
 
 def test_a_generic_histogram_in_milliseconds_split_by_its_model_label(clock):
@@ -227,8 +252,17 @@ def test_a_generic_histogram_in_milliseconds_split_by_its_model_label(clock):
     bounds_ms = [5, 10, 25, 50, 100, 250, 500, 1000, 2500]
     h = Histogram("app_inference_latency_milliseconds", "latency", ["model"], buckets=bounds_ms, registry=reg)
     server = MetricsServer(lambda: generate_latest(reg).decode())
-    src = make_source(clock, Endpoint("app", server.url, server="generic", histogram="app_inference_latency_milliseconds",
-                                      scale=0.001, model_label="model"))
+    src = make_source(
+        clock,
+        Endpoint(
+            "app",
+            server.url,
+            server="generic",
+            histogram="app_inference_latency_milliseconds",
+            scale=0.001,
+            model_label="model",
+        ),
+    )
     rng = random.Random(10)
     try:
         src.collect()
@@ -246,8 +280,12 @@ def test_a_generic_histogram_in_milliseconds_split_by_its_model_label(clock):
     for model, values in (("ranker", a), ("embedder", b)):
         got = series(fams, "gpufleet_inference_request_duration_seconds", model=model, server="generic")
         for q in QS:
-            assert_same_bucket(got[f"{q:g}"], true_quantile(values, q) / 1000, [x / 1000 for x in bounds_ms],
-                               f"{model} q={q}")
+            assert_same_bucket(
+                got[f"{q:g}"],
+                true_quantile(values, q) / 1000,
+                [x / 1000 for x in bounds_ms],
+                f"{model} q={q}",
+            )
 
 
 def test_slo_burn_rate_counts_requests_slower_than_the_objective(clock):
@@ -265,8 +303,12 @@ def test_slo_burn_rate_counts_requests_slower_than_the_objective(clock):
     finally:
         server.close()
         src.close()
-    burn = {lab["window"]: v for f in fams if f.name == "gpufleet_inference_latency_slo_burn_rate"
-            for lab, v in f.samples}
+    burn = {
+        lab["window"]: v
+        for f in fams
+        if f.name == "gpufleet_inference_latency_slo_burn_rate"
+        for lab, v in f.samples
+    }
     # 5% of requests miss a 1% budget: burning 5 times too fast, over every window seen so far
     assert burn == {w: pytest.approx(5.0) for w in ("5m", "30m", "1h", "6h")}
     multi = series(fams, "gpufleet_inference_latency_slo_multiwindow_burn_rate", windows="1h,5m")

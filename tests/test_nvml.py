@@ -5,11 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from gpufleet.agent.fields import FIELDS, GPM_FIELDS
 from gpufleet.agent.nvml import Nvml, NvmlUnavailable
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
-
 from tests.fake_nvml import (
     DRIVER_NOT_LOADED,
     GPU_IS_LOST,
@@ -25,11 +25,14 @@ def values(families, name):
     return {labels.get("gpu"): v for labels, v in fam.samples}
 
 
-@pytest.mark.parametrize("code, words", [
-    (LIBRARY_NOT_FOUND, "libnvidia-ml.so.1 was not found"),
-    (DRIVER_NOT_LOADED, "driver is not loaded"),
-    (NO_PERMISSION, "no permission"),
-])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (LIBRARY_NOT_FOUND, "libnvidia-ml.so.1 was not found"),
+        (DRIVER_NOT_LOADED, "driver is not loaded"),
+        (NO_PERMISSION, "no permission"),
+    ],
+)
 def test_no_driver_is_a_clear_message_with_the_way_to_try_without_a_gpu(code, words):
     with pytest.raises(NvmlUnavailable) as err:
         Nvml(FakeNVML([], init_error=code)).start()
@@ -49,12 +52,15 @@ def test_not_supported_is_no_value_not_a_failure():
 
 def test_a_lost_gpu_reads_down_while_the_others_keep_reporting():
     lost = FakeNVMLError(GPU_IS_LOST)
-    fake = FakeNVML(["GPU-a", "GPU-b", "GPU-c"], {
-        "nvmlDeviceGetTemperature": 50,
-        ("nvmlDeviceGetTemperature", 1): lost,
-        ("nvmlDeviceGetPowerUsage", 1): lost,
-        "nvmlDeviceGetPowerUsage": 300_000,
-    })
+    fake = FakeNVML(
+        ["GPU-a", "GPU-b", "GPU-c"],
+        {
+            "nvmlDeviceGetTemperature": 50,
+            ("nvmlDeviceGetTemperature", 1): lost,
+            ("nvmlDeviceGetPowerUsage", 1): lost,
+            "nvmlDeviceGetPowerUsage": 300_000,
+        },
+    )
     src = GpuSource(Nvml(fake), "node1", watch_events=False)
     src.start()
     fams = src.collect()
@@ -156,7 +162,9 @@ def test_gpu_lost_by_xid_79_reads_down_and_keeps_its_xid_count():
         sim.inject(0, "lost")
         from tests.conftest import wait_until
 
-        fams = wait_until(lambda: (lambda f: f if values(f, "gpufleet_gpu_xid_errors_total") else None)(src.collect()))
+        fams = wait_until(
+            lambda: (lambda f: f if values(f, "gpufleet_gpu_xid_errors_total") else None)(src.collect())
+        )
         assert values(fams, "gpufleet_gpu_up") == {"0": 0.0, "1": 1.0}
         assert values(fams, "gpufleet_gpu_xid_errors_total") == {"0": 1.0}
     finally:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from gpufleet.agent.main import AgentSettings, start_agent
 from gpufleet.collector.service import Collector, CollectorSettings
-
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -25,7 +25,9 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 @pytest.fixture(autouse=True)
 def _prometheus_installed():
     if not Path(PROMETHEUS).exists():  # the suite fails rather than skips what it cannot run
-        pytest.fail("Prometheus is needed: apt-get install prometheus (make test installs it when run as root)")
+        pytest.fail(
+            "Prometheus is needed: apt-get install prometheus (make test installs it when run as root)"
+        )
 
 
 @contextlib.contextmanager
@@ -33,9 +35,17 @@ def start_prometheus(tmp: Path, config: str, *flags: str) -> Iterator[str]:
     port = free_port()
     (tmp / "prometheus.yml").write_text(config)
     log = (tmp / "prometheus.log").open("w")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                             *flags], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ready(url) or proc.poll() is not None, timeout=30)
@@ -56,14 +66,15 @@ def _ready(url: str) -> bool:
 
 @pytest.fixture
 def collector(pg_url) -> Iterator[Collector]:
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url,
-                                    eval_interval=60)).start()
+    c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, eval_interval=60)).start()
     yield c
     c.close()
 
 
 def test_samples_prometheus_scrapes_and_remote_writes_appear_in_query_range(collector, tmp_path):
-    agent = start_agent(AgentSettings(listen=f"127.0.0.1:{free_port()}", simulate=2, interval=0.5, node="sim-1"))
+    agent = start_agent(
+        AgentSettings(listen=f"127.0.0.1:{free_port()}", simulate=2, interval=0.5, node="sim-1")
+    )
     try:
         config = f"""
 global:
@@ -83,9 +94,17 @@ remote_write:
 
             def series():
                 now = time.time()
-                r = requests.get(base + "/api/v1/query_range", timeout=5, params={
-                    "metric": "gpufleet_gpu_temperature_celsius", "job": "gpufleet-agent",
-                    "start": now - 60, "end": now, "step": 1})
+                r = requests.get(
+                    base + "/api/v1/query_range",
+                    timeout=5,
+                    params={
+                        "metric": "gpufleet_gpu_temperature_celsius",
+                        "job": "gpufleet-agent",
+                        "start": now - 60,
+                        "end": now,
+                        "step": 1,
+                    },
+                )
                 r.raise_for_status()
                 res = r.json()["data"]["result"]
                 return res if len(res) == 2 and all(len(s["values"]) >= 3 for s in res) else None
@@ -106,32 +125,55 @@ remote_write:
 
 @pytest.fixture
 def receiving_prometheus(tmp_path) -> Iterator[str]:
-    with start_prometheus(tmp_path, "global:\n  scrape_interval: 1m\n", "--web.enable-remote-write-receiver") as url:
+    with start_prometheus(
+        tmp_path, "global:\n  scrape_interval: 1m\n", "--web.enable-remote-write-receiver"
+    ) as url:
         yield url
 
 
 def test_the_collector_forwards_what_it_stores_to_a_remote_write_receiver(receiving_prometheus, pg_url):
     target = receiving_prometheus + "/api/v1/write"
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, forward=[target],
-                                    eval_interval=60)).start()
+    c = Collector(
+        CollectorSettings(listen=f"127.0.0.1:{free_port()}", db=pg_url, forward=[target], eval_interval=60)
+    ).start()
     try:
         now_ms = int(time.time() * 1000)
-        series = [rw.Series({"__name__": "gpufleet_gpu_power_watts", "node": "n1", "gpu": str(g), "uuid": f"GPU-{g}",
-                             "model": "H100"}, [(now_ms - 2000, 300.0 + g), (now_ms - 1000, 310.0 + g)])
-                  for g in range(3)]
-        r = requests.post(f"http://{c.settings.listen}/api/v1/write", data=rw.encode(series), timeout=10,
-                          headers={"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING})
+        series = [
+            rw.Series(
+                {
+                    "__name__": "gpufleet_gpu_power_watts",
+                    "node": "n1",
+                    "gpu": str(g),
+                    "uuid": f"GPU-{g}",
+                    "model": "H100",
+                },
+                [(now_ms - 2000, 300.0 + g), (now_ms - 1000, 310.0 + g)],
+            )
+            for g in range(3)
+        ]
+        r = requests.post(
+            f"http://{c.settings.listen}/api/v1/write",
+            data=rw.encode(series),
+            timeout=10,
+            headers={"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING},
+        )
         assert r.status_code == 204
 
         def forwarded():
-            q = requests.get(receiving_prometheus + "/api/v1/query", timeout=5, params={
-                "query": "gpufleet_gpu_power_watts", "time": now_ms / 1000}).json()
+            q = requests.get(
+                receiving_prometheus + "/api/v1/query",
+                timeout=5,
+                params={"query": "gpufleet_gpu_power_watts", "time": now_ms / 1000},
+            ).json()
             res = q["data"]["result"]
             return res if len(res) == 3 else None
 
         res = wait_until(forwarded, timeout=30, interval=0.3)
         assert sorted((s["metric"]["uuid"], float(s["value"][1])) for s in res) == [
-            ("GPU-0", 310.0), ("GPU-1", 311.0), ("GPU-2", 312.0)]
+            ("GPU-0", 310.0),
+            ("GPU-1", 311.0),
+            ("GPU-2", 312.0),
+        ]
         (t,) = c.forwarder.targets
         wait_until(lambda: t.sent_samples == 6)
         assert t.dropped_samples == 0

@@ -16,18 +16,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from gpufleet.agent.push import Pusher
 from gpufleet.agent.spool import Spool
-
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 from tests.test_reliability_spool import RecordingHttp, start_collector, stored_samples
 
 
 def pg_ctl(action: str) -> None:
     version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def pg_ready() -> bool:
@@ -35,13 +39,17 @@ def pg_ready() -> bool:
 
 
 def one_batch(i: int) -> rw.Series:
-    return rw.Series({"__name__": "gpufleet_gpu_power_watts", "node": "n1", "gpu": str(i % 8), "uuid": f"GPU-{i % 8}"},
-                     [(1_700_000_000_000 + i * 1000, float(i))])
+    return rw.Series(
+        {"__name__": "gpufleet_gpu_power_watts", "node": "n1", "gpu": str(i % 8), "uuid": f"GPU-{i % 8}"},
+        [(1_700_000_000_000 + i * 1000, float(i))],
+    )
 
 
 @pytest.mark.postgres
 @pytest.mark.pg_restart
-@pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs a local PostgreSQL cluster to stop and start")
+@pytest.mark.skipif(
+    not Path("/etc/postgresql").is_dir(), reason="needs a local PostgreSQL cluster to stop and start"
+)
 def test_postgres_stopped_and_restarted_under_ingest_loses_no_acknowledged_batch(tmp_path, pg_url):
     port = free_port()
     collector = start_collector(pg_url, port)

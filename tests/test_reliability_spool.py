@@ -13,14 +13,14 @@ import urllib.request
 import psycopg
 import pytest
 import urllib3
+
 from gpufleet.agent.core import Agent
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.push import Pusher
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
 from gpufleet.agent.spool import Spool, parse_age, parse_size
-
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 
 
@@ -49,15 +49,20 @@ class RecordingHttp:
         self.retry_after.append(resp.headers.get("Retry-After"))
         if 200 <= resp.status < 300:
             req = rw.decode(body)
-            self.acknowledged.append((headers.get("X-Gpufleet-Urgent") == "1",
-                                      [(json.dumps(sorted(s.labels.items())), t) for s in req.series
-                                       for t, _ in s.samples]))
+            self.acknowledged.append(
+                (
+                    headers.get("X-Gpufleet-Urgent") == "1",
+                    [(json.dumps(sorted(s.labels.items())), t) for s in req.series for t, _ in s.samples],
+                )
+            )
         return resp
 
 
 def batch(i: int, n: int = 3) -> bytes:
     """A small batch, numbered by its timestamp; all the same size."""
-    return rw.encode([rw.Series({"__name__": "t", "i": str(k)}, [((10**6 + i) * 1000, 1.0)]) for k in range(n)])
+    return rw.encode(
+        [rw.Series({"__name__": "t", "i": str(k)}, [((10**6 + i) * 1000, 1.0)]) for k in range(n)]
+    )
 
 
 def number(entry) -> int:
@@ -99,7 +104,9 @@ def test_the_spool_keeps_to_its_size_and_age_limits_and_counts_what_it_drops(tmp
 
 
 def test_sizes_and_ages_read_as_operators_write_them():
-    assert parse_size("512MiB") == 512 << 20 and parse_size("2GiB") == 2 << 30 and parse_size("100MB") == 10**8
+    assert (
+        parse_size("512MiB") == 512 << 20 and parse_size("2GiB") == 2 << 30 and parse_size("100MB") == 10**8
+    )
     assert parse_size("4096") == 4096 and parse_age("24h") == 86400 and parse_age("90m") == 5400
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
@@ -122,10 +129,25 @@ def test_retries_back_off_exponentially_with_jitter_and_respect_retry_after(tmp_
 
 # ---- the user story ------------------------------------------------------------------------------------
 def start_collector(db: str, port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "collector", "--db", db,
-                             "--listen", f"127.0.0.1:{port}", "--eval-interval", "60", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "collector",
+            "--db",
+            db,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--eval-interval",
+            "60",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
     def up():
         if proc.poll() is not None:
@@ -143,8 +165,9 @@ def start_collector(db: str, port: int, *extra: str) -> subprocess.Popen:
 def stored_samples(pg_url: str) -> list[tuple[str, int]]:
     with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
         # through metric_samples, the store's SQL read contract, whatever the layout under it
-        rows = conn.execute("SELECT metric, labels::text, round(extract(epoch FROM time) * 1000)::bigint "
-                            "FROM metric_samples")
+        rows = conn.execute(
+            "SELECT metric, labels::text, round(extract(epoch FROM time) * 1000)::bigint FROM metric_samples"
+        )
         return [(json.dumps(sorted({"__name__": m, **json.loads(lab)}.items())), ts) for m, lab, ts in rows]
 
 
@@ -163,15 +186,22 @@ def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(tmp_pa
     http = RecordingHttp()
 
     def new_pusher() -> Pusher:
-        return Pusher(f"http://127.0.0.1:{port}", interval=5.0, http=http, clock=clock,
-                      spool=Spool(spool_dir, clock=clock))
+        return Pusher(
+            f"http://127.0.0.1:{port}",
+            interval=5.0,
+            http=http,
+            clock=clock,
+            spool=Spool(spool_dir, clock=clock),
+        )
 
     pusher = new_pusher()
 
     def record(snap) -> None:
         for fam in snap.families:
             for labels, _ in fam.samples:
-                produced.append((json.dumps(sorted({"__name__": fam.name, **labels}.items())), snap.timestamp_ms))
+                produced.append(
+                    (json.dumps(sorted({"__name__": fam.name, **labels}.items())), snap.timestamp_ms)
+                )
 
     agent = Agent([gpu], node="gpu-node-1", clock=clock, sinks=[record, lambda snap: pusher(snap)])
     for tick in range(1, 601):
@@ -196,8 +226,11 @@ def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(tmp_pa
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(timeout=20)
-    received = next(float(ln.split()[-1]) for ln in metrics.splitlines()
-                    if ln.startswith("gpufleet_collector_samples_received_total"))
+    received = next(
+        float(ln.split()[-1])
+        for ln in metrics.splitlines()
+        if ln.startswith("gpufleet_collector_samples_received_total")
+    )
 
     assert len(pusher.spool) == 0 and pusher.spool.dropped_samples == {"size": 0, "age": 0, "refused": 0}
     # every sample arrived, and none was accepted twice
@@ -208,7 +241,9 @@ def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(tmp_pa
     n_urgent = flags.count(True)
     assert n_urgent >= 1 and flags == [True] * n_urgent + [False] * (len(flags) - n_urgent)
     lost_ts = 1_700_000_200 * 1000
-    assert any('"gpufleet_gpu_up"' in k and ts == lost_ts for _, b in http.acknowledged[:n_urgent] for k, ts in b)
+    assert any(
+        '"gpufleet_gpu_up"' in k and ts == lost_ts for _, b in http.acknowledged[:n_urgent] for k, ts in b
+    )
     for group in (http.acknowledged[:n_urgent], http.acknowledged[n_urgent:]):
         newest = [max(ts for _, ts in b) for _, b in group]
         assert newest == sorted(newest) and len(set(newest)) == len(newest)

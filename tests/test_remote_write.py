@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 
 label_name = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,20}", fullmatch=True)
 label_value = st.text(max_size=40)
@@ -22,7 +22,7 @@ def series_lists(draw):
     for _ in range(draw(st.integers(0, 5))):
         labels = draw(st.dictionaries(label_name.filter(lambda k: k != "__name__"), label_value, max_size=6))
         labels["__name__"] = draw(label_name)
-        samples = draw(st.lists(st.tuples(st.integers(-2**62, 2**62), finite), max_size=8))
+        samples = draw(st.lists(st.tuples(st.integers(-(2**62), 2**62), finite), max_size=8))
         out.append(rw.Series(labels, samples))
     return out
 
@@ -53,12 +53,15 @@ def test_a_snappy_bomb_is_refused_before_it_is_inflated():
         rw.decode(huge, max_uncompressed=1 << 20)
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"", "not snappy block format"),
-    (b"\xff\xff\xff\xff\xff\xff", "not snappy block format"),
-    (b"\x10garbage-not-snappy", "not valid snappy"),
-    (bytes(cramjam.snappy.compress_raw(b"\x0a\x05\xff\xff")), "not a remote-write WriteRequest"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"", "not snappy block format"),
+        (b"\xff\xff\xff\xff\xff\xff", "not snappy block format"),
+        (b"\x10garbage-not-snappy", "not valid snappy"),
+        (bytes(cramjam.snappy.compress_raw(b"\x0a\x05\xff\xff")), "not a remote-write WriteRequest"),
+    ],
+)
 def test_bad_bodies_get_an_error_that_names_the_problem(body, message):
     with pytest.raises(rw.RemoteWriteError, match=message):
         rw.decode(body)

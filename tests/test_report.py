@@ -16,10 +16,10 @@ import urllib.request
 
 import pytest
 from click.testing import CliRunner
-from gpufleet.collector.report import build_report, parse_since, render_html, render_markdown, slack_blocks
 
-from gpufleet import remote_write as rw
 from gpufleet.cli import main
+from gpufleet.collector.report import build_report, parse_since, render_html, render_markdown, slack_blocks
+from gpufleet.core import remote_write as rw
 
 T0 = 1_700_006_400  # a whole hour
 MIN = 60
@@ -50,27 +50,56 @@ def known_fleet() -> list[rw.Series]:
         return 40 * GIB if k < 240 else 0.3 * GIB
 
     out = []
-    for name, f in (("gpufleet_gpu_utilization_ratio", util_a), ("gpufleet_gpu_sm_active_ratio", sm_a),
-                    ("gpufleet_gpu_memory_used_bytes", mem_a), ("gpufleet_gpu_power_watts", lambda k: 300)):
+    for name, f in (
+        ("gpufleet_gpu_utilization_ratio", util_a),
+        ("gpufleet_gpu_sm_active_ratio", sm_a),
+        ("gpufleet_gpu_memory_used_bytes", mem_a),
+        ("gpufleet_gpu_power_watts", lambda k: 300),
+    ):
         out.append(_series(name, a_pod, _minutes(f, 0, 240)))  # while the pod holds the GPU
         out.append(_series(name, a, _minutes(f, 240, 360)))
-    out.append(_series("gpufleet_gpu_ecc_errors_total", {**a_pod, "type": "corrected", "scope": "volatile"},
-                       _minutes(lambda k: 3 if k < 60 else 5, -1, 240)))  # 3 before the range: 2 new errors
-    out.append(_series("gpufleet_gpu_ecc_errors_total", {**a_pod, "type": "uncorrected", "scope": "volatile"},
-                       _minutes(lambda k: 0, -1, 240)))
-    for name, f in (("gpufleet_gpu_utilization_ratio", lambda k: 0.9), ("gpufleet_gpu_sm_active_ratio", lambda k: 0.5),
-                    ("gpufleet_gpu_memory_used_bytes", lambda k: 60 * GIB),
-                    ("gpufleet_gpu_power_watts", lambda k: 500)):
+    out.append(
+        _series(
+            "gpufleet_gpu_ecc_errors_total",
+            {**a_pod, "type": "corrected", "scope": "volatile"},
+            _minutes(lambda k: 3 if k < 60 else 5, -1, 240),
+        )
+    )  # 3 before the range: 2 new errors
+    out.append(
+        _series(
+            "gpufleet_gpu_ecc_errors_total",
+            {**a_pod, "type": "uncorrected", "scope": "volatile"},
+            _minutes(lambda k: 0, -1, 240),
+        )
+    )
+    for name, f in (
+        ("gpufleet_gpu_utilization_ratio", lambda k: 0.9),
+        ("gpufleet_gpu_sm_active_ratio", lambda k: 0.5),
+        ("gpufleet_gpu_memory_used_bytes", lambda k: 60 * GIB),
+        ("gpufleet_gpu_power_watts", lambda k: 500),
+    ):
         out.append(_series(name, b, _minutes(f)))
     out.append(_series("gpufleet_gpu_energy_joules_total", b, _minutes(lambda k: 1e6 + 500 * 60 * k, -1)))
-    for reason, f in (("hw_thermal", lambda k: 1 if 60 <= k < 180 else 0),
-                      ("sw_power_cap", lambda k: 1 if 300 <= k < 330 else 0),
-                      ("gpu_idle", lambda k: 1)):  # not a slowdown: never counted
+    for reason, f in (
+        ("hw_thermal", lambda k: 1 if 60 <= k < 180 else 0),
+        ("sw_power_cap", lambda k: 1 if 300 <= k < 330 else 0),
+        ("gpu_idle", lambda k: 1),
+    ):  # not a slowdown: never counted
         out.append(_series("gpufleet_gpu_clock_event_active", {**b, "reason": reason}, _minutes(f)))
-    out.append(_series("gpufleet_gpu_xid_errors_total", {**b, "xid": "79"},
-                       _minutes(lambda k: None if k < 240 else 1 if k < 270 else 2)))
-    out.append(_series("gpufleet_inference_tokens_per_second", {"node": "node-b", "model": "llama-3-8b"},
-                       _minutes(lambda k: 1000)))
+    out.append(
+        _series(
+            "gpufleet_gpu_xid_errors_total",
+            {**b, "xid": "79"},
+            _minutes(lambda k: None if k < 240 else 1 if k < 270 else 2),
+        )
+    )
+    out.append(
+        _series(
+            "gpufleet_inference_tokens_per_second",
+            {"node": "node-b", "model": "llama-3-8b"},
+            _minutes(lambda k: 1000),
+        )
+    )
     return out
 
 
@@ -146,7 +175,8 @@ def test_without_inference_or_pods_the_report_says_so(store):
     assert "no SM activity data" in " ".join(r.section("states").findings)
     assert r.section("inference").rows == []
     assert r.section("inference").findings == [
-        "No inference data (gpufleet_inference_tokens_per_second) in this range."]
+        "No inference data (gpufleet_inference_tokens_per_second) in this range."
+    ]
     assert "pod label" in r.section("waste").findings[0]
 
 
@@ -163,7 +193,9 @@ def test_every_finding_carries_the_query_that_backs_it(known_store):
     from sqlalchemy import text
 
     with known_store.engine.connect() as conn:
-        n = conn.execute(text(r.section("states").sql), {"since": T0, "until": T0 + SIX_HOURS, "step": 60}).all()
+        n = conn.execute(
+            text(r.section("states").sql), {"since": T0, "until": T0 + SIX_HOURS, "step": 60}
+        ).all()
     assert len(n) == 2 * 4 * 360  # 2 GPUs × 4 metrics × 360 one-minute buckets
 
 
@@ -188,10 +220,26 @@ def test_cli_report_from_the_database_in_markdown_and_html(known_store, db_url, 
     runner = CliRunner()
     res = runner.invoke(main, ["report", "--db", db_url, "--since", "6h", "--until", str(T0 + SIX_HOURS)])
     assert res.exit_code == 0, res.output
-    assert "| busy, low SM activity | 1 |" in res.output and "## Throttled hours by cause and node" in res.output
+    assert (
+        "| busy, low SM activity | 1 |" in res.output and "## Throttled hours by cause and node" in res.output
+    )
     out = tmp_path / "r.html"
-    res = runner.invoke(main, ["report", "--db", db_url, "--since", "6h", "--until", str(T0 + SIX_HOURS),
-                               "--format", "html", "-o", str(out)])
+    res = runner.invoke(
+        main,
+        [
+            "report",
+            "--db",
+            db_url,
+            "--since",
+            "6h",
+            "--until",
+            str(T0 + SIX_HOURS),
+            "--format",
+            "html",
+            "-o",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "<td>ns-a/train-1</td>" in out.read_text()
     res = runner.invoke(main, ["report", "--db", db_url, "--since", "yesterday"])
@@ -200,7 +248,6 @@ def test_cli_report_from_the_database_in_markdown_and_html(known_store, db_url, 
 
 def test_cli_report_through_the_collector_api(tmp_path):
     from gpufleet.collector.service import Collector, CollectorSettings
-
     from tests.conftest import free_port
 
     port = free_port()
@@ -208,11 +255,14 @@ def test_cli_report_through_the_collector_api(tmp_path):
     try:
         c.store.write(known_fleet())
         url = f"http://127.0.0.1:{port}"
-        res = CliRunner().invoke(main, ["report", "--collector", url, "--since", "6h",
-                                        "--until", str(T0 + SIX_HOURS)])
+        res = CliRunner().invoke(
+            main, ["report", "--collector", url, "--since", "6h", "--until", str(T0 + SIX_HOURS)]
+        )
         assert res.exit_code == 0, res.output
         assert "| idle with memory held | 1 |" in res.output
-        with urllib.request.urlopen(f"{url}/api/v1/report?since=6h&until={T0 + SIX_HOURS}", timeout=10) as resp:
+        with urllib.request.urlopen(
+            f"{url}/api/v1/report?since=6h&until={T0 + SIX_HOURS}", timeout=10
+        ) as resp:
             body = json.loads(resp.read())
         assert body["gpu_hours"]["busy"] == 8
         res = CliRunner().invoke(main, ["report", "--collector", url, "--since", "soon"])

@@ -5,23 +5,33 @@ from __future__ import annotations
 import json
 
 import pytest
-from gpufleet.collector.service import Collector, CollectorSettings
 from slack_sdk import WebClient
 
+from gpufleet.collector.service import Collector, CollectorSettings
 from tests.doubles.slack_api import SlackDouble
 from tests.test_report import SIX_HOURS, T0, known_fleet
 
 
 def _collector(tmp_path, slack, **kw) -> Collector:
     client = WebClient(token="xoxb-test-token", base_url=slack.base_url)
-    return Collector(CollectorSettings(listen="127.0.0.1:0", db=f"sqlite:///{tmp_path}/d.db", slack_channel="C0ONCALL",
-                                       **kw), slack_client=client)
+    return Collector(
+        CollectorSettings(
+            listen="127.0.0.1:0", db=f"sqlite:///{tmp_path}/d.db", slack_channel="C0ONCALL", **kw
+        ),
+        slack_client=client,
+    )
 
 
 def test_the_digest_posts_the_report_to_slack_on_its_schedule(tmp_path):
     with SlackDouble() as slack:
-        c = _collector(tmp_path, slack, report_cron="0 9 * * mon", report_channel="C0PERF", report_since="6h",
-                       public_url="http://gpufleet.example:9446")
+        c = _collector(
+            tmp_path,
+            slack,
+            report_cron="0 9 * * mon",
+            report_channel="C0PERF",
+            report_since="6h",
+            public_url="http://gpufleet.example:9446",
+        )
         try:
             fields = {f.name: str(f) for f in c.digest_job.trigger.fields}
             assert (fields["day_of_week"], fields["hour"], fields["minute"]) == ("mon", "9", "0")
@@ -52,4 +62,8 @@ def test_no_digest_unless_configured_and_a_bad_schedule_is_named(tmp_path):
         with pytest.raises(ValueError, match="'every monday' is not a crontab line"):
             _collector(tmp_path, slack, report_cron="every monday")
     with pytest.raises(ValueError, match="set --slack-token"):
-        Collector(CollectorSettings(listen="127.0.0.1:0", db=f"sqlite:///{tmp_path}/e.db", report_cron="0 9 * * mon"))
+        Collector(
+            CollectorSettings(
+                listen="127.0.0.1:0", db=f"sqlite:///{tmp_path}/e.db", report_cron="0 9 * * mon"
+            )
+        )

@@ -7,11 +7,10 @@ import io
 import random
 
 from gpufleet.collector.rules.backtest import read_trace, replay
-from gpufleet.collector.rules.engine import Engine
+from gpufleet.collector.rules.engine import Delivery, Engine
 from gpufleet.collector.rules.model import Route, default_rules_path, load_pack
-from gpufleet.collector.rules.state import SqlState
-
-from gpufleet import remote_write as rw
+from gpufleet.collector.rules.state import SqlAlertState
+from gpufleet.core import remote_write as rw
 
 
 class Recorder:
@@ -20,9 +19,10 @@ class Recorder:
     def __init__(self):
         self.lines = []
 
-    def send(self, g, previous):
-        for n in (list(g.firing) if g.repeat else g.changes):
+    def send(self, g):
+        for n in list(g.firing) if g.repeat else g.changes:
             self.lines.append((n.rule, n.state, g.at_ms / 1000, n.labels.get("uuid"), n.labels["severity"]))
+        return Delivery()
 
 
 def fleet_samples():
@@ -39,11 +39,21 @@ def fleet_samples():
             out.append(({"__name__": "gpufleet_gpu_up", **base}, t, 0.0 if lost else 1.0))
             if lost:
                 continue
-            out.append(({"__name__": "gpufleet_gpu_temperature_celsius", **base}, t,
-                        (86.0 if hot else 60.0) + rng.random()))
+            out.append(
+                (
+                    {"__name__": "gpufleet_gpu_temperature_celsius", **base},
+                    t,
+                    (86.0 if hot else 60.0) + rng.random(),
+                )
+            )
             out.append(({"__name__": "gpufleet_gpu_slowdown_temperature_celsius", **base}, t, 87.0))
-            out.append(({"__name__": "gpufleet_gpu_clock_event_active", **base, "reason": "hw_thermal"}, t,
-                        1.0 if hot and k >= 30 else 0.0))
+            out.append(
+                (
+                    {"__name__": "gpufleet_gpu_clock_event_active", **base, "reason": "hw_thermal"},
+                    t,
+                    1.0 if hot and k >= 30 else 0.0,
+                )
+            )
             if gpu == 0 and k >= 70:
                 out.append(({"__name__": "gpufleet_gpu_xid_errors_total", **base, "xid": "94"}, t, 1.0))
     return out
@@ -71,15 +81,21 @@ def test_backtest_and_live_engine_on_the_store_send_the_same_notifications(store
     samples = fleet_samples()
     # live: samples written to the store as an agent pushes them, the engine ticking on the store every 5 s
     live = Recorder()
-    engine = Engine(pack, store, SqlState(store), [live])
+    engine = Engine(pack, store, SqlAlertState(store.engine), [live])
     times = sorted({t for _, t, _ in samples})
     for t in times:
         store.write([rw.Series(labels, [(t, v)]) for labels, ts, v in samples if ts == t], now_ms=t)
         engine.tick(t)
     # backtest: the same samples as a recorded OpenMetrics trace
-    replayed = [(r["alert"], r["state"], r["at"], r["labels"].get("uuid"), r["labels"]["severity"])
-                for r in replay(read_trace(io.StringIO(to_openmetrics(samples))), pack)]
+    replayed = [
+        (r["alert"], r["state"], r["at"], r["labels"].get("uuid"), r["labels"]["severity"])
+        for r in replay(read_trace(io.StringIO(to_openmetrics(samples))), pack)
+    ]
     assert replayed == live.lines
     told = {(rule, state) for rule, state, *_ in live.lines}
-    assert {("GpuTemperatureNearSlowdown", "firing"), ("GpuHardwareThermalSlowdown", "firing"),
-            ("GpuXidCritical", "firing"), ("GpuLost", "firing")} <= told
+    assert {
+        ("GpuTemperatureNearSlowdown", "firing"),
+        ("GpuHardwareThermalSlowdown", "firing"),
+        ("GpuXidCritical", "firing"),
+        ("GpuLost", "firing"),
+    } <= told

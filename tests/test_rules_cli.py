@@ -25,7 +25,8 @@ def run(*args):
 
 def test_check_names_every_problem_with_file_line_and_rule(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(textwrap.dedent("""\
+    bad.write_text(
+        textwrap.dedent("""\
         groups:
           - name: g
             rules:
@@ -44,7 +45,8 @@ def test_check_names_every_problem_with_file_line_and_rule(tmp_path):
                 metric: m
                 xid_set: nonexistent
                 annotations: {summary: x}
-        """))
+        """)
+    )
     r = run("alerts", "check", str(bad))
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
@@ -59,8 +61,9 @@ def test_the_default_pack_checks_and_its_rule_tests_pass():
 
     from gpufleet.collector.rules.model import default_rules_path
 
-    declared = sum(len(re.findall(r"^\s*- alert:", f.read_text(), re.M))
-                   for f in default_rules_path().glob("*.yaml"))
+    declared = sum(
+        len(re.findall(r"^\s*- alert:", f.read_text(), re.M)) for f in default_rules_path().glob("*.yaml")
+    )
     assert declared >= 21
     assert run("alerts", "check").output.strip() == f"{declared} rules OK"
     r = run("alerts", "test")
@@ -83,18 +86,35 @@ def test_backtest_prints_each_notification_as_a_json_line(tmp_path):
     trace = tmp_path / "trace.om"
     gpu = 'node="n1",gpu="3",uuid="GPU-c",model="H100"'
     lines = ["# TYPE gpufleet_gpu_up gauge"]
-    lines += [f"gpufleet_gpu_up{{{gpu}}} {1 if t < 1_700_000_030 else 0} {t}" for t in range(1_700_000_000,
-                                                                                              1_700_000_060, 10)]
-    lines += ["# TYPE gpufleet_gpu_xid_errors counter",
-              f'gpufleet_gpu_xid_errors_total{{{gpu},xid="79"}} 1 1700000030', "# EOF", ""]
+    lines += [
+        f"gpufleet_gpu_up{{{gpu}}} {1 if t < 1_700_000_030 else 0} {t}"
+        for t in range(1_700_000_000, 1_700_000_060, 10)
+    ]
+    lines += [
+        "# TYPE gpufleet_gpu_xid_errors counter",
+        f'gpufleet_gpu_xid_errors_total{{{gpu},xid="79"}} 1 1700000030',
+        "# EOF",
+        "",
+    ]
     trace.write_text("\n".join(lines))
-    r = subprocess.run([sys.executable, "-m", "gpufleet.cli", "alerts", "backtest", str(trace)], capture_output=True,
-                       text=True, cwd=REPO, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "alerts", "backtest", str(trace)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     recs = [json.loads(x) for x in r.stdout.splitlines()]
-    assert sorted((x["alert"], x["state"], x["at"]) for x in recs) == [("GpuFellOffBus", "firing", 1_700_000_030),
-                                                                      ("GpuLost", "firing", 1_700_000_030)]
+    assert sorted((x["alert"], x["state"], x["at"]) for x in recs) == [
+        ("GpuFellOffBus", "firing", 1_700_000_030),
+        ("GpuLost", "firing", 1_700_000_030),
+    ]
     for x in recs:
-        assert x["labels"]["severity"] == "critical" and x["labels"]["uuid"] == "GPU-c" and x["labels"]["node"] == "n1"
+        assert (
+            x["labels"]["severity"] == "critical"
+            and x["labels"]["uuid"] == "GPU-c"
+            and x["labels"]["node"] == "n1"
+        )
 
 
 def test_backtest_refuses_a_trace_without_timestamps(tmp_path):
@@ -108,7 +128,9 @@ def test_backtest_refuses_a_trace_without_timestamps(tmp_path):
 def promtool():
     path = shutil.which("promtool")
     if path is None:  # the suite's contract: the real promtool runs here (CI installs Debian's prometheus)
-        pytest.fail("promtool is needed for this test: apt-get install prometheus (make test installs it when run as root)")
+        pytest.fail(
+            "promtool is needed for this test: apt-get install prometheus (make test installs it when run as root)"
+        )
     return path
 
 
@@ -139,23 +161,64 @@ def test_exported_event_and_threshold_rules_fire_in_promtool_as_in_gpufleet(tmp_
     """The exported PromQL means what the native rule means: promtool's own rule tests run it."""
     rules = tmp_path / "gpufleet.rules.yml"
     run("alerts", "export", "-o", str(rules))
-    test = {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [{
-        "interval": "1m",
-        "input_series": [
-            {"series": 'gpufleet_gpu_xid_errors_total{node="n1",gpu="0",uuid="GPU-a",xid="48"}', "values": "_ _ 1 1"},
-            {"series": 'gpufleet_gpu_up{node="n1",gpu="1",uuid="GPU-b"}', "values": "1 0 0 0"}],
-        "alert_rule_test": [
-            {"eval_time": "2m", "alertname": "GpuXidCritical", "exp_alerts": [{
-                "exp_labels": {"node": "n1", "gpu": "0", "uuid": "GPU-a", "xid": "48", "severity": "critical"},
-                "exp_annotations": {"summary": "XID 48 on n1 GPU 0",
+    test = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'gpufleet_gpu_xid_errors_total{node="n1",gpu="0",uuid="GPU-a",xid="48"}',
+                        "values": "_ _ 1 1",
+                    },
+                    {"series": 'gpufleet_gpu_up{node="n1",gpu="1",uuid="GPU-b"}', "values": "1 0 0 0"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "2m",
+                        "alertname": "GpuXidCritical",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "node": "n1",
+                                    "gpu": "0",
+                                    "uuid": "GPU-a",
+                                    "xid": "48",
+                                    "severity": "critical",
+                                },
+                                "exp_annotations": {
+                                    "summary": "XID 48 on n1 GPU 0",
                                     "description": "The driver reported XID 48 on GPU 0 (GPU-a). Drain the node's jobs "
-                                                   "from this GPU and check the runbook.",
-                                    "runbook_url": "http://localhost:9446/runbooks/xid-critical"}}]},
-            {"eval_time": "2m", "alertname": "GpuLost", "exp_alerts": [{
-                "exp_labels": {"node": "n1", "gpu": "1", "uuid": "GPU-b", "severity": "critical"},
-                "exp_annotations": {"summary": "GPU 1 on n1 stopped answering NVML",
+                                    "from this GPU and check the runbook.",
+                                    "runbook_url": "http://localhost:9446/runbooks/xid-critical",
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "2m",
+                        "alertname": "GpuLost",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "node": "n1",
+                                    "gpu": "1",
+                                    "uuid": "GPU-b",
+                                    "severity": "critical",
+                                },
+                                "exp_annotations": {
+                                    "summary": "GPU 1 on n1 stopped answering NVML",
                                     "description": "GPU GPU-b reads as lost (fell off the bus or needs a reset).",
-                                    "runbook_url": "http://localhost:9446/runbooks/gpu-lost"}}]}]}]}
+                                    "runbook_url": "http://localhost:9446/runbooks/gpu-lost",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
     f = tmp_path / "test.yml"
     f.write_text(yaml.safe_dump(test))
     r = subprocess.run([promtool, "test", "rules", str(f)], capture_output=True, text=True)
@@ -167,7 +230,10 @@ def test_every_rule_in_the_pack_has_a_runbook_that_exists():
 
     for r in load_pack([default_rules_path()]).rules:
         name = r.annotations.get("runbook_url", "")
-        assert re.fullmatch(r"[a-z0-9-]+", name), (r.name, name)  # a shipped runbook's name, linked as BASE/NAME
+        assert re.fullmatch(r"[a-z0-9-]+", name), (
+            r.name,
+            name,
+        )  # a shipped runbook's name, linked as BASE/NAME
         page = REPO / "alerts" / "runbooks" / f"{name}.md"
         assert page.exists(), (r.name, page)
         text = page.read_text()

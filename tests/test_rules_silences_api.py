@@ -8,17 +8,18 @@ import urllib.error
 import urllib.request
 
 from click.testing import CliRunner
-from gpufleet.collector.service import Collector, CollectorSettings
 
-from gpufleet import remote_write as rw
 from gpufleet.cli import main
+from gpufleet.collector.service import Collector, CollectorSettings
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 
 
 def post(url, body, token=None, method="POST"):
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers=headers,
-                                 method=method)
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode() if body is not None else None, headers=headers, method=method
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
@@ -28,35 +29,73 @@ def post(url, body, token=None, method="POST"):
 
 def test_a_silence_added_from_the_command_line_mutes_a_lost_gpu_until_expired(db_url):
     port = free_port()
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=db_url, eval_interval=0.2,
-                                    tokens=["t0ken"])).start()
+    c = Collector(
+        CollectorSettings(listen=f"127.0.0.1:{port}", db=db_url, eval_interval=0.2, tokens=["t0ken"])
+    ).start()
     url = f"http://127.0.0.1:{port}"
     try:
         cli = ["--collector", url, "--token", "t0ken"]
-        r = CliRunner().invoke(main, ["silence", "add", "alertname=GpuLost", "uuid=~GPU-a.*", "--duration", "1h",
-                                      "--author", "ana", "--comment", "RMA 42", *cli])
+        r = CliRunner().invoke(
+            main,
+            [
+                "silence",
+                "add",
+                "alertname=GpuLost",
+                "uuid=~GPU-a.*",
+                "--duration",
+                "1h",
+                "--author",
+                "ana",
+                "--comment",
+                "RMA 42",
+                *cli,
+            ],
+        )
         assert r.exit_code == 0, r.output
         sid = r.output.strip()
         listing = CliRunner().invoke(main, ["silence", "list", *cli]).output
         assert sid in listing and "active" in listing and "by ana" in listing and "uuid=~GPU-a.*" in listing
 
         def write_lost():
-            body = rw.encode([rw.Series({"__name__": "gpufleet_gpu_up", "node": "n1", "gpu": "0", "uuid": "GPU-a1"},
-                                        [(int(time.time() * 1000), 0.0)])])
-            req = urllib.request.Request(url + "/api/v1/write", data=body, headers={
-                "Content-Encoding": "snappy", "Content-Type": "application/x-protobuf", "Authorization": "Bearer t0ken"})
+            body = rw.encode(
+                [
+                    rw.Series(
+                        {"__name__": "gpufleet_gpu_up", "node": "n1", "gpu": "0", "uuid": "GPU-a1"},
+                        [(int(time.time() * 1000), 0.0)],
+                    )
+                ]
+            )
+            req = urllib.request.Request(
+                url + "/api/v1/write",
+                data=body,
+                headers={
+                    "Content-Encoding": "snappy",
+                    "Content-Type": "application/x-protobuf",
+                    "Authorization": "Bearer t0ken",
+                },
+            )
             urllib.request.urlopen(req, timeout=5)
 
         write_lost()
-        alerts = wait_until(lambda: [a for a in json.loads(urllib.request.urlopen(url + "/api/v1/alerts").read())
-                                     ["alerts"] if a["rule"] == "GpuLost" and a["state"] == "firing"])
+        alerts = wait_until(
+            lambda: [
+                a
+                for a in json.loads(urllib.request.urlopen(url + "/api/v1/alerts").read())["alerts"]
+                if a["rule"] == "GpuLost" and a["state"] == "firing"
+            ]
+        )
         assert alerts[0]["muted_by"] == f"silence {sid}"
         assert c.engine.sent == 0
         r = CliRunner().invoke(main, ["silence", "expire", sid, *cli])
         assert r.exit_code == 0 and f"expired {sid}" in r.output
         write_lost()
-        wait_until(lambda: [a for a in json.loads(urllib.request.urlopen(url + "/api/v1/alerts").read())["alerts"]
-                            if a["rule"] == "GpuLost" and a["muted_by"] is None])
+        wait_until(
+            lambda: [
+                a
+                for a in json.loads(urllib.request.urlopen(url + "/api/v1/alerts").read())["alerts"]
+                if a["rule"] == "GpuLost" and a["muted_by"] is None
+            ]
+        )
         assert "expired" in CliRunner().invoke(main, ["silence", "list", "--all", *cli]).output
     finally:
         c.close()
@@ -64,16 +103,24 @@ def test_a_silence_added_from_the_command_line_mutes_a_lost_gpu_until_expired(db
 
 def test_the_silences_api_says_what_is_wrong_with_a_bad_silence(tmp_path):
     port = free_port()
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/s.db",
-                                    tokens=["t0ken"])).start()
+    c = Collector(
+        CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/s.db", tokens=["t0ken"])
+    ).start()
     url = f"http://127.0.0.1:{port}/api/v1/silences"
     try:
-        ok = {"matchers": [{"name": "node", "value": "n1"}], "duration": "2h", "createdBy": "ana", "comment": "fans"}
+        ok = {
+            "matchers": [{"name": "node", "value": "n1"}],
+            "duration": "2h",
+            "createdBy": "ana",
+            "comment": "fans",
+        }
         assert post(url, ok)[0] == 401  # writes need the token
-        for body, words in (({**ok, "matchers": []}, "at least one matcher"),
-                            ({**ok, "comment": ""}, "comment"),
-                            ({**ok, "matchers": [{"name": "x", "value": "(", "isRegex": True}]}, "regular expression"),
-                            ({k: v for k, v in ok.items() if k != "duration"}, "endsAt")):
+        for body, words in (
+            ({**ok, "matchers": []}, "at least one matcher"),
+            ({**ok, "comment": ""}, "comment"),
+            ({**ok, "matchers": [{"name": "x", "value": "(", "isRegex": True}]}, "regular expression"),
+            ({k: v for k, v in ok.items() if k != "duration"}, "endsAt"),
+        ):
             status, resp = post(url, body, "t0ken")
             assert status == 400 and words in resp["error"], resp
         status, resp = post(url, ok, "t0ken")

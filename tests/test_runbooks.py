@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+
+from gpufleet.cli import main
 from gpufleet.collector.rules.model import default_rules_path, load_pack, with_runbook_base
 from gpufleet.collector.runbooks import Runbooks
 from gpufleet.collector.service import Collector, CollectorSettings, own_runbook_base_url
-
-from gpufleet.cli import main
 from tests.conftest import free_port, wait_until
 from tests.doubles.slack_api import SlackDouble
 
@@ -49,8 +49,14 @@ def raw_get(port: int, path: str) -> tuple[int, str]:
 
 
 def runbook_buttons(message) -> dict[str, str]:
-    return {e["text"]["text"]: e["url"] for a in message.attachments for b in a["blocks"] if b["type"] == "actions"
-            for e in b["elements"] if e["text"]["text"].startswith("Runbook: ")}
+    return {
+        e["text"]["text"]: e["url"]
+        for a in message.attachments
+        for b in a["blocks"]
+        if b["type"] == "actions"
+        for e in b["elements"]
+        if e["text"]["text"].startswith("Runbook: ")
+    }
 
 
 # ---- the on-call engineer's path: Slack message -> runbook button -> page -------------------------------
@@ -60,16 +66,41 @@ def test_the_runbook_button_of_a_slack_alert_opens_the_runbook_on_the_collector(
     agent_port, port = free_port(), free_port()
     with SlackDouble() as slack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
-        env.update(PYTHONUNBUFFERED="1", GPUFLEET_SLACK_TOKEN="xoxb-test-token", GPUFLEET_SLACK_CHANNEL="C0ONCALL",
-                   GPUFLEET_SLACK_BASE_URL=slack.base_url)
+        env.update(
+            PYTHONUNBUFFERED="1",
+            GPUFLEET_SLACK_TOKEN="xoxb-test-token",
+            GPUFLEET_SLACK_CHANNEL="C0ONCALL",
+            GPUFLEET_SLACK_BASE_URL=slack.base_url,
+        )
         log = tmp_path / "up.log"
         with log.open("w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "up", "--simulate", "2",
-                                     "--agent-listen", f"127.0.0.1:{agent_port}", "--listen", f"127.0.0.1:{port}",
-                                     "--interval", "0.5", "--push-interval", "1", "--eval-interval", "1"],
-                                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gpufleet.cli",
+                    "up",
+                    "--simulate",
+                    "2",
+                    "--agent-listen",
+                    f"127.0.0.1:{agent_port}",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--interval",
+                    "0.5",
+                    "--push-interval",
+                    "1",
+                    "--eval-interval",
+                    "1",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         url = f"http://127.0.0.1:{port}"
         try:
+
             def gpus() -> int:
                 try:
                     return len(json.loads(fetch(url + "/api/v1/gpus")[2])["gpus"])
@@ -77,9 +108,26 @@ def test_the_runbook_button_of_a_slack_alert_opens_the_runbook_on_the_collector(
                     return 0
 
             wait_until(lambda: gpus() == 2, timeout=30)
-            subprocess.run([sys.executable, "-m", "gpufleet.cli", "simulate", "inject", "--agent",
-                            f"http://127.0.0.1:{agent_port}", "--gpu", "1", "xid", "--xid", "48"],
-                           check=True, capture_output=True, timeout=30, env=env)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "gpufleet.cli",
+                    "simulate",
+                    "inject",
+                    "--agent",
+                    f"http://127.0.0.1:{agent_port}",
+                    "--gpu",
+                    "1",
+                    "xid",
+                    "--xid",
+                    "48",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+                env=env,
+            )
             (message,) = wait_until(lambda: slack.channel_messages("C0ONCALL"), timeout=20)
             link = runbook_buttons(message)["Runbook: GpuXidCritical"]
             status, headers, page = fetch(link)
@@ -131,13 +179,25 @@ def test_an_unknown_runbook_is_a_404_page_that_lists_the_real_ones(collector):
     _, port = collector
     status, headers, page = fetch(f"http://127.0.0.1:{port}/runbooks/xid-critcal")
     assert status == 404 and headers["content-type"].startswith("text/html")
-    assert "No runbook &#x27;xid-critcal&#x27;" in page and '<a href="xid-critical">GpuXidCritical</a>' in page
+    assert (
+        "No runbook &#x27;xid-critcal&#x27;" in page and '<a href="xid-critical">GpuXidCritical</a>' in page
+    )
 
 
-@pytest.mark.parametrize("path", ["/runbooks/..%2F..%2Fetc%2Fpasswd", "/runbooks/../../etc/passwd",
-                                  "/runbooks/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/runbooks/..%2Fgpu.yaml",
-                                  "/runbooks/..%2Fruntime%2F..%2Fgpu", "/runbooks/%2Fetc%2Fpasswd",
-                                  "/runbooks/xid-critical%00", "/runbooks/..", "/runbooks/.%2Fxid-critical"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/runbooks/..%2F..%2Fetc%2Fpasswd",
+        "/runbooks/../../etc/passwd",
+        "/runbooks/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/runbooks/..%2Fgpu.yaml",
+        "/runbooks/..%2Fruntime%2F..%2Fgpu",
+        "/runbooks/%2Fetc%2Fpasswd",
+        "/runbooks/xid-critical%00",
+        "/runbooks/..",
+        "/runbooks/.%2Fxid-critical",
+    ],
+)
 def test_no_request_reads_a_file_outside_the_runbooks(collector, path):
     _, port = collector
     status, body = raw_get(port, path)
@@ -155,7 +215,8 @@ def test_a_name_in_the_404_page_is_escaped(collector):
 def test_markdown_is_rendered_and_html_in_it_escaped(tmp_path):
     (tmp_path / "hostile.md").write_text(
         "# Gpu<b>Bold</b> & more\n\n<script>alert(1)</script>\n\n[click](javascript:alert(1)) "
-        "[docs](https://docs.nvidia.com/deploy/xid-errors/)\n\n| a | b |\n| --- | --- |\n| `x` | 1 |\n")
+        "[docs](https://docs.nvidia.com/deploy/xid-errors/)\n\n| a | b |\n| --- | --- |\n| `x` | 1 |\n"
+    )
     (tmp_path / "Not-A-Name.md").write_text("# ignored\n")
     books = Runbooks(tmp_path)
     assert books.names() == ["hostile"]
@@ -172,31 +233,73 @@ def test_markdown_is_rendered_and_html_in_it_escaped(tmp_path):
 def test_a_collector_links_its_own_runbooks_unless_told_otherwise():
     assert own_runbook_base_url("127.0.0.1:9446", "http", None) == "http://127.0.0.1:9446/runbooks"
     assert own_runbook_base_url("[::1]:9446", "https", None) == "https://[::1]:9446/runbooks"
-    assert own_runbook_base_url("0.0.0.0:9446", "http", "https://gpufleet.example.com/") == \
-        "https://gpufleet.example.com/runbooks"
-    assert own_runbook_base_url("0.0.0.0:9446", "http", None) == f"http://{socket.gethostname()}:9446/runbooks"
+    assert (
+        own_runbook_base_url("0.0.0.0:9446", "http", "https://gpufleet.example.com/")
+        == "https://gpufleet.example.com/runbooks"
+    )
+    assert (
+        own_runbook_base_url("0.0.0.0:9446", "http", None) == f"http://{socket.gethostname()}:9446/runbooks"
+    )
 
 
 def test_a_custom_base_url_reaches_the_alerts_annotations(tmp_path):
     own = tmp_path / "site.yaml"
-    own.write_text(yaml.safe_dump({"groups": [{"name": "site", "rules": [
-        {"alert": "SiteHot", "metric": "gpufleet_gpu_temperature_celsius", "op": ">", "value": 90,
-         "annotations": {"summary": "hot", "runbook_url": "https://runbooks.example.org/hot"}}]}]}))
+    own.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "site",
+                        "rules": [
+                            {
+                                "alert": "SiteHot",
+                                "metric": "gpufleet_gpu_temperature_celsius",
+                                "op": ">",
+                                "value": 90,
+                                "annotations": {
+                                    "summary": "hot",
+                                    "runbook_url": "https://runbooks.example.org/hot",
+                                },
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
     port = free_port()
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path / 't.db'}",
-                                    rules=[default_rules_path(), own], eval_interval=60,
-                                    runbook_base_url="https://wiki.example.com/gpu/")).start()
+    c = Collector(
+        CollectorSettings(
+            listen=f"127.0.0.1:{port}",
+            db=f"sqlite:///{tmp_path / 't.db'}",
+            rules=[default_rules_path(), own],
+            eval_interval=60,
+            runbook_base_url="https://wiki.example.com/gpu/",
+        )
+    ).start()
     try:
-        from gpufleet import remote_write as rw
+        from gpufleet.core import remote_write as rw
 
         now_ms = int(time.time() * 1000)
-        series = rw.Series({"__name__": "gpufleet_gpu_xid_errors_total", "node": "n1", "gpu": "0",
-                            "uuid": "GPU-a", "xid": "48"}, [(now_ms, 1.0)])
-        hot = rw.Series({"__name__": "gpufleet_gpu_temperature_celsius", "node": "n1", "gpu": "1",
-                         "uuid": "GPU-b"}, [(now_ms, 95.0)])
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/write", data=rw.encode([series, hot]),
-                                     headers={"Content-Encoding": "snappy",
-                                              "Content-Type": "application/x-protobuf"})
+        series = rw.Series(
+            {
+                "__name__": "gpufleet_gpu_xid_errors_total",
+                "node": "n1",
+                "gpu": "0",
+                "uuid": "GPU-a",
+                "xid": "48",
+            },
+            [(now_ms, 1.0)],
+        )
+        hot = rw.Series(
+            {"__name__": "gpufleet_gpu_temperature_celsius", "node": "n1", "gpu": "1", "uuid": "GPU-b"},
+            [(now_ms, 95.0)],
+        )
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/v1/write",
+            data=rw.encode([series, hot]),
+            headers={"Content-Encoding": "snappy", "Content-Type": "application/x-protobuf"},
+        )
         assert urllib.request.urlopen(req, timeout=5).status == 204
         c.evaluate()
         alerts = json.loads(fetch(f"http://127.0.0.1:{port}/api/v1/alerts")[2])["alerts"]
@@ -204,8 +307,10 @@ def test_a_custom_base_url_reaches_the_alerts_annotations(tmp_path):
     finally:
         c.close()
     links = {a["rule"]: a["annotations"]["runbook_url"] for a in alerts}
-    assert links == {"GpuXidCritical": "https://wiki.example.com/gpu/xid-critical",
-                     "SiteHot": "https://runbooks.example.org/hot"}
+    assert links == {
+        "GpuXidCritical": "https://wiki.example.com/gpu/xid-critical",
+        "SiteHot": "https://runbooks.example.org/hot",
+    }
     assert {a["rule"]: a["runbook_url"] for a in fleet["alerts"]} == links
 
 
@@ -228,13 +333,18 @@ def _exported_links(args: list[str]) -> tuple[dict[str, str], str]:
 def test_export_writes_whole_links_under_the_base_url():
     links, _ = _exported_links(["--runbook-base-url", "https://wiki.example.com/gpu/"])
     assert links["GpuXidCritical"] == "https://wiki.example.com/gpu/xid-critical"
-    assert all(u.startswith("https://wiki.example.com/gpu/") and "/" not in u.rsplit("/gpu/", 1)[1]
-               for u in links.values()), links
+    assert all(
+        u.startswith("https://wiki.example.com/gpu/") and "/" not in u.rsplit("/gpu/", 1)[1]
+        for u in links.values()
+    ), links
     links, note = _exported_links([])
     assert links["GpuLost"] == "http://localhost:9446/runbooks/gpu-lost"
     assert "--runbook-base-url" in note
-    env_links = CliRunner(env={"GPUFLEET_RUNBOOK_BASE_URL": "https://gpufleet.example.com/runbooks"}).invoke(
-        main, ["alerts", "export"]).stdout
+    env_links = (
+        CliRunner(env={"GPUFLEET_RUNBOOK_BASE_URL": "https://gpufleet.example.com/runbooks"})
+        .invoke(main, ["alerts", "export"])
+        .stdout
+    )
     assert "runbook_url: https://gpufleet.example.com/runbooks/gpu-lost" in env_links
 
 
@@ -245,4 +355,6 @@ def test_every_shipped_runbook_file_is_linked_by_a_rule_and_the_gpu_rules_from_t
     docs = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text()
     for r in rules:
         if Path(r.source.rsplit(":", 1)[0]).name == "gpu.yaml":
-            assert f"| {r.name} |" in docs and f"](../alerts/runbooks/{r.annotations['runbook_url']}.md)" in docs
+            assert (
+                f"| {r.name} |" in docs and f"](../alerts/runbooks/{r.annotations['runbook_url']}.md)" in docs
+            )

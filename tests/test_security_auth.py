@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import urllib3
+
 from gpufleet.collector.auth import Token, TokenSet, hash_token, parse_token
 from gpufleet.collector.service import Collector, CollectorSettings
-
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port
 
 EAST = "east-secret-0123"
@@ -36,8 +36,9 @@ def secured(tmp_path):
     """A collector that knows two tokens only by hash: one for cluster gpu-east, one for any cluster."""
     port = free_port()
     tokens = [f"sha256:{hash_token(EAST)}@gpu-east", f"sha256:{hash_token(ANY)}"]
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/t.db",
-                                    tokens=tokens)).start()
+    c = Collector(
+        CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/t.db", tokens=tokens)
+    ).start()
     yield c, f"http://127.0.0.1:{port}"
     c.close()
 
@@ -53,13 +54,19 @@ def test_unauthenticated_and_wrong_tokens_cannot_write_when_tokens_are_configure
     assert post(url, body, EAST).status == 204
 
 
-def test_a_token_scoped_to_one_cluster_cannot_write_another_and_nothing_of_the_request_is_stored(secured, caplog):
+def test_a_token_scoped_to_one_cluster_cannot_write_another_and_nothing_of_the_request_is_stored(
+    secured, caplog
+):
     c, url = secured
     mixed = rw.encode([gpu_series("gpu-east", 0), gpu_series("gpu-east", 1), gpu_series("gpu-west", 2)])
     resp = post(url, mixed, EAST)
     assert resp.status == 403
     err = resp.json()["error"]
-    assert "may only write cluster 'gpu-east'" in err and "cluster='gpu-west'" in err and "--cluster gpu-east" in err
+    assert (
+        "may only write cluster 'gpu-east'" in err
+        and "cluster='gpu-west'" in err
+        and "--cluster gpu-east" in err
+    )
     unlabelled = post(url, rw.encode([gpu_series(None)]), EAST)
     assert unlabelled.status == 403 and "no cluster label" in unlabelled.json()["error"]
     assert c.store.counts() == {"series": 0, "samples": 0}
@@ -88,10 +95,28 @@ def test_token_specs_and_token_files_read_as_documented(tmp_path):
 
 
 def test_the_collector_refuses_to_run_open_on_a_reachable_address_and_hash_token_prints_the_hashed_form():
-    proc = subprocess.run([sys.executable, "-m", "gpufleet.cli", "collector", "--listen", f"0.0.0.0:{free_port()}",
-                           "--db", "sqlite:///:memory:"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "collector",
+            "--listen",
+            f"0.0.0.0:{free_port()}",
+            "--db",
+            "sqlite:///:memory:",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "no write tokens configured" in proc.stderr and "--allow-open-writes" in proc.stderr
-    out = subprocess.run([sys.executable, "-m", "gpufleet.cli", "hash-token"], input="s3cret\n",
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "hash-token"],
+        input="s3cret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == f"sha256:{hash_token('s3cret')}"

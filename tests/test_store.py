@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import pytest
-from gpufleet.collector.store import Store, StoreUnavailable
-from gpufleet.collector.store.migrate import SchemaTooNew, head_revisions
 from sqlalchemy import text
 
-from gpufleet.remote_write import Series
+from gpufleet.collector.rules.state import SqlAlertState
+from gpufleet.collector.store import Store, StoreUnavailable
+from gpufleet.collector.store.migrate import SchemaTooNew, head_revisions
+from gpufleet.core.remote_write import Series
 
 
-def gpu_series(uuid="GPU-1", node="n1", gpu="0", metric="gpufleet_gpu_temperature_celsius", samples=((1000, 40.0),)):
-    return Series({"__name__": metric, "node": node, "gpu": gpu, "uuid": uuid, "model": "H100"}, list(samples))
+def gpu_series(
+    uuid="GPU-1", node="n1", gpu="0", metric="gpufleet_gpu_temperature_celsius", samples=((1000, 40.0),)
+):
+    return Series(
+        {"__name__": metric, "node": node, "gpu": gpu, "uuid": uuid, "model": "H100"}, list(samples)
+    )
 
 
 def test_a_retried_batch_is_stored_once(store):
-    batch = [gpu_series(samples=[(1000, 40.0), (2000, 41.0)]), gpu_series(uuid="GPU-2", samples=[(1000, 50.0)])]
+    batch = [
+        gpu_series(samples=[(1000, 40.0), (2000, 41.0)]),
+        gpu_series(uuid="GPU-2", samples=[(1000, 50.0)]),
+    ]
     store.write(batch)
     store.write(batch)
     assert store.counts() == {"series": 2, "samples": 3}
@@ -39,10 +47,14 @@ def test_query_range_does_not_invent_values_older_than_five_minutes(store):
 
 
 def test_gpus_lists_each_gpu_with_identity_last_seen_and_latest_values(store):
-    store.write([gpu_series(samples=[(1000, 40.0), (5000, 45.0)]),
-                 gpu_series(metric="gpufleet_gpu_up", samples=[(5000, 1.0)]),
-                 gpu_series(uuid="GPU-2", gpu="1", metric="gpufleet_gpu_up", samples=[(3000, 0.0)])])
-    gpus = store.gpus(now_ms=6000)
+    store.write(
+        [
+            gpu_series(samples=[(1000, 40.0), (5000, 45.0)]),
+            gpu_series(metric="gpufleet_gpu_up", samples=[(5000, 1.0)]),
+            gpu_series(uuid="GPU-2", gpu="1", metric="gpufleet_gpu_up", samples=[(3000, 0.0)]),
+        ]
+    )
+    gpus = [g.to_api() for g in store.gpus(now_ms=6000)]
     assert [g["uuid"] for g in gpus] == ["GPU-1", "GPU-2"]
     g1 = gpus[0]
     assert (g1["node"], g1["gpu"], g1["model"], g1["last_seen"], g1["up"]) == ("n1", "0", "H100", 5.0, True)
@@ -73,7 +85,10 @@ def test_a_failed_batch_leaves_nothing_behind(store):
 def test_schema_migrates_on_open_and_a_newer_schema_is_refused(db_url):
     s = Store.open(db_url)
     with s.engine.begin() as conn:
-        assert tuple(sorted(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())) == head_revisions()
+        assert (
+            tuple(sorted(conn.execute(text("SELECT version_num FROM alembic_version")).scalars()))
+            == head_revisions()
+        )
         conn.execute(text("DELETE FROM alembic_version"))  # every head, replaced by one this code never saw
         conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('9999_from_the_future')"))
     s.close()
@@ -83,15 +98,29 @@ def test_schema_migrates_on_open_and_a_newer_schema_is_refused(db_url):
 
 def test_alert_state_and_rule_memory_survive_a_reopen(db_url):
     s = Store.open(db_url)
-    s.save_alerts([{"id": "a1", "rule": "R", "state": "firing", "labels": {"node": "n"}, "annotations": {"summary": "x"},
-                    "value": 1.0, "active_since": 1, "last_true": 2, "fired_at": 2, "resolved_at": None,
-                    "updated_at": 2}])
-    s.save_rule_memory({("R", 42): 3.0}, 5)
+    SqlAlertState(s.engine).save_alerts(
+        [
+            {
+                "id": "a1",
+                "rule": "R",
+                "state": "firing",
+                "labels": {"node": "n"},
+                "annotations": {"summary": "x"},
+                "value": 1.0,
+                "active_since": 1,
+                "last_true": 2,
+                "fired_at": 2,
+                "resolved_at": None,
+                "updated_at": 2,
+            }
+        ]
+    )
+    SqlAlertState(s.engine).save_rule_memory({("R", 42): 3.0}, 5)
     s.close()
     s = Store.open(db_url)
-    (a,) = s.load_alerts()
+    (a,) = SqlAlertState(s.engine).load_alerts()
     assert (a["id"], a["state"], a["labels"]) == ("a1", "firing", {"node": "n"})
-    assert s.load_rule_memory() == {("R", 42): 3.0}
+    assert SqlAlertState(s.engine).load_rule_memory() == {("R", 42): 3.0}
     s.close()
 
 

@@ -7,14 +7,19 @@ from __future__ import annotations
 import threading
 
 import pytest
-from gpufleet.collector.store import Store, StoreUnavailable
 
-from gpufleet.remote_write import Series
+from gpufleet.collector.store import Store, StoreUnavailable
+from gpufleet.core.remote_write import Series
 
 
 def batch(node: int, t0: int, seconds: int = 5, metric: str = "gpufleet_gpu_power_watts") -> list[Series]:
-    return [Series({"__name__": metric, "node": f"n{node}", "gpu": str(g), "uuid": f"GPU-{node}-{g}"},
-                   [(t0 + i * 1000, float(node * 100 + g + i)) for i in range(seconds)]) for g in range(8)]
+    return [
+        Series(
+            {"__name__": metric, "node": f"n{node}", "gpu": str(g), "uuid": f"GPU-{node}-{g}"},
+            [(t0 + i * 1000, float(node * 100 + g + i)) for i in range(seconds)],
+        )
+        for g in range(8)
+    ]
 
 
 def test_concurrent_writers_store_every_batch_once_and_latest_is_the_newest(store):
@@ -73,8 +78,9 @@ def test_a_batch_the_database_refuses_fails_alone_and_is_not_half_stored(pg_url)
 
 
 def test_every_batch_of_a_shared_transaction_fails_when_the_database_is_gone(tmp_path):
-    store = Store.open("postgresql://postgres@127.0.0.1:1/none", migrate_schema=False,
-                       connect_args={"connect_timeout": 2})
+    store = Store.open(
+        "postgresql://postgres@127.0.0.1:1/none", migrate_schema=False, connect_args={"connect_timeout": 2}
+    )
     try:
         results = store.write_many([batch(1, 0), batch(2, 0)])
         assert all(isinstance(r, StoreUnavailable) and r.connection for r in results)

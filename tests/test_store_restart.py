@@ -13,7 +13,7 @@ import time
 import requests
 from sqlalchemy import create_engine, text
 
-from gpufleet import remote_write as rw
+from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 
 HEADERS = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING}
@@ -21,9 +21,12 @@ T0 = 1_800_000_000_000
 
 
 def start_collector(db: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "collector", "--db", db,
-                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpufleet.cli", "collector", "--db", db, "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
     def healthy() -> bool:
         try:
@@ -38,10 +41,18 @@ def start_collector(db: str, port: int) -> subprocess.Popen:
 
 def batch(i: int) -> bytes:
     # 16 GPUs x 3 metrics x 10 samples, each batch 10 seconds after the previous one.
-    series = [rw.Series({"__name__": m, "node": f"n{g // 8}", "gpu": str(g % 8), "uuid": f"GPU-{g}"},
-                        [(T0 + (i * 10 + k) * 1000, float(i * 10 + k)) for k in range(10)])
-              for g in range(16) for m in ("gpufleet_gpu_power_watts", "gpufleet_gpu_sm_active_ratio",
-                                           "gpufleet_gpu_temperature_celsius")]
+    series = [
+        rw.Series(
+            {"__name__": m, "node": f"n{g // 8}", "gpu": str(g % 8), "uuid": f"GPU-{g}"},
+            [(T0 + (i * 10 + k) * 1000, float(i * 10 + k)) for k in range(10)],
+        )
+        for g in range(16)
+        for m in (
+            "gpufleet_gpu_power_watts",
+            "gpufleet_gpu_sm_active_ratio",
+            "gpufleet_gpu_temperature_celsius",
+        )
+    ]
     return rw.encode(series)
 
 
@@ -62,8 +73,9 @@ def test_a_killed_collector_loses_no_acknowledged_batch_and_retries_store_nothin
         for i in range(n_batches):
             while True:  # like the agent: keep the batch until the collector says it is stored
                 try:
-                    r = session.post(f"http://127.0.0.1:{port}/api/v1/write", data=batch(i), headers=HEADERS,
-                                     timeout=10)
+                    r = session.post(
+                        f"http://127.0.0.1:{port}/api/v1/write", data=batch(i), headers=HEADERS, timeout=10
+                    )
                     if r.status_code == 204:
                         acked.append(i)
                         break
@@ -83,8 +95,12 @@ def test_a_killed_collector_loses_no_acknowledged_batch_and_retries_store_nothin
         assert done.wait(180), "the agent could not deliver every batch after the restart"
         # An agent restarted from its spool re-sends batches it had already delivered.
         for i in acked[-5:]:
-            assert requests.post(f"http://127.0.0.1:{port}/api/v1/write", data=batch(i), headers=HEADERS,
-                                 timeout=10).status_code == 204
+            assert (
+                requests.post(
+                    f"http://127.0.0.1:{port}/api/v1/write", data=batch(i), headers=HEADERS, timeout=10
+                ).status_code
+                == 204
+            )
     finally:
         sender.join(timeout=5)
         proc.terminate()
@@ -93,9 +109,12 @@ def test_a_killed_collector_loses_no_acknowledged_batch_and_retries_store_nothin
     assert sorted(acked) == list(range(n_batches))
     engine = create_engine(pg_url)
     with engine.connect() as conn:
-        total, distinct = conn.execute(text(
-            "SELECT count(*), count(DISTINCT (metric, uuid, time)) FROM metric_samples")).one()
-        values = conn.execute(text("SELECT min(value), max(value), count(DISTINCT value) FROM metric_samples")).one()
+        total, distinct = conn.execute(
+            text("SELECT count(*), count(DISTINCT (metric, uuid, time)) FROM metric_samples")
+        ).one()
+        values = conn.execute(
+            text("SELECT min(value), max(value), count(DISTINCT value) FROM metric_samples")
+        ).one()
     engine.dispose()
     assert total == distinct == n_batches * SAMPLES_PER_BATCH
     assert tuple(values) == (0.0, float(n_batches * 10 - 1), n_batches * 10)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from gpufleet.collector.store import Store
-from gpufleet.collector.store.store import Retention
 from sqlalchemy import text
 
-from gpufleet.remote_write import Series
+from gpufleet.collector.store import Store
+from gpufleet.collector.store.store import Retention
+from gpufleet.core.remote_write import Series
 
 HOUR = 3_600_000
 DAY = 24 * HOUR
@@ -19,8 +19,10 @@ METRIC = "gpufleet_gpu_sm_active_ratio"
 
 
 def sm(uuid: str, samples) -> Series:
-    return Series({"__name__": METRIC, "node": "n1", "gpu": "0", "uuid": uuid, "model": "H100",
-                   "cluster": "c1"}, list(samples))
+    return Series(
+        {"__name__": METRIC, "node": "n1", "gpu": "0", "uuid": uuid, "model": "H100", "cluster": "c1"},
+        list(samples),
+    )
 
 
 def values(store, uuid="GPU-1", start=T0, end=T0 + HOUR, step=1.0):
@@ -53,11 +55,15 @@ def test_nan_and_staleness_markers_are_counted_not_stored(store):
     import struct
 
     stale = struct.unpack(">d", bytes.fromhex("7ff0000000000002"))[0]
-    store.write([sm("GPU-1", [(T0, 0.1 + 0.2), (T0 + 1000, math.nan), (T0 + 2000, stale), (T0 + 3000, -math.inf)])])
+    store.write(
+        [sm("GPU-1", [(T0, 0.1 + 0.2), (T0 + 1000, math.nan), (T0 + 2000, stale), (T0 + 3000, -math.inf)])]
+    )
     assert store.counts()["samples"] == 2
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT value FROM metric_samples ORDER BY time")).scalars().all() == [
-            0.1 + 0.2, -math.inf]  # stored exactly, infinities included
+            0.1 + 0.2,
+            -math.inf,
+        ]  # stored exactly, infinities included
     assert store.dropped == {"nan_value": 1, "staleness_marker": 1}
 
 
@@ -66,16 +72,21 @@ def _two_hours_every_10s(store, gpus=("GPU-1", "GPU-2")):
         for h in range(2):  # in batches of 5 minutes, as agents push
             for b in range(12):
                 base = T0 + h * HOUR + b * 300_000
-                store.write([sm(uuid, [(base + i * 10_000, (k + 1) * 0.1 + (i % 3) * 0.01) for i in range(30)])])
+                store.write(
+                    [sm(uuid, [(base + i * 10_000, (k + 1) * 0.1 + (i % 3) * 0.01) for i in range(30)])]
+                )
 
 
 def test_rollups_hold_min_avg_max_count_and_long_queries_use_them(store):
     _two_hours_every_10s(store)
     store.maintain(now_ms=T0 + 3 * HOUR)
     with store.engine.connect() as conn:
-        one = conn.execute(text(
-            "SELECT min, avg, max, count, node, uuid, model, cluster FROM metric_samples_1m "
-            "WHERE uuid = 'GPU-1' ORDER BY time LIMIT 1")).one()
+        one = conn.execute(
+            text(
+                "SELECT min, avg, max, count, node, uuid, model, cluster FROM metric_samples_1m "
+                "WHERE uuid = 'GPU-1' ORDER BY time LIMIT 1"
+            )
+        ).one()
         minutes = conn.execute(text("SELECT count(*) FROM metric_samples_1m")).scalar()
         hours = conn.execute(text("SELECT uuid, count, avg FROM metric_samples_1h ORDER BY uuid, time")).all()
     # 6 samples a minute: values 0.10, 0.11, 0.12 twice each.
@@ -119,13 +130,26 @@ def test_retention_drops_old_data_and_keeps_the_rest(db_url):
             store.write([sm("GPU-1", [(T0 + day * DAY + i * 60_000, float(day)) for i in range(10)])])
         store.maintain(now_ms=T0 + 4 * DAY)
         with store.engine.connect() as conn:
-            raw_days = conn.execute(text("SELECT DISTINCT value FROM metric_samples ORDER BY 1")).scalars().all()
-            minute_days = conn.execute(text("SELECT DISTINCT avg FROM metric_samples_1m ORDER BY 1")).scalars().all()
-            hour_days = conn.execute(text("SELECT DISTINCT avg FROM metric_samples_1h ORDER BY 1")).scalars().all()
+            raw_days = (
+                conn.execute(text("SELECT DISTINCT value FROM metric_samples ORDER BY 1")).scalars().all()
+            )
+            minute_days = (
+                conn.execute(text("SELECT DISTINCT avg FROM metric_samples_1m ORDER BY 1")).scalars().all()
+            )
+            hour_days = (
+                conn.execute(text("SELECT DISTINCT avg FROM metric_samples_1h ORDER BY 1")).scalars().all()
+            )
             if store.dialect == "postgresql":
-                parts = conn.execute(text(
-                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                    "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'sample_chunks'")).scalars().all()
+                parts = (
+                    conn.execute(
+                        text(
+                            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'sample_chunks'"
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
                 assert sorted(parts) == [f"sample_chunks_p{(T0 + d * DAY) // DAY}" for d in (2, 3)]
         assert raw_days == [2.0, 3.0]
         assert minute_days == [1.0, 2.0, 3.0]
@@ -141,11 +165,15 @@ def test_compaction_merges_an_hour_of_pushes_into_one_row_per_series(pg_url):
         _two_hours_every_10s(store)
         before = store.counts()
         with store.engine.connect() as conn:
-            view_before = conn.execute(text("SELECT uuid, time, value FROM metric_samples ORDER BY 1, 2")).all()
+            view_before = conn.execute(
+                text("SELECT uuid, time, value FROM metric_samples ORDER BY 1, 2")
+            ).all()
         store.maintain(now_ms=T0 + 3 * HOUR)
         with store.engine.connect() as conn:
             rows = conn.execute(text("SELECT count(*) FROM sample_chunks")).scalar()
-            view_after = conn.execute(text("SELECT uuid, time, value FROM metric_samples ORDER BY 1, 2")).all()
+            view_after = conn.execute(
+                text("SELECT uuid, time, value FROM metric_samples ORDER BY 1, 2")
+            ).all()
         assert rows == 2 * 2  # two series, two hours
         assert store.counts() == before
         assert view_after == view_before

@@ -9,10 +9,10 @@ import urllib.request
 
 import pexpect
 import pytest
-from gpufleet.agent.main import AgentSettings, start_agent
-from gpufleet.collector.service import Collector, CollectorSettings
 
-from gpufleet.top import Filters, TopState, visible_gpus
+from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.cli.top_ui import Filters, TopState, visible_gpus
+from gpufleet.collector.service import Collector, CollectorSettings
 from tests.conftest import free_port, wait_until
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[=>78]")
@@ -23,12 +23,26 @@ ROW = re.compile(r"^\s*(node-[ab])\s+(\d+)\s+H100\S*\s.*?\s(\d+)°C\s+(\d+)W")
 def two_nodes(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    c = Collector(CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/t.db",
-                                    eval_interval=1.0)).start()
-    agents = [start_agent(AgentSettings(listen=f"127.0.0.1:{free_port()}", collector=url, simulate=3, node=node,
-                                        cluster="lab", interval=0.3, push_interval=0.5, seed=seed))
-              for node, seed in (("node-a", 1), ("node-b", 2))]
+    c = Collector(
+        CollectorSettings(listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp_path}/t.db", eval_interval=1.0)
+    ).start()
+    agents = [
+        start_agent(
+            AgentSettings(
+                listen=f"127.0.0.1:{free_port()}",
+                collector=url,
+                simulate=3,
+                node=node,
+                cluster="lab",
+                interval=0.3,
+                push_interval=0.5,
+                seed=seed,
+            )
+        )
+        for node, seed in (("node-a", 1), ("node-b", 2))
+    ]
     try:
+
         def fleet_ready():
             with urllib.request.urlopen(url + "/api/v1/fleet", timeout=5) as resp:
                 f = json.loads(resp.read())
@@ -57,10 +71,14 @@ def rows(frame: list[str]) -> list[tuple[str, int, int, int]]:
 
 
 def spawn_top(url: str, *args: str) -> pexpect.spawn:
-    return pexpect.spawn(sys.executable, ["-m", "gpufleet.cli", "top", "--collector", url, "--interval", "0.5",
-                                          *args],
-                         dimensions=(30, 180), env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin"},
-                         encoding="utf-8", timeout=15)
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "gpufleet.cli", "top", "--collector", url, "--interval", "0.5", *args],
+        dimensions=(30, 180),
+        env={"TERM": "xterm-256color", "PATH": "/usr/bin:/bin"},
+        encoding="utf-8",
+        timeout=15,
+    )
 
 
 def test_top_shows_every_gpu_sorts_on_a_key_press_and_quits_cleanly(two_nodes):
@@ -128,17 +146,36 @@ def test_top_filters_from_the_command_line_and_says_when_the_collector_is_gone(t
 
 
 def _gpu(node, gpu, **kw):
-    return {"node": node, "gpu": str(gpu), "cluster": kw.pop("cluster", "c"), "model": "NVIDIA H100",
-            "uuid": f"GPU-{node}-{gpu}", "pod": kw.pop("pod", None), "namespace": kw.pop("namespace", None),
-            "alerts": kw.pop("alerts", []), "up": True, "stale": False, **kw}
+    return {
+        "node": node,
+        "gpu": str(gpu),
+        "cluster": kw.pop("cluster", "c"),
+        "model": "NVIDIA H100",
+        "uuid": f"GPU-{node}-{gpu}",
+        "pod": kw.pop("pod", None),
+        "namespace": kw.pop("namespace", None),
+        "alerts": kw.pop("alerts", []),
+        "up": True,
+        "stale": False,
+        **kw,
+    }
 
 
 def test_sorting_puts_missing_values_last_and_alerts_by_severity():
     warn = {"rule": "GpuTemperatureHigh", "state": "firing", "severity": "warning", "runbook_url": None}
     crit = {"rule": "GpuXidCritical", "state": "firing", "severity": "critical", "runbook_url": None}
-    fleet = {"nodes": [{"gpus": [
-        _gpu("a", 0, sm_active=0.5, alerts=[warn]), _gpu("a", 1, sm_active=None),
-        _gpu("b", 0, sm_active=0.9, alerts=[crit], pod="train", namespace="ml"), _gpu("b", 1, sm_active=0.1)]}]}
+    fleet = {
+        "nodes": [
+            {
+                "gpus": [
+                    _gpu("a", 0, sm_active=0.5, alerts=[warn]),
+                    _gpu("a", 1, sm_active=None),
+                    _gpu("b", 0, sm_active=0.9, alerts=[crit], pod="train", namespace="ml"),
+                    _gpu("b", 1, sm_active=0.1),
+                ]
+            }
+        ]
+    }
     order = [(g["node"], g["gpu"]) for g in visible_gpus(fleet, TopState(sort="sm"))]
     assert order == [("b", "0"), ("a", "0"), ("b", "1"), ("a", "1")]
     order = [(g["node"], g["gpu"]) for g in visible_gpus(fleet, TopState(sort="alerts"))]
@@ -153,4 +190,3 @@ def test_sorting_puts_missing_values_last_and_alerts_by_severity():
     assert state.text_filter == "" and len(visible_gpus(fleet, state)) == 4
     state.press("q")
     assert state.quit
-

@@ -41,11 +41,30 @@ def up_8(tmp_path):
     agent_port, port = free_port(), free_port()
     log = tmp_path / "up.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gpufleet.cli", "up", "--simulate", "8",
-                                 "--agent-listen", f"127.0.0.1:{agent_port}", "--listen", f"127.0.0.1:{port}",
-                                 "--interval", "0.5", "--push-interval", "1", "--eval-interval", "1"],
-                                cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpufleet.cli",
+                "up",
+                "--simulate",
+                "8",
+                "--agent-listen",
+                f"127.0.0.1:{agent_port}",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--interval",
+                "0.5",
+                "--push-interval",
+                "1",
+                "--eval-interval",
+                "1",
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _gpus(url) == 8, timeout=30)
@@ -69,8 +88,11 @@ def test_up_prints_the_fleet_page_and_serves_it(up_8):
     assert ctype.startswith("text/html") and "/web/app.js" in body
     ctype, _ = get_text(url + "/web/app.js")
     assert "javascript" in ctype
-    fleet = wait_until(lambda: (lambda f: f if all(g["sm_active"] is not None for n in f["nodes"] for g in n["gpus"])
-                                else None)(get_json(url + "/api/v1/fleet")))  # GPM needs two samples
+    fleet = wait_until(
+        lambda: (
+            lambda f: f if all(g["sm_active"] is not None for n in f["nodes"] for g in n["gpus"]) else None
+        )(get_json(url + "/api/v1/fleet"))
+    )  # GPM needs two samples
     assert fleet["totals"]["gpus"] == 8 and [len(n["gpus"]) for n in fleet["nodes"]] == [8]
     g = fleet["nodes"][0]["gpus"][0]
     assert 0 <= g["sm_active"] <= 1 and 0 <= g["utilization"] <= 1 and g["memory_total_bytes"] > 0
@@ -80,14 +102,39 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
     from tests.cdp import Chromium
 
     url, agent_url, _ = up_8
-    subprocess.run([sys.executable, "-m", "gpufleet.cli", "simulate", "inject", "--agent", agent_url,
-                    "--gpu", "3", "xid", "--xid", "48"], check=True, capture_output=True, timeout=30)
-    wait_until(lambda: any(a["rule"] == "GpuXidCritical" for a in get_json(url + "/api/v1/alerts")["alerts"]),
-               timeout=20)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "simulate",
+            "inject",
+            "--agent",
+            agent_url,
+            "--gpu",
+            "3",
+            "xid",
+            "--xid",
+            "48",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    wait_until(
+        lambda: any(a["rule"] == "GpuXidCritical" for a in get_json(url + "/api/v1/alerts")["alerts"]),
+        timeout=20,
+    )
     # a few samples for the trend lines before the picture is taken
-    wait_until(lambda: all(len(s["values"]) >= 15 for s in get_json(
-        f"{url}/api/v1/query_range?metric=gpufleet_gpu_sm_active_ratio&start={_now() - 60}&end={_now()}&step=1"
-    )["data"]["result"]), timeout=30)
+    wait_until(
+        lambda: all(
+            len(s["values"]) >= 15
+            for s in get_json(
+                f"{url}/api/v1/query_range?metric=gpufleet_gpu_sm_active_ratio&start={_now() - 60}&end={_now()}&step=1"
+            )["data"]["result"]
+        ),
+        timeout=30,
+    )
 
     browser = Chromium()
     try:
@@ -124,9 +171,13 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
         # on a phone: one column, nothing wider than the screen
         browser.viewport(390, 844, mobile=True, scale=2)
         browser.navigate(url + "/")
-        wait_until(lambda: browser.evaluate("document.querySelectorAll('article.gpu').length") == 8, timeout=20)
-        widths = browser.evaluate("[document.documentElement.scrollWidth, window.innerWidth, "
-                                  "new Set([...document.querySelectorAll('article.gpu')].map(e => e.offsetLeft)).size]")
+        wait_until(
+            lambda: browser.evaluate("document.querySelectorAll('article.gpu').length") == 8, timeout=20
+        )
+        widths = browser.evaluate(
+            "[document.documentElement.scrollWidth, window.innerWidth, "
+            "new Set([...document.querySelectorAll('article.gpu')].map(e => e.offsetLeft)).size]"
+        )
         assert widths[0] <= widths[1] and widths[2] == 1, widths
     finally:
         browser.close()

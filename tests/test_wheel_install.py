@@ -36,7 +36,11 @@ print(json.dumps({
 
 
 def _run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")
+    }
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
     return result
@@ -47,14 +51,34 @@ def collector_env(tmp_path_factory) -> Path:
     """A new virtual environment with gpufleet[collector] installed from a wheel of this tree; its bin/."""
     tmp = tmp_path_factory.mktemp("wheel")
     # Without isolation pip builds with this environment's setuptools instead of downloading one.
-    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would reuse a stale build/lib of an older layout
+    shutil.rmtree(
+        ROOT / "build", ignore_errors=True
+    )  # setuptools would reuse a stale build/lib of an older layout
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation, "-w", str(tmp / "dist"), str(ROOT))
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        *isolation,
+        "-w",
+        str(tmp / "dist"),
+        str(ROOT),
+    )
     [wheel] = (tmp / "dist").glob("gpufleet-*.whl")
     _run(sys.executable, "-m", "venv", str(tmp / "venv"))
     bin_dir = tmp / "venv" / "bin"
-    _run(str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         f"gpufleet[collector] @ {wheel.as_uri()}")
+    _run(
+        str(bin_dir / "python"),
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        f"gpufleet[collector] @ {wheel.as_uri()}",
+    )
     return bin_dir
 
 
@@ -71,8 +95,17 @@ def test_the_collector_install_has_the_real_urllib3_and_no_grafana_client_or_sdk
 
 def test_the_collector_install_pushes_the_shipped_dashboards_without_the_sdk(collector_env):
     with GrafanaDouble() as grafana:
-        out = _run(str(collector_env / "gpufleet"), "dashboards", "push", "--grafana-url", grafana.url,
-                   "--grafana-token", grafana.token, "--db", "postgresql+psycopg://reader@db:5432/gpufleet").stdout
+        out = _run(
+            str(collector_env / "gpufleet"),
+            "dashboards",
+            "push",
+            "--grafana-url",
+            grafana.url,
+            "--grafana-token",
+            grafana.token,
+            "--db",
+            "postgresql+psycopg://reader@db:5432/gpufleet",
+        ).stdout
         created = 2 + len(dashboards.DASHBOARDS)  # the folder, the data source, each PostgreSQL dashboard
         assert f"{created} created, 0 updated, 0 unchanged" in out
         assert grafana.problems == []
@@ -88,3 +121,20 @@ def test_the_wheel_adds_exactly_one_top_level_import_name(collector_env):
     for part in ("agent", "collector", "alerts", "dashboards"):
         assert (site / "gpufleet" / part / "__init__.py").exists()
         assert not (site / part).exists()
+
+
+def test_every_package_of_the_source_tree_is_in_the_wheel(collector_env):
+    site = Path(json.loads(_run(str(collector_env / "python"), "-I", "-c", PROBE).stdout)["site_packages"])
+    roots = {
+        "gpufleet": ROOT / "gpufleet",
+        "gpufleet/agent": ROOT / "agent",
+        "gpufleet/collector": ROOT / "collector",
+        "gpufleet/alerts": ROOT / "alerts",
+        "gpufleet/dashboards": ROOT / "dashboards",
+    }
+    for installed, source in roots.items():
+        for init in source.rglob("__init__.py"):
+            package = init.parent.relative_to(source)
+            assert (site / installed / package / "__init__.py").exists(), (
+                f"{installed}/{package} is not in the wheel"
+            )

@@ -12,9 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpufleet.agent.inference.servers import SERVERS
-
-from gpufleet.durations import parse_duration as _parse_duration
-from gpufleet.yamlfile import load_yaml
+from gpufleet.core.durations import parse_duration as _parse_duration
+from gpufleet.core.yamlfile import load_yaml
 
 PROBE_KINDS = ("openai-chat", "openai-completions", "http")
 
@@ -54,8 +53,13 @@ class Endpoint:
     origin: str = "config"  # config | kubernetes
 
     def reader_options(self) -> dict[str, Any]:
-        return {"histogram": self.histogram, "ttft_histogram": self.ttft_histogram, "scale": self.scale,
-                "model_label": self.model_label, "errors_counter": self.errors_counter}
+        return {
+            "histogram": self.histogram,
+            "ttft_histogram": self.ttft_histogram,
+            "scale": self.scale,
+            "model_label": self.model_label,
+            "errors_counter": self.errors_counter,
+        }
 
 
 @dataclass(frozen=True)
@@ -116,21 +120,27 @@ def parse_slo(value: Any, where: str) -> Slo:
         latency, _, target = value.partition(":")
         value = {"latency_seconds": latency, "target": target or "0.99"}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: write the objective as {{latency_seconds: 2.5, target: 0.99}} or 2.5:0.99")
+        raise ConfigError(
+            f"{where}: write the objective as {{latency_seconds: 2.5, target: 0.99}} or 2.5:0.99"
+        )
     try:
-        latency, target = float(value["latency_seconds"]), float(value.get("target", 0.99))
+        latency_s, ratio = float(value["latency_seconds"]), float(value.get("target", 0.99))
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{where}: needs latency_seconds (a number of seconds) and target (e.g. 0.99)") from None
-    if latency <= 0 or not 0 < target < 1:
+        raise ConfigError(
+            f"{where}: needs latency_seconds (a number of seconds) and target (e.g. 0.99)"
+        ) from None
+    if latency_s <= 0 or not 0 < ratio < 1:
         raise ConfigError(f"{where}: latency_seconds must be > 0 and target between 0 and 1 (0.99 means 99%)")
-    return Slo(latency, target)
+    return Slo(latency_s, ratio)
 
 
 def parse_endpoint_flag(text: str) -> Endpoint:
     """``NAME=URL`` from ``--inference-endpoint``."""
     name, sep, url = text.partition("=")
     if not sep or not name.strip():
-        raise ConfigError(f"--inference-endpoint {text!r}: write NAME=URL, e.g. llama=http://127.0.0.1:8000/metrics")
+        raise ConfigError(
+            f"--inference-endpoint {text!r}: write NAME=URL, e.g. llama=http://127.0.0.1:8000/metrics"
+        )
     return Endpoint(name.strip(), _check_url(url.strip(), f"--inference-endpoint {name}"))
 
 
@@ -147,16 +157,45 @@ def parse_probe_flag(text: str, **defaults: Any) -> Probe:
     """``NAME=URL`` from ``--inference-probe``; the URL's path picks the kind (…/chat/completions is OpenAI chat)."""
     name, sep, url = text.partition("=")
     if not sep or not name.strip():
-        raise ConfigError(f"--inference-probe {text!r}: write NAME=URL, e.g. "
-                          "llama=http://127.0.0.1:8000/v1/chat/completions")
+        raise ConfigError(
+            f"--inference-probe {text!r}: write NAME=URL, e.g. "
+            "llama=http://127.0.0.1:8000/v1/chat/completions"
+        )
     url = _check_url(url.strip(), f"--inference-probe {name}")
-    return Probe(name.strip(), url, kind=probe_kind_for(url), **{k: v for k, v in defaults.items() if v is not None})
+    return Probe(
+        name.strip(), url, kind=probe_kind_for(url), **{k: v for k, v in defaults.items() if v is not None}
+    )
 
 
-_ENDPOINT_KEYS = {"name", "url", "server", "model", "gpus", "pod", "namespace", "container", "histogram",
-                  "ttft_histogram", "scale", "model_label", "errors_counter", "slo"}
-_PROBE_KEYS = {"name", "url", "kind", "model", "prompt", "max_tokens", "interval", "timeout", "method",
-               "expect_status", "api_key_env"}
+_ENDPOINT_KEYS = {
+    "name",
+    "url",
+    "server",
+    "model",
+    "gpus",
+    "pod",
+    "namespace",
+    "container",
+    "histogram",
+    "ttft_histogram",
+    "scale",
+    "model_label",
+    "errors_counter",
+    "slo",
+}
+_PROBE_KEYS = {
+    "name",
+    "url",
+    "kind",
+    "model",
+    "prompt",
+    "max_tokens",
+    "interval",
+    "timeout",
+    "method",
+    "expect_status",
+    "api_key_env",
+}
 _KUBE_KEYS = {"kubelet", "token_file", "ca_file", "insecure_skip_verify", "refresh"}
 _TOP_KEYS = {"endpoints", "probes", "kubernetes", "receiver", "interval", "slo", "scrape_timeout"}
 
@@ -191,13 +230,25 @@ def endpoint_from(doc: Any, where: str) -> Endpoint:
     try:
         scale = float(doc.get("scale", 1.0))
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: scale must be a number (0.001 for a histogram in milliseconds)") from None
+        raise ConfigError(
+            f"{where}: scale must be a number (0.001 for a histogram in milliseconds)"
+        ) from None
     return Endpoint(
-        name=name, url=_check_url(doc.get("url"), f"{where}: url"), server=server, model=doc.get("model"),
-        gpus=tuple(str(g) for g in gpus), pod=doc.get("pod"), namespace=doc.get("namespace"),
-        container=doc.get("container"), histogram=doc.get("histogram"), ttft_histogram=doc.get("ttft_histogram"),
-        scale=scale, model_label=doc.get("model_label"), errors_counter=doc.get("errors_counter"),
-        slo=parse_slo(doc["slo"], f"{where}: slo") if "slo" in doc else None)
+        name=name,
+        url=_check_url(doc.get("url"), f"{where}: url"),
+        server=server,
+        model=doc.get("model"),
+        gpus=tuple(str(g) for g in gpus),
+        pod=doc.get("pod"),
+        namespace=doc.get("namespace"),
+        container=doc.get("container"),
+        histogram=doc.get("histogram"),
+        ttft_histogram=doc.get("ttft_histogram"),
+        scale=scale,
+        model_label=doc.get("model_label"),
+        errors_counter=doc.get("errors_counter"),
+        slo=parse_slo(doc["slo"], f"{where}: slo") if "slo" in doc else None,
+    )
 
 
 def probe_from(doc: Any, where: str) -> Probe:
@@ -216,9 +267,19 @@ def probe_from(doc: Any, where: str) -> Probe:
     interval = parse_duration(doc.get("interval", 30), f"{where}: interval")
     if timeout <= 0 or interval <= 0:
         raise ConfigError(f"{where}: interval and timeout must be positive")
-    return Probe(name=name, url=url, kind=kind, model=doc.get("model"), prompt=str(doc.get("prompt", "Say OK.")),
-                 max_tokens=max_tokens, interval=interval, timeout=timeout, method=str(doc.get("method", "GET")).upper(),
-                 expect_status=expect, api_key_env=doc.get("api_key_env"))
+    return Probe(
+        name=name,
+        url=url,
+        kind=kind,
+        model=doc.get("model"),
+        prompt=str(doc.get("prompt", "Say OK.")),
+        max_tokens=max_tokens,
+        interval=interval,
+        timeout=timeout,
+        method=str(doc.get("method", "GET")).upper(),
+        expect_status=expect,
+        api_key_env=doc.get("api_key_env"),
+    )
 
 
 def check_receiver(address: str, where: str) -> str:
@@ -227,8 +288,9 @@ def check_receiver(address: str, where: str) -> str:
         return address
     if parts.scheme == "unix" and parts.path:
         return address
-    raise ConfigError(f"{where}: {address!r} is not udp://HOST:PORT or unix:///PATH "
-                      "(e.g. udp://127.0.0.1:9447)")
+    raise ConfigError(
+        f"{where}: {address!r} is not udp://HOST:PORT or unix:///PATH (e.g. udp://127.0.0.1:9447)"
+    )
 
 
 def load_config(path: str | Path, base: InferenceSettings | None = None) -> InferenceSettings:
@@ -237,14 +299,19 @@ def load_config(path: str | Path, base: InferenceSettings | None = None) -> Infe
     try:
         doc = load_yaml(p) or {}
     except ValueError as exc:
-        raise ConfigError(f"inference config {exc}; check --inference-config (GPUFLEET_INFERENCE_CONFIG)") from None
+        raise ConfigError(
+            f"inference config {exc}; check --inference-config (GPUFLEET_INFERENCE_CONFIG)"
+        ) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: expected a mapping with endpoints:, probes:, kubernetes:, receiver:")
     _unknown(doc, _TOP_KEYS, str(p))
     s = replace(base) if base is not None else InferenceSettings()
-    s.endpoints = list(s.endpoints) + [endpoint_from(e, f"{p}: endpoints[{i}]")
-                                       for i, e in enumerate(doc.get("endpoints") or [])]
-    s.probes = list(s.probes) + [probe_from(e, f"{p}: probes[{i}]") for i, e in enumerate(doc.get("probes") or [])]
+    s.endpoints = list(s.endpoints) + [
+        endpoint_from(e, f"{p}: endpoints[{i}]") for i, e in enumerate(doc.get("endpoints") or [])
+    ]
+    s.probes = list(s.probes) + [
+        probe_from(e, f"{p}: probes[{i}]") for i, e in enumerate(doc.get("probes") or [])
+    ]
     if "interval" in doc:
         s.interval = parse_duration(doc["interval"], f"{p}: interval")
     if "scrape_timeout" in doc:
@@ -260,41 +327,70 @@ def load_config(path: str | Path, base: InferenceSettings | None = None) -> Infe
         _unknown(kube, _KUBE_KEYS, f"{p}: kubernetes")
         s.kubernetes = Kubernetes(
             kubelet=_check_url(kube.get("kubelet"), f"{p}: kubernetes.kubelet"),
-            token_file=kube.get("token_file"), ca_file=kube.get("ca_file"),
+            token_file=kube.get("token_file"),
+            ca_file=kube.get("ca_file"),
             insecure_skip_verify=bool(kube.get("insecure_skip_verify", False)),
-            refresh=parse_duration(kube.get("refresh", 30), f"{p}: kubernetes.refresh"))
+            refresh=parse_duration(kube.get("refresh", 30), f"{p}: kubernetes.refresh"),
+        )
     names = [e.name for e in s.endpoints]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ConfigError(f"{p}: endpoint name(s) {sorted(dup)} used twice; names label the series, make them unique")
+        raise ConfigError(
+            f"{p}: endpoint name(s) {sorted(dup)} used twice; names label the series, make them unique"
+        )
     return s
 
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
-def settings_from_flags(*, endpoints: tuple[str, ...] = (), config: str | None = None, kubelet: str | None = None,
-                        interval: float = 10.0, slo: str | None = None, probes: tuple[str, ...] = (),
-                        probe_interval: float = 30.0, probe_timeout: float = 10.0, probe_prompt: str | None = None,
-                        probe_model: str | None = None, probe_max_tokens: int | None = None,
-                        receiver: str | None = None) -> InferenceSettings:
+def settings_from_flags(
+    *,
+    endpoints: tuple[str, ...] = (),
+    config: str | None = None,
+    kubelet: str | None = None,
+    interval: float = 10.0,
+    slo: str | None = None,
+    probes: tuple[str, ...] = (),
+    probe_interval: float = 30.0,
+    probe_timeout: float = 10.0,
+    probe_prompt: str | None = None,
+    probe_model: str | None = None,
+    probe_max_tokens: int | None = None,
+    receiver: str | None = None,
+) -> InferenceSettings:
     """The ``--inference-*`` flags (and their environment twins), then the config file on top."""
     s = InferenceSettings(interval=interval)
     s.endpoints = [parse_endpoint_flag(e) for e in endpoints]
-    s.probes = [parse_probe_flag(p, interval=probe_interval, timeout=probe_timeout, prompt=probe_prompt,
-                                 model=probe_model, max_tokens=probe_max_tokens) for p in probes]
+    s.probes = [
+        parse_probe_flag(
+            p,
+            interval=probe_interval,
+            timeout=probe_timeout,
+            prompt=probe_prompt,
+            model=probe_model,
+            max_tokens=probe_max_tokens,
+        )
+        for p in probes
+    ]
     if slo:
         s.slo = parse_slo(slo, "--inference-slo")
     if receiver:
         s.receiver = check_receiver(receiver, "--inference-receiver")
     if kubelet:
         url = _check_url(kubelet, "--inference-kubelet")
-        token = SERVICE_ACCOUNT_TOKEN if url.startswith("https://") and Path(SERVICE_ACCOUNT_TOKEN).exists() else None
+        token = (
+            SERVICE_ACCOUNT_TOKEN
+            if url.startswith("https://") and Path(SERVICE_ACCOUNT_TOKEN).exists()
+            else None
+        )
         s.kubernetes = Kubernetes(kubelet=url, token_file=token)
     if config:
         s = load_config(config, s)
     names = [e.name for e in s.endpoints]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"inference endpoint name(s) {dup} used twice; names label the series, make them unique")
+        raise ConfigError(
+            f"inference endpoint name(s) {dup} used twice; names label the series, make them unique"
+        )
     return s

@@ -38,7 +38,9 @@ class PodLister(Protocol):
 class KubeletPodLister:
     """Lists the pods of this node from the kubelet's ``/pods`` (read-only port 10255, or 10250 with a token)."""
 
-    def __init__(self, kube: Kubernetes, *, timeout: float = 5.0, opener: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self, kube: Kubernetes, *, timeout: float = 5.0, opener: Callable[..., Any] | None = None
+    ) -> None:
         self.url = kube.kubelet.rstrip("/") + "/pods"
         self._kube = kube
         self._timeout = timeout
@@ -72,8 +74,9 @@ class Discovered:
     skipped: list[str] = field(default_factory=list)  # why each annotated pod was not taken
 
 
-def endpoints_from_pods(pods: list[dict[str, Any]],
-                        gpus_for_pod: Callable[[str, str], list[str]] | None = None) -> Discovered:
+def endpoints_from_pods(
+    pods: list[dict[str, Any]], gpus_for_pod: Callable[[str, str], list[str]] | None = None
+) -> Discovered:
     """The endpoints the annotated, running pods declare; what cannot be used is named in ``skipped``."""
     out = Discovered()
     for pod in pods:
@@ -90,10 +93,13 @@ def endpoints_from_pods(pods: list[dict[str, Any]],
         port_text = ann.get(PREFIX + "port")
         container = containers[0].get("name") if containers else None
         if port_text is None:
-            declared = [(c.get("name"), p.get("containerPort")) for c in containers for p in c.get("ports") or []]
+            declared = [
+                (c.get("name"), p.get("containerPort")) for c in containers for p in c.get("ports") or []
+            ]
             if not declared:
-                out.skipped.append(f"{ns}/{name}: no {PREFIX}port annotation and no container port; "
-                                   f"add {PREFIX}port: \"8000\"")
+                out.skipped.append(
+                    f'{ns}/{name}: no {PREFIX}port annotation and no container port; add {PREFIX}port: "8000"'
+                )
                 continue
             container, port = declared[0]
         else:
@@ -113,8 +119,18 @@ def endpoints_from_pods(pods: list[dict[str, Any]],
         scheme = ann.get(PREFIX + "scheme", "http")
         host = f"[{ip}]" if ":" in ip else ip
         gpus = tuple(gpus_for_pod(ns, name)) if gpus_for_pod else ()
-        out.endpoints.append(Endpoint(
-            name=f"{ns}/{name}", url=f"{scheme}://{host}:{port}/{path.lstrip('/')}", server=server,
-            model=ann.get(PREFIX + "model"), pod=name, namespace=ns, container=container, gpus=gpus,
-            histogram=ann.get(PREFIX + "histogram"), origin="kubernetes"))
+        out.endpoints.append(
+            Endpoint(
+                name=f"{ns}/{name}",
+                url=f"{scheme}://{host}:{port}/{path.lstrip('/')}",
+                server=server,
+                model=ann.get(PREFIX + "model"),
+                pod=name,
+                namespace=ns,
+                container=container,
+                gpus=gpus,
+                histogram=ann.get(PREFIX + "histogram"),
+                origin="kubernetes",
+            )
+        )
     return out

@@ -30,8 +30,9 @@ class Histogram:
         return self.counts[-1] if self.counts else 0.0
 
     @classmethod
-    def from_buckets(cls, buckets: Iterable[tuple[float, float]], total_sum: float = 0.0,
-                     total_count: float | None = None) -> Histogram:
+    def from_buckets(
+        cls, buckets: Iterable[tuple[float, float]], total_sum: float = 0.0, total_count: float | None = None
+    ) -> Histogram:
         """Build from ``(le, cumulative count)`` pairs in any order; adds +Inf from ``total_count`` if missing."""
         pairs = sorted(buckets)
         if not pairs or pairs[-1][0] != INF:
@@ -48,8 +49,11 @@ class Histogram:
         """Merge two histograms of the same layout (two engines of one model)."""
         if other.bounds != self.bounds:
             raise ValueError("cannot add histograms with different bucket layouts")
-        return Histogram(self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
-                         self.sum + other.sum)
+        return Histogram(
+            self.bounds,
+            tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
+            self.sum + other.sum,
+        )
 
     def delta(self, previous: Histogram | None) -> Histogram:
         """What was observed since ``previous``.

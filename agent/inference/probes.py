@@ -51,9 +51,14 @@ def _api_base(url: str) -> str:
 class ProbeRunner:
     """Runs each probe every ``probe.interval`` seconds in a background thread and keeps its tallies."""
 
-    def __init__(self, probes: list[Probe], *, clock: Callable[[], float] = time.perf_counter,
-                 opener: Callable[..., Any] = urllib.request.urlopen,
-                 environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        probes: list[Probe],
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        opener: Callable[..., Any] = urllib.request.urlopen,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         self.probes = list(probes)
         self._clock = clock
         self._open = opener
@@ -109,7 +114,9 @@ class ProbeRunner:
         except TimeoutError:
             raise _Failed("timeout") from None
         except urllib.error.URLError as exc:
-            raise _Failed("timeout" if isinstance(exc.reason, (TimeoutError, socket.timeout)) else "connection") from None
+            raise _Failed(
+                "timeout" if isinstance(exc.reason, (TimeoutError, socket.timeout)) else "connection"
+            ) from None
         except OSError:
             raise _Failed("connection") from None
 
@@ -167,8 +174,11 @@ class ProbeRunner:
                     except (ValueError, AttributeError):
                         raise _Failed("bad_response") from None
                     for choice in choices:
-                        text = (choice.get("delta") or {}).get("content") if probe.kind == "openai-chat" \
+                        text = (
+                            (choice.get("delta") or {}).get("content")
+                            if probe.kind == "openai-chat"
                             else choice.get("text")
+                        )
                         if text:
                             tokens += 1
                             if ttft is None:

@@ -35,8 +35,9 @@ class Receiver:
         parts = urlsplit(address)
         self.address = address
         if parts.scheme == "udp":
-            self._sock = socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET,
-                                       socket.SOCK_DGRAM)
+            self._sock = socket.socket(
+                socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET, socket.SOCK_DGRAM
+            )
             self._sock.bind((parts.hostname, parts.port))
         elif parts.scheme == "unix":
             self._path = parts.path
@@ -96,8 +97,11 @@ class Receiver:
     def _reject(self, why: str) -> None:
         self.invalid[why] += 1
         if self.invalid[why] == 1:
-            log.warning("inference receiver %s dropped a datagram: %s (further ones are only counted)",
-                        self.address, why)
+            log.warning(
+                "inference receiver %s dropped a datagram: %s (further ones are only counted)",
+                self.address,
+                why,
+            )
 
     def reading(self) -> Reading:
         with self._lock:

@@ -27,9 +27,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gpufleet.agent.inference.histogram import INF, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
+from gpufleet.agent.inference.histogram import INF, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,13 @@ class Exposition:
         want = family + suffix
         return [s for s in fam.samples if s.name == want]
 
-    def counter(self, family: str, model_label: str | None, default_model: str,
-                keep: Callable[[dict[str, str]], bool] = lambda labels: True) -> dict[str, float]:
+    def counter(
+        self,
+        family: str,
+        model_label: str | None,
+        default_model: str,
+        keep: Callable[[dict[str, str]], bool] = lambda labels: True,
+    ) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
         fam = self.families.get(family)
         if fam is None:
@@ -85,8 +91,9 @@ class Exposition:
             out[_model(s.labels, model_label, default_model)] += s.value
         return dict(out)
 
-    def gauge(self, family: str, model_label: str | None, default_model: str,
-              combine: str = "sum") -> dict[str, float]:
+    def gauge(
+        self, family: str, model_label: str | None, default_model: str, combine: str = "sum"
+    ) -> dict[str, float]:
         groups: dict[str, list[float]] = defaultdict(list)
         for s in self.samples(family):
             groups[_model(s.labels, model_label, default_model)].append(s.value)
@@ -94,8 +101,9 @@ class Exposition:
             return {m: sum(v) / len(v) for m, v in groups.items()}
         return {m: sum(v) for m, v in groups.items()}
 
-    def histogram(self, family: str, model_label: str | None, default_model: str,
-                  scale: float = 1.0) -> dict[str, Histogram]:
+    def histogram(
+        self, family: str, model_label: str | None, default_model: str, scale: float = 1.0
+    ) -> dict[str, Histogram]:
         """Per model, the family's histograms summed over its other labels (e.g. vLLM's ``engine``)."""
         fam = self.families.get(family)
         if fam is None:
@@ -122,17 +130,22 @@ class Exposition:
                 try:
                     out[model] = out[model] + h
                 except ValueError:
-                    log.warning("%s for model %s has series with different buckets; keeping the first", family, model)
+                    log.warning(
+                        "%s for model %s has series with different buckets; keeping the first", family, model
+                    )
             else:
                 out[model] = h
         return out
 
-    def summary(self, family: str, model_label: str | None, default_model: str,
-                scale: float = 1.0) -> dict[str, dict[float, float]]:
+    def summary(
+        self, family: str, model_label: str | None, default_model: str, scale: float = 1.0
+    ) -> dict[str, dict[float, float]]:
         """Per model, the summary's quantiles (the largest value over series of one model: a conservative merge)."""
         out: dict[str, dict[float, float]] = defaultdict(dict)
         for s in self.samples(family):
-            if "quantile" not in s.labels or s.value != s.value:  # NaN: no observation in the summary's window
+            if (
+                "quantile" not in s.labels or s.value != s.value
+            ):  # NaN: no observation in the summary's window
                 continue
             q = float(s.labels["quantile"])
             model = _model(s.labels, model_label, default_model)
@@ -165,7 +178,11 @@ def read_vllm(page: Exposition, default_model: str, **_: object) -> Reading:
     itl = "vllm:inter_token_latency_seconds"
     if itl not in page.families:  # vLLM before 0.11 named it time_per_output_token
         itl = "vllm:time_per_output_token_seconds"
-    kv = "vllm:kv_cache_usage_perc" if "vllm:kv_cache_usage_perc" in page.families else "vllm:gpu_cache_usage_perc"
+    kv = (
+        "vllm:kv_cache_usage_perc"
+        if "vllm:kv_cache_usage_perc" in page.families
+        else "vllm:gpu_cache_usage_perc"
+    )
     hists = {
         "e2e": page.histogram("vllm:e2e_request_latency_seconds", ml, default_model),
         "ttft": page.histogram("vllm:time_to_first_token_seconds", ml, default_model),
@@ -179,8 +196,12 @@ def read_vllm(page: Exposition, default_model: str, **_: object) -> Reading:
     if "vllm:request_success" in page.families:
         counters["requests"] = page.counter("vllm:request_success", ml, default_model)
         # finished_reason is stop / length / abort / error; an abort is the client hanging up, not a failure
-        counters["errors"] = page.counter("vllm:request_success", ml, default_model,
-                                          keep=lambda labels: labels.get("finished_reason") == "error")
+        counters["errors"] = page.counter(
+            "vllm:request_success",
+            ml,
+            default_model,
+            keep=lambda labels: labels.get("finished_reason") == "error",
+        )
     gauges = {
         "running": page.gauge("vllm:num_requests_running", ml, default_model),
         "waiting": page.gauge("vllm:num_requests_waiting", ml, default_model),
@@ -201,13 +222,17 @@ def read_triton(page: Exposition, default_model: str, **_: object) -> Reading:
         "timed_requests": success,
         "inferences": page.counter("nv_inference_count", ml, default_model),
     }
-    for key, family in (("e2e_seconds", "nv_inference_request_duration_us"),
-                        ("queue_seconds", "nv_inference_queue_duration_us"),
-                        ("compute_seconds", "nv_inference_compute_infer_duration_us")):
+    for key, family in (
+        ("e2e_seconds", "nv_inference_request_duration_us"),
+        ("queue_seconds", "nv_inference_queue_duration_us"),
+        ("compute_seconds", "nv_inference_compute_infer_duration_us"),
+    ):
         counters[key] = {m: v * us for m, v in page.counter(family, ml, default_model).items()}
     hists = {"ttft": page.histogram("nv_inference_first_response_histogram_ms", ml, default_model, scale=ms)}
-    quantiles = {"e2e": page.summary("nv_inference_request_summary_us", ml, default_model, scale=us),
-                 "queue": page.summary("nv_inference_queue_summary_us", ml, default_model, scale=us)}
+    quantiles = {
+        "e2e": page.summary("nv_inference_request_summary_us", ml, default_model, scale=us),
+        "queue": page.summary("nv_inference_queue_summary_us", ml, default_model, scale=us),
+    }
     gauges = {"waiting": page.gauge("nv_inference_pending_request_count", ml, default_model)}
     return _assemble(success, histograms=hists, counters=counters, gauges=gauges, quantiles=quantiles)
 
@@ -224,21 +249,35 @@ def read_tgi(page: Exposition, default_model: str, **_: object) -> Reading:
         "requests": page.counter("tgi_request_count", None, m),
         "errors": page.counter("tgi_request_failure", None, m),
     }
-    for key, family in (("generation_tokens", "tgi_request_generated_tokens"),
-                        ("prompt_tokens", "tgi_request_input_length")):
+    for key, family in (
+        ("generation_tokens", "tgi_request_generated_tokens"),
+        ("prompt_tokens", "tgi_request_input_length"),
+    ):
         sums = page.samples(family, "_sum")  # token-count histograms: their sum is the tokens
         if sums:
             counters[key] = {m: sum(s.value for s in sums)}
     if not counters["errors"] and counters["requests"]:
         counters["errors"] = {m: 0.0}  # TGI shows the failure counter only after the first failure
-    gauges = {"waiting": page.gauge("tgi_queue_size", None, m),
-              "running": page.gauge("tgi_batch_current_size", None, m)}
-    return _assemble(set(hists["e2e"]) | set(counters["requests"]), histograms=hists, counters=counters, gauges=gauges)
+    gauges = {
+        "waiting": page.gauge("tgi_queue_size", None, m),
+        "running": page.gauge("tgi_batch_current_size", None, m),
+    }
+    return _assemble(
+        set(hists["e2e"]) | set(counters["requests"]), histograms=hists, counters=counters, gauges=gauges
+    )
 
 
-def read_generic(page: Exposition, default_model: str, *, histogram: str | None = None,
-                 ttft_histogram: str | None = None, scale: float = 1.0, model_label: str | None = None,
-                 errors_counter: str | None = None, **_: object) -> Reading:
+def read_generic(
+    page: Exposition,
+    default_model: str,
+    *,
+    histogram: str | None = None,
+    ttft_histogram: str | None = None,
+    scale: float = 1.0,
+    model_label: str | None = None,
+    errors_counter: str | None = None,
+    **_: object,
+) -> Reading:
     if not histogram:
         raise ValueError("a generic endpoint needs 'histogram': the name of its latency histogram")
     hists = {"e2e": page.histogram(histogram, model_label, default_model, scale=scale)}
@@ -251,7 +290,10 @@ def read_generic(page: Exposition, default_model: str, *, histogram: str | None 
 
 
 READERS: dict[str, Callable[..., Reading]] = {
-    "vllm": read_vllm, "triton": read_triton, "tgi": read_tgi, "generic": read_generic,
+    "vllm": read_vllm,
+    "triton": read_triton,
+    "tgi": read_tgi,
+    "generic": read_generic,
 }
 
 

@@ -103,9 +103,9 @@ class ModelState:
                 out.quantiles[key] = {q: qs[q] for q in QUANTILES if q in qs}
         inc: dict[str, float] = {}
         for key, value in reading.counters.items():
-            d = counter_delta(value, prev.counters.get(key, 0.0 if from_zero else None))
-            if d is not None:
-                inc[key] = d
+            increase = counter_delta(value, prev.counters.get(key, 0.0 if from_zero else None))
+            if increase is not None:
+                inc[key] = increase
         if "requests" not in inc and "e2e" in deltas and ("e2e" in prev.histograms or from_zero):
             inc["requests"] = deltas["e2e"].count
         for key, value in inc.items():

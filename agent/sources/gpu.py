@@ -56,7 +56,9 @@ def read_rows(nvml: Nvml, handle: Any, rows: Iterable[Field]) -> list[Value]:
     rows = tuple(rows)
     ids = _IDS.get(rows)
     if ids is None:
-        ids = _IDS[rows] = sorted({(s.id, s.scope) for f in rows for s in f.sources() if isinstance(s, FieldValue)})
+        ids = _IDS[rows] = sorted(
+            {(s.id, s.scope) for f in rows for s in f.sources() if isinstance(s, FieldValue)}
+        )
     batched = nvml.field_values(handle, ids) if ids else {}
     answers: dict[tuple[str, tuple[Any, ...]], Any] = {}
     out: list[Value] = []
@@ -97,21 +99,33 @@ class MigDevice:
 
 
 class GpuSource:
-    """Samples GPUs through :class:`Nvml`. One lost GPU reads ``gpufleet_gpu_up 0``; the rest go on."""
+    """Samples GPUs through :class:`Nvml`. One lost GPU reads ``gpufleet_gpu_up 0``; the rest go on.
+
+    Who holds a GPU or MIG instance (pod, job) is not known here: the pipeline's enrich stage adds it.
+    """
 
     name = "gpu"
+    names_devices = True
 
-    def __init__(self, nvml: Nvml, node: str, *, cluster: str | None = None,
-                 on_event: Callable[[], None] | None = None, watch_events: bool = True,
-                 attribution: Callable[[str], dict[str, str]] | None = None,
-                 slow_interval: float = 10.0, background: bool = True, clock: Callable[[], float] = time.monotonic,
-                 process_metrics: bool = False, proc_root: str | Path = "/proc") -> None:
+    def __init__(
+        self,
+        nvml: Nvml,
+        node: str,
+        *,
+        cluster: str | None = None,
+        on_event: Callable[[], None] | None = None,
+        watch_events: bool = True,
+        slow_interval: float = 10.0,
+        background: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        process_metrics: bool = False,
+        proc_root: str | Path = "/proc",
+    ) -> None:
         self._nvml = nvml
         self._node = node
         self._cluster = cluster
         self._on_event = on_event or (lambda: None)
         self._watch_events = watch_events
-        self._attribution = attribution
         self._slow_interval = slow_interval
         self._background = background
         self._clock = clock
@@ -170,8 +184,6 @@ class GpuSource:
         labels = {"node": self._node, "gpu": str(gpu.index), "uuid": gpu.uuid, "model": gpu.model}
         if self._cluster:
             labels["cluster"] = self._cluster
-        if self._attribution:
-            labels.update(self._attribution(gpu.uuid))
         return labels
 
     # ---- slow rows, MIG layout -------------------------------------------------------------------
@@ -218,14 +230,18 @@ class GpuSource:
             if attrs is not None:
                 # the profile name NVIDIA tools show: <GPU slices>g.<memory, GB rounded>gb
                 profile = f"{attrs.gpuInstanceSliceCount}g.{round(attrs.memorySizeMB / 1000)}gb"
-            out.append(MigDevice(h, uuid.decode() if isinstance(uuid, bytes) else str(uuid), int(gi),
-                                 int(ci or 0), profile))
+            out.append(
+                MigDevice(
+                    h, uuid.decode() if isinstance(uuid, bytes) else str(uuid), int(gi), int(ci or 0), profile
+                )
+            )
         return "enabled", out
 
     # ---- sampling --------------------------------------------------------------------------------
     def collect(self) -> list[Family]:
-        if not self._background and (self._slow_at is None or
-                                     self._clock() - self._slow_at >= self._slow_interval):
+        if not self._background and (
+            self._slow_at is None or self._clock() - self._slow_at >= self._slow_interval
+        ):
             self.refresh_slow()
         families = fam = Families()
 
@@ -243,8 +259,16 @@ class GpuSource:
             with self._lock:
                 mode = self._mig_mode.get(gpu.uuid, "")
                 counts = [(code, n) for (uuid, code), n in self._xid_counts.items() if uuid == gpu.uuid]
-            info.add({**labels, "driver": self.driver or "", "serial": gpu.serial or "",
-                      "pci_bus_id": gpu.pci_bus_id or "", "mig_mode": mode}, 1.0)
+            info.add(
+                {
+                    **labels,
+                    "driver": self.driver or "",
+                    "serial": gpu.serial or "",
+                    "pci_bus_id": gpu.pci_bus_id or "",
+                    "mig_mode": mode,
+                },
+                1.0,
+            )
             for code, n in sorted(counts):
                 xid.add({**labels, "xid": str(code)}, n)
         return list(families.values())
@@ -256,8 +280,13 @@ class GpuSource:
                 values += self._slow.get(gpu.uuid, [])
                 migs = self._mig.get(gpu.uuid, [])
             self._emit(values, labels, fam, rename=None)
-            self._sample_gpm(gpu.uuid, labels, fam, lambda s: self._nvml.call("nvmlGpmSampleGet", gpu.handle, s),
-                             support_handle=gpu.handle)
+            self._sample_gpm(
+                gpu.uuid,
+                labels,
+                fam,
+                lambda s: self._nvml.call("nvmlGpmSampleGet", gpu.handle, s),
+                support_handle=gpu.handle,
+            )
             for m in migs:
                 self._sample_mig(gpu, m, labels, fam)
             if self._process_metrics:
@@ -273,15 +302,26 @@ class GpuSource:
         return True
 
     @staticmethod
-    def _emit(values: list[Value], labels: dict[str, str], fam: Callable[..., Family],
-              rename: Callable[[str], str] | None) -> None:
+    def _emit(
+        values: list[Value],
+        labels: dict[str, str],
+        fam: Callable[..., Family],
+        rename: Callable[[str], str] | None,
+    ) -> None:
         for f, label_values, v in values:
             name = rename(f.name) if rename else f.name
             fam(name, f.kind, f.help).add({**labels, **dict(zip(f.labels, label_values, strict=True))}, v)
 
-    def _sample_gpm(self, key: str, labels: dict[str, str], fam: Callable[..., Family],
-                    take: Callable[[Any], Any], *, support_handle: Any,
-                    rename: Callable[[str], str] | None = None) -> None:
+    def _sample_gpm(
+        self,
+        key: str,
+        labels: dict[str, str],
+        fam: Callable[..., Family],
+        take: Callable[[Any], Any],
+        *,
+        support_handle: Any,
+        rename: Callable[[str], str] | None = None,
+    ) -> None:
         supported = self._gpm_supported.get(key)
         if supported is None:
             support = self._nvml.call("nvmlGpmQueryDeviceSupport", support_handle)
@@ -336,21 +376,31 @@ class GpuSource:
                 window[:] = [start, now, cached]
         return cached
 
-    def _sample_mig(self, gpu: Gpu, m: MigDevice, gpu_labels: dict[str, str], fam: Callable[..., Family]) -> None:
-        labels = {k: v for k, v in gpu_labels.items() if k not in ("pod", "namespace", "container")}
-        labels.update({"gpu_instance": str(m.gpu_instance), "compute_instance": str(m.compute_instance),
-                       "mig_profile": m.profile, "mig_uuid": m.uuid})
-        if self._attribution:
-            labels.update(self._attribution(m.uuid))
+    def _sample_mig(
+        self, gpu: Gpu, m: MigDevice, gpu_labels: dict[str, str], fam: Callable[..., Family]
+    ) -> None:
+        labels = {
+            **gpu_labels,
+            "gpu_instance": str(m.gpu_instance),
+            "compute_instance": str(m.compute_instance),
+            "mig_profile": m.profile,
+            "mig_uuid": m.uuid,
+        }
         fam(MIG_INFO[0], "gauge", MIG_INFO[1]).add(labels, 1.0)
         self._emit(read_rows(self._nvml, m.handle, MIG_FIELDS), labels, fam, rename=mig_name)
-        self._sample_gpm(m.uuid, labels, fam,
-                         lambda s: self._nvml.call("nvmlGpmMigSampleGet", gpu.handle, m.gpu_instance, s),
-                         rename=mig_name, support_handle=gpu.handle)
+        self._sample_gpm(
+            m.uuid,
+            labels,
+            fam,
+            lambda s: self._nvml.call("nvmlGpmMigSampleGet", gpu.handle, m.gpu_instance, s),
+            rename=mig_name,
+            support_handle=gpu.handle,
+        )
 
     # ---- per-process usage (opt-in) --------------------------------------------------------------
-    def _sample_processes(self, gpu: Gpu, labels: dict[str, str], migs: list[MigDevice],
-                          fam: Callable[..., Family]) -> None:
+    def _sample_processes(
+        self, gpu: Gpu, labels: dict[str, str], migs: list[MigDevice], fam: Callable[..., Family]
+    ) -> None:
         from gpufleet.agent.attribution import container_of
 
         procs = self._nvml.call("nvmlDeviceGetComputeRunningProcesses", gpu.handle) or []
@@ -373,8 +423,13 @@ class GpuSource:
             if owner is None:
                 owner = self._proc_owner[pid] = container_of(pid, self._proc_root)
             command, container_id, pod_uid = owner
-            plabels = {**labels, "pid": str(pid), "command": command, "container_id": container_id,
-                       "pod_uid": pod_uid}
+            plabels = {
+                **labels,
+                "pid": str(pid),
+                "command": command,
+                "container_id": container_id,
+                "pod_uid": pod_uid,
+            }
             mig = by_gi.get(getattr(p, "gpuInstanceId", NO_INSTANCE))
             if mig is not None:
                 plabels["mig_uuid"] = mig.uuid
@@ -388,7 +443,7 @@ class GpuSource:
     # ---- events ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         nvml = self._nvml
-        event_set = nvml.call("nvmlEventSetCreate")
+        event_set = nvml.event_set()
         if event_set is None:
             log.warning("NVML event sets are not available; XIDs will not be counted")
             return
@@ -396,28 +451,30 @@ class GpuSource:
         for gpu in self._gpus:
             try:
                 # Registering a mask the GPU cannot report fails whole, so XID first, then ECC on its own.
-                if not nvml.call_ok("nvmlDeviceRegisterEvents", gpu.handle, EVENT_XID, event_set):
+                if not nvml.register_events(gpu.handle, EVENT_XID, event_set):
                     log.warning("GPU %s cannot report XID events; XIDs on it will not be counted", gpu.index)
-                nvml.call_ok("nvmlDeviceRegisterEvents", gpu.handle, EVENT_DBE, event_set)
+                nvml.register_events(gpu.handle, EVENT_DBE, event_set)
             except GpuLost:
                 continue
             by_key[nvml.handle_key(gpu.handle)] = gpu
         while not self._stop.is_set():
             try:
-                data = nvml.lib.nvmlEventSetWait_v2(event_set, 500)
-            except nvml.lib.NVMLError:
-                continue  # timeout (no event) or a transient failure; keep listening
+                event = nvml.wait_event(event_set, 500)
             except Exception:  # never let the event thread die
                 log.exception("NVML event wait failed")
                 self._stop.wait(1.0)
                 continue
-            gpu = by_key.get(nvml.handle_key(data.device))
-            if gpu is None:
+            if event is None:
+                continue  # timeout (no event) or a transient failure; keep listening
+            holder = by_key.get(event.device)
+            if holder is None:
                 continue
-            if data.eventType & EVENT_XID:
+            if event.event_type & EVENT_XID:
                 with self._lock:
-                    key = (gpu.uuid, int(data.eventData))
+                    key = (holder.uuid, event.data)
                     self._xid_counts[key] = self._xid_counts.get(key, 0) + 1
-                log.warning("XID %d on GPU %s (%s), node %s", data.eventData, gpu.index, gpu.uuid, self._node)
+                log.warning(
+                    "XID %d on GPU %s (%s), node %s", event.data, holder.index, holder.uuid, self._node
+                )
             self._on_event()
-        nvml.call("nvmlEventSetFree", event_set)
+        nvml.free_event_set(event_set)

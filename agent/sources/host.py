@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Protocol
 
 from gpufleet.agent.families import Family
 
 
+class VirtualMemory(Protocol):
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def available(self) -> int: ...
+
+
+class Psutil(Protocol):
+    """The part of the psutil module the source reads; tests pass a stand-in."""
+
+    def cpu_percent(self, interval: float | None = None) -> float: ...
+
+    def virtual_memory(self) -> VirtualMemory: ...
+
+    def cpu_count(self) -> int | None: ...
+
+
 class HostSource:
     name = "host"
+    names_devices = False
 
-    def __init__(self, node: str, *, cluster: str | None = None, psutil_module: Any | None = None) -> None:
+    def __init__(self, node: str, *, cluster: str | None = None, psutil_module: Psutil | None = None) -> None:
         if psutil_module is None:
-            import psutil as psutil_module
-        self._ps = psutil_module
+            import psutil
+
+            psutil_module = psutil
+        self._ps: Psutil = psutil_module
         self._labels = {"node": node, **({"cluster": cluster} if cluster else {})}
         self._ps.cpu_percent(interval=None)  # prime: the first call has no period to measure
 
@@ -26,10 +47,16 @@ class HostSource:
 
     def collect(self) -> list[Family]:
         ps, labels = self._ps, self._labels
-        cpu = Family("gpufleet_host_cpu_utilization_ratio", "gauge", "Share of all CPU cores busy since the last sample.")
+        cpu = Family(
+            "gpufleet_host_cpu_utilization_ratio",
+            "gauge",
+            "Share of all CPU cores busy since the last sample.",
+        )
         cpu.add(labels, ps.cpu_percent(interval=None) / 100.0)
         vm = ps.virtual_memory()
-        used = Family("gpufleet_host_memory_used_bytes", "gauge", "Host memory in use (total minus available), bytes.")
+        used = Family(
+            "gpufleet_host_memory_used_bytes", "gauge", "Host memory in use (total minus available), bytes."
+        )
         used.add(labels, vm.total - vm.available)
         total = Family("gpufleet_host_memory_total_bytes", "gauge", "Host memory in total, bytes.")
         total.add(labels, vm.total)

@@ -32,22 +32,40 @@ Fetch = Callable[[str, float], str]
 GpuLookup = Callable[[], list[tuple[str, str]]]  # (index, uuid) of every GPU on the node
 
 _HIST_FAMILIES = {
-    "e2e": ("gpufleet_inference_request_duration_seconds", "End-to-end request latency over the last interval."),
+    "e2e": (
+        "gpufleet_inference_request_duration_seconds",
+        "End-to-end request latency over the last interval.",
+    ),
     "ttft": ("gpufleet_inference_time_to_first_token_seconds", "Time to first token over the last interval."),
     "itl": ("gpufleet_inference_inter_token_latency_seconds", "Inter-token latency over the last interval."),
-    "queue": ("gpufleet_inference_queue_time_seconds", "Time requests waited in the server's queue, last interval."),
+    "queue": (
+        "gpufleet_inference_queue_time_seconds",
+        "Time requests waited in the server's queue, last interval.",
+    ),
 }
 _MEAN_FAMILIES = {
-    "e2e": ("gpufleet_inference_request_duration_mean_seconds", "Mean end-to-end latency over the last interval."),
+    "e2e": (
+        "gpufleet_inference_request_duration_mean_seconds",
+        "Mean end-to-end latency over the last interval.",
+    ),
     "queue": ("gpufleet_inference_queue_time_mean_seconds", "Mean queue time over the last interval."),
-    "compute": ("gpufleet_inference_compute_time_mean_seconds", "Mean model execution time over the last interval."),
+    "compute": (
+        "gpufleet_inference_compute_time_mean_seconds",
+        "Mean model execution time over the last interval.",
+    ),
 }
 _RATE_FAMILIES = {
-    "requests": ("gpufleet_inference_requests_per_second", "Requests finished per second over the last interval."),
+    "requests": (
+        "gpufleet_inference_requests_per_second",
+        "Requests finished per second over the last interval.",
+    ),
     "errors": ("gpufleet_inference_errors_per_second", "Requests failed per second over the last interval."),
     "prompt_tokens": ("gpufleet_inference_prompt_tokens_per_second", "Prompt tokens processed per second."),
     "generation_tokens": ("gpufleet_inference_generation_tokens_per_second", "Tokens generated per second."),
-    "inferences": ("gpufleet_inference_inferences_per_second", "Inferences per second (a batch of n counts n)."),
+    "inferences": (
+        "gpufleet_inference_inferences_per_second",
+        "Inferences per second (a batch of n counts n).",
+    ),
 }
 _GAUGE_FAMILIES = {
     "running": ("gpufleet_inference_requests_running", "Requests being executed now."),
@@ -58,7 +76,9 @@ _GAUGE_FAMILIES = {
 
 def http_fetch(url: str, timeout: float) -> str:
     # Ask for the classic text format: prometheus_client servers answer OpenMetrics only when asked.
-    req = urllib.request.Request(url, headers={"Accept": "text/plain;version=0.0.4", "User-Agent": "gpufleet-agent"})
+    req = urllib.request.Request(
+        url, headers={"Accept": "text/plain;version=0.0.4", "User-Agent": "gpufleet-agent"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.read().decode("utf-8", "replace")
 
@@ -77,12 +97,24 @@ class _EndpointState:
 
 class InferenceSource:
     name = "inference"
+    # Its series carry the pod of the endpoint from discovery; gpufleet_inference_gpu_info names GPUs by uuid
+    # only to join with the GPU series, so it is left as it is.
+    names_devices = False
 
-    def __init__(self, settings: InferenceSettings, node: str, *, cluster: str | None = None,
-                 fetch: Fetch = http_fetch, pod_lister: PodLister | None = None,
-                 gpus_for_pod: Callable[[str, str], list[str]] | None = None,
-                 gpu_lookup: GpuLookup | None = None, clock: Callable[[], float] = time.time,
-                 probe_runner: ProbeRunner | None = None, receiver: Receiver | None = None) -> None:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        node: str,
+        *,
+        cluster: str | None = None,
+        fetch: Fetch = http_fetch,
+        pod_lister: PodLister | None = None,
+        gpus_for_pod: Callable[[str, str], list[str]] | None = None,
+        gpu_lookup: GpuLookup | None = None,
+        clock: Callable[[], float] = time.time,
+        probe_runner: ProbeRunner | None = None,
+        receiver: Receiver | None = None,
+    ) -> None:
         self.settings = settings
         self._node, self._cluster = node, cluster
         self._fetch = fetch
@@ -92,8 +124,11 @@ class InferenceSource:
         self._gpus_for_pod = gpus_for_pod
         self._gpu_lookup = gpu_lookup
         self._clock = clock
-        self.probes = probe_runner if probe_runner is not None else (
-            ProbeRunner(settings.probes) if settings.probes else None)
+        self.probes = (
+            probe_runner
+            if probe_runner is not None
+            else (ProbeRunner(settings.probes) if settings.probes else None)
+        )
         self._receiver_given = receiver
         self.receiver = receiver
         self._endpoints: dict[str, _EndpointState] = {e.name: _EndpointState(e) for e in settings.endpoints}
@@ -132,13 +167,17 @@ class InferenceSource:
     def _refresh_discovery(self, now: float) -> None:
         kube = self.settings.kubernetes
         refresh = kube.refresh if kube is not None else 30.0
-        if self._pod_lister is None or (self._discovery_at is not None and now - self._discovery_at < refresh):
+        if self._pod_lister is None or (
+            self._discovery_at is not None and now - self._discovery_at < refresh
+        ):
             return
         self._discovery_at = now
         try:
             found = endpoints_from_pods(self._pod_lister(), self._gpus_for_pod)
         except Exception as exc:
-            msg = f"cannot list pods for inference discovery ({exc}); keeping the {len(self._discovered)} known"
+            msg = (
+                f"cannot list pods for inference discovery ({exc}); keeping the {len(self._discovered)} known"
+            )
             if msg != self._discovery_error:
                 log.warning(msg)
             self._discovery_error = msg
@@ -169,8 +208,10 @@ class InferenceSource:
             page = Exposition(self._fetch(e.url, self.settings.scrape_timeout))
             server = state.server or detect_server(page) or ("generic" if e.histogram else None)
             if server is None:
-                raise ValueError("its metric names are not vLLM's, Triton's or TGI's; set server: and, for "
-                                 "generic, histogram: in the endpoint's configuration")
+                raise ValueError(
+                    "its metric names are not vLLM's, Triton's or TGI's; set server: and, for "
+                    "generic, histogram: in the endpoint's configuration"
+                )
             state.server = server
             reading = READERS[server](page, e.model or e.name, **e.reader_options())
         except Exception as exc:
@@ -250,12 +291,27 @@ class InferenceSource:
             base = self._endpoint_labels(state)
             e = state.endpoint
             if e.origin != "client":
-                add("gpufleet_inference_up", "gauge", "1 when the endpoint's metrics page was read.", base,
-                    1.0 if state.up else 0.0)
-                add("gpufleet_inference_scrape_failures_total", "counter",
-                    "Scrapes of the endpoint that failed.", base, state.failures)
-                add("gpufleet_inference_scrape_duration_seconds", "gauge", "Time the last scrape took.", base,
-                    state.scrape_seconds)
+                add(
+                    "gpufleet_inference_up",
+                    "gauge",
+                    "1 when the endpoint's metrics page was read.",
+                    base,
+                    1.0 if state.up else 0.0,
+                )
+                add(
+                    "gpufleet_inference_scrape_failures_total",
+                    "counter",
+                    "Scrapes of the endpoint that failed.",
+                    base,
+                    state.failures,
+                )
+                add(
+                    "gpufleet_inference_scrape_duration_seconds",
+                    "gauge",
+                    "Time the last scrape took.",
+                    base,
+                    state.scrape_seconds,
+                )
             if reading is None:
                 continue
             slo = e.slo or self.settings.slo
@@ -271,20 +327,43 @@ class InferenceSource:
                     name, help_text = _GAUGE_FAMILIES[key]
                     add(name, "gauge", help_text, labels, value)
                 for i, u in self._gpus(e):
-                    add("gpufleet_inference_gpu_info", "gauge",
+                    add(
+                        "gpufleet_inference_gpu_info",
+                        "gauge",
                         "A GPU serving the model; join on uuid with gpufleet_gpu_* series. Always 1.",
-                        {**labels, "gpu": i, "uuid": u}, 1.0)
+                        {**labels, "gpu": i, "uuid": u},
+                        1.0,
+                    )
                 result = ms.update(r, now, slo)
-                add("gpufleet_inference_requests_total", "counter",
-                    "Requests finished, counted by the agent across server restarts.", labels, ms.totals["requests"])
-                add("gpufleet_inference_errors_total", "counter",
-                    "Requests failed, counted by the agent across server restarts.", labels, ms.totals["errors"])
+                add(
+                    "gpufleet_inference_requests_total",
+                    "counter",
+                    "Requests finished, counted by the agent across server restarts.",
+                    labels,
+                    ms.totals["requests"],
+                )
+                add(
+                    "gpufleet_inference_errors_total",
+                    "counter",
+                    "Requests failed, counted by the agent across server restarts.",
+                    labels,
+                    ms.totals["errors"],
+                )
                 if slo is not None:
-                    add("gpufleet_inference_latency_slo_objective_seconds", "gauge",
-                        "The latency objective: requests should finish within this many seconds.", labels,
-                        slo.latency_seconds)
-                    add("gpufleet_inference_latency_slo_target_ratio", "gauge",
-                        "Share of requests that must meet the latency objective.", labels, slo.target)
+                    add(
+                        "gpufleet_inference_latency_slo_objective_seconds",
+                        "gauge",
+                        "The latency objective: requests should finish within this many seconds.",
+                        labels,
+                        slo.latency_seconds,
+                    )
+                    add(
+                        "gpufleet_inference_latency_slo_target_ratio",
+                        "gauge",
+                        "Share of requests that must meet the latency objective.",
+                        labels,
+                        slo.target,
+                    )
                 if result is None:
                     continue
                 for key, qs in result.quantiles.items():
@@ -300,37 +379,73 @@ class InferenceSource:
                         name, help_text = _RATE_FAMILIES[key]
                         add(name, "gauge", help_text, labels, v)
                 if result.error_ratio is not None:
-                    add("gpufleet_inference_error_ratio", "gauge",
-                        "Share of the interval's requests that failed.", labels, result.error_ratio)
+                    add(
+                        "gpufleet_inference_error_ratio",
+                        "gauge",
+                        "Share of the interval's requests that failed.",
+                        labels,
+                        result.error_ratio,
+                    )
                 for window, rate in result.burn_rates.items():
-                    add("gpufleet_inference_latency_slo_burn_rate", "gauge",
+                    add(
+                        "gpufleet_inference_latency_slo_burn_rate",
+                        "gauge",
                         "Error-budget burn rate of the latency SLO over the window (1 = exactly on budget).",
-                        {**labels, "window": window}, rate)
+                        {**labels, "window": window},
+                        rate,
+                    )
                 for windows, (long, short) in MULTIWINDOWS.items():
                     if long in result.burn_rates and short in result.burn_rates:
-                        add("gpufleet_inference_latency_slo_multiwindow_burn_rate", "gauge",
+                        add(
+                            "gpufleet_inference_latency_slo_multiwindow_burn_rate",
+                            "gauge",
                             "The smaller of the burn rates over a long and a short window: above the alert's "
-                            "rate only while both are.", {**labels, "windows": windows},
-                            min(result.burn_rates[long], result.burn_rates[short]))
+                            "rate only while both are.",
+                            {**labels, "windows": windows},
+                            min(result.burn_rates[long], result.burn_rates[short]),
+                        )
                 if result.baseline_ratio is not None:
-                    add("gpufleet_inference_latency_baseline_ratio", "gauge",
+                    add(
+                        "gpufleet_inference_latency_baseline_ratio",
+                        "gauge",
                         "p99 latency of the last interval over its own slow-moving baseline (2 = doubled).",
-                        {**labels, "quantile": "0.99"}, result.baseline_ratio)
+                        {**labels, "quantile": "0.99"},
+                        result.baseline_ratio,
+                    )
         self._probe_families(add)
         if self.receiver is not None:
             rl = {"node": self._node, **({"cluster": self._cluster} if self._cluster else {})}
-            add("gpufleet_inference_client_datagrams_total", "counter",
-                "Latency records received from the client API.", rl, self.receiver.datagrams)
+            add(
+                "gpufleet_inference_client_datagrams_total",
+                "counter",
+                "Latency records received from the client API.",
+                rl,
+                self.receiver.datagrams,
+            )
             for why, n in self.receiver.invalid.items():
-                add("gpufleet_inference_client_dropped_datagrams_total", "counter",
-                    "Client datagrams that could not be used, by reason.", {**rl, "reason": why}, n)
+                add(
+                    "gpufleet_inference_client_dropped_datagrams_total",
+                    "counter",
+                    "Client datagrams that could not be used, by reason.",
+                    {**rl, "reason": why},
+                    n,
+                )
         if self._pod_lister is not None:
             rl = {"node": self._node, **({"cluster": self._cluster} if self._cluster else {})}
-            add("gpufleet_inference_discovered_endpoints", "gauge",
-                "Endpoints found through Kubernetes pod annotations.", rl, len(self._discovered))
-            add("gpufleet_inference_discovery_skipped_pods", "gauge",
-                "Annotated pods that could not be scraped (the agent's log says why).", rl,
-                len(self.discovery_skipped))
+            add(
+                "gpufleet_inference_discovered_endpoints",
+                "gauge",
+                "Endpoints found through Kubernetes pod annotations.",
+                rl,
+                len(self._discovered),
+            )
+            add(
+                "gpufleet_inference_discovery_skipped_pods",
+                "gauge",
+                "Annotated pods that could not be scraped (the agent's log says why).",
+                rl,
+                len(self.discovery_skipped),
+            )
         return list(fam.values())
 
     def _probe_families(self, add: Callable[..., Any]) -> None:
@@ -338,23 +453,47 @@ class InferenceSource:
             return
         runs, failures, last = self.probes.snapshot()
         for p in self.probes.probes:
-            labels = {"node": self._node, "probe": p.name, "kind": p.kind, **(
-                {"cluster": self._cluster} if self._cluster else {})}
+            labels = {
+                "node": self._node,
+                "probe": p.name,
+                "kind": p.kind,
+                **({"cluster": self._cluster} if self._cluster else {}),
+            }
             if p.model:
                 labels["model"] = p.model
             add("gpufleet_inference_probes_total", "counter", "Probe runs.", labels, runs.get(p.name, 0))
             for (name, reason), n in failures.items():
                 if name == p.name:
-                    add("gpufleet_inference_probe_failures_total", "counter", "Probe runs that failed, by reason.",
-                        {**labels, "reason": reason}, n)
+                    add(
+                        "gpufleet_inference_probe_failures_total",
+                        "counter",
+                        "Probe runs that failed, by reason.",
+                        {**labels, "reason": reason},
+                        n,
+                    )
             r = last.get(p.name)
             if r is None:
                 continue
-            add("gpufleet_inference_probe_success", "gauge", "1 when the last probe run succeeded.", labels,
-                1.0 if r.ok else 0.0)
+            add(
+                "gpufleet_inference_probe_success",
+                "gauge",
+                "1 when the last probe run succeeded.",
+                labels,
+                1.0 if r.ok else 0.0,
+            )
             if r.ok and r.duration is not None:
-                add("gpufleet_inference_probe_duration_seconds", "gauge", "Total time of the last probe run.",
-                    labels, r.duration)
+                add(
+                    "gpufleet_inference_probe_duration_seconds",
+                    "gauge",
+                    "Total time of the last probe run.",
+                    labels,
+                    r.duration,
+                )
             if r.ok and r.ttft is not None:
-                add("gpufleet_inference_probe_time_to_first_token_seconds", "gauge",
-                    "Time to the first streamed token of the last probe run.", labels, r.ttft)
+                add(
+                    "gpufleet_inference_probe_time_to_first_token_seconds",
+                    "gauge",
+                    "Time to the first streamed token of the last probe run.",
+                    labels,
+                    r.ttft,
+                )

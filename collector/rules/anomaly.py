@@ -91,7 +91,9 @@ def linear_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return slope, mv - slope * mt
 
 
-def steady_growth(points: Sequence[tuple[float, float]], slices: int = 6, max_jump_share: float = 0.25) -> bool:
+def steady_growth(
+    points: Sequence[tuple[float, float]], slices: int = 6, max_jump_share: float = 0.25
+) -> bool:
     """True when each of ``slices`` consecutive slices of the points has a higher mean than the one before,
     and no single step between two samples makes more than ``max_jump_share`` of the rise: a staircase of
     jobs starting one after another (each loading a model) rises too, but in a few big steps."""
@@ -105,6 +107,6 @@ def steady_growth(points: Sequence[tuple[float, float]], slices: int = 6, max_ju
     size = len(points) / slices
     means = []
     for i in range(slices):
-        part = points[int(i * size):int((i + 1) * size)]
+        part = points[int(i * size) : int((i + 1) * size)]
         means.append(sum(v for _, v in part) / len(part))
     return all(b > a for a, b in zip(means, means[1:], strict=False))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from gpufleet.collector.rules.contract import Notifier
 from gpufleet.collector.rules.engine import Engine
 from gpufleet.collector.rules.memory import MemoryState, MemoryView
 from gpufleet.collector.rules.model import RulePack
@@ -31,6 +32,7 @@ class Writer(Protocol):
 def read_trace(fd: IO[str], where: str = "trace") -> list[tuple[int, dict[str, str], float]]:
     """Every sample as (ts_ms, labels with __name__, value), sorted by time."""
     from prometheus_client.openmetrics.parser import text_fd_to_metric_families
+    from prometheus_client.samples import Timestamp
 
     out: list[tuple[int, dict[str, str], float]] = []
     missing = 0
@@ -41,14 +43,22 @@ def read_trace(fd: IO[str], where: str = "trace") -> list[tuple[int, dict[str, s
                     missing += 1
                     continue
                 ts = s.timestamp
-                ms = ts.sec * 1000 + ts.nsec // 1_000_000 if hasattr(ts, "sec") else int(float(ts) * 1000)
+                ms = (
+                    ts.sec * 1000 + ts.nsec // 1_000_000
+                    if isinstance(ts, Timestamp)
+                    else int(float(ts) * 1000)
+                )
                 out.append((ms, {"__name__": s.name, **s.labels}, float(s.value)))
     except ValueError as exc:
-        raise TraceError(f"{where} is not valid OpenMetrics text: {exc}. Each series' samples must be together "
-                         "and in time order, and the file must end with '# EOF'") from None
+        raise TraceError(
+            f"{where} is not valid OpenMetrics text: {exc}. Each series' samples must be together "
+            "and in time order, and the file must end with '# EOF'"
+        ) from None
     if missing:
-        raise TraceError(f"{where}: {missing} sample(s) have no timestamp; a backtest trace needs one on every "
-                         "sample (name{{labels}} value unix_seconds)")
+        raise TraceError(
+            f"{where}: {missing} sample(s) have no timestamp; a backtest trace needs one on every "
+            "sample (name{{labels}} value unix_seconds)"
+        )
     out.sort(key=lambda x: x[0])
     return out
 
@@ -65,9 +75,15 @@ def infer_step_ms(samples: list[tuple[int, dict[str, str], float]]) -> int:
     return best or 1000
 
 
-def replay(samples: list[tuple[int, dict[str, str], float]], pack: RulePack, *, step_ms: int | None = None,
-           state: MemoryState | None = None, notifiers: Iterable[Any] = (),
-           progress: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+def replay(
+    samples: list[tuple[int, dict[str, str], float]],
+    pack: RulePack,
+    *,
+    step_ms: int | None = None,
+    state: MemoryState | None = None,
+    notifiers: Iterable[Notifier] = (),
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Feed the samples to the engine, tick by tick; yield one record per alert in each notification.
     ``progress`` hears how far through the trace the replay is, once per percent."""
     if not samples:
@@ -91,8 +107,15 @@ def replay(samples: list[tuple[int, dict[str, str], float]], pack: RulePack, *, 
         for g in engine.tick(t):
             told = list(g.firing) if g.repeat else g.changes
             for a in told:
-                yield {"alert": a.rule, "state": a.state, "at": t / 1000, "labels": a.labels,
-                       "value": a.value, "group": g.key, **({"repeat": True} if g.repeat else {})}
+                yield {
+                    "alert": a.rule,
+                    "state": a.state,
+                    "at": t / 1000,
+                    "labels": a.labels,
+                    "value": a.value,
+                    "group": g.key,
+                    **({"repeat": True} if g.repeat else {}),
+                }
         t += step_ms
 
 
@@ -101,8 +124,14 @@ def _clock(ms: int) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def backtest_file(path: Path, pack: RulePack, out: Writer, *, step_s: float | None = None,
-                  progress: Callable[[str], None] | None = None) -> int:
+def backtest_file(
+    path: Path,
+    pack: RulePack,
+    out: Writer,
+    *,
+    step_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> int:
     if progress is not None:
         progress(f"reading {path}")
     with open(path) as fd:

@@ -21,9 +21,16 @@ import time
 import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpufleet.collector.rules.model import SEVERITY_RANK, InhibitRule, Route
+from gpufleet.core.labels import Matcher
+
+if TYPE_CHECKING:
+    from gpufleet.collector.rules.contract import AlertState
+
+# Where a message landed, as its notifier names it: (Slack channel, message ts), ("grafana", annotation id).
+Target = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +51,9 @@ class Notification:
     def text(self) -> str:
         """The plain-text line: what broke and where."""
         head = "RESOLVED" if self.state == "resolved" else self.severity.upper()
-        where = " ".join(f"{k}={self.labels[k]}" for k in ("cluster", "node", "gpu", "uuid", "pod") if k in self.labels)
+        where = " ".join(
+            f"{k}={self.labels[k]}" for k in ("cluster", "node", "gpu", "uuid", "pod") if k in self.labels
+        )
         return f"[{head}] {self.rule}: {self.annotations.get('summary', '')} ({where})"
 
 
@@ -62,6 +71,7 @@ class GroupNotification:
     at_ms: int
     repeat: bool = False
     escalated: bool = False  # an alert more severe than any sent before in this group
+    previous: Target | None = None  # where the notifier's earlier message about this episode landed
 
     @property
     def severity(self) -> str:
@@ -85,51 +95,6 @@ class GroupNotification:
 
 
 @dataclass(frozen=True)
-class Matcher:
-    name: str
-    value: str
-    is_regex: bool = False
-    is_equal: bool = True
-
-    def matches(self, labels: dict[str, str]) -> bool:
-        v = labels.get(self.name, "")
-        hit = re.fullmatch(self.value, v) is not None if self.is_regex else v == self.value
-        return hit == self.is_equal
-
-    def __str__(self) -> str:
-        op = ("=~" if self.is_regex else "=") if self.is_equal else ("!~" if self.is_regex else "!=")
-        return f"{self.name}{op}{self.value}"
-
-    @classmethod
-    def parse(cls, text: str) -> Matcher:
-        """``name=value``, ``name!=value``, ``name=~regex``, ``name!~regex`` (as amtool takes them)."""
-        m = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*\"?(.*?)\"?\s*", text)
-        if not m:
-            raise ValueError(f"{text!r} is not a matcher; write name=value, name!=value, name=~regex or name!~regex")
-        name, op, value = m.groups()
-        if "~" in op:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{text!r}: {value!r} is not a regular expression ({exc})") from None
-        return cls(name, value, is_regex="~" in op, is_equal=not op.startswith("!"))
-
-    def to_api(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value, "isRegex": self.is_regex, "isEqual": self.is_equal}
-
-    @classmethod
-    def from_api(cls, d: dict[str, Any]) -> Matcher:
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("value"), str):
-            raise ValueError(f"a matcher needs string 'name' and 'value' (and optional isRegex, isEqual), not {d!r}")
-        if d.get("isRegex"):
-            try:
-                re.compile(d["value"])
-            except re.error as exc:
-                raise ValueError(f"matcher {d['name']}: {d['value']!r} is not a regular expression ({exc})") from None
-        return cls(d["name"], d["value"], bool(d.get("isRegex", False)), bool(d.get("isEqual", True)))
-
-
-@dataclass(frozen=True)
 class Silence:
     id: str
     matchers: tuple[Matcher, ...]
@@ -148,13 +113,25 @@ class Silence:
     def to_api(self, now_ms: int | None = None) -> dict[str, Any]:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         state = "active" if self.active(now_ms) else ("pending" if now_ms < self.starts_at_ms else "expired")
-        return {"id": self.id, "matchers": [m.to_api() for m in self.matchers], "startsAt": self.starts_at_ms / 1000,
-                "endsAt": self.ends_at_ms / 1000, "createdBy": self.created_by, "comment": self.comment,
-                "status": {"state": state}}
+        return {
+            "id": self.id,
+            "matchers": [m.to_api() for m in self.matchers],
+            "startsAt": self.starts_at_ms / 1000,
+            "endsAt": self.ends_at_ms / 1000,
+            "createdBy": self.created_by,
+            "comment": self.comment,
+            "status": {"state": state},
+        }
 
     @staticmethod
-    def new(matchers: Sequence[Matcher], starts_at_ms: int, ends_at_ms: int, created_by: str, comment: str,
-            now_ms: int) -> Silence:
+    def new(
+        matchers: Sequence[Matcher],
+        starts_at_ms: int,
+        ends_at_ms: int,
+        created_by: str,
+        comment: str,
+        now_ms: int,
+    ) -> Silence:
         if not matchers:
             raise ValueError("a silence needs at least one matcher, e.g. alertname=GpuTemperatureHigh")
         if not created_by.strip():
@@ -163,7 +140,9 @@ class Silence:
             raise ValueError("a silence needs a comment saying why (comment / --comment)")
         if ends_at_ms <= starts_at_ms:
             raise ValueError("a silence must end after it starts")
-        return Silence(str(uuidlib.uuid4()), tuple(matchers), starts_at_ms, ends_at_ms, created_by, comment, now_ms)
+        return Silence(
+            str(uuidlib.uuid4()), tuple(matchers), starts_at_ms, ends_at_ms, created_by, comment, now_ms
+        )
 
 
 def _rx(labels: dict[str, str], matchers: dict[str, str]) -> bool:
@@ -185,23 +164,45 @@ class _Group:
         return f"{self.key}@{self.created_ms}"
 
     def to_row(self) -> dict[str, Any]:
-        return {"key": self.key, "labels": self.labels, "created_ms": self.created_ms,
-                "last_flush_ms": self.last_flush_ms, "sent": self.sent, "resolved": self.resolved,
-                "max_severity": self.max_severity}
+        return {
+            "key": self.key,
+            "labels": self.labels,
+            "created_ms": self.created_ms,
+            "last_flush_ms": self.last_flush_ms,
+            "sent": self.sent,
+            "resolved": self.resolved,
+            "max_severity": self.max_severity,
+        }
 
     @classmethod
     def from_row(cls, r: dict[str, Any]) -> _Group:
-        return cls(r["key"], dict(r["labels"]), r["created_ms"], r.get("last_flush_ms"), dict(r.get("sent") or {}),
-                   dict(r.get("resolved") or {}), r.get("max_severity") or "info")
+        return cls(
+            r["key"],
+            dict(r["labels"]),
+            r["created_ms"],
+            r.get("last_flush_ms"),
+            dict(r.get("sent") or {}),
+            dict(r.get("resolved") or {}),
+            r.get("max_severity") or "info",
+        )
 
 
 def _notification(a: dict[str, Any], state: str, now_ms: int) -> Notification:
-    return Notification(a["id"], a["rule"], state, a["labels"].get("severity", "warning"), dict(a["labels"]),
-                        dict(a["annotations"]), a.get("value"), a["active_since"], now_ms)
+    return Notification(
+        a["id"],
+        a["rule"],
+        state,
+        a["labels"].get("severity", "warning"),
+        dict(a["labels"]),
+        dict(a["annotations"]),
+        a.get("value"),
+        a["active_since"],
+        now_ms,
+    )
 
 
 class Dispatcher:
-    def __init__(self, route: Route, inhibit_rules: list[InhibitRule], state: Any) -> None:
+    def __init__(self, route: Route, inhibit_rules: list[InhibitRule], state: AlertState) -> None:
         self.route = route
         self.inhibit_rules = inhibit_rules
         self.state = state
@@ -212,8 +213,7 @@ class Dispatcher:
     def reload(self) -> None:
         """Read the groups (what each told, and where its message landed) back from the store: a replica that
         takes over continues them instead of paging again."""
-        rows = self.state.load_groups() if hasattr(self.state, "load_groups") else []
-        self.groups = {r["key"]: _Group.from_row(r) for r in rows}
+        self.groups = {r["key"]: _Group.from_row(r) for r in self.state.load_groups()}
 
     def group_key(self, labels: dict[str, str]) -> tuple[str, dict[str, str]]:
         gl = {k: labels[k] for k in self.route.group_by if labels.get(k)}
@@ -233,8 +233,12 @@ class Dispatcher:
             out.append(by_equal)
         return out
 
-    def _mute_reason(self, a: dict[str, Any], sources: list[dict[tuple[str, ...], list[dict[str, Any]]]],
-                     silences: Sequence[Silence]) -> str | None:
+    def _mute_reason(
+        self,
+        a: dict[str, Any],
+        sources: list[dict[tuple[str, ...], list[dict[str, Any]]]],
+        silences: Sequence[Silence],
+    ) -> str | None:
         labels = a["labels"]
         for s in silences:
             if s.matches(labels):
@@ -249,8 +253,13 @@ class Dispatcher:
                     return f"inhibited by {src['rule']} ({', '.join(f'{e}={sl[e]}' for e in rule.equal)})"
         return None
 
-    def dispatch(self, now_ms: int, alerts: dict[str, dict[str, Any]], resolved: list[tuple[dict[str, Any], bool]],
-                 silences: Sequence[Silence]) -> list[GroupNotification]:
+    def dispatch(
+        self,
+        now_ms: int,
+        alerts: dict[str, dict[str, Any]],
+        resolved: list[tuple[dict[str, Any], bool]],
+        silences: Sequence[Silence],
+    ) -> list[GroupNotification]:
         firing = [a for a in alerts.values() if a["state"] == "firing"]
         active_silences = [s for s in silences if s.active(now_ms)]
         self.muted = {}
@@ -279,15 +288,17 @@ class Dispatcher:
         for key, g in list(self.groups.items()):
             now_firing = sorted(current.get(key, []), key=lambda a: (a["active_since"], a["rule"], a["id"]))
             new = [a for a in now_firing if a["id"] not in g.sent]
-            escalated = any(SEVERITY_RANK[a["labels"].get("severity", "info")] > SEVERITY_RANK[g.max_severity]
-                            for a in new)
+            escalated = any(
+                SEVERITY_RANK[a["labels"].get("severity", "info")] > SEVERITY_RANK[g.max_severity]
+                for a in new
+            )
             repeat = False
             if g.last_flush_ms is None:
                 due = bool(now_firing) and now_ms >= g.created_ms + self.route.group_wait_s * 1000
             else:
                 since = now_ms - g.last_flush_ms
                 changed = bool(new or g.resolved)
-                due = (changed and (escalated or since >= self.route.group_interval_s * 1000))
+                due = changed and (escalated or since >= self.route.group_interval_s * 1000)
                 if not due and now_firing and not changed and since >= self.route.repeat_interval_s * 1000:
                     due = repeat = True
             if not due:
@@ -299,9 +310,20 @@ class Dispatcher:
             gone = tuple(_notification(a, "resolved", now_ms) for a in g.resolved.values())
             if not fired and not gone:
                 continue
-            out.append(GroupNotification(key, g.episode, dict(g.labels), "firing" if fired else "resolved", fired, gone,
-                                         tuple(a["id"] for a in new) + tuple(n.alert_id for n in gone), now_ms,
-                                         repeat=repeat, escalated=escalated and g.last_flush_ms is not None))
+            out.append(
+                GroupNotification(
+                    key,
+                    g.episode,
+                    dict(g.labels),
+                    "firing" if fired else "resolved",
+                    fired,
+                    gone,
+                    tuple(a["id"] for a in new) + tuple(n.alert_id for n in gone),
+                    now_ms,
+                    repeat=repeat,
+                    escalated=escalated and g.last_flush_ms is not None,
+                )
+            )
             g.sent.update({a["id"]: a["labels"].get("severity", "info") for a in now_firing})
             g.resolved = {}
             g.last_flush_ms = now_ms
@@ -312,7 +334,9 @@ class Dispatcher:
             touched.add(key)
             if not fired and not g.sent:
                 del self.groups[key]
-        if hasattr(self.state, "save_groups") and touched:
-            self.state.save_groups([self.groups[k].to_row() for k in touched if k in self.groups],
-                                   [k for k in touched if k not in self.groups])
+        if touched:
+            self.state.save_groups(
+                [self.groups[k].to_row() for k in touched if k in self.groups],
+                [k for k in touched if k not in self.groups],
+            )
         return out

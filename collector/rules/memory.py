@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.collector.rules.dispatch import Silence
+from gpufleet.collector.rules.dispatch import Silence, Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,9 @@ class MemoryView:
         if cur is None:
             per[key] = Point(dict(labels), ts, value)
         elif ts >= cur.ts:
-            per[key] = Point(cur.labels, ts, value)  # the same labels object: ids computed from it stay cached
+            per[key] = Point(
+                cur.labels, ts, value
+            )  # the same labels object: ids computed from it stay cached
 
     def latest(self, metric: str | None = None) -> list[Point]:
         if metric is not None:
@@ -39,14 +41,14 @@ class MemoryView:
 
 
 class MemoryState:
-    """Alert state, rule memory, notification groups and silences in memory (backtests, rule tests)."""
+    """The :class:`~gpufleet.collector.rules.contract.AlertState` in memory (backtests, rule tests)."""
 
     def __init__(self, silences: Sequence[Silence] = ()) -> None:
         self.alerts: dict[str, dict[str, Any]] = {}
         self.memory: dict[tuple[str, int], float] = {}
         self.rule_state: dict[tuple[str, str], Any] = {}
         self.groups: dict[str, dict[str, Any]] = {}
-        self.targets: dict[tuple[str, str], tuple[str, str]] = {}
+        self.targets: dict[tuple[str, str], Target] = {}
         self.silences: dict[str, Silence] = {s.id: s for s in silences}
         self.sent: list[dict[str, Any]] = []
 
@@ -63,15 +65,28 @@ class MemoryState:
     def save_rule_memory(self, items: Mapping[tuple[str, int], float], now_ms: int) -> None:
         self.memory.update(items)
 
-    def record_notification(self, **row: Any) -> None:
-        self.sent.append(row)
-
-    def notification_target(self, alert_id: str, notifier: str) -> tuple[str, str] | None:
-        for row in reversed(self.sent):
-            if row["alert_id"] == alert_id and row["notifier"] == notifier and row["state"] == "firing" \
-                    and row.get("message_ts"):
-                return row["channel"], row["message_ts"]
-        return None
+    def record_notification(
+        self,
+        *,
+        alert_id: str,
+        notifier: str,
+        state: str,
+        channel: str | None,
+        message_ts: str | None,
+        sent_at: int,
+        text: str,
+    ) -> None:
+        self.sent.append(
+            {
+                "alert_id": alert_id,
+                "notifier": notifier,
+                "state": state,
+                "channel": channel,
+                "message_ts": message_ts,
+                "sent_at": sent_at,
+                "text": text,
+            }
+        )
 
     def load_rule_state(self) -> dict[tuple[str, str], Any]:
         return copy.deepcopy(self.rule_state)
@@ -88,10 +103,10 @@ class MemoryState:
         for k in deleted:
             self.groups.pop(k, None)
 
-    def group_target(self, episode: str, notifier: str) -> tuple[str, str] | None:
+    def group_target(self, episode: str, notifier: str) -> Target | None:
         return self.targets.get((episode, notifier))
 
-    def save_group_target(self, episode: str, notifier: str, where: tuple[str, str]) -> None:
+    def save_group_target(self, episode: str, notifier: str, where: Target) -> None:
         self.targets[(episode, notifier)] = (where[0], where[1])
 
     def add_silence(self, s: Silence) -> None:

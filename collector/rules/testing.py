@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from gpufleet.collector.rules.engine import Engine
 from gpufleet.collector.rules.memory import MemoryState, MemoryView
 from gpufleet.collector.rules.model import RuleError, load_pack, parse_duration
@@ -40,7 +41,7 @@ _TERM = re.compile(r"^(-?[\d.eE+]+)(?:([+-])([\d.eE+]+))?x(\d+)$")
 def parse_series(text: str) -> dict[str, str]:
     m = _SERIES.match(text)
     if not m:
-        raise ValueError(f"{text!r} is not a series selector like name{{label=\"value\"}}")
+        raise ValueError(f'{text!r} is not a series selector like name{{label="value"}}')
     labels = {"__name__": m.group(1)}
     body = m.group(2) or ""
     pos = 0
@@ -131,16 +132,25 @@ def _run_one(path: Path, name: str, t: dict[str, Any], pack: Any, eval_ms: int) 
         if alertname not in known:
             failures.append(Failure(str(path), name, f"no rule named {alertname!r} in the rule files"))
             continue
-        got = [({k: v for k, v in a["labels"].items() if k != "alertname"}, a["annotations"])
-               for a in engine.active_alerts() if a["rule"] == alertname and a["state"] == "firing"]
+        got = [
+            ({k: v for k, v in a["labels"].items() if k != "alertname"}, a["annotations"])
+            for a in engine.active_alerts()
+            if a["rule"] == alertname and a["state"] == "firing"
+        ]
         want = check.get("exp_alerts") or []
         got_labels = sorted(sorted(g[0].items()) for g in got)
-        want_labels = sorted(sorted({k: str(v) for k, v in (w.get("exp_labels") or {}).items()}.items())
-                             for w in want)
+        want_labels = sorted(
+            sorted({k: str(v) for k, v in (w.get("exp_labels") or {}).items()}.items()) for w in want
+        )
         where = f"{alertname} at {check['eval_time']}"
         if got_labels != want_labels:
-            failures.append(Failure(str(path), name, f"{where}: expected firing {want_labels or 'none'}, "
-                                                     f"got {got_labels or 'none'}"))
+            failures.append(
+                Failure(
+                    str(path),
+                    name,
+                    f"{where}: expected firing {want_labels or 'none'}, got {got_labels or 'none'}",
+                )
+            )
             continue
         for w in want:
             if "exp_annotations" not in w:

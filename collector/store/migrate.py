@@ -40,8 +40,9 @@ def current_revisions(engine: Engine) -> tuple[str, ...]:
         return tuple(sorted(MigrationContext.configure(conn).get_current_heads()))
 
 
-def upgrade(engine: Engine,
-            progress: Callable[[str], None] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def upgrade(
+    engine: Engine, progress: Callable[[str], None] | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Bring the schema to this code's heads. Refuses a database migrated by newer code. ``progress`` hears
     which migration runs, one call per step (a migration on a large store can take minutes)."""
     cfg = _config()
@@ -55,7 +56,8 @@ def upgrade(engine: Engine,
         if not known:
             raise SchemaTooNew(
                 f"the database schema is at revision {rev!r}, newer than this gpufleet knows "
-                f"(its newest: {', '.join(head_revisions())}); upgrade gpufleet, or point --db at another database")
+                f"(its newest: {', '.join(head_revisions())}); upgrade gpufleet, or point --db at another database"
+            )
     if progress is not None:
         try:
             pending = [r.revision for r in script.iterate_revisions("heads", current or "base")][::-1]
@@ -65,8 +67,10 @@ def upgrade(engine: Engine,
 
         def applied(*, step: Any, **_: Any) -> None:
             done.append(step.up_revision_id)
-            progress(f"applied migration {step.up_revision_id}" + (f" ({len(done)} of {len(pending)})"
-                                                                    if len(done) <= len(pending) else ""))
+            progress(
+                f"applied migration {step.up_revision_id}"
+                + (f" ({len(done)} of {len(pending)})" if len(done) <= len(pending) else "")
+            )
 
         cfg.attributes["on_version_apply"] = (applied,)
         if pending:

@@ -8,7 +8,8 @@ metadata = MetaData()
 
 # One row per distinct label set. `fingerprint` is a 64-bit hash of the sorted labels.
 series = Table(
-    "series", metadata,
+    "series",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("fingerprint", BigInteger, nullable=False, unique=True),
     Column("metric", String(200), nullable=False),
@@ -22,7 +23,8 @@ series = Table(
 
 # Raw samples. The primary key makes a retried batch a no-op instead of a duplicate.
 samples = Table(
-    "samples", metadata,
+    "samples",
+    metadata,
     Column("series_id", Integer, primary_key=True),
     Column("ts", BigInteger, primary_key=True),  # Unix milliseconds
     Column("value", Float(53), nullable=False),
@@ -31,7 +33,8 @@ samples = Table(
 # PostgreSQL only (partitioned by day on start_ms, see migration 0002): each row holds a stretch of one
 # series, timestamps as int4 deltas and values as float8, TOAST-compressed once compacted to one row per hour.
 sample_chunks = Table(
-    "sample_chunks", metadata,
+    "sample_chunks",
+    metadata,
     Column("series_id", Integer, primary_key=True),
     Column("start_ms", BigInteger, primary_key=True),
     Column("end_ms", BigInteger, nullable=False),
@@ -40,7 +43,8 @@ sample_chunks = Table(
 
 def _rollup(name: str) -> Table:
     return Table(
-        name, metadata,
+        name,
+        metadata,
         Column("series_id", Integer, primary_key=True),
         Column("bucket_ms", BigInteger, primary_key=True),  # start of the minute / hour
         Column("vmin", Float(53), nullable=False),
@@ -56,55 +60,17 @@ rollup_1h = _rollup("rollup_1h")
 # Watermarks of the maintenance jobs (rollups computed / hours compacted up to) and the oldest late sample
 # that arrived behind them, so the next run redoes that stretch.
 store_state = Table(
-    "store_state", metadata,
+    "store_state",
+    metadata,
     Column("key", String(64), primary_key=True),
     Column("value", BigInteger, nullable=False),
 )
 
 # The newest sample of every series: what /api/v1/gpus and the rule engine read.
 latest = Table(
-    "latest", metadata,
+    "latest",
+    metadata,
     Column("series_id", Integer, primary_key=True),
     Column("ts", BigInteger, nullable=False),
     Column("value", Float(53), nullable=False),
-)
-
-# Alert instances and their state; survives a collector restart.
-alerts = Table(
-    "alerts", metadata,
-    Column("id", String(32), primary_key=True),  # hash of rule name + labels
-    Column("rule", String(200), nullable=False),
-    Column("state", String(16), nullable=False),  # pending | firing | resolved
-    Column("labels", Text, nullable=False),
-    Column("annotations", Text, nullable=False),
-    Column("value", Float(53)),
-    Column("active_since", BigInteger),
-    Column("last_true", BigInteger),
-    Column("fired_at", BigInteger),
-    Column("resolved_at", BigInteger),
-    Column("updated_at", BigInteger, nullable=False),
-    Index("ix_alerts_state", "state"),
-)
-
-# Per-series memory of rules (the last counter value an event rule saw).
-rule_memory = Table(
-    "rule_memory", metadata,
-    Column("rule", String(200), primary_key=True),
-    Column("series_fingerprint", BigInteger, primary_key=True),
-    Column("value", Float(53), nullable=False),
-    Column("ts", BigInteger, nullable=False),
-)
-
-# Every notification sent, and where it landed (Slack channel and message ts), to edit it on resolve.
-notifications = Table(
-    "notifications", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("alert_id", String(32), nullable=False),
-    Column("notifier", String(32), nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("channel", String(100)),
-    Column("message_ts", String(40)),
-    Column("sent_at", BigInteger, nullable=False),
-    Column("text", Text, nullable=False),
-    Index("ix_notifications_alert", "alert_id"),
 )

@@ -26,8 +26,14 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FILE = Path(__file__).parent / "specs" / "grafana" / "grafana-api-gpufleet.json"
-_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
-          "array": (list,)}
+_TYPES = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
 
 
 class SpecError(Exception):
@@ -40,7 +46,11 @@ class Spec:
         self.base = self.raw.get("basePath", "")
         self.routes = []
         for template, ops in self.raw["paths"].items():
-            pattern = "^" + re.sub(r"\{[^}]+\}", "([^/]+)", re.escape(template).replace(r"\{", "{").replace(r"\}", "}")) + "$"
+            pattern = (
+                "^"
+                + re.sub(r"\{[^}]+\}", "([^/]+)", re.escape(template).replace(r"\{", "{").replace(r"\}", "}"))
+                + "$"
+            )
             names = re.findall(r"\{([^}]+)\}", template)
             literal = len([s for s in template.split("/") if s and not s.startswith("{")])
             self.routes.append((literal, template, re.compile(pattern), names, ops))
@@ -55,7 +65,7 @@ class Spec:
     def match(self, method: str, path: str) -> tuple[str, dict[str, str], dict[str, Any]]:
         if not path.startswith(self.base + "/"):
             raise SpecError(f"{path} is not under the API base path {self.base}")
-        rel = path[len(self.base):]
+        rel = path[len(self.base) :]
         known = False
         for _, template, rx, names, ops in self.routes:
             m = rx.match(rel)
@@ -63,7 +73,9 @@ class Spec:
                 known = True
                 if method.lower() in ops:
                     return template, dict(zip(names, m.groups(), strict=True)), ops[method.lower()]
-        raise SpecError(f"{method} {rel}: " + ("method not allowed by the spec" if known else "no such path in the spec"))
+        raise SpecError(
+            f"{method} {rel}: " + ("method not allowed by the spec" if known else "no such path in the spec")
+        )
 
     def check(self, schema: dict[str, Any], value: Any, where: str) -> list[str]:
         schema = self.resolve(schema)
@@ -96,8 +108,14 @@ class Spec:
                 problems += self.check(schema["items"], item, f"{where}[{i}]")
         return problems
 
-    def check_request(self, op: dict[str, Any], path_params: dict[str, str], query: dict[str, list[str]],
-                      body: Any, has_body: bool) -> list[str]:
+    def check_request(
+        self,
+        op: dict[str, Any],
+        path_params: dict[str, str],
+        query: dict[str, list[str]],
+        body: Any,
+        has_body: bool,
+    ) -> list[str]:
         problems = []
         params = op.get("parameters", [])
         declared = {p["name"]: p for p in params if p.get("in") == "query"}
@@ -192,7 +210,9 @@ class GrafanaDouble:
             payload = None
             if raw:
                 if "application/json" not in h.headers.get("Content-Type", ""):
-                    raise SpecError(f"{method} {template}: body sent as {h.headers.get('Content-Type')!r}, not JSON")
+                    raise SpecError(
+                        f"{method} {template}: body sent as {h.headers.get('Content-Type')!r}, not JSON"
+                    )
                 payload = json.loads(raw)
             problems = self.spec.check_request(op, params, query, payload, bool(raw))
             if problems:
@@ -213,9 +233,12 @@ class GrafanaDouble:
         h.end_headers()
         h.wfile.write(data)
 
-    def _serve(self, method: str, template: str, p: dict[str, str], query: dict[str, list[str]],
-               body: Any) -> tuple[int, Any]:
-        route = getattr(self, "_" + method.lower() + re.sub(r"[^a-z]+", "_", template.lower()).rstrip("_"), None)
+    def _serve(
+        self, method: str, template: str, p: dict[str, str], query: dict[str, list[str]], body: Any
+    ) -> tuple[int, Any]:
+        route = getattr(
+            self, "_" + method.lower() + re.sub(r"[^a-z]+", "_", template.lower()).rstrip("_"), None
+        )
         if route is None:
             raise SpecError(f"{method} {template} is described but this double does not implement it")
         return route(p, query, body)
@@ -231,8 +254,13 @@ class GrafanaDouble:
             raise SpecError("POST /folders: Grafana refuses a folder without a title")
         if uid in self.folders:
             return 409, {"message": "a folder with the same uid already exists"}
-        self.folders[uid] = {"id": next(self._ids), "uid": uid, "title": body["title"], "url": f"/dashboards/f/{uid}/",
-                             "version": 1}
+        self.folders[uid] = {
+            "id": next(self._ids),
+            "uid": uid,
+            "title": body["title"],
+            "url": f"/dashboards/f/{uid}/",
+            "version": 1,
+        }
         return 200, self.folders[uid]
 
     def _put_folders_folder_uid(self, p, q, body):
@@ -240,7 +268,10 @@ class GrafanaDouble:
         if f is None:
             return 404, {"message": "folder not found"}
         if not body.get("overwrite") and body.get("version") != f["version"]:
-            return 412, {"message": "the folder has been changed by someone else", "status": "version-mismatch"}
+            return 412, {
+                "message": "the folder has been changed by someone else",
+                "status": "version-mismatch",
+            }
         f.update(title=body.get("title", f["title"]), version=f["version"] + 1)
         return 200, f
 
@@ -262,11 +293,28 @@ class GrafanaDouble:
         if any(d["name"] == body["name"] or d["uid"] == body.get("uid") for d in self.datasources.values()):
             return 409, {"message": "data source with the same name or uid already exists"}
         ds_id = next(self._ids)
-        ds = {"id": ds_id, "orgId": 1, "uid": body.get("uid") or f"ds{ds_id}", "readOnly": False, "version": 1,
-              "isDefault": False, "access": "proxy", "url": "", "user": "", "database": "", "basicAuth": False,
-              "jsonData": {}, **copy.deepcopy(body)}
+        ds = {
+            "id": ds_id,
+            "orgId": 1,
+            "uid": body.get("uid") or f"ds{ds_id}",
+            "readOnly": False,
+            "version": 1,
+            "isDefault": False,
+            "access": "proxy",
+            "url": "",
+            "user": "",
+            "database": "",
+            "basicAuth": False,
+            "jsonData": {},
+            **copy.deepcopy(body),
+        }
         self.datasources[ds_id] = ds
-        return 200, {"datasource": self._public_ds(ds), "id": ds_id, "message": "Datasource added", "name": ds["name"]}
+        return 200, {
+            "datasource": self._public_ds(ds),
+            "id": ds_id,
+            "message": "Datasource added",
+            "name": ds["name"],
+        }
 
     def _put_datasources_datasource_id(self, p, q, body):
         ds = self.datasources.get(_number(p["datasource_id"], "PUT /datasources/{datasource_id}"))
@@ -274,8 +322,12 @@ class GrafanaDouble:
             return 404, {"message": "Data source not found"}
         ds.update(copy.deepcopy(body))
         ds["version"] += 1
-        return 200, {"datasource": self._public_ds(ds), "id": ds["id"], "message": "Datasource updated",
-                     "name": ds["name"]}
+        return 200, {
+            "datasource": self._public_ds(ds),
+            "id": ds["id"],
+            "message": "Datasource updated",
+            "name": ds["name"],
+        }
 
     # ---- dashboards ------------------------------------------------------------------------------
     def _get_dashboards_uid_uid(self, p, q, body):
@@ -283,10 +335,17 @@ class GrafanaDouble:
         if d is None:
             return 404, {"message": "Dashboard not found"}
         dash = d["dashboard"]
-        return 200, {"dashboard": copy.deepcopy(dash),
-                     "meta": {"type": "db", "slug": _slug(dash["title"]), "version": dash["version"],
-                              "folderUid": d["folderUid"], "url": f"/d/{dash['uid']}/{_slug(dash['title'])}",
-                              "provisioned": False}}
+        return 200, {
+            "dashboard": copy.deepcopy(dash),
+            "meta": {
+                "type": "db",
+                "slug": _slug(dash["title"]),
+                "version": dash["version"],
+                "folderUid": d["folderUid"],
+                "url": f"/d/{dash['uid']}/{_slug(dash['title'])}",
+                "provisioned": False,
+            },
+        }
 
     def _post_dashboards_db(self, p, q, body):
         dash = copy.deepcopy(body["dashboard"])
@@ -298,25 +357,42 @@ class GrafanaDouble:
         uid = dash.get("uid") or f"d{next(self._ids)}"
         existing = self.dashboards.get(uid)
         if existing and not body.get("overwrite") and dash.get("version") != existing["dashboard"]["version"]:
-            return 412, {"message": "The dashboard has been changed by someone else", "status": "version-mismatch"}
+            return 412, {
+                "message": "The dashboard has been changed by someone else",
+                "status": "version-mismatch",
+            }
         if existing is None and dash.get("id"):
             return 404, {"message": "Dashboard not found", "status": "not-found"}
         dash["uid"] = uid
         dash["id"] = existing["dashboard"]["id"] if existing else next(self._ids)
-        dash["version"] = existing["dashboard"]["version"] + 1 if existing else 1  # every save is a new version
+        dash["version"] = (
+            existing["dashboard"]["version"] + 1 if existing else 1
+        )  # every save is a new version
         self.dashboards[uid] = {"dashboard": dash, "folderUid": folder}
-        self.versions.setdefault(uid, []).append({"version": dash["version"], "message": body.get("message", ""),
-                                                  "data": copy.deepcopy(dash)})
-        return 200, {"id": dash["id"], "uid": uid, "url": f"/d/{uid}/{_slug(dash['title'])}", "status": "success",
-                     "version": dash["version"], "slug": _slug(dash["title"])}
+        self.versions.setdefault(uid, []).append(
+            {"version": dash["version"], "message": body.get("message", ""), "data": copy.deepcopy(dash)}
+        )
+        return 200, {
+            "id": dash["id"],
+            "uid": uid,
+            "url": f"/d/{uid}/{_slug(dash['title'])}",
+            "status": "success",
+            "version": dash["version"],
+            "slug": _slug(dash["title"]),
+        }
 
     # ---- annotations -----------------------------------------------------------------------------
     def _post_annotations(self, p, q, body):
         if not body.get("text"):
             raise SpecError("POST /annotations: Grafana refuses an annotation without text")
         a_id = next(self._ids)
-        self.annotations[a_id] = {"id": a_id, "time": body.get("time") or 0, "timeEnd": body.get("timeEnd") or 0,
-                                  "tags": body.get("tags") or [], "text": body["text"]}
+        self.annotations[a_id] = {
+            "id": a_id,
+            "time": body.get("time") or 0,
+            "timeEnd": body.get("timeEnd") or 0,
+            "tags": body.get("tags") or [],
+            "text": body["text"],
+        }
         return 200, {"message": "Annotation added", "id": a_id}
 
     def _patch_annotations_annotation_id(self, p, q, body):

@@ -55,7 +55,9 @@ class SlackDouble:
         self.problems: list[str] = []
         self.calls: list[tuple[str, dict]] = []
         self.messages: list[Message] = []
-        self.scripted: list[tuple[int, dict, dict]] = []  # (status, headers, body) answered before normal handling
+        self.scripted: list[
+            tuple[int, dict, dict]
+        ] = []  # (status, headers, body) answered before normal handling
         self._lock = threading.Lock()
         self._ts = itertools.count(1)
         double = self
@@ -108,8 +110,11 @@ class SlackDouble:
         if problems:
             with self._lock:
                 self.problems += [f"{method}: {p}" for p in problems]
-            return self._reply(h, 200, {"ok": False, "error": "invalid_arguments", "response_metadata":
-                                        {"messages": problems}})
+            return self._reply(
+                h,
+                200,
+                {"ok": False, "error": "invalid_arguments", "response_metadata": {"messages": problems}},
+            )
         return self._reply(h, 200, self._perform(method, params))
 
     def _reply(self, h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict | None = None) -> None:
@@ -131,7 +136,11 @@ class SlackDouble:
         if not any(ctype.startswith(c) for c in consumes):
             problems.append(f"content type {ctype!r} is not one of {consumes}")
         declared = {p["name"]: p for p in op.get("parameters", [])}
-        if "token" in declared and declared["token"].get("in") == "header" and not auth.startswith("Bearer xox"):
+        if (
+            "token" in declared
+            and declared["token"].get("in") == "header"
+            and not auth.startswith("Bearer xox")
+        ):
             problems.append("no bearer token in the Authorization header")
         for name, p in declared.items():
             if p.get("required") and p.get("in") == "formData" and name not in params:
@@ -175,7 +184,11 @@ class SlackDouble:
         block_lists = [as_list(params.get("blocks"))]
         for att in as_list(params.get("attachments")):
             block_lists.append(att.get("blocks", []))
-            if "color" in att and not str(att["color"]).startswith("#") and att["color"] not in ("good", "warning", "danger"):
+            if (
+                "color" in att
+                and not str(att["color"]).startswith("#")
+                and att["color"] not in ("good", "warning", "danger")
+            ):
                 problems.append(f"attachment color {att['color']!r} is not a hex colour")
         for blocks in block_lists:
             if len(blocks) > MAX_BLOCKS:
@@ -203,8 +216,9 @@ class SlackDouble:
                     if t == "actions" and len(b.get("elements", [])) > MAX_ACTION_ELEMENTS:
                         problems.append(f"an actions block with over {MAX_ACTION_ELEMENTS} elements")
                     for e in b.get("elements", []):
-                        if e.get("type") == "button" and not (e.get("url", "").startswith("http")
-                                                               or e.get("action_id")):
+                        if e.get("type") == "button" and not (
+                            e.get("url", "").startswith("http") or e.get("action_id")
+                        ):
                             problems.append("a button needs a url or an action_id")
                         if e.get("type") == "button":
                             if len(e.get("text", {}).get("text", "")) > MAX_BUTTON_TEXT:
@@ -222,11 +236,22 @@ class SlackDouble:
         with self._lock:
             if method == "chat.postMessage":
                 ts = f"{int(time.time())}.{next(self._ts):06d}"
-                m = Message(params["channel"], ts, params.get("text", ""), as_list(params.get("blocks")),
-                            as_list(params.get("attachments")), params.get("thread_ts"), received_at=time.time())
+                m = Message(
+                    params["channel"],
+                    ts,
+                    params.get("text", ""),
+                    as_list(params.get("blocks")),
+                    as_list(params.get("attachments")),
+                    params.get("thread_ts"),
+                    received_at=time.time(),
+                )
                 self.messages.append(m)
-                return {"ok": True, "channel": m.channel, "ts": ts,
-                        "message": {"type": "message", "text": m.text, "ts": ts, "bot_id": "B0GPUFLEET"}}
+                return {
+                    "ok": True,
+                    "channel": m.channel,
+                    "ts": ts,
+                    "message": {"type": "message", "text": m.text, "ts": ts, "bot_id": "B0GPUFLEET"},
+                }
             if method == "chat.update":
                 for m in self.messages:
                     if m.channel == params["channel"] and m.ts == params["ts"]:
@@ -237,6 +262,13 @@ class SlackDouble:
                         return {"ok": True, "channel": m.channel, "ts": m.ts, "text": m.text}
                 return {"ok": False, "error": "message_not_found"}
             if method == "auth.test":
-                return {"ok": True, "url": "https://gpufleet.slack.com/", "team": "gpufleet", "user": "gpufleet",
-                        "team_id": "T0", "user_id": "U0", "bot_id": "B0GPUFLEET"}
+                return {
+                    "ok": True,
+                    "url": "https://gpufleet.slack.com/",
+                    "team": "gpufleet",
+                    "user": "gpufleet",
+                    "team_id": "T0",
+                    "user_id": "U0",
+                    "bot_id": "B0GPUFLEET",
+                }
         return {"ok": True}

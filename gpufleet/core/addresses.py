@@ -32,19 +32,26 @@ def database_url(url: str) -> str:
         raise ValueError(f"{shown!r} is not a database URL: write {DATABASE_EXAMPLE}")
     dialect, _, driver = scheme.lower().partition("+")
     if dialect == "postgres":
-        raise ValueError(f"{scheme}:// is not a URL scheme SQLAlchemy knows: write postgresql+psycopg://"
-                         f" (e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB)")
+        raise ValueError(
+            f"{scheme}:// is not a URL scheme SQLAlchemy knows: write postgresql+psycopg://"
+            f" (e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB)"
+        )
     if dialect == "postgresql":
         if driver not in ("", "psycopg"):
-            raise ValueError(f"{scheme}:// needs a driver gpufleet does not ship: write postgresql+psycopg:// "
-                             "(psycopg 3)")
+            raise ValueError(
+                f"{scheme}:// needs a driver gpufleet does not ship: write postgresql+psycopg:// (psycopg 3)"
+            )
         return "postgresql+psycopg://" + rest
     if dialect == "sqlite":
         if driver not in ("", "pysqlite"):
             raise ValueError(f"{scheme}:// needs a driver gpufleet does not ship: write {DATABASE_EXAMPLE}")
         if rest and not rest.startswith("/"):
-            raise ValueError(f"{url!r}: a SQLite URL has three slashes before a relative path and four before "
-                             f"an absolute one: sqlite:///{rest} or sqlite:////var/lib/gpufleet/{rest}")
+            raise ValueError(
+                f"{url!r}: a SQLite URL has three slashes before a relative path and four before "
+                f"an absolute one: sqlite:///{rest} or sqlite:////var/lib/gpufleet/{rest}"
+            )
         return url.strip()
-    raise ValueError(f"{scheme}:// is not supported: gpufleet stores in SQLite or PostgreSQL only; write "
-                     f"{DATABASE_EXAMPLE}")
+    raise ValueError(
+        f"{scheme}:// is not supported: gpufleet stores in SQLite or PostgreSQL only; write "
+        f"{DATABASE_EXAMPLE}"
+    )

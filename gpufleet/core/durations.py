@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
 
 UNITS = {"y": 365 * 86400.0, "w": 7 * 86400.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DURATION = re.compile("".join(rf"(?:(?P<{u}>\d+){u})?" for u in UNITS))
@@ -14,7 +13,7 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 HOW = "write a whole number per unit (ms s m h d w y), largest unit first, e.g. 500ms, 90s, 5m, 1h30m, 7d"
 
 
-def parse_duration(value: Any, *, unit_required: bool = False, bare_number_s: float = 1.0) -> float:
+def parse_duration(value: object, *, unit_required: bool = False, bare_number_s: float = 1.0) -> float:
     """Seconds in ``value``: a Prometheus duration, or a number of ``bare_number_s`` units (seconds unless the
     setting says otherwise: retention counts days). ``unit_required``: a bare number written as text is
     refused (rule files, where ``for: 30`` is more likely a mistake than seconds); ``0`` is still zero."""

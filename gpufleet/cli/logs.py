@@ -21,8 +21,14 @@ NOISY = ("apscheduler", "alembic")
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -48,12 +54,15 @@ class _Redacting(logging.Formatter):
         return line
 
 
-def configure(level: str = "info", fmt: str = "text", *, secrets: Iterable[str] = (),
-              stream: TextIO | None = None) -> None:
+def configure(
+    level: str = "info", fmt: str = "text", *, secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
     """Send every logger's records at ``level`` and above to standard error (or ``stream``) as ``fmt``."""
     if level not in LEVELS or fmt not in FORMATS:
-        raise ValueError(f"log level {level!r} / format {fmt!r}: levels are {', '.join(LEVELS)}; formats "
-                         f"{', '.join(FORMATS)}")
+        raise ValueError(
+            f"log level {level!r} / format {fmt!r}: levels are {', '.join(LEVELS)}; formats "
+            f"{', '.join(FORMATS)}"
+        )
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     inner = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(_Redacting(inner, secrets))

@@ -7,7 +7,7 @@ contract), so no generated ``_pb2`` module has to track the protobuf runtime.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cramjam
@@ -18,8 +18,14 @@ CONTENT_ENCODING = "snappy"
 PROTOCOL_VERSION = "0.1.0"
 
 METRIC_TYPES = {
-    "unknown": 0, "counter": 1, "gauge": 2, "histogram": 3,
-    "gaugehistogram": 4, "summary": 5, "info": 6, "stateset": 7,
+    "unknown": 0,
+    "counter": 1,
+    "gauge": 2,
+    "histogram": 3,
+    "gaugehistogram": 4,
+    "summary": 5,
+    "info": 6,
+    "stateset": 7,
 }
 _METRIC_TYPE_NAMES = {v: k for k, v in METRIC_TYPES.items()}
 
@@ -33,7 +39,9 @@ class TooLarge(RemoteWriteError):
 
 
 def _build_messages() -> dict[str, type]:
-    fdp = descriptor_pb2.FileDescriptorProto(name="gpufleet/prompb.proto", package="prometheus", syntax="proto3")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="gpufleet/prompb.proto", package="prometheus", syntax="proto3"
+    )
     F = descriptor_pb2.FieldDescriptorProto
 
     def msg(name: str, *fields: tuple[str, int, int, int, str]) -> None:
@@ -46,23 +54,39 @@ def _build_messages() -> dict[str, type]:
     opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     msg("Label", ("name", 1, F.TYPE_STRING, opt, ""), ("value", 2, F.TYPE_STRING, opt, ""))
     msg("Sample", ("value", 1, F.TYPE_DOUBLE, opt, ""), ("timestamp", 2, F.TYPE_INT64, opt, ""))
-    msg("Exemplar", ("labels", 1, F.TYPE_MESSAGE, rep, ".prometheus.Label"),
-        ("value", 2, F.TYPE_DOUBLE, opt, ""), ("timestamp", 3, F.TYPE_INT64, opt, ""))
+    msg(
+        "Exemplar",
+        ("labels", 1, F.TYPE_MESSAGE, rep, ".prometheus.Label"),
+        ("value", 2, F.TYPE_DOUBLE, opt, ""),
+        ("timestamp", 3, F.TYPE_INT64, opt, ""),
+    )
     # Native histograms are recognised (field 4) so they can be counted and refused, not silently lost.
     msg("Histogram", ("timestamp", 15, F.TYPE_INT64, opt, ""))
-    msg("TimeSeries", ("labels", 1, F.TYPE_MESSAGE, rep, ".prometheus.Label"),
+    msg(
+        "TimeSeries",
+        ("labels", 1, F.TYPE_MESSAGE, rep, ".prometheus.Label"),
         ("samples", 2, F.TYPE_MESSAGE, rep, ".prometheus.Sample"),
         ("exemplars", 3, F.TYPE_MESSAGE, rep, ".prometheus.Exemplar"),
-        ("histograms", 4, F.TYPE_MESSAGE, rep, ".prometheus.Histogram"))
-    msg("MetricMetadata", ("type", 1, F.TYPE_INT32, opt, ""),
+        ("histograms", 4, F.TYPE_MESSAGE, rep, ".prometheus.Histogram"),
+    )
+    msg(
+        "MetricMetadata",
+        ("type", 1, F.TYPE_INT32, opt, ""),
         ("metric_family_name", 2, F.TYPE_STRING, opt, ""),
-        ("help", 4, F.TYPE_STRING, opt, ""), ("unit", 5, F.TYPE_STRING, opt, ""))
-    msg("WriteRequest", ("timeseries", 1, F.TYPE_MESSAGE, rep, ".prometheus.TimeSeries"),
-        ("metadata", 3, F.TYPE_MESSAGE, rep, ".prometheus.MetricMetadata"))
+        ("help", 4, F.TYPE_STRING, opt, ""),
+        ("unit", 5, F.TYPE_STRING, opt, ""),
+    )
+    msg(
+        "WriteRequest",
+        ("timeseries", 1, F.TYPE_MESSAGE, rep, ".prometheus.TimeSeries"),
+        ("metadata", 3, F.TYPE_MESSAGE, rep, ".prometheus.MetricMetadata"),
+    )
     pool = descriptor_pool.DescriptorPool()
     fd = pool.Add(fdp)
-    return {name: message_factory.GetMessageClass(fd.message_types_by_name[name])
-            for name in ("WriteRequest", "TimeSeries")}
+    return {
+        name: message_factory.GetMessageClass(fd.message_types_by_name[name])
+        for name in ("WriteRequest", "TimeSeries")
+    }
 
 
 _MESSAGES = _build_messages()
@@ -135,16 +159,20 @@ def uncompressed_length(body: bytes) -> int:
         shift += 7
         if i == 4:
             break
-    raise RemoteWriteError("body is not snappy block format (bad length preamble); "
-                           "remote-write 1.0 needs Content-Encoding: snappy, block format, not framed")
+    raise RemoteWriteError(
+        "body is not snappy block format (bad length preamble); "
+        "remote-write 1.0 needs Content-Encoding: snappy, block format, not framed"
+    )
 
 
 def decode(body: bytes, max_uncompressed: int = 64 << 20) -> WriteRequest:
     """Inflate and parse a remote-write body. Refuses a body announcing more than ``max_uncompressed``."""
     size = uncompressed_length(body)
     if size > max_uncompressed:
-        raise TooLarge(f"body inflates to {size} bytes, over the {max_uncompressed}-byte limit; "
-                       "send smaller batches (Prometheus: queue_config.max_samples_per_send)")
+        raise TooLarge(
+            f"body inflates to {size} bytes, over the {max_uncompressed}-byte limit; "
+            "send smaller batches (Prometheus: queue_config.max_samples_per_send)"
+        )
     try:
         raw = bytes(cramjam.snappy.decompress_raw(body))
     except Exception as exc:  # cramjam raises its own DecompressionError
@@ -161,11 +189,8 @@ def decode(body: bytes, max_uncompressed: int = 64 << 20) -> WriteRequest:
         out.series.append(Series(labels, samples))
         out.histograms_ignored += len(ts.histograms)
         out.exemplars_ignored += len(ts.exemplars)
-    out.metadata = [Metadata(m.metric_family_name, _METRIC_TYPE_NAMES.get(m.type, "unknown"), m.help, m.unit)
-                    for m in msg.metadata]
+    out.metadata = [
+        Metadata(m.metric_family_name, _METRIC_TYPE_NAMES.get(m.type, "unknown"), m.help, m.unit)
+        for m in msg.metadata
+    ]
     return out
-
-
-def labels_key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """A hashable, order-independent identity for a label set."""
-    return tuple(sorted(labels.items()))

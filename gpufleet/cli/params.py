@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from gpufleet.addresses import database_url, split_listen
-from gpufleet.durations import format_duration, parse_duration
+from gpufleet.core.addresses import database_url, split_listen
+from gpufleet.core.durations import format_duration, parse_duration
 
 
 class Duration(click.ParamType):
@@ -29,8 +29,11 @@ class Duration(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         if seconds < self.minimum_s:
-            self.fail(f"{value!r} is less than the least this setting takes, {format_duration(self.minimum_s)}",
-                      param, ctx)
+            self.fail(
+                f"{value!r} is less than the least this setting takes, {format_duration(self.minimum_s)}",
+                param,
+                ctx,
+            )
         return seconds / self.unit_s
 
 
@@ -65,8 +68,12 @@ class DatabaseURL(click.ParamType):
         try:
             make_url(url)
         except (ArgumentError, ValueError) as exc:
-            self.fail(f"the URL is malformed ({exc}); write sqlite:///PATH/gpufleet.db or "
-                      "postgresql+psycopg://USER:PASSWORD@HOST/DB", param, ctx)
+            self.fail(
+                f"the URL is malformed ({exc}); write sqlite:///PATH/gpufleet.db or "
+                "postgresql+psycopg://USER:PASSWORD@HOST/DB",
+                param,
+                ctx,
+            )
         return str(value)
 
 

@@ -16,8 +16,15 @@ class StatusLine:
     """Call it with a text to show (it is a ``progress`` callback); ``clear()`` or leaving the ``with`` block
     removes the line. At most one redraw per ``min_interval_s``, so callers may report as often as they like."""
 
-    def __init__(self, prefix: str = "", stream: TextIO | None = None, *, enabled: bool | None = None,
-                 min_interval_s: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        prefix: str = "",
+        stream: TextIO | None = None,
+        *,
+        enabled: bool | None = None,
+        min_interval_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self.enabled = _is_terminal(self._stream) if enabled is None else enabled
         self._prefix = prefix
@@ -51,8 +58,9 @@ class StatusLine:
     def __enter__(self) -> StatusLine:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.clear()
 
 

@@ -1,6 +1,6 @@
-"""`gpufleet top`: every GPU of the fleet in one terminal, from the collector's /api/v1/fleet.
+"""The screen of `gpufleet top`: every GPU of the fleet in one terminal, from the collector's /api/v1/fleet.
 
-It talks HTTP to the collector only. The screen is redrawn in place on the terminal's alternate
+It talks HTTP to the collector only, through the CollectorClient. The screen is redrawn in place on the terminal's alternate
 screen (rich's Live), so a refresh does not flicker and quitting gives the shell back as it was.
 Keys: s SM activity, u utilization, m memory, t temperature, p power, a alerts, n node order,
 r reverse, / filter (Enter applies, Esc clears), q quit.
@@ -8,21 +8,20 @@ r reverse, / filter (Enter applies, Esc clears), q quit.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, Protocol, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from gpufleet.cli.client import ClientError, Fleet, FleetGPU
 
 GIB = float(1 << 30)
 SEVERITY_RANK = {"critical": 3, "warning": 2, "info": 1}
@@ -34,7 +33,7 @@ class Filters:
     node: str | None = None  # substring of the node name
     pod: str | None = None  # substring of namespace/pod
 
-    def keep(self, g: dict[str, Any]) -> bool:
+    def keep(self, g: FleetGPU) -> bool:
         if self.cluster and (g.get("cluster") or "") != self.cluster:
             return False
         if self.node and self.node not in (g.get("node") or ""):
@@ -42,34 +41,45 @@ class Filters:
         return not (self.pod and self.pod not in _pod(g))
 
 
-def _pod(g: dict[str, Any]) -> str:
-    return f"{g.get('namespace') or ''}/{g['pod']}" if g.get("pod") else ""
+SortKey = tuple[float | str | bool, ...]
 
 
-def _desc(name: str) -> Callable[[dict[str, Any]], tuple]:
+def _pod(g: FleetGPU) -> str:
+    pod = g.get("pod")
+    return f"{g.get('namespace') or ''}/{pod}" if pod else ""
+
+
+def _desc(value: Callable[[FleetGPU], float | None]) -> Callable[[FleetGPU], SortKey]:
     # Missing values sort last whichever way the order goes.
-    return lambda g: (g.get(name) is None, -(g.get(name) or 0.0))
+    def key(g: FleetGPU) -> SortKey:
+        v = value(g)
+        return (v is None, -(v or 0.0))
+
+    return key
 
 
-def _alert_rank(g: dict[str, Any]) -> tuple:
+def _alert_rank(g: FleetGPU) -> SortKey:
     firing = [a for a in g.get("alerts", []) if a["state"] == "firing"]
-    return (-max((SEVERITY_RANK.get(a["severity"], 0) for a in firing), default=0), -len(firing),
-            -len(g.get("alerts", [])))
+    return (
+        -max((SEVERITY_RANK.get(a["severity"], 0) for a in firing), default=0),
+        -len(firing),
+        -len(g.get("alerts", [])),
+    )
 
 
-def _node_order(g: dict[str, Any]) -> tuple:
+def _node_order(g: FleetGPU) -> SortKey:
     gpu = str(g.get("gpu") or "0")
     return (g.get("cluster") or "", g.get("node") or "", int(gpu) if gpu.isdigit() else 0)
 
 
 # sort name -> (key press, column title, key function)
-SORTS: dict[str, tuple[str, str, Callable[[dict[str, Any]], tuple]]] = {
+SORTS: dict[str, tuple[str, str, Callable[[FleetGPU], SortKey]]] = {
     "node": ("n", "NODE", _node_order),
-    "sm": ("s", "SM", _desc("sm_active")),
-    "util": ("u", "UTIL", _desc("utilization")),
-    "memory": ("m", "MEM", _desc("memory_used_bytes")),
-    "temperature": ("t", "TEMP", _desc("temperature_celsius")),
-    "power": ("p", "POWER", _desc("power_watts")),
+    "sm": ("s", "SM", _desc(lambda g: g.get("sm_active"))),
+    "util": ("u", "UTIL", _desc(lambda g: g.get("utilization"))),
+    "memory": ("m", "MEM", _desc(lambda g: g.get("memory_used_bytes"))),
+    "temperature": ("t", "TEMP", _desc(lambda g: g.get("temperature_celsius"))),
+    "power": ("p", "POWER", _desc(lambda g: g.get("power_watts"))),
     "alerts": ("a", "ALERTS", _alert_rank),
 }
 KEYS = {key: name for name, (key, _, _) in SORTS.items()}
@@ -108,13 +118,19 @@ class TopState:
             self.sort, self.reverse = KEYS[key], False
 
 
-def visible_gpus(fleet: dict[str, Any], state: TopState) -> list[dict[str, Any]]:
+def visible_gpus(fleet: Fleet, state: TopState) -> list[FleetGPU]:
     """The fleet's GPUs after filters, in the chosen order."""
-    gpus = [g for n in fleet.get("nodes", []) for g in n["gpus"] if state.filters.keep(g)]
+    gpus = [g for n in fleet.get("nodes", []) for g in n.get("gpus", []) if state.filters.keep(g)]
     if state.text_filter:
         needle = state.text_filter.lower()
-        gpus = [g for g in gpus if any(needle in str(v).lower() for v in
-                                       (g.get("node"), _pod(g), g.get("cluster"), g.get("model"), g.get("uuid")))]
+        gpus = [
+            g
+            for g in gpus
+            if any(
+                needle in str(v).lower()
+                for v in (g.get("node"), _pod(g), g.get("cluster"), g.get("model"), g.get("uuid"))
+            )
+        ]
     key = SORTS[state.sort][2]
     gpus.sort(key=_node_order)
     gpus.sort(key=key, reverse=state.reverse)
@@ -125,10 +141,11 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:.0f}%"
 
 
-def render(fleet: dict[str, Any] | None, state: TopState, url: str, error: str | None = None,
-           updated: float | None = None) -> Group:
+def render(
+    fleet: Fleet | None, state: TopState, url: str, error: str | None = None, updated: float | None = None
+) -> Group:
     """The whole screen: a header line, the GPU table, the key help."""
-    t = (fleet or {}).get("totals", {})
+    t = fleet.get("totals", {}) if fleet else {}
     head = Text()
     head.append("gpufleet top ", style="bold")
     head.append(f"{url}  ")
@@ -138,18 +155,35 @@ def render(fleet: dict[str, Any] | None, state: TopState, url: str, error: str |
         head.append(f", {t.get('power_watts', 0) / 1000:.2f} kW")
     head.append(f"  sort: {state.sort} {'↑' if state.reverse else '↓'}")
     if state.text_filter or any(vars(state.filters).values()):
-        parts = [f"{k}={v}" for k, v in vars(state.filters).items() if v] + \
-                ([f"/{state.text_filter}"] if state.text_filter else [])
+        parts = [f"{k}={v}" for k, v in vars(state.filters).items() if v] + (
+            [f"/{state.text_filter}"] if state.text_filter else []
+        )
         head.append("  filter: " + " ".join(parts), style="cyan")
     if updated:
         head.append(time.strftime("  %H:%M:%S", time.localtime(updated)), style="dim")
     table = Table(expand=True, box=None, pad_edge=False, header_style="bold", show_edge=False)
     sort_title = SORTS[state.sort][1]
-    for title, justify in (("NODE", "left"), ("GPU", "right"), ("MODEL", "left"), ("POD", "left"),
-                           ("SM", "right"), ("UTIL", "right"), ("MEM", "right"), ("TEMP", "right"),
-                           ("POWER", "right"), ("THROTTLE", "left"), ("ALERTS", "left")):
-        table.add_column(Text(title, style="reverse bold" if title == sort_title else "bold"), justify=justify,
-                         no_wrap=True, overflow="ellipsis", ratio=2 if title in ("POD", "ALERTS") else None)
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+        ("NODE", "left"),
+        ("GPU", "right"),
+        ("MODEL", "left"),
+        ("POD", "left"),
+        ("SM", "right"),
+        ("UTIL", "right"),
+        ("MEM", "right"),
+        ("TEMP", "right"),
+        ("POWER", "right"),
+        ("THROTTLE", "left"),
+        ("ALERTS", "left"),
+    )
+    for title, justify in columns:
+        table.add_column(
+            Text(title, style="reverse bold" if title == sort_title else "bold"),
+            justify=justify,
+            no_wrap=True,
+            overflow="ellipsis",
+            ratio=2 if title in ("POD", "ALERTS") else None,
+        )
     rows = visible_gpus(fleet, state) if fleet else []
     for g in rows:
         sm, util = g.get("sm_active"), g.get("utilization")
@@ -162,35 +196,54 @@ def render(fleet: dict[str, Any] | None, state: TopState, url: str, error: str |
         status = "" if g.get("up") else "LOST "
         status += "stale " if g.get("stale") else ""
         table.add_row(
-            g.get("node") or "", str(g.get("gpu")), (g.get("model") or "").replace("NVIDIA ", ""), _pod(g),
-            Text(_pct(sm), style="yellow" if low_sm else ""), _pct(util), mem,
-            "–" if temp is None else f"{temp:.0f}°C", "–" if power is None else f"{power:.0f}W",
+            g.get("node") or "",
+            str(g.get("gpu")),
+            (g.get("model") or "").replace("NVIDIA ", ""),
+            _pod(g),
+            Text(_pct(sm), style="yellow" if low_sm else ""),
+            _pct(util),
+            mem,
+            "–" if temp is None else f"{temp:.0f}°C",
+            "–" if power is None else f"{power:.0f}W",
             Text(",".join(g.get("throttle", [])), style="yellow"),
-            Text(status + " ".join(a["rule"] + ("?" if a["state"] == "pending" else "") for a in alerts),
-                 style="bold red" if alerts or status else ""),
-            style="on grey15" if alerts else None)
+            Text(
+                status + " ".join(a["rule"] + ("?" if a["state"] == "pending" else "") for a in alerts),
+                style="bold red" if alerts or status else "",
+            ),
+            style="on grey15" if alerts else None,
+        )
     foot = Text()
     if error:
         foot.append(f"{error}\n", style="bold red")
     if state.typing is not None:
         foot.append(f"filter: {state.typing}▏  (Enter applies, Esc clears)", style="cyan")
     else:
-        foot.append(f"{len(rows)} GPUs shown.  sort: s SM  u util  m memory  t temp  p power  a alerts  n node  "
-                    "r reverse   / filter   q quit", style="dim")
+        foot.append(
+            f"{len(rows)} GPUs shown.  sort: s SM  u util  m memory  t temp  p power  a alerts  n node  "
+            "r reverse   / filter   q quit",
+            style="dim",
+        )
     return Group(head, Text(""), table, Text(""), foot)
 
 
-def fetch_fleet(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url.rstrip("/") + "/api/v1/fleet", timeout=timeout) as resp:
-        return json.loads(resp.read())
+class FleetSource(Protocol):
+    """Where the screen's data comes from: the CollectorClient, or a test's stand-in."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    def fleet(self) -> Fleet: ...
 
 
 class _Keys:
     """Single key presses from a terminal, without echo; a no-op reader when stdin is not a terminal."""
 
-    def __init__(self, stream: Any) -> None:
-        self.fd = stream.fileno() if hasattr(stream, "fileno") else None
-        self._saved = None
+    def __init__(self, stream: TextIO) -> None:
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.StringIO and other streams without a descriptor
+            self.fd = None
+        self._saved: list[int | list[bytes | int]] | None = None
         if self.fd is not None and os.isatty(self.fd):
             import termios
             import tty
@@ -211,20 +264,27 @@ class _Keys:
         return data.decode(errors="ignore")
 
     def close(self) -> None:
-        if self._saved is not None:
+        if self._saved is not None and self.fd is not None:
             import termios
 
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
-def run_top(url: str, *, interval: float = 2.0, sort_key: str = "node", filters: Filters | None = None,
-            console: Console | None = None, stdin: Any = None,
-            fetch: Callable[[str], dict[str, Any]] = fetch_fleet) -> None:
-    """Show the fleet until q. ``fetch`` and the streams are passed in so a test can drive it."""
+def run_top(
+    source: FleetSource,
+    *,
+    interval: float = 2.0,
+    sort_key: str = "node",
+    filters: Filters | None = None,
+    console: Console | None = None,
+    stdin: TextIO | None = None,
+) -> None:
+    """Show the fleet until q. The source and the streams are passed in so a test can drive it."""
     state = TopState(sort=sort_key, filters=filters or Filters())
     console = console or Console()
     keys = _Keys(stdin or sys.stdin)
-    fleet: dict[str, Any] | None = None
+    url = source.base_url
+    fleet: Fleet | None = None
     error: str | None = None
     updated: float | None = None
     next_fetch = 0.0
@@ -234,10 +294,9 @@ def run_top(url: str, *, interval: float = 2.0, sort_key: str = "node", filters:
                 now = time.monotonic()
                 if now >= next_fetch:
                     try:
-                        fleet, error, updated = fetch(url), None, time.time()
-                    except (OSError, ValueError) as exc:
-                        reason = getattr(exc, "reason", exc)
-                        error = f"cannot reach the collector at {url} ({reason}); retrying every {interval:g} s"
+                        fleet, error, updated = source.fleet(), None, time.time()
+                    except ClientError as exc:
+                        error = f"{exc}; retrying every {interval:g} s"
                     next_fetch = now + interval
                 live.update(render(fleet, state, url, error, updated), refresh=True)
                 pressed = keys.read(next_fetch - time.monotonic())
@@ -249,7 +308,8 @@ def run_top(url: str, *, interval: float = 2.0, sort_key: str = "node", filters:
 
 def _split_keys(data: str) -> list[str]:
     """Key presses in a read; an escape sequence (arrow keys) counts as one Esc-less no-op."""
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while i < len(data):
         if data[i] == "\x1b" and i + 1 < len(data) and data[i + 1] == "[":
             i += 2

@@ -1,0 +1,39 @@
+"""What an agent is told to do: its flags and environment variables, as one dataclass."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from gpufleet.agent.inference.config import InferenceSettings
+
+
+@dataclass
+class AgentSettings:
+    listen: str = "0.0.0.0:9445"
+    collector: str | None = None
+    token: str | None = None
+    simulate: int = 0
+    node: str = field(default_factory=socket.gethostname)
+    cluster: str | None = None
+    interval: float = 1.0
+    push_interval: float = 5.0
+    sources: tuple[str, ...] = ()  # empty: every source that is on by default
+    metric_names: str = "gpufleet"
+    seed: int | None = None
+    # Kubernetes pod attribution through the kubelet pod-resources API; None: off.
+    pod_resources_socket: str | None = None
+    # Per-process GPU memory and SM utilization (multiplies series), and where to find host processes.
+    process_metrics: bool = False
+    proc_root: str = "/proc"
+    # Seconds between reads of the slow GPU fields (energy counter, PCIe throughput, static values).
+    slow_interval: float = 10.0
+    # Simulated MIG layout: {GPU index: [profile, ...]} (only with simulate).
+    simulate_mig: dict[int, list[str]] | None = None
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    spool_dir: str | None = None  # none: failed batches wait in memory only
+    spool_max_bytes: int = 512 << 20
+    spool_max_age: float = 24 * 3600.0
+    ca_bundle: str | None = None  # CA file to verify an https collector [default: the system's]
+    client_cert: str | None = None  # client certificate and key, for a collector that requires mutual TLS
+    client_key: str | None = None

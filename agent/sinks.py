@@ -1,0 +1,73 @@
+"""The pipeline's outputs: the latest snapshot, which ``/metrics`` serves, and the pusher's own metrics.
+
+The pusher is a sink as it is (``Pusher.__call__`` takes a snapshot); :class:`PushMetrics` reads its
+counters through its public attributes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from gpufleet.agent.families import Family, Snapshot
+from gpufleet.agent.push import Pusher
+
+
+class LatestSnapshot:
+    """Sink that keeps the newest enriched snapshot for the exposition to serve at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest = Snapshot(0)
+
+    def __call__(self, snapshot: Snapshot, /) -> None:
+        with self._lock:
+            self._latest = snapshot
+
+    @property
+    def latest(self) -> Snapshot:
+        with self._lock:
+            return self._latest
+
+
+class PushMetrics:
+    """The pusher's own metrics (the agent adds ``node``)."""
+
+    def __init__(self, pusher: Pusher) -> None:
+        self._pusher = pusher
+
+    def collect(self) -> list[Family]:
+        p = self._pusher
+        out = []
+        for name, kind, help_text, value in (
+            (
+                "gpufleet_agent_push_samples_total",
+                "counter",
+                "Samples the collector acknowledged.",
+                p.sent_samples,
+            ),
+            (
+                "gpufleet_agent_push_failures_total",
+                "counter",
+                "Pushes that failed and were kept for retry.",
+                p.failed_pushes,
+            ),
+            (
+                "gpufleet_agent_push_dropped_samples_total",
+                "counter",
+                "Samples dropped: refused by the collector, or over the pending limit.",
+                p.dropped_samples,
+            ),
+            (
+                "gpufleet_agent_push_pending_samples",
+                "gauge",
+                "Samples waiting to be pushed.",
+                p.pending_samples(),
+            ),
+        ):
+            f = Family(name, kind, help_text)
+            f.add({}, value)
+            out.append(f)
+        return out
+
+
+__all__ = ["LatestSnapshot", "PushMetrics"]
