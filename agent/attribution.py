@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gpufleet.agent.families import Family
+from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class PodAttribution:
         self._list = list_pods or self._grpc_list
         self._channel: Any = None
         self._by_device: dict[str, dict[str, str]] = {}
+        self._pods_by_device: dict[str, set[tuple[str, str]]] = {}  # device -> {(namespace, pod)}
         self._at: float | None = None
         self.failures = 0
         self.last_error: str | None = None
@@ -106,11 +108,9 @@ class PodAttribution:
         inference server discovered in that pod runs on."""
         if self._at is None or self._clock() - self._at >= self._refresh:
             self.update()
-        return sorted(
-            device
-            for device, who in self._by_device.items()
-            if pod in who.get("pod", "").split(",") and namespace in who.get("namespace", "").split(",")
-        )
+        # By (namespace, pod) pair: a GPU time-sliced between pod P of another namespace and some pod of
+        # this namespace is not P's here.
+        return sorted(device for device, pods in self._pods_by_device.items() if (namespace, pod) in pods)
 
     def update(self) -> None:
         """Ask the kubelet now. On failure the last known assignment stays and the failure is logged once."""
@@ -136,7 +136,9 @@ class PodAttribution:
         if self.last_error is not None:
             log.info("the kubelet pod-resources API answers again")
         self.last_error = None
-        self._by_device = devices_to_pods(response)
+        holders = device_holders(response)
+        self._by_device = holder_labels(holders)
+        self._pods_by_device = {device: {(ns, pod) for pod, ns, _ in hs} for device, hs in holders.items()}
 
     def _grpc_list(self) -> Any:
         import grpc
@@ -162,6 +164,11 @@ class PodAttribution:
 
 def devices_to_pods(response: Any) -> dict[str, dict[str, str]]:
     """``ListPodResourcesResponse`` -> {device id: {"pod", "namespace", "container"}} for NVIDIA devices."""
+    return holder_labels(device_holders(response))
+
+
+def device_holders(response: Any) -> dict[str, list[tuple[str, str, str]]]:
+    """``ListPodResourcesResponse`` -> {device id: sorted [(pod, namespace, container)]} for NVIDIA devices."""
     holders: dict[str, list[tuple[str, str, str]]] = {}
     for pod in response.pod_resources:
         for container in pod.containers:
@@ -173,9 +180,15 @@ def devices_to_pods(response: Any) -> dict[str, dict[str, str]]:
                     holder = (pod.name, pod.namespace, container.name)
                     if holder not in holders.setdefault(uuid, []):
                         holders[uuid].append(holder)
+    for hs in holders.values():
+        hs.sort()
+    return holders
+
+
+def holder_labels(holders: dict[str, list[tuple[str, str, str]]]) -> dict[str, dict[str, str]]:
+    """The labels of each device's holders; a GPU time-sliced between pods lists them all, comma-joined."""
     out = {}
     for uuid, hs in holders.items():
-        hs.sort()
         out[uuid] = {
             "pod": ",".join(h[0] for h in hs),
             "namespace": ",".join(sorted({h[1] for h in hs})),
@@ -218,3 +231,16 @@ def container_of(pid: int, proc_root: str | Path = "/proc") -> tuple[str, str, s
             if m:
                 pod = m.group(1).replace("_", "-")
     return command, container, pod
+
+
+# PodAttribution.collect()'s series (the agent adds ``node``); on Kubernetes only.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_agent_pod_resources_failures_total",
+        "counter",
+        "",
+        "Failed calls to the kubelet pod-resources API (GPU pod labels may be stale or missing).",
+        ("node",),
+        "on Kubernetes (pod-resources socket)",
+    ),
+)

@@ -9,8 +9,28 @@ from collections.abc import Callable, Sequence
 
 from gpufleet.agent.families import Family, Snapshot
 from gpufleet.agent.pipeline import Enricher, Sink, Source
+from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
+
+# Agent.sample()'s per-source series, one sample per source that ran.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_agent_source_success",
+        "gauge",
+        "",
+        "1 if the source's last collection succeeded.",
+        ("node", "source"),
+    ),
+    MetricSpec(
+        "gpufleet_agent_source_duration_seconds",
+        "gauge",
+        "seconds",
+        "Time the source's last collection took.",
+        ("node", "source"),
+    ),
+)
+
 
 __all__ = ["Agent", "Snapshot"]
 

@@ -46,6 +46,16 @@ FI_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL = 160
 FI_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN = 269
 FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN = 270
 FI_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN = 271
+FI_GET_GPU_RECOVERY_ACTION = 230  # driver R570 and newer; older drivers answer NOT_SUPPORTED
+
+# nvmlDeviceGpuRecoveryAction_t values of FI_GET_GPU_RECOVERY_ACTION.
+RECOVERY_ACTIONS = {
+    0: "none",
+    1: "gpu_reset",
+    2: "node_reboot",
+    3: "drain_p2p",
+    4: "drain_and_reset",
+}
 
 # nvmlClocksEventReason* bits -> the `reason` label.
 CLOCK_EVENT_REASONS = {
@@ -427,6 +437,19 @@ FIELDS: tuple[Field, ...] = (
         FieldValue(FI_RETIRED_PENDING),
         dcgm="DCGM_FI_DEV_RETIRED_PENDING",
         dcgm_kind="counter",
+    ),
+    # A state the driver sets after a fault (often with XID 154) and holds until the action is taken: the slow
+    # cadence (10 s) is soon enough for an alert that asks for a reset or a reboot.
+    Field(
+        "gpufleet_gpu_recovery_action",
+        "gauge",
+        "",
+        "What the driver says the GPU needs to recover: 0 none, 1 GPU reset, 2 node reboot, 3 drain "
+        "peer-to-peer, 4 drain and reset (NVML_FI_DEV_GET_GPU_RECOVERY_ACTION; driver R570 and newer, "
+        "absent on older drivers).",
+        FieldValue(FI_GET_GPU_RECOVERY_ACTION),
+        urgent=True,
+        slow=True,
     ),
     # ---- PCIe -------------------------------------------------------------------------------------
     Field(

@@ -1,14 +1,22 @@
-"""Writes the field-table sections of docs/metrics.md from the table itself: ``python -m gpufleet.agent.metrics_doc``."""
+"""Writes the generated sections of docs/metrics.md: the field table, and the catalogue of every series.
+
+Run ``python -m gpufleet.cli.catalogue``: the catalogue's collector part lives in the collector, which the
+agent does not import, so the CLI joins the two and calls :func:`update`.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from gpufleet.agent.dcgm_names import CLOCK_REASONS_NAME, MAPPING, XID_NAME
 from gpufleet.agent.fields import FIELDS, GPM_FIELDS, MIG_FIELDS, mig_name
+from gpufleet.core.metricspec import MetricSpec
 
-BEGIN, END = "<!-- field table: begin (python -m gpufleet.agent.metrics_doc) -->", "<!-- field table: end -->"
+BEGIN, END = "<!-- field table: begin (python -m gpufleet.cli.catalogue) -->", "<!-- field table: end -->"
+CATALOGUE_BEGIN = "<!-- catalogue: begin (python -m gpufleet.cli.catalogue) -->"
+CATALOGUE_END = "<!-- catalogue: end -->"
 
 
 def _read(f) -> str:
@@ -55,11 +63,41 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def update(path: Path) -> None:
+def render_catalogue(sections: Mapping[str, tuple[MetricSpec, ...]]) -> str:
+    """Every series by producer: what rules, dashboards and reports may read (the contract test checks)."""
+    lines = [CATALOGUE_BEGIN, ""]
+    for title, specs in sections.items():
+        lines += [
+            f"### {title}",
+            "",
+            "| metric | type | unit | labels | when | dcgm mode name | help |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for m in specs:
+            twins = "<br>".join(f"`{d}`" for d in m.dcgm) or "(same)"
+            lines.append(
+                f"| `{m.name}` | {m.kind} | {m.unit or '—'} | {', '.join(m.labels) or '—'} | {m.when} | "
+                f"{twins} | {m.help} |"
+            )
+        lines.append("")
+    lines.append(CATALOGUE_END)
+    return "\n".join(lines)
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text:
+        return text.rstrip("\n") + "\n\n## Every series, by producer\n\n" + body + "\n"
+    start, stop = text.index(begin), text.index(end) + len(end)
+    return text[:start] + body + text[stop:]
+
+
+def update(path: Path, sections: Mapping[str, tuple[MetricSpec, ...]]) -> None:
     text = path.read_text()
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    path.write_text(text[:start] + render() + text[end:])
+    text = _replace(text, BEGIN, END, render())
+    path.write_text(_replace(text, CATALOGUE_BEGIN, CATALOGUE_END, render_catalogue(sections)))
 
 
 if __name__ == "__main__":
-    update(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/metrics.md"))
+    sys.exit(
+        "the metrics doc joins the agent's and the collector's series: run python -m gpufleet.cli.catalogue"
+    )

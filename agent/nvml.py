@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpufleet.agent.families import Family
+from gpufleet.core.metricspec import MetricSpec
 
 # NVML return codes (nvml.h); stable ABI numbers, the same in every driver.
 ERROR_UNINITIALIZED = 1
@@ -274,3 +275,11 @@ class Nvml:
                 )
             )
         return out
+
+
+# Nvml.collect()'s series (the agent adds ``node``).
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_agent_simulated", "gauge", "", "1 when the GPUs are simulated, not real.", ("node",)
+    ),
+)

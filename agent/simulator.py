@@ -7,7 +7,8 @@ laptop and in CI as on a GPU node. GPUs follow believable, load-driven
 dynamics: jobs come and go, power follows SM activity, temperature follows
 power with a thermal time constant, memory is held by jobs. Faults can be
 injected: XIDs, thermal slowdown, power brake, ECC errors, row remapping,
-PCIe replays, NVLink errors, a GPU falling off the bus, a job that holds
+PCIe replays, NVLink errors, a recovery action
+(drivers R570 and newer), a GPU falling off the bus, a job that holds
 memory but does nothing. GPUs can be put in MIG mode with instances of given
 profiles (``mig={0: ["3g.40gb", "2g.20gb"]}``); the simulator never changes
 MIG settings on its own, as the agent never does on a real GPU.
@@ -50,6 +51,8 @@ NVML_AGGREGATE_ECC = 1
 nvmlEventTypeXidCriticalError = 8
 nvmlEventTypeDoubleBitEccError = 2
 nvmlEventTypeSingleBitEccError = 1
+NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230  # answered from driver R570 on
+NVML_GPU_RECOVERY_ACTION_GPU_RESET = 1
 
 REASON_GPU_IDLE = 0x1
 REASON_SW_POWER_CAP = 0x4
@@ -133,6 +136,7 @@ class _Gpu:
     violation_ns: dict[int, float] = field(default_factory=dict)
     nvlink_errors: dict[int, int] = field(default_factory=dict)
     pcie_replays: int = 0
+    recovery_action: int = 0  # nvmlDeviceGpuRecoveryAction_t
     remapped: list[int] = field(
         default_factory=lambda: [0, 0, 0, 0]
     )  # correctable, uncorrectable, pending, failure
@@ -179,7 +183,7 @@ class SimulatedNVML:
         seed: int | None = None,
         profile: _Profile | None = None,
         workload: str = "mixed",
-        driver: str = "555.42.06",
+        driver: str = "570.133.20",
         mig: dict[int, list[str]] | None = None,
     ) -> None:
         self._clock = clock
@@ -187,6 +191,7 @@ class SimulatedNVML:
         rng = random.Random(seed)
         self._workload = workload
         self._driver = driver
+        self._driver_major = int(driver.split(".")[0])
         self._lock = threading.RLock()
         self._events: deque[tuple[int, int, int]] = deque()
         self._event_cv = threading.Condition(self._lock)
@@ -279,17 +284,23 @@ class SimulatedNVML:
             if kind == "pcie_replay":
                 g.pcie_replays += count
                 return f"{count} PCIe replay(s) on GPU {gpu}"
+            if kind == "recovery_action":  # the driver reports XID 154 when it sets a recovery action
+                g.recovery_action = NVML_GPU_RECOVERY_ACTION_GPU_RESET
+                self._events.append((gpu, nvmlEventTypeXidCriticalError, 154))
+                self._event_cv.notify_all()
+                return f"GPU {gpu} asks for a GPU reset (recovery action 1, XID 154)"
             if kind == "nvlink_error":
                 g.nvlink_errors[38] = g.nvlink_errors.get(38, 0) + count  # CRC flit errors
                 return f"{count} NVLink CRC error(s) on GPU {gpu}"
             if kind == "recover":
                 g.lost = False
                 g.faults.clear()
+                g.recovery_action = 0
                 return f"GPU {gpu} recovered"
             raise ValueError(
                 f"unknown fault {kind!r}; choose one of xid, lost, thermal, sw_thermal, "
                 "hw_slowdown, power_brake, idle_memory, ecc, row_remap, remap_failure, pcie_replay, "
-                "nvlink_error, recover"
+                "recovery_action, nvlink_error, recover"
             )
 
     # ---- dynamics --------------------------------------------------------------------------------
@@ -598,6 +609,8 @@ class SimulatedNVML:
             return ull, g.energy_mj
         if fid == 94:
             return ui, g.pcie_replays
+        if fid == NVML_FI_DEV_GET_GPU_RECOVERY_ACTION:
+            return (ui, g.recovery_action) if self._driver_major >= 570 else None
         if fid in (138, 139):
             kib = g.nvlink_kib["tx" if fid == 138 else "rx"]
             return ull, kib if scope == SCOPE_ALL_LINKS else kib / g.profile.nvlink_links

@@ -10,6 +10,7 @@ import threading
 
 from gpufleet.agent.families import Family, Snapshot
 from gpufleet.agent.push import Pusher
+from gpufleet.core.metricspec import MetricSpec
 
 
 class LatestSnapshot:
@@ -68,6 +69,43 @@ class PushMetrics:
             f.add({}, value)
             out.append(f)
         return out
+
+
+# PushMetrics' series (the agent adds ``node``); they exist when the agent pushes to a collector.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_agent_push_samples_total",
+        "counter",
+        "",
+        "Samples the collector acknowledged.",
+        ("node",),
+        "when pushing",
+    ),
+    MetricSpec(
+        "gpufleet_agent_push_failures_total",
+        "counter",
+        "",
+        "Pushes that failed and were kept for retry.",
+        ("node",),
+        "when pushing",
+    ),
+    MetricSpec(
+        "gpufleet_agent_push_dropped_samples_total",
+        "counter",
+        "",
+        "Samples dropped: refused by the collector, or over the pending limit.",
+        ("node",),
+        "when pushing",
+    ),
+    MetricSpec(
+        "gpufleet_agent_push_pending_samples",
+        "gauge",
+        "",
+        "Samples waiting to be pushed.",
+        ("node",),
+        "when pushing",
+    ),
+)
 
 
 __all__ = ["LatestSnapshot", "PushMetrics"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from gpufleet.agent.families import Family
 from gpufleet.core.durations import parse_duration
+from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,43 @@ def parse_size(value: str | int) -> int:
 def parse_age(value: str | float) -> float:
     """``24h``, ``90m``, ``30s``, ``2d`` or plain seconds."""
     return parse_duration(value)
+
+
+# Spool.collect()'s series (the agent adds ``node``); they exist when pushing with a spool directory.
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_agent_spool_bytes",
+        "gauge",
+        "bytes",
+        "Bytes of batches waiting in the on-disk spool.",
+        ("node",),
+        "opt-in: --spool-dir",
+    ),
+    MetricSpec(
+        "gpufleet_agent_spool_batches",
+        "gauge",
+        "",
+        "Batches waiting in the on-disk spool.",
+        ("node",),
+        "opt-in: --spool-dir",
+    ),
+    MetricSpec(
+        "gpufleet_agent_spool_samples",
+        "gauge",
+        "",
+        "Samples waiting in the on-disk spool.",
+        ("node",),
+        "opt-in: --spool-dir",
+    ),
+    MetricSpec(
+        "gpufleet_agent_spool_dropped_samples_total",
+        "counter",
+        "",
+        "Samples the spool dropped, by reason: size and age limits, or refused by the collector.",
+        ("node", "reason"),
+        "after an event: a drop",
+    ),
+)
 
 
 __all__ = [

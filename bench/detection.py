@@ -8,9 +8,9 @@ clean trace must stay quiet through).
 
 Faults of each kind the rule pack covers are injected at known times, on distinct GPUs: through the
 simulator where it models the fault (XIDs, a GPU falling off the bus, uncorrectable ECC, thermal slowdown,
-power brake, hardware slowdown, a job holding memory while idle), and into the trace where it does not
-(a straggler's SM activity at 35 % of its own, a steady memory leak, a node whose agent stops, a GPU that
-vanishes from its node's inventory, a burst of PCIe replays). Both traces are written as OpenMetrics text
+power brake, hardware slowdown, a job holding memory while idle, PCIe replays: a slow background and
+bursts on a bad link), and into the trace where it does not (a straggler's SM activity at 35 % of its own,
+a steady memory leak, a node whose agent stops, a GPU that vanishes from its node's inventory). Both traces are written as OpenMetrics text
 with timestamps and replayed by ``python -m gpufleet.cli alerts backtest``; its JSON lines are matched to
 the faults.
 
@@ -40,11 +40,14 @@ sys.path.insert(0, str(REPO))
 
 from gpufleet.agent.attribution import DeviceLabels  # noqa: E402
 from gpufleet.agent.core import Agent  # noqa: E402
+from gpufleet.agent.fields import FI_PCIE_REPLAY_COUNTER, FIELDS, FieldValue  # noqa: E402
 from gpufleet.agent.nvml import Nvml  # noqa: E402
 from gpufleet.agent.simulator import SimulatedNVML  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 GPUS_PER_NODE = 8
+# The agent's row for NVML's PCIe replay counter: the trace carries whatever name the agent exports.
+PCIE_REPLAYS = next(f.name for f in FIELDS if f.sources() == [FieldValue(FI_PCIE_REPLAY_COUNTER)])
 KEEP = {  # the families the rule pack reads (the rest of the agent's output is left out of the trace)
     "gpufleet_gpu_up",
     "gpufleet_gpu_xid_errors_total",
@@ -56,6 +59,7 @@ KEEP = {  # the families the rule pack reads (the rest of the agent's output is 
     "gpufleet_gpu_memory_used_bytes",
     "gpufleet_gpu_memory_total_bytes",
     "gpufleet_agent_source_success",
+    PCIE_REPLAYS,
 }
 REASONS = {"hw_thermal", "hw_power_brake", "hw_slowdown"}
 
@@ -114,7 +118,9 @@ class Node:
             if job
             else (lambda uuid, name=name: {"pod": f"svc-{name}"})
         )
-        self.source = GpuSource(self.nvml, name, cluster="bench")
+        # Slow rows (the PCIe replay counter) are read inline on the injected clock: a background reader
+        # would wait in wall-clock seconds while the trace races through hours.
+        self.source = GpuSource(self.nvml, name, cluster="bench", background=False, clock=clock)
         self.agent = Agent([self.source], node=name, clock=clock, enrichers=[DeviceLabels(self.attribution)])
 
     def start(self) -> None:
@@ -185,7 +191,6 @@ def build_trace(
     rng = random.Random(seed)
     series: dict[tuple[str, tuple], list[tuple[float, float]]] = defaultdict(list)
     kinds: dict[str, str] = {}
-    pcie: dict[str, float] = defaultdict(float)
     started: set[int] = set()
     ended: set[int] = set()
     by_node = {n.name: n for n in nodes}
@@ -215,6 +220,14 @@ def build_trace(
                 node.sim.inject(f.gpu, "recover")
         clock.t = t
         for node in nodes:
+            for g in node.source.gpus:  # PCIe replays: a slow background, and bursts on a bad link
+                burst = any(
+                    f.kind == "pcie_replay_burst" and f.uuid == g.uuid and f.start <= t < f.end
+                    for f in faults
+                )
+                replays = _poisson(rng, (2.0 if burst else 0.005) * interval)
+                if replays:
+                    node.sim.inject(g.index, "pcie_replay", count=replays)
             snap = node.agent.sample()
             if any(f.kind == "node_stale" and f.node == node.name and f.start <= t < f.end for f in faults):
                 continue  # the agent is down: nothing reaches the collector
@@ -232,20 +245,6 @@ def build_trace(
                     if value is None:
                         continue
                     series[(fam.name, tuple(sorted(labels.items())))].append((t, value))
-            for g in node.source.gpus:  # PCIe replays: a slow background, and bursts on a bad link
-                if any(f.kind == "gpu_missing" and f.uuid == g.uuid and t >= f.start for f in faults):
-                    continue
-                burst = any(
-                    f.kind == "pcie_replay_burst" and f.uuid == g.uuid and f.start <= t < f.end
-                    for f in faults
-                )
-                lam = (2.0 if burst else 0.005) * interval
-                pcie[g.uuid] += _poisson(rng, lam)
-                labels = {**node.source.labels(g), **node.attribution(g.uuid)}
-                series[("gpufleet_gpu_pcie_replay_total", tuple(sorted(labels.items())))].append(
-                    (t, pcie[g.uuid])
-                )
-                kinds["gpufleet_gpu_pcie_replay_total"] = "counter"
     n = 0
     with open(path, "w") as out:
         by_family: dict[str, list] = defaultdict(list)

@@ -34,6 +34,7 @@ from gpufleet.collector.fleet import fleet_summary
 from gpufleet.collector.runbooks import CSP, Runbooks
 from gpufleet.collector.store import Store, StoreUnavailable
 from gpufleet.core import remote_write as rw
+from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,55 @@ class Limits:
     max_label_length: int = 2048
     # Writes stored at once; past it the collector answers 503 + Retry-After instead of queueing without end.
     max_inflight_writes: int = 64
+
+
+# The series Metrics exports, as a running collector's /metrics shows them (a test scrapes one and compares).
+OWN_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("gpufleet_collector_samples_received_total", "counter", "", "Samples accepted and stored."),
+    MetricSpec(
+        "gpufleet_collector_write_requests_total",
+        "counter",
+        "",
+        "Remote-write requests by outcome.",
+        ("outcome",),
+    ),
+    MetricSpec(
+        "gpufleet_collector_dropped_total",
+        "counter",
+        "",
+        "Parts of accepted requests that cannot be stored.",
+        ("what",),
+        "after an event: a part dropped",
+    ),
+    MetricSpec(
+        "gpufleet_collector_write_duration_seconds",
+        "histogram",
+        "seconds",
+        "Time to store one request.",
+        ("le",),
+    ),
+    MetricSpec("gpufleet_collector_rule_evaluations", "gauge", "", "Rule evaluations since start."),
+    MetricSpec("gpufleet_collector_notifications_sent", "gauge", "", "Notifications sent since start."),
+    MetricSpec(
+        "gpufleet_collector_leader", "gauge", "", "1 while this collector evaluates rules and notifies."
+    ),
+    MetricSpec("gpufleet_collector_inflight_writes", "gauge", "", "Writes being stored now."),
+    MetricSpec(
+        "gpufleet_collector_notifications_failed",
+        "gauge",
+        "",
+        "Notifications a notifier refused for good (not retried), since start.",
+    ),
+    MetricSpec(
+        "gpufleet_collector_notifications_queued", "gauge", "", "Notifications waiting in the send queue."
+    ),
+    MetricSpec(
+        "gpufleet_collector_notification_retries",
+        "gauge",
+        "",
+        "Retries after Slack rate limits (429) and server errors, since start.",
+    ),
+)
 
 
 class Metrics:

@@ -81,6 +81,9 @@ class AdvisoryLockLeader:
                     _short(exc),
                 )
                 self._close()
+                # Not retaken in the same breath: the other replicas get a tick to take over, so a
+                # leader whose session keeps dying does not flap back at once.
+                return False
         try:
             conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         except Exception as exc:

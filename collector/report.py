@@ -41,6 +41,9 @@ STATE_TITLES = {
     "idle": "idle",
     "unknown": "no utilization data",
 }
+# The agent's inference source writes tokens generated per second per model and server; prompt tokens are
+# read, not produced, so tokens per joule counts generated tokens.
+GENERATION_TOKENS = "gpufleet_inference_generation_tokens_per_second"
 THROTTLE_REASONS = ("hw_thermal", "sw_thermal", "hw_slowdown", "hw_power_brake", "sw_power_cap")
 
 
@@ -184,7 +187,7 @@ GROUP BY node, uuid, key"""
 def _sql_tokens(q: _Sql) -> str:
     return f"""SELECT node, model, {q.bucket()} AS bucket, AVG(value) AS value
 FROM metric_samples
-WHERE metric = 'gpufleet_inference_tokens_per_second' AND {q.in_range()}
+WHERE metric = '{GENERATION_TOKENS}' AND {q.in_range()}
 GROUP BY node, model, bucket"""
 
 
@@ -542,18 +545,18 @@ def build_report(
         f"{m}: {r[3]:g} tokens per joule ({r[1]:,} tokens)."
         for m, r in zip(sorted(model_tokens), irows, strict=True)
         if r[3]
-    ] or ["No inference data (gpufleet_inference_tokens_per_second) in this range."]
+    ] or [f"No inference data ({GENERATION_TOKENS}) in this range."]
     report.sections.append(
         Section(
             "inference",
-            "Tokens per joule by model",
-            ["model", "tokens", "GPU kWh", "tokens per joule"],
+            "Generated tokens per joule by model",
+            ["model", "tokens generated", "GPU kWh", "tokens per joule"],
             irows,
             findings,
             _sql_tokens(q),
-            "sum by (model) (gpufleet_inference_tokens_per_second) / "
+            f"sum by (model) ({GENERATION_TOKENS}) / "
             "sum by (model) (sum by (node) (gpufleet_gpu_power_watts) * on (node) group_right "
-            "count by (node, model) (gpufleet_inference_tokens_per_second))",
+            f"count by (node, model) ({GENERATION_TOKENS}))",
             "A node's GPU energy is shared between the models it served in proportion to their tokens.",
         )
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -60,6 +62,10 @@ class CollectorSettings:
     retention: Retention = field(default_factory=Retention)
     raw_layout: str = "chunks"  # "rows": the naive one-row-per-sample layout, for comparisons
     maintenance_interval: float = 60.0
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM once uvicorn has shut down: the collector goes on to close and exit normally."""
 
 
 def own_runbook_base_url(listen: str, scheme: str, public_url: str | None) -> str:
@@ -251,9 +257,17 @@ class Collector:
                 log.exception("rule evaluation failed; next try at the next interval")
 
     def send_digest(self, now: float | None = None) -> str | None:
-        """Build the efficiency report for the last ``report_since`` and post it to Slack; the message ts."""
+        """Build the efficiency report for the last ``report_since`` and post it to Slack; the message ts.
+        Every replica runs the cron job, and only the one leading at that moment posts: the channel gets the
+        digest once however many replicas run."""
         from gpufleet.collector.report import build_report, parse_since, slack_blocks
 
+        with self._tick_lock:
+            # Confirm, never take, the lead here: taking it is the evaluation tick's (it reloads the state).
+            leader = self.leadership.is_leader and self.leadership.check()
+        if not leader:
+            log.info("weekly digest: another replica leads and posts it")
+            return None
         start, end = parse_since(self.settings.report_since, now=now)
         report = build_report(self.store.engine, start, end)
         link = None
@@ -271,6 +285,7 @@ class Collector:
         except Exception as exc:  # SlackApiError and transport errors: the next week tries again
             log.error("weekly digest to %s failed: %s", channel, exc)
             return None
+        log.info("weekly digest posted to %s", channel)
         return resp.get("ts")
 
     def maintain(self) -> None:
@@ -330,10 +345,17 @@ class Collector:
         self.scheduler.start()
         self._push_dashboards()
         self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))  # learn leadership at once
+        # uvicorn shuts down gracefully on SIGTERM and then raises the signal again to the handler that was
+        # there before it; with the default one the process would die right there, before close() gives the
+        # lead up, sends what is queued and drains the forwarders. SIGTERM (Kubernetes' stop) is a clean exit.
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
         try:
             uvicorn.Server(self._server_config()).run()
         finally:
             self.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def start(self) -> Collector:
         """Run in background threads (for `gpufleet up` and tests)."""

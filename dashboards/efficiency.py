@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpufleet.dashboards.inference import REQUESTS, TOKENS
+from gpufleet.dashboards.inference import GENERATION_TOKENS, REQUESTS
 from gpufleet.dashboards.model import DashboardDef, PanelDef, Query, Row, sql_filter
 from gpufleet.dashboards.queries import increase_expr, prom_increase_range, sel, sql_counter_deltas
 
@@ -79,7 +79,7 @@ def _node_sum_sql(metric: str, alias: str) -> str:
 
 
 _tokens_per_joule_sql = (
-    f"WITH tok AS (\n  {_node_sum_sql(TOKENS, 'tps')}),\n"
+    f"WITH tok AS (\n  {_node_sum_sql(GENERATION_TOKENS, 'tps')}),\n"
     f"pw AS (\n  {_node_sum_sql(POWER, 'watts')})\n"
     f"SELECT tok.b AS time, tok.node AS metric, tok.tps / nullif(pw.watts, 0) AS value\n"
     f"FROM tok JOIN pw USING (b, node)\nORDER BY 1, 2"
@@ -147,12 +147,12 @@ energy = Row(
         ),
         PanelDef(
             "Tokens per joule",
-            "How much inference work does each joule buy, per node?",
+            "How many generated tokens does each joule buy, per node?",
             "timeseries",
             (
                 Query(
                     _tokens_per_joule_sql,
-                    f"sum by (node) ({sel(TOKENS, V)}) / sum by (node) ({sel(POWER, V)} and on (node) {sel(REQUESTS, V)})",
+                    f"sum by (node) ({sel(GENERATION_TOKENS, V)}) / sum by (node) ({sel(POWER, V)} and on (node) {sel(REQUESTS, V)})",
                     "{{node}}",
                 ),
             ),

@@ -15,7 +15,8 @@ REQUESTS = "gpufleet_inference_requests_per_second"
 TTFT = "gpufleet_inference_time_to_first_token_seconds"
 ITL = "gpufleet_inference_inter_token_latency_seconds"
 QUEUE = "gpufleet_inference_queue_time_seconds"
-TOKENS = "gpufleet_inference_tokens_per_second"
+GENERATION_TOKENS = "gpufleet_inference_generation_tokens_per_second"
+PROMPT_TOKENS = "gpufleet_inference_prompt_tokens_per_second"
 ERRORS = "gpufleet_inference_errors_per_second"
 
 
@@ -61,15 +62,23 @@ traffic = Row(
             (_per_model(REQUESTS),),
             unit="reqps",
             min=0,
-            width=8,
+            width=6,
         ),
         PanelDef(
-            "Tokens per second",
+            "Tokens generated per second",
             "How many tokens does each model generate?",
             "timeseries",
-            (_per_model(TOKENS),),
+            (_per_model(GENERATION_TOKENS),),
             min=0,
-            width=8,
+            width=6,
+        ),
+        PanelDef(
+            "Prompt tokens per second",
+            "How many prompt tokens does each model read (prefill)?",
+            "timeseries",
+            (_per_model(PROMPT_TOKENS),),
+            min=0,
+            width=6,
         ),
         PanelDef(
             "Errors per second",
@@ -78,7 +87,7 @@ traffic = Row(
             (_per_model(ERRORS),),
             unit="reqps",
             min=0,
-            width=8,
+            width=6,
         ),
     ),
 )

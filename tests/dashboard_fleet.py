@@ -9,6 +9,7 @@ import urllib.request
 from typing import Any
 
 from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.agent.sources.inference import _RATE_FAMILIES
 from gpufleet.core import remote_write as rw
 from tests.conftest import free_port
 
@@ -89,9 +90,14 @@ def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
         ):
             add(name, {**lab, "quantile": "0.5"}, p50)
             add(name, {**lab, "quantile": "0.99"}, p99)
-        add("gpufleet_inference_requests_per_second", lab, 12.0)
-        add("gpufleet_inference_tokens_per_second", lab, 2400.0)
-        add("gpufleet_inference_errors_per_second", lab, 0.1)
+        # rates under the names the agent's inference source gives them
+        for key, value in (
+            ("requests", 12.0),
+            ("generation_tokens", 2400.0),
+            ("prompt_tokens", 9000.0),
+            ("errors", 0.1),
+        ):
+            add(_RATE_FAMILIES[key][0], lab, value)
     return out
 
 

@@ -123,7 +123,9 @@ class MetricsServer:
 class VllmMetrics:
     """vLLM v1's PrometheusStatLogger families (labels model_name, engine)."""
 
-    def __init__(self, model: str, engines: int = 1) -> None:
+    def __init__(
+        self, model: str, engines: int = 1, reasons: tuple[str, ...] = ("stop", "length", "abort", "error")
+    ) -> None:
         self.registry = CollectorRegistry()
         r, ln = self.registry, ["model_name", "engine"]
         self.model, self.engines = model, engines
@@ -175,7 +177,7 @@ class VllmMetrics:
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", ln, registry=r
         )
         for e in range(engines):
-            for reason in ("stop", "length", "abort", "error"):
+            for reason in reasons:  # v1 shows every reason from the start; v0 had no "error" reason
                 self.success.labels(model, str(e), reason)
 
     def request(

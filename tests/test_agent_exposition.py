@@ -161,7 +161,7 @@ def test_dcgm_mode_carries_dcgm_exporter_labels_and_units(exposition):
         "modelName=",
         'Hostname="gpu-node-1"',
         "pci_bus_id=",
-        'DCGM_FI_DRIVER_VERSION="555.42.06"',
+        'DCGM_FI_DRIVER_VERSION="570.133.20"',
     ):
         assert label in line
     assert float(line.rsplit(" ", 1)[1]) == 80 * 1024  # MiB, as dcgm-exporter

@@ -151,6 +151,7 @@ def scripted_gpu() -> dict:
         143: (1, 1),
         144: (1, 1),
         145: (1, 0),
+        230: (1, 2),
     }
     return {
         "nvmlDeviceGetUtilizationRates": SimpleNamespace(gpu=87, memory=40),
@@ -230,6 +231,7 @@ EXPECTED = {
     ("gpufleet_gpu_pcie_link_width", ()): 16,
     ("gpufleet_gpu_pcie_link_max_generation", ()): 5,
     ("gpufleet_gpu_pcie_link_max_width", ()): 16,
+    ("gpufleet_gpu_recovery_action", ()): 2,
     ("gpufleet_gpu_pcie_replays_total", ()): 12,
     ("gpufleet_gpu_pcie_transmit_bytes_per_second", ()): 1000 * 1024,
     ("gpufleet_gpu_pcie_receive_bytes_per_second", ()): 4000 * 1024,
@@ -364,4 +366,4 @@ def test_docs_metrics_md_shows_the_table_as_it_is():
     from gpufleet.agent.metrics_doc import render
 
     doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
-    assert render() in doc, "docs/metrics.md is stale: run python -m gpufleet.agent.metrics_doc"
+    assert render() in doc, "docs/metrics.md is stale: run python -m gpufleet.cli.catalogue"

@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 from gpufleet.agent.attribution import container_of
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
+from tests.conftest import wait_until
 
 
 class Recording:
-    """Passes every pynvml call through to the simulator and records its name."""
+    """Stands in front of the NVML library and writes down every name the agent asks it for.
 
-    def __init__(self, lib):
+    A name is recorded when it is looked up, before the library is consulted, so a call to a
+    function this library lacks (the simulator has no MIG-changing functions) is recorded too."""
+
+    def __init__(self, lib: object) -> None:
         self._lib = lib
-        self.calls: list[str] = []
+        self.looked_up: list[str] = []
 
-    def __getattr__(self, name):
-        value = getattr(self._lib, name)
-        if callable(value) and name.startswith("nvml"):
+    def __getattr__(self, name: str) -> object:
+        self.looked_up.append(name)
+        return getattr(self._lib, name)
 
-            def record(*args, **kwargs):
-                self.calls.append(name)
-                return value(*args, **kwargs)
 
-            return record
-        return value
+# Functions that change MIG layout or other device state: enabling MIG, carving GPU or compute
+# instances, tearing them down, and every setter or reset NVML offers.
+MIG_CHANGING = re.compile(
+    r"^nvml(Device|GpuInstance|ComputeInstance)(Set|Create|Destroy|Reset|Clear)|Destroy"
+)
 
 
 def series(fams, name):
@@ -66,17 +71,47 @@ def test_a_gpu_in_mig_mode_reports_each_instance_and_its_profile():
     assert modes == {"0": "enabled", "1": "disabled"}
 
 
-def test_the_agent_only_reads_mig_state_and_never_changes_it():
+def test_the_agent_only_reads_mig_state_and_never_changes_it() -> None:
+    """A whole life of the GPU source, event watcher and background reader included: start, samples, close."""
     clock = SimpleNamespace(t=0.0)
-    _, lib, src = mig_source(clock, process_metrics=True)
-    for _ in range(3):
-        clock.t += 5
-        src.collect()
-    assert "nvmlDeviceGetMigDeviceHandleByIndex" in lib.calls
+    sim = SimulatedNVML(
+        2, clock=lambda: clock.t, seed=4, workload="busy", mig={0: ["3g.40gb", "2g.20gb", "1g.10gb"]}
+    )
+    lib = Recording(sim)
+    src = GpuSource(Nvml(lib), "node-a", clock=lambda: clock.t, process_metrics=True)
+    src.start()
+    try:
+        wait_until(lambda: "nvmlEventSetWait_v2" in lib.looked_up)
+        for _ in range(3):
+            clock.t += 5
+            src.collect()
+    finally:
+        src.close()
+    asked = set(lib.looked_up)
+    assert {
+        "nvmlDeviceGetMigMode",
+        "nvmlDeviceGetMigDeviceHandleByIndex",
+        "nvmlDeviceRegisterEvents",
+    } <= asked
+    assert sorted(name for name in asked if MIG_CHANGING.search(name)) == []
+
+
+def test_the_mig_guard_recognises_every_state_changing_nvml_function() -> None:
     changing = [
-        c for c in set(lib.calls) if any(w in c for w in ("Set", "Create", "Destroy", "Reset", "Clear"))
+        "nvmlDeviceSetMigMode",
+        "nvmlDeviceCreateGpuInstance",
+        "nvmlDeviceCreateGpuInstanceWithPlacement",
+        "nvmlGpuInstanceCreateComputeInstance",
+        "nvmlGpuInstanceCreateComputeInstanceWithPlacement",
+        "nvmlGpuInstanceDestroy",
+        "nvmlComputeInstanceDestroy",
+        "nvmlDeviceSetPowerManagementLimit",
+        "nvmlDeviceResetGpuLockedClocks",
+        "nvmlDeviceClearEccErrorCounts",
     ]
-    assert changing == []
+    reading = ["nvmlDeviceGetMigMode", "nvmlDeviceGetGpuInstanceId", "nvmlEventSetCreate", "NVMLError"]
+    assert [n for n in changing if not MIG_CHANGING.search(n)] == []
+    assert [n for n in reading if MIG_CHANGING.search(n)] == []
 
 
 def write_proc(root, pid, comm, cgroup):

@@ -73,7 +73,7 @@ def test_an_injected_xid_sends_exactly_one_slack_message_naming_node_gpu_and_xid
     assert "XID 48" in m.text and "gpu-node-7" in m.text and "gpu=1" in m.text and uuid in m.text
     fields = json.dumps(m.attachments)
     assert "gpu-node-7" in fields and uuid in fields and "*XID*\\n48" in fields
-    assert slack.problems == []
+    assert slack.problems == [] and c.engine.send_failures == 0
     alerts = get_json(url + "/api/v1/alerts")["alerts"]
     assert [(x["rule"], x["labels"]["xid"]) for x in alerts] == [("GpuXidCritical", "48")]
 
@@ -124,7 +124,7 @@ def test_a_lost_gpu_pages_once_and_the_others_keep_reporting(fleet):
     assert msgs[0].text.startswith("[CRITICAL]") and uuid in json.dumps(msgs[0].attachments)
     gpus = {g["gpu"]: g["up"] for g in get_json(url + "/api/v1/gpus")["gpus"]}
     assert gpus == {"0": True, "1": True, "2": False}
-    assert slack.problems == []
+    assert slack.problems == [] and c.engine.send_failures == 0
 
 
 def test_writes_need_the_token_when_tokens_are_configured(tmp_path):
@@ -187,6 +187,7 @@ def test_gpufleet_up_as_a_new_user_runs_it(tmp_path):
             return (metrics, gpus) if len(gpus) == 4 else None
 
         metrics, gpus = wait_until(ready, timeout=15)
+        own_metrics = get_text(f"http://127.0.0.1:{port}/metrics")
         for name in (
             "gpufleet_gpu_up",
             "gpufleet_gpu_utilization_ratio",
@@ -207,5 +208,6 @@ def test_gpufleet_up_as_a_new_user_runs_it(tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
+    assert "gpufleet_collector_notifications_failed 0.0" in own_metrics.splitlines()
     assert "simulating 4 GPUs" in out and f"http://127.0.0.1:{agent_port}/metrics" in out
     assert (tmp_path / "gpufleet.db").exists()

@@ -330,3 +330,49 @@ def test_an_unreachable_endpoint_reads_down_and_the_others_go_on(clock):
     assert series(fams, "gpufleet_inference_up", endpoint="ok")[""] == 1.0
     assert series(fams, "gpufleet_inference_up", endpoint="dead")[""] == 0.0
     assert series(fams, "gpufleet_inference_scrape_failures_total", endpoint="dead")[""] == 1
+
+
+def test_a_model_that_has_failed_no_request_reports_zero_errors_not_no_data(clock):
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    old_vllm = VllmMetrics("qwen", reasons=("stop", "length", "abort"))  # vLLM v0: no "error" reason at all
+    tgi = TgiMetrics()  # TGI shows tgi_request_failure only after the first failure
+    reg = CollectorRegistry()
+    app = Histogram("app_latency_seconds", "latency", ["model"], registry=reg)
+    Counter("app_failures", "failed requests", ["model"], registry=reg)  # labelled: no series until a failure
+    servers = [
+        MetricsServer(old_vllm.render),
+        MetricsServer(tgi.render),
+        MetricsServer(lambda: generate_latest(reg).decode()),
+    ]
+    src = make_source(
+        clock,
+        Endpoint("qwen", servers[0].url, server="vllm"),
+        Endpoint("tgi", servers[1].url, server="tgi"),
+        Endpoint(
+            "app",
+            servers[2].url,
+            server="generic",
+            histogram="app_latency_seconds",
+            model_label="model",
+            errors_counter="app_failures_total",
+        ),
+    )
+    try:
+        src.collect()
+        clock.now += 10
+        for _ in range(50):
+            old_vllm.request(0.4, ttft=0.02, itl=[0.02] * 3, queue=0.0, prompt_tokens=10)
+            tgi.request(0.4, 0.01, 0.02, 16)
+            app.labels("ranker").observe(0.03)
+        fams = src.collect()
+    finally:
+        for s in servers:
+            s.close()
+        src.close()
+    for endpoint in ("qwen", "tgi", "app"):
+        assert series(fams, "gpufleet_inference_requests_per_second", endpoint=endpoint)[""] == pytest.approx(
+            5.0
+        )
+        assert series(fams, "gpufleet_inference_errors_per_second", endpoint=endpoint) == {"": 0.0}, endpoint
+        assert series(fams, "gpufleet_inference_error_ratio", endpoint=endpoint) == {"": 0.0}, endpoint

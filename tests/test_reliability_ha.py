@@ -107,14 +107,14 @@ def push(port: int, temps: dict[int, float]) -> None:
     assert resp.status == 204, resp.data
 
 
-def evaluations(port: int) -> float:
+def own_metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return next(
-        float(ln.split()[-1])
-        for ln in text.splitlines()
-        if ln.startswith("gpufleet_collector_rule_evaluations ")
-    )
+    return next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " "))
+
+
+def evaluations(port: int) -> float:
+    return own_metric(port, "gpufleet_collector_rule_evaluations")
 
 
 @pytest.mark.postgres
@@ -145,6 +145,7 @@ def test_the_follower_takes_over_from_a_killed_leader_and_no_slack_message_is_se
             # its successor cannot know about (at least once, as with Alertmanager); the kill comes once the
             # page is recorded, which is what this test is about.
             wait_until(lambda: _recorded_messages(pg_url) >= 1, timeout=15)
+            assert own_metric(port_a, "gpufleet_collector_notifications_failed") == 0
 
             ticks_before_kill = healthz(port_b)["ticks"]
             a.send_signal(signal.SIGKILL)
@@ -166,6 +167,7 @@ def test_the_follower_takes_over_from_a_killed_leader_and_no_slack_message_is_se
             wait_until(lambda: slack.channel_messages("C0ONCALL")[0].edits, timeout=15)
             done = evaluations(port_b)
             wait_until(lambda: evaluations(port_b) >= done + 3, timeout=15)
+            assert own_metric(port_b, "gpufleet_collector_notifications_failed") == 0
         finally:
             for p in (a, b):
                 if p is not None and p.poll() is None:

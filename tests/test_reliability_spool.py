@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
 import urllib3
 
-from gpufleet.agent.core import Agent
+from gpufleet.agent.core import Agent, Snapshot
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.push import Pusher
 from gpufleet.agent.simulator import SimulatedNVML
@@ -172,10 +173,14 @@ def stored_samples(pg_url: str) -> list[tuple[str, int]]:
 
 
 @pytest.mark.postgres
-def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(tmp_path, pg_url):
+def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(
+    tmp_path: Path, pg_url: str
+) -> None:
     """8 simulated GPUs sampled every (simulated) second for 10 minutes while nothing listens at the collector's
-    address; the agent restarts half way. Afterwards the collector holds every sample, the urgent batch (a GPU
-    lost) arrived first, the rest in order, and nothing was acknowledged twice."""
+    address; the agent's pusher runs as in production (its own thread, retrying with backoff) and the agent
+    restarts half way: the running pusher is stopped and a new one starts on the same spool folder.
+    Afterwards the collector holds every sample, the urgent batch (a GPU lost) arrived first, the rest in
+    order, and nothing was acknowledged twice."""
     clock = SimClock()
     port = free_port()
     spool_dir = tmp_path / "spool"
@@ -186,53 +191,68 @@ def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(tmp_pa
     http = RecordingHttp()
 
     def new_pusher() -> Pusher:
-        return Pusher(
+        # pushes every 50 ms and retries within 100 ms, so the test does in seconds what takes minutes live
+        pusher = Pusher(
             f"http://127.0.0.1:{port}",
-            interval=5.0,
+            interval=0.05,
             http=http,
             clock=clock,
             spool=Spool(spool_dir, clock=clock),
+            min_backoff=0.01,
+            max_backoff=0.1,
         )
+        pusher.start()
+        return pusher
 
-    pusher = new_pusher()
-
-    def record(snap) -> None:
+    def record(snap: Snapshot) -> None:
         for fam in snap.families:
             for labels, _ in fam.samples:
                 produced.append(
                     (json.dumps(sorted({"__name__": fam.name, **labels}.items())), snap.timestamp_ms)
                 )
 
-    agent = Agent([gpu], node="gpu-node-1", clock=clock, sinks=[record, lambda snap: pusher(snap)])
-    for tick in range(1, 601):
-        clock.t += 1
-        if tick == 200:
-            sim.inject(5, "lost")
-        agent.sample()
-        if tick % 5 == 0:
-            assert pusher.flush() is False  # collector down: spooled
-        if tick == 300:  # the agent restarts: a new process would find only the spool folder
-            pusher.stop()
-            pusher = new_pusher()
-    assert pusher.flush() is False
-    assert http.acknowledged == [] and len(pusher.spool) == 120
-    assert pusher.spool.samples == len(produced)
-
-    collector = start_collector(pg_url, port)
+    pushers = [new_pusher()]
+    agent = Agent([gpu], node="gpu-node-1", clock=clock, sinks=[record, lambda snap: pushers[-1](snap)])
     try:
-        wait_until(lambda: pusher.flush(), timeout=120, interval=0.2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
+        for tick in range(1, 601):
+            clock.t += 1
+            if tick == 200:
+                sim.inject(5, "lost")
+            spooled = pushers[-1].spool.samples
+            agent.sample()
+            if tick in (100, 300, 600):  # the running pusher tries, fails, and writes this sample to disk
+                wait_until(lambda spooled=spooled: pushers[-1].spool.samples > spooled, timeout=20)
+            if tick == 300:  # the agent restarts: the new process finds only the spool folder
+                pushers[-1].stop()
+                pushers.append(new_pusher())
+        first, second = pushers
+        assert (
+            first.sent_samples == 0
+            and first.failed_pushes > 0
+            and first.pending_samples() == first.spool.samples
+        )
+        assert http.acknowledged == [] and second.last_error and "spooled to" in second.last_error
+
+        collector = start_collector(pg_url, port)
+        try:
+            # the running pusher notices the collector on its next retry and replays the spool by itself
+            wait_until(lambda: second.sent_samples == len(produced), timeout=120, interval=0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+        finally:
+            collector.send_signal(signal.SIGTERM)
+            collector.wait(timeout=20)
     finally:
-        collector.send_signal(signal.SIGTERM)
-        collector.wait(timeout=20)
+        for p in pushers:
+            p.stop()
     received = next(
         float(ln.split()[-1])
         for ln in metrics.splitlines()
         if ln.startswith("gpufleet_collector_samples_received_total")
     )
 
-    assert len(pusher.spool) == 0 and pusher.spool.dropped_samples == {"size": 0, "age": 0, "refused": 0}
+    assert second.pending_samples() == 0 and len(second.spool) == 0
+    assert second.spool.dropped_samples == {"size": 0, "age": 0, "refused": 0}
     # every sample arrived, and none was accepted twice
     assert sorted(stored_samples(pg_url)) == sorted(produced)
     assert received == len(produced) == sum(len(b) for _, b in http.acknowledged)

@@ -17,10 +17,12 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
+from gpufleet.agent.sources.inference import _RATE_FAMILIES
 from gpufleet.cli import main
 from gpufleet.collector.report import build_report, parse_since, render_html, render_markdown, slack_blocks
 from gpufleet.core import remote_write as rw
 
+GENERATED_TOKENS = _RATE_FAMILIES["generation_tokens"][0]  # the name the agent's inference source writes
 T0 = 1_700_006_400  # a whole hour
 MIN = 60
 GIB = 1 << 30
@@ -95,7 +97,7 @@ def known_fleet() -> list[rw.Series]:
     )
     out.append(
         _series(
-            "gpufleet_inference_tokens_per_second",
+            GENERATED_TOKENS,
             {"node": "node-b", "model": "llama-3-8b"},
             _minutes(lambda k: 1000),
         )
@@ -174,9 +176,7 @@ def test_without_inference_or_pods_the_report_says_so(store):
     assert r.gpu_hours["busy"] == 1.0
     assert "no SM activity data" in " ".join(r.section("states").findings)
     assert r.section("inference").rows == []
-    assert r.section("inference").findings == [
-        "No inference data (gpufleet_inference_tokens_per_second) in this range."
-    ]
+    assert r.section("inference").findings == [f"No inference data ({GENERATED_TOKENS}) in this range."]
     assert "pod label" in r.section("waste").findings[0]
 
 

@@ -131,10 +131,12 @@ def test_the_runbook_button_of_a_slack_alert_opens_the_runbook_on_the_collector(
             (message,) = wait_until(lambda: slack.channel_messages("C0ONCALL"), timeout=20)
             link = runbook_buttons(message)["Runbook: GpuXidCritical"]
             status, headers, page = fetch(link)
+            own_metrics = fetch(url + "/metrics")[2]
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
         assert slack.problems == []
+    assert "gpufleet_collector_notifications_failed 0.0" in own_metrics.splitlines()
     assert f"runbooks        {url}/runbooks/" in log.read_text()
     assert link == f"{url}/runbooks/xid-critical"
     assert status == 200 and headers["content-type"].startswith("text/html")

@@ -72,7 +72,7 @@ def test_a_burst_of_30_alerts_arrives_complete_and_in_order_through_429s_and_500
     assert [m.text for m in msgs] == [g.text for g in sent]
     assert len({m.text for m in msgs}) == 30
     assert eng.queue.retries >= 2 and eng.queue.failed == 0
-    assert slack.problems == []
+    assert slack.problems == [] and eng.send_failures == 0
 
 
 def test_one_message_per_group_with_fields_links_colour_and_fallback(slack):
@@ -111,7 +111,7 @@ def test_one_message_per_group_with_fields_links_colour_and_fallback(slack):
         "gpufleet silence add alertname=GpuHardwareThermalSlowdown cluster=prod node=node-0 uuid=GPU-0003"
         in text
     )
-    assert slack.problems == []
+    assert slack.problems == [] and eng.send_failures == 0
 
 
 def test_resolve_edits_the_original_and_replies_in_its_thread_even_after_a_restart(slack, store):
@@ -134,7 +134,7 @@ def test_resolve_edits_the_original_and_replies_in_its_thread_even_after_a_resta
     assert m.text.startswith("[RESOLVED] GpuHardwareThermalSlowdown")
     (reply,) = [x for x in slack.messages if x.thread_ts == m.ts]
     assert reply.text.startswith("Resolved: GpuHardwareThermalSlowdown")
-    assert slack.problems == []
+    assert slack.problems == [] and eng.send_failures == 0 and eng2.send_failures == 0
 
 
 def test_a_message_slack_refuses_for_good_is_counted_not_retried_forever(slack):
@@ -182,7 +182,7 @@ def test_a_critical_alert_joining_a_warning_group_edits_the_message_and_is_broad
     assert "Now firing (critical)" in reply.text and "XID 94" in reply.text
     (call,) = [p for method, p in slack.calls if method == "chat.postMessage" and p.get("thread_ts")]
     assert call["reply_broadcast"] is True
-    assert slack.problems == []
+    assert slack.problems == [] and eng.send_failures == 0
 
 
 def test_the_collector_exports_slack_retries_and_refusals_on_its_metrics(slack, tmp_path):

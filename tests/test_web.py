@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -20,9 +22,37 @@ SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 def screenshot_dir(tmp_path: Path) -> Path:
     """docs/screenshots when refreshing the README's picture (GPUFLEET_UPDATE_SCREENSHOTS=1), else a temp dir,
     so a test run leaves the checkout as it found it."""
-    import os
-
     return SCREENSHOTS if os.environ.get("GPUFLEET_UPDATE_SCREENSHOTS") == "1" else tmp_path
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", "not a PNG"
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height
+
+
+# The browser decodes the picture (no imaging library needed) and counts what was drawn: how many distinct
+# colours, and the share of the most common one (the background). A blank or invisible page is one colour.
+PIXEL_STATS = """(async (src) => {
+    const img = new Image();
+    img.src = src;
+    await img.decode();
+    const canvas = document.createElement('canvas');
+    canvas.width = img.width;
+    canvas.height = img.height;
+    const g = canvas.getContext('2d');
+    g.drawImage(img, 0, 0);
+    const d = g.getImageData(0, 0, img.width, img.height).data;
+    const counts = new Map();
+    for (let i = 0; i < d.length; i += 4) {
+        const k = (d[i] << 16) | (d[i + 1] << 8) | d[i + 2];
+        counts.set(k, (counts.get(k) || 0) + 1);
+    }
+    let top = 0;
+    for (const n of counts.values()) top = Math.max(top, n);
+    return {colours: counts.size, background_share: top / (d.length / 4)};
+})"""
 
 
 def get_json(url: str):
@@ -98,7 +128,9 @@ def test_up_prints_the_fleet_page_and_serves_it(up_8):
     assert 0 <= g["sm_active"] <= 1 and 0 <= g["utilization"] <= 1 and g["memory_total_bytes"] > 0
 
 
-def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(up_8, tmp_path):
+def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(
+    up_8: tuple[str, str, Path], tmp_path: Path
+) -> None:
     from tests.cdp import Chromium
 
     url, agent_url, _ = up_8
@@ -166,7 +198,9 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
         assert "8/8" in page["totals"] or "7/8" in page["totals"]
         card = browser.evaluate("document.querySelector('article.gpu[data-gpu=\"3\"]').innerText")
         assert "GpuXidCritical" in card and "SM active" in card and "utilization" in card and "°C" in card
-        browser.screenshot(screenshot_dir(tmp_path) / "fleet.png")
+        shot = screenshot_dir(tmp_path) / "fleet.png"
+        browser.screenshot(shot)
+        page_height = browser.evaluate("document.documentElement.scrollHeight")
 
         # on a phone: one column, nothing wider than the screen
         browser.viewport(390, 844, mobile=True, scale=2)
@@ -179,9 +213,17 @@ def test_the_fleet_page_shows_8_gpus_and_the_injected_xid_in_headless_chromium(u
             "new Set([...document.querySelectorAll('article.gpu')].map(e => e.offsetLeft)).size]"
         )
         assert widths[0] <= widths[1] and widths[2] == 1, widths
+
+        # the picture just taken shows the whole page as drawn: its full size, cards, trends and colours
+        png = shot.read_bytes()
+        assert png_size(png) == (1280, page_height) and page_height >= 900
+        browser.navigate("about:blank")
+        wait_until(lambda: browser.evaluate("location.href") == "about:blank", timeout=10)
+        data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+        drawn = browser.evaluate(f"{PIXEL_STATS}({json.dumps(data_url)})")
+        assert drawn["colours"] >= 200 and drawn["background_share"] < 0.9, drawn
     finally:
         browser.close()
-    assert (SCREENSHOTS / "fleet.png").stat().st_size > 20_000
 
 
 def _now() -> float:

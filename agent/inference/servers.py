@@ -173,6 +173,12 @@ def _assemble(models: Iterable[str], **parts: dict[str, dict]) -> Reading:
     return out
 
 
+def _zero_when_absent(counter: dict[str, float], models: Iterable[str]) -> dict[str, float]:
+    """A labelled counter has no series until its first increment: a model that serves requests and shows no
+    error series has failed none, and says 0 rather than nothing (a healthy model must not read "No data")."""
+    return {m: counter.get(m, 0.0) for m in set(counter) | set(models)}
+
+
 def read_vllm(page: Exposition, default_model: str, **_: object) -> Reading:
     ml = "model_name"
     itl = "vllm:inter_token_latency_seconds"
@@ -196,12 +202,14 @@ def read_vllm(page: Exposition, default_model: str, **_: object) -> Reading:
     if "vllm:request_success" in page.families:
         counters["requests"] = page.counter("vllm:request_success", ml, default_model)
         # finished_reason is stop / length / abort / error; an abort is the client hanging up, not a failure
-        counters["errors"] = page.counter(
+        # vLLM before v1 has no "error" reason, and a server shows a reason only once it has happened
+        errors = page.counter(
             "vllm:request_success",
             ml,
             default_model,
             keep=lambda labels: labels.get("finished_reason") == "error",
         )
+        counters["errors"] = _zero_when_absent(errors, counters["requests"])
     gauges = {
         "running": page.gauge("vllm:num_requests_running", ml, default_model),
         "waiting": page.gauge("vllm:num_requests_waiting", ml, default_model),
@@ -256,8 +264,8 @@ def read_tgi(page: Exposition, default_model: str, **_: object) -> Reading:
         sums = page.samples(family, "_sum")  # token-count histograms: their sum is the tokens
         if sums:
             counters[key] = {m: sum(s.value for s in sums)}
-    if not counters["errors"] and counters["requests"]:
-        counters["errors"] = {m: 0.0}  # TGI shows the failure counter only after the first failure
+    # TGI shows the failure counter only after the first failure
+    counters["errors"] = _zero_when_absent(counters["errors"], counters["requests"])
     gauges = {
         "waiting": page.gauge("tgi_queue_size", None, m),
         "running": page.gauge("tgi_batch_current_size", None, m),
@@ -285,7 +293,8 @@ def read_generic(
         hists["ttft"] = page.histogram(ttft_histogram, model_label, default_model, scale=scale)
     counters = {}
     if errors_counter:
-        counters["errors"] = page.counter(errors_counter.removesuffix("_total"), model_label, default_model)
+        errors = page.counter(errors_counter.removesuffix("_total"), model_label, default_model)
+        counters["errors"] = _zero_when_absent(errors, hists["e2e"])
     return _assemble(hists["e2e"], histograms=hists, counters=counters)
 
 

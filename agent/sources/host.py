@@ -6,6 +6,7 @@ import os
 from typing import Protocol
 
 from gpufleet.agent.families import Family
+from gpufleet.core.metricspec import MetricSpec
 
 
 class VirtualMemory(Protocol):
@@ -65,3 +66,28 @@ class HostSource:
         cores = Family("gpufleet_host_cpu_cores", "gauge", "Logical CPU cores.")
         cores.add(labels, ps.cpu_count() or 0)
         return [cpu, used, total, load, cores]
+
+
+_HOST_LABELS = ("cluster", "node")
+# The host source's series, as collect() emits them (tests compare the two).
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_host_cpu_utilization_ratio",
+        "gauge",
+        "ratio",
+        "Share of all CPU cores busy since the last sample.",
+        _HOST_LABELS,
+    ),
+    MetricSpec(
+        "gpufleet_host_memory_used_bytes",
+        "gauge",
+        "bytes",
+        "Host memory in use (total minus available), bytes.",
+        _HOST_LABELS,
+    ),
+    MetricSpec(
+        "gpufleet_host_memory_total_bytes", "gauge", "bytes", "Host memory in total, bytes.", _HOST_LABELS
+    ),
+    MetricSpec("gpufleet_host_load1", "gauge", "", "One-minute load average.", _HOST_LABELS),
+    MetricSpec("gpufleet_host_cpu_cores", "gauge", "", "Logical CPU cores.", _HOST_LABELS),
+)

@@ -25,6 +25,7 @@ from gpufleet.agent.inference.probes import ProbeRunner
 from gpufleet.agent.inference.receiver import Receiver
 from gpufleet.agent.inference.servers import READERS, Exposition, Reading, detect_server
 from gpufleet.agent.inference.state import MULTIWINDOWS, ModelState
+from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -497,3 +498,189 @@ class InferenceSource:
                     labels,
                     r.ttft,
                 )
+
+
+# ---- the series this source emits, for the metric catalogue (tests run the source and compare) ----------
+_ENDPOINT = ("cluster", "node", "endpoint", "server", "pod", "namespace", "container", "gpus")
+_MODEL = (*_ENDPOINT, "model")
+_NODE = ("cluster", "node")
+_PROBE = ("cluster", "node", "probe", "kind", "model")
+_SCRAPED = "when configured: scraped endpoints"
+_SERVED = "after the second read of a model that served requests"
+
+
+def _specs(
+    table: dict[str, tuple[str, str]], unit: str, labels: tuple[str, ...], when: str
+) -> tuple[MetricSpec, ...]:
+    return tuple(
+        MetricSpec(name, "gauge", unit, help_text, labels, when) for name, help_text in table.values()
+    )
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "gpufleet_inference_up",
+        "gauge",
+        "",
+        "1 when the endpoint's metrics page was read.",
+        _ENDPOINT,
+        _SCRAPED,
+    ),
+    MetricSpec(
+        "gpufleet_inference_scrape_failures_total",
+        "counter",
+        "",
+        "Scrapes of the endpoint that failed.",
+        _ENDPOINT,
+        _SCRAPED,
+    ),
+    MetricSpec(
+        "gpufleet_inference_scrape_duration_seconds",
+        "gauge",
+        "seconds",
+        "Time the last scrape took.",
+        _ENDPOINT,
+        _SCRAPED,
+    ),
+    *_specs(_GAUGE_FAMILIES, "", _MODEL, "when the server reports it"),
+    MetricSpec(
+        "gpufleet_inference_gpu_info",
+        "gauge",
+        "",
+        "A GPU serving the model; join on uuid with gpufleet_gpu_* series. Always 1.",
+        (*_MODEL, "gpu", "uuid"),
+        "when the endpoint's GPUs are known (Kubernetes pod-resources, or configured)",
+    ),
+    MetricSpec(
+        "gpufleet_inference_requests_total",
+        "counter",
+        "",
+        "Requests finished, counted by the agent across server restarts.",
+        _MODEL,
+    ),
+    MetricSpec(
+        "gpufleet_inference_errors_total",
+        "counter",
+        "",
+        "Requests failed, counted by the agent across server restarts.",
+        _MODEL,
+    ),
+    MetricSpec(
+        "gpufleet_inference_latency_slo_objective_seconds",
+        "gauge",
+        "seconds",
+        "The latency objective: requests should finish within this many seconds.",
+        _MODEL,
+        "opt-in: an SLO configured",
+    ),
+    MetricSpec(
+        "gpufleet_inference_latency_slo_target_ratio",
+        "gauge",
+        "ratio",
+        "Share of requests that must meet the latency objective.",
+        _MODEL,
+        "opt-in: an SLO configured",
+    ),
+    *_specs(_HIST_FAMILIES, "seconds", (*_MODEL, "quantile"), _SERVED),
+    *_specs(_MEAN_FAMILIES, "seconds", _MODEL, _SERVED),
+    *_specs(_RATE_FAMILIES, "per second", _MODEL, "after the second read of a model"),
+    MetricSpec(
+        "gpufleet_inference_error_ratio",
+        "gauge",
+        "ratio",
+        "Share of the interval's requests that failed.",
+        _MODEL,
+        _SERVED,
+    ),
+    MetricSpec(
+        "gpufleet_inference_latency_slo_burn_rate",
+        "gauge",
+        "",
+        "Error-budget burn rate of the latency SLO over the window (1 = exactly on budget).",
+        (*_MODEL, "window"),
+        "opt-in: an SLO configured",
+    ),
+    MetricSpec(
+        "gpufleet_inference_latency_slo_multiwindow_burn_rate",
+        "gauge",
+        "",
+        "The smaller of the burn rates over a long and a short window: above the alert's rate only while both are.",
+        (*_MODEL, "windows"),
+        "opt-in: an SLO configured",
+    ),
+    MetricSpec(
+        "gpufleet_inference_latency_baseline_ratio",
+        "gauge",
+        "ratio",
+        "p99 latency of the last interval over its own slow-moving baseline (2 = doubled).",
+        (*_MODEL, "quantile"),
+        "after a baseline has formed",
+    ),
+    MetricSpec(
+        "gpufleet_inference_client_datagrams_total",
+        "counter",
+        "",
+        "Latency records received from the client API.",
+        _NODE,
+        "opt-in: the client receiver",
+    ),
+    MetricSpec(
+        "gpufleet_inference_client_dropped_datagrams_total",
+        "counter",
+        "",
+        "Client datagrams that could not be used, by reason.",
+        (*_NODE, "reason"),
+        "after an event: an unusable datagram",
+    ),
+    MetricSpec(
+        "gpufleet_inference_discovered_endpoints",
+        "gauge",
+        "",
+        "Endpoints found through Kubernetes pod annotations.",
+        _NODE,
+        "on Kubernetes (pod discovery)",
+    ),
+    MetricSpec(
+        "gpufleet_inference_discovery_skipped_pods",
+        "gauge",
+        "",
+        "Annotated pods that could not be scraped (the agent's log says why).",
+        _NODE,
+        "on Kubernetes (pod discovery)",
+    ),
+    MetricSpec(
+        "gpufleet_inference_probes_total", "counter", "", "Probe runs.", _PROBE, "opt-in: probes configured"
+    ),
+    MetricSpec(
+        "gpufleet_inference_probe_failures_total",
+        "counter",
+        "",
+        "Probe runs that failed, by reason.",
+        (*_PROBE, "reason"),
+        "after an event: a failed probe",
+    ),
+    MetricSpec(
+        "gpufleet_inference_probe_success",
+        "gauge",
+        "",
+        "1 when the last probe run succeeded.",
+        _PROBE,
+        "opt-in: probes configured",
+    ),
+    MetricSpec(
+        "gpufleet_inference_probe_duration_seconds",
+        "gauge",
+        "seconds",
+        "Total time of the last probe run.",
+        _PROBE,
+        "opt-in: probes configured",
+    ),
+    MetricSpec(
+        "gpufleet_inference_probe_time_to_first_token_seconds",
+        "gauge",
+        "seconds",
+        "Time to the first streamed token of the last probe run.",
+        _PROBE,
+        "opt-in: streaming probes",
+    ),
+)

@@ -39,13 +39,19 @@ def alerts() -> None:
 @alerts.command("check")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def alerts_check(paths: tuple[Path, ...]) -> None:
-    """Validate rule files (default: the built-in rule pack); every problem with file, line and rule."""
+    """Validate rule files (default: the built-in rule pack); every problem with file, line and rule.
+
+    Warns about each metric or label a rule reads that no gpufleet agent or collector writes."""
+    from gpufleet.cli.catalogue import check_rules
     from gpufleet.collector.rules.model import RuleError, default_rules_path, load_rules
 
     try:
         rules = load_rules(list(paths) or [default_rules_path()])
     except RuleError as exc:
         _fail_with_problems(exc)
+    # Sites add exporters of their own, so a series outside the catalogue is a warning, not an error.
+    for warning in check_rules(rules):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{len(rules)} rules OK")
 
 

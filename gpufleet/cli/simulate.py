@@ -17,6 +17,7 @@ FAULTS = (
     "power_brake",
     "idle_memory",
     "ecc",
+    "recovery_action",
     "recover",
 )
 
