@@ -22,7 +22,7 @@ F = sql_filter(V)
 REMAPPED_ROWS = "gpufleet_gpu_remapped_rows_total"  # {type="correctable"|"uncorrectable"}
 REMAP_PENDING = "gpufleet_gpu_row_remap_pending"  # 1 while a remap waits for a GPU reset
 REMAP_FAILED = "gpufleet_gpu_row_remap_failure"  # 1 when a remap failed: the GPU needs service
-RETIRED_PAGES = "gpufleet_gpu_retired_pages_total"  # {cause="single_bit_ecc"|"double_bit_ecc"}
+RETIRED_PAGES = "gpufleet_gpu_retired_pages_total"  # {cause="single_bit"|"double_bit"}
 PCIE_REPLAYS = "gpufleet_gpu_pcie_replays_total"
 NVLINK_ERRORS = "gpufleet_gpu_nvlink_errors_total"  # {type="crc_flit"|"crc_data"|"replay"|"recovery"|"ecc_data"}, all links
 XID = "gpufleet_gpu_xid_errors_total"

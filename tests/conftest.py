@@ -19,6 +19,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def produced(name: str) -> str:
+    """``name``, checked against the agent's metric catalogue: fixtures write only series a producer declares.
+
+    Raises KeyError when no producer (field table, GPU source, host or inference source, agent components)
+    declares the series, so a renamed series fails the fixture instead of being written under a stale name.
+    """
+    from gpufleet.agent.catalogue import by_name
+
+    if name not in by_name():
+        raise KeyError(f"{name!r} is not declared by any agent producer (gpufleet.agent.catalogue)")
+    return name
+
+
+def gpu_field(dcgm: str) -> str:
+    """The name of the GPU field-table row (``FIELDS``, ``GPM_FIELDS``) read as dcgm-exporter's ``dcgm``.
+
+    The dcgm-exporter field is the stable key of a row: the row's own name may change, this may not. For a
+    row with one dcgm field per label value, any of them names the row.
+    """
+    from gpufleet.agent.fields import FIELDS, GPM_FIELDS
+
+    for row in (*FIELDS, *GPM_FIELDS):
+        twins = row.dcgm.values() if isinstance(row.dcgm, dict) else (row.dcgm,)
+        if dcgm in twins:
+            return produced(row.name)
+    raise KeyError(f"no GPU field-table row (gpufleet.agent.fields) is read as {dcgm!r}")
+
+
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
     """Poll ``predicate`` until it returns something truthy; return it, or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
-"""A simulated fleet for the dashboard tests: simulated agents with injected faults, plus the series the
-agents do not produce yet (inference servers, row remapping, PCIe/NVLink errors, pods, processes),
-written through remote-write like any other client would."""
+"""A simulated fleet for the dashboard tests: simulated agents with injected faults, plus series the
+simulated agents do not make on their own here (inference servers, row remapping, PCIe/NVLink errors, pods,
+processes), written through remote-write like any other client would, under the names their producers
+declare (a renamed series fails the fixture instead of writing a name no agent sends)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import time
 import urllib.request
 from typing import Any
 
+from gpufleet.agent.fields import PROCESS_MEMORY
 from gpufleet.agent.main import AgentSettings, start_agent
-from gpufleet.agent.sources.inference import _RATE_FAMILIES
+from gpufleet.agent.sources.inference import _HIST_FAMILIES, _RATE_FAMILIES
 from gpufleet.core import remote_write as rw
-from tests.conftest import free_port
+from tests.conftest import free_port, gpu_field, produced
 
 CLUSTER = "dc1"
 NODES = ("gpu-node-a", "gpu-node-b")
@@ -65,28 +67,32 @@ def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
     for agent in agents:
         for i in range(2):
             g = _gpu_labels(agent, i)
-            add("gpufleet_gpu_remapped_rows_total", {**g, "type": "correctable"}, i)
-            add("gpufleet_gpu_remapped_rows_total", {**g, "type": "uncorrectable"}, 0)
-            add("gpufleet_gpu_row_remap_pending", g, 1 if i == 1 else 0)
-            add("gpufleet_gpu_row_remap_failure", g, 0)
-            add("gpufleet_gpu_retired_pages_total", {**g, "cause": "double_bit_ecc"}, i)
-            add("gpufleet_gpu_pcie_replays_total", g, step * (i + 1))
-            add("gpufleet_gpu_nvlink_errors_total", {**g, "type": "crc_flit"}, step * i)
+            add(gpu_field("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"), {**g, "type": "correctable"}, i)
+            add(gpu_field("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS"), {**g, "type": "uncorrectable"}, 0)
+            add(gpu_field("DCGM_FI_DEV_ROW_REMAP_PENDING"), g, 1 if i == 1 else 0)
+            add(gpu_field("DCGM_FI_DEV_ROW_REMAP_FAILURE"), g, 0)
+            add(gpu_field("DCGM_FI_DEV_RETIRED_DBE"), {**g, "cause": "double_bit"}, i)
+            add(gpu_field("DCGM_FI_DEV_PCIE_REPLAY_COUNTER"), g, step * (i + 1))
             add(
-                "gpufleet_gpu_process_memory_used_bytes",
+                gpu_field("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL"),
+                {**g, "type": "crc_flit"},
+                step * i,
+            )
+            add(
+                produced(PROCESS_MEMORY[0]),
                 {**g, "pid": str(4000 + i), "command": "python"},
                 (20 + i) * (1 << 30),
             )
             # the agent's Kubernetes attribution puts pod labels on the GPU series
-            add("gpufleet_gpu_utilization_ratio", {**g, "namespace": "ml", "pod": f"trainer-{i}"}, 0.9)
+            add(gpu_field("DCGM_FI_DEV_GPU_UTIL"), {**g, "namespace": "ml", "pod": f"trainer-{i}"}, 0.9)
     node = agents[0].settings.node
     for model, server in (("llama-3-8b", "vllm-0"), ("mistral-7b", "vllm-1")):
         lab = {"node": node, "cluster": CLUSTER, "model": model, "server": server}
         for name, p50, p99 in (
-            ("gpufleet_inference_request_duration_seconds", 0.8, 2.5),
-            ("gpufleet_inference_time_to_first_token_seconds", 0.05, 0.3),
-            ("gpufleet_inference_inter_token_latency_seconds", 0.02, 0.06),
-            ("gpufleet_inference_queue_time_seconds", 0.01, 0.2),
+            (produced(_HIST_FAMILIES["e2e"][0]), 0.8, 2.5),
+            (produced(_HIST_FAMILIES["ttft"][0]), 0.05, 0.3),
+            (produced(_HIST_FAMILIES["itl"][0]), 0.02, 0.06),
+            (produced(_HIST_FAMILIES["queue"][0]), 0.01, 0.2),
         ):
             add(name, {**lab, "quantile": "0.5"}, p50)
             add(name, {**lab, "quantile": "0.99"}, p99)
@@ -97,7 +103,7 @@ def extra_series(agents: list[Any], step: int, now_ms: int) -> list[rw.Series]:
             ("prompt_tokens", 9000.0),
             ("errors", 0.1),
         ):
-            add(_RATE_FAMILIES[key][0], lab, value)
+            add(produced(_RATE_FAMILIES[key][0]), lab, value)
     return out
 
 

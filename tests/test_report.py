@@ -17,12 +17,15 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
+from gpufleet.agent.fields import XID
 from gpufleet.agent.sources.inference import _RATE_FAMILIES
 from gpufleet.cli import main
 from gpufleet.collector.report import build_report, parse_since, render_html, render_markdown, slack_blocks
 from gpufleet.core import remote_write as rw
+from tests.conftest import gpu_field, produced
 
-GENERATED_TOKENS = _RATE_FAMILIES["generation_tokens"][0]  # the name the agent's inference source writes
+# the name the agent's inference source writes
+GENERATED_TOKENS = produced(_RATE_FAMILIES["generation_tokens"][0])
 T0 = 1_700_006_400  # a whole hour
 MIN = 60
 GIB = 1 << 30
@@ -53,44 +56,50 @@ def known_fleet() -> list[rw.Series]:
 
     out = []
     for name, f in (
-        ("gpufleet_gpu_utilization_ratio", util_a),
-        ("gpufleet_gpu_sm_active_ratio", sm_a),
-        ("gpufleet_gpu_memory_used_bytes", mem_a),
-        ("gpufleet_gpu_power_watts", lambda k: 300),
+        (gpu_field("DCGM_FI_DEV_GPU_UTIL"), util_a),
+        (gpu_field("DCGM_FI_PROF_SM_ACTIVE"), sm_a),
+        (gpu_field("DCGM_FI_DEV_FB_USED"), mem_a),
+        (gpu_field("DCGM_FI_DEV_POWER_USAGE"), lambda k: 300),
     ):
         out.append(_series(name, a_pod, _minutes(f, 0, 240)))  # while the pod holds the GPU
         out.append(_series(name, a, _minutes(f, 240, 360)))
     out.append(
         _series(
-            "gpufleet_gpu_ecc_errors_total",
+            gpu_field("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"),
             {**a_pod, "type": "corrected", "scope": "volatile"},
             _minutes(lambda k: 3 if k < 60 else 5, -1, 240),
         )
     )  # 3 before the range: 2 new errors
     out.append(
         _series(
-            "gpufleet_gpu_ecc_errors_total",
+            gpu_field("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"),
             {**a_pod, "type": "uncorrected", "scope": "volatile"},
             _minutes(lambda k: 0, -1, 240),
         )
     )
     for name, f in (
-        ("gpufleet_gpu_utilization_ratio", lambda k: 0.9),
-        ("gpufleet_gpu_sm_active_ratio", lambda k: 0.5),
-        ("gpufleet_gpu_memory_used_bytes", lambda k: 60 * GIB),
-        ("gpufleet_gpu_power_watts", lambda k: 500),
+        (gpu_field("DCGM_FI_DEV_GPU_UTIL"), lambda k: 0.9),
+        (gpu_field("DCGM_FI_PROF_SM_ACTIVE"), lambda k: 0.5),
+        (gpu_field("DCGM_FI_DEV_FB_USED"), lambda k: 60 * GIB),
+        (gpu_field("DCGM_FI_DEV_POWER_USAGE"), lambda k: 500),
     ):
         out.append(_series(name, b, _minutes(f)))
-    out.append(_series("gpufleet_gpu_energy_joules_total", b, _minutes(lambda k: 1e6 + 500 * 60 * k, -1)))
+    out.append(
+        _series(
+            gpu_field("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"), b, _minutes(lambda k: 1e6 + 500 * 60 * k, -1)
+        )
+    )
     for reason, f in (
         ("hw_thermal", lambda k: 1 if 60 <= k < 180 else 0),
         ("sw_power_cap", lambda k: 1 if 300 <= k < 330 else 0),
         ("gpu_idle", lambda k: 1),
     ):  # not a slowdown: never counted
-        out.append(_series("gpufleet_gpu_clock_event_active", {**b, "reason": reason}, _minutes(f)))
+        out.append(
+            _series(gpu_field("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"), {**b, "reason": reason}, _minutes(f))
+        )
     out.append(
         _series(
-            "gpufleet_gpu_xid_errors_total",
+            produced(XID[0]),
             {**b, "xid": "79"},
             _minutes(lambda k: None if k < 240 else 1 if k < 270 else 2),
         )
@@ -164,14 +173,14 @@ def test_a_partial_range_counts_only_its_own_hours(known_store):
 
 def test_a_gpu_that_stops_reporting_stops_adding_hours(store):
     labels = {"node": "n", "gpu": "0", "uuid": "GPU-gone"}
-    store.write([_series("gpufleet_gpu_utilization_ratio", labels, _minutes(lambda k: 0.0, 0, 30))])
+    store.write([_series(gpu_field("DCGM_FI_DEV_GPU_UTIL"), labels, _minutes(lambda k: 0.0, 0, 30))])
     r = build_report(store.engine, T0, T0 + SIX_HOURS)
     assert r.gpu_hours == {"busy": 0, "busy_low_sm": 0, "idle_with_memory": 0, "idle": 0.5}
 
 
 def test_without_inference_or_pods_the_report_says_so(store):
     labels = {"node": "n", "gpu": "0", "uuid": "GPU-x"}
-    store.write([_series("gpufleet_gpu_utilization_ratio", labels, _minutes(lambda k: 0.9, 0, 60))])
+    store.write([_series(gpu_field("DCGM_FI_DEV_GPU_UTIL"), labels, _minutes(lambda k: 0.9, 0, 60))])
     r = build_report(store.engine, T0, T0 + 3600)
     assert r.gpu_hours["busy"] == 1.0
     assert "no SM activity data" in " ".join(r.section("states").findings)
