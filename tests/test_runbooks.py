@@ -25,6 +25,7 @@ from gpufleet.collector.runbooks import Runbooks
 from gpufleet.collector.service import Collector, CollectorSettings, own_runbook_base_url
 from tests.conftest import free_port, wait_until
 from tests.doubles.slack_api import SlackDouble
+from tests.wiring import start_up
 
 RUNBOOKS_DIR = default_rules_path() / "runbooks"
 
@@ -63,7 +64,6 @@ def runbook_buttons(message) -> dict[str, str]:
 def test_the_runbook_button_of_a_slack_alert_opens_the_runbook_on_the_collector(tmp_path):
     """`gpufleet up` with Slack, an XID on a simulated GPU: the message's runbook button opens the
     runbook of that rule, served by the same collector, with no setting beyond the Slack ones."""
-    agent_port, port = free_port(), free_port()
     with SlackDouble() as slack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
         env.update(
@@ -72,33 +72,7 @@ def test_the_runbook_button_of_a_slack_alert_opens_the_runbook_on_the_collector(
             GPUFLEET_SLACK_CHANNEL="C0ONCALL",
             GPUFLEET_SLACK_BASE_URL=slack.base_url,
         )
-        log = tmp_path / "up.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gpufleet.cli",
-                    "up",
-                    "--simulate",
-                    "2",
-                    "--agent-listen",
-                    f"127.0.0.1:{agent_port}",
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--interval",
-                    "0.5",
-                    "--push-interval",
-                    "1",
-                    "--eval-interval",
-                    "1",
-                ],
-                cwd=tmp_path,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
+        proc, url, agent_url, log = start_up(tmp_path, 2, env)
         try:
 
             def gpus() -> int:
@@ -116,7 +90,7 @@ def test_the_runbook_button_of_a_slack_alert_opens_the_runbook_on_the_collector(
                     "simulate",
                     "inject",
                     "--agent",
-                    f"http://127.0.0.1:{agent_port}",
+                    agent_url,
                     "--gpu",
                     "1",
                     "xid",

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import wait_until
+from tests.wiring import start_up
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
@@ -68,37 +69,10 @@ def get_text(url: str) -> tuple[str, str]:
 @pytest.fixture
 def up_8(tmp_path):
     """`gpufleet up --simulate 8` in a fresh directory, on free ports; yields (collector URL, agent URL, output)."""
-    agent_port, port = free_port(), free_port()
-    log = tmp_path / "up.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gpufleet.cli",
-                "up",
-                "--simulate",
-                "8",
-                "--agent-listen",
-                f"127.0.0.1:{agent_port}",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--interval",
-                "0.5",
-                "--push-interval",
-                "1",
-                "--eval-interval",
-                "1",
-            ],
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    proc, url, agent_url, log = start_up(tmp_path, 8)
     try:
         wait_until(lambda: _gpus(url) == 8, timeout=30)
-        yield url, f"http://127.0.0.1:{agent_port}", log
+        yield url, agent_url, log
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

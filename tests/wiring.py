@@ -107,3 +107,40 @@ def remote_write(url: str, series: list[rw.Series], *, urgent: bool = False) -> 
     """Push through the sender the agent uses (same headers, same urgency flag)."""
     sender = RemoteWriteSender(url + "/api/v1/write", http_pool(30), user_agent="gpufleet-agent-test")
     return sender.send(rw.encode(series), urgent=urgent)
+
+
+def start_up(
+    workdir: Path, gpus: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, str, Path]:
+    """`gpufleet up --simulate GPUS` in ``workdir`` on free ports, sampling, pushing and evaluating fast; returns
+    the process, the collector's and the agent's URLs and the file its output goes to."""
+    from tests.conftest import free_port
+
+    agent_port, port = free_port(), free_port()
+    log = workdir / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpufleet.cli",
+                "up",
+                "--simulate",
+                str(gpus),
+                "--agent-listen",
+                f"127.0.0.1:{agent_port}",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--interval",
+                "0.5",
+                "--push-interval",
+                "1",
+                "--eval-interval",
+                "1",
+            ],
+            cwd=workdir,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{agent_port}", log
