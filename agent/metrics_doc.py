@@ -6,7 +6,6 @@ agent does not import, so the CLI joins the two and calls :func:`update`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,9 +94,3 @@ def update(path: Path, sections: Mapping[str, tuple[MetricSpec, ...]]) -> None:
     text = path.read_text()
     text = _replace(text, BEGIN, END, render())
     path.write_text(_replace(text, CATALOGUE_BEGIN, CATALOGUE_END, render_catalogue(sections)))
-
-
-if __name__ == "__main__":
-    sys.exit(
-        "the metrics doc joins the agent's and the collector's series: run python -m gpufleet.cli.catalogue"
-    )
