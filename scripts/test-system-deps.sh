@@ -3,6 +3,7 @@
 #   * Debian's `prometheus` package: the real Prometheus (remote-write, dashboard PromQL) and promtool
 #     (exposition and rule checks);
 #   * Debian's `chromium` package: the fleet page's end-to-end test in a headless browser;
+#   * Debian's `tmux` package: `gpufleet top` driven in a real terminal;
 #   * a PostgreSQL server on 127.0.0.1:5432 with trust authentication (the production store is tested on
 #     the real thing); started here when a local cluster exists and is stopped.
 # As root, missing packages are installed with apt-get. Otherwise this prints the one command that installs
@@ -12,6 +13,7 @@ set -euo pipefail
 missing=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

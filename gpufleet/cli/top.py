@@ -37,7 +37,8 @@ from gpufleet.cli.params import Duration
 def top(
     collector_url: str, interval: float, sort_key: str, cluster: str | None, node: str | None, pod: str | None
 ) -> None:
-    """A live terminal view of every GPU in the fleet. Keys: s SM, u util, m memory, t temperature, p power,
+    """A live terminal view of every GPU in the fleet. Keys: j/k or Down/Up move a row, PageDown/PageUp or
+    space/b a screen, g/G or Home/End to the first/last row; s SM, u util, m memory, t temperature, p power,
     a alerts, n node; r reverses; / filters; q quits."""
     from gpufleet.cli.client import CollectorClient
 
