@@ -28,9 +28,10 @@ from gpufleet.agent.fields import (
 from gpufleet.agent.sources import host, inference
 from gpufleet.core.metricspec import ALWAYS, MetricSpec
 
-# Labels of every GPU series; the enrich stage adds who holds the GPU on Kubernetes.
+# Labels of every GPU series; the enrich stage adds who holds the GPU on Kubernetes, and the job it serves
+# (from the pod's labels or owner, or on Slurm from the cgroup of the GPU's processes).
 GPU_LABELS = ("cluster", "node", "gpu", "uuid", "model")
-HOLDER_LABELS = ("pod", "namespace", "container")
+HOLDER_LABELS = ("pod", "namespace", "container", "job")
 PROCESS_LABELS = ("pid", "command", "container_id", "pod_uid", "mig_uuid", "gpu_instance")
 SIMULATOR = "gpu source"
 
@@ -135,6 +136,7 @@ SECTIONS: dict[str, tuple[MetricSpec, ...]] = {
     "agent: pusher": sinks.METRICS,
     "agent: spool": spool.METRICS,
     "agent: pod attribution": attribution.METRICS,
+    "agent: job attribution (kubelet /pods)": attribution.KUBELET_PODS_METRICS,
     "agent: NVML gateway": nvml.METRICS,
 }
 

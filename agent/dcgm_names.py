@@ -7,8 +7,12 @@ dcgm-exporter has one field per value (ECC, violations, NVLink errors). Labels b
 ``GPU_I_ID``/``GPU_I_PROFILE`` on MIG instances, ``pod``/``namespace``/``container``). Series without a
 dcgm twin keep their gpufleet name and labels, so nothing is lost in this mode.
 
-dcgm-exporter exposes counters without ``_total``, which prometheus-client cannot write, so this mode has
-its own small text-format writer (:func:`render_text`).
+In ``both`` naming mode (:func:`to_both`) an agent serves each series under both names, for a migration:
+dashboards and rules of either naming work against the same agents. :func:`naming` describes the renaming for
+PromQL (``gpufleet.core.naming``), so the rules and dashboards that ship follow an agent's naming mode.
+
+dcgm-exporter exposes counters without ``_total``, which prometheus-client cannot write, so these modes have
+their own small text-format writer (:func:`render_text`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from prometheus_client.utils import floatToGoString
 
 from gpufleet.agent.families import Families, Family
 from gpufleet.agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
+from gpufleet.core.naming import Naming
+from gpufleet.core.naming import Twin as PromqlTwin
+
+# What an agent's /metrics names its series: gpufleet's names, dcgm-exporter's, or both (for a migration).
+NAMING_MODES = ("gpufleet", "dcgm", "both")
 
 
 class Twin(NamedTuple):
@@ -132,6 +141,71 @@ def to_dcgm(families: list[Family]) -> list[Family]:
             help_text = f.help if twin.scale == 1 else f"{f.help} (gpufleet {f.name} x {twin.scale:g})"
             fam(name, twin.kind, help_text).add(new_labels, value * twin.scale)
     return list(out.values())
+
+
+def to_both(families: list[Family]) -> list[Family]:
+    """Every family under its gpufleet name, and beside it the dcgm-exporter twins :func:`to_dcgm` adds (a
+    series without a twin appears once)."""
+    ours = {f.name for f in families}
+    return families + [f for f in to_dcgm(families) if f.name not in ours]
+
+
+_IDENTITY = ("node", "uuid", "model")
+_MIG_IDENTITY = (*_IDENTITY, "gpu_instance", "mig_profile")
+# A GPU family and its MIG instances' family share a dcgm name; the instance id tells them apart.
+_GPU_ONLY = (("GPU_I_ID", "=", '""'),)
+_MIG_ONLY = (("GPU_I_ID", "!=", '""'),)
+
+
+def naming() -> Naming:
+    """The dcgm renaming as PromQL sees it: each twin with its scale, the labels its name spells and the
+    identity labels it carries under dcgm-exporter's label names."""
+    twins: dict[str, PromqlTwin] = {}
+    for f in FIELDS:
+        names = (
+            [(f.name, _IDENTITY, _GPU_ONLY), (mig_name(f.name), _MIG_IDENTITY, _MIG_ONLY)]
+            if f.mig
+            else [(f.name, _IDENTITY, ())]
+        )
+        for name, identity, matchers in names:
+            if f.name == "gpufleet_gpu_clock_event_active":
+                twins[name] = PromqlTwin(
+                    name=CLOCK_REASONS_NAME,
+                    bits={reason: bit for reason, bit in CLOCK_EVENT_REASONS.items()},
+                    labels=f.labels,
+                    values=tuple((reason,) for reason in CLOCK_EVENT_REASONS),
+                    identity=identity,
+                    matchers=matchers,
+                )
+                continue
+            twin = MAPPING.get(name)
+            if twin is None:
+                continue
+            if isinstance(twin.dcgm, dict):
+                assert isinstance(f.read, dict)  # a name per label value: the row reads one source per value
+                twins[name] = PromqlTwin(
+                    by_value=dict(twin.dcgm),
+                    labels=twin.labels,
+                    values=tuple(f.read),
+                    scale=twin.scale,
+                    identity=identity,
+                    matchers=matchers,
+                )
+            else:
+                twins[name] = PromqlTwin(
+                    name=twin.dcgm, scale=twin.scale, identity=identity, matchers=matchers
+                )
+    for g in GPM_FIELDS:
+        for name, identity, matchers in (
+            (g.name, _IDENTITY, _GPU_ONLY),
+            (mig_name(g.name), _MIG_IDENTITY, _MIG_ONLY),
+        ):
+            twin = MAPPING.get(name)
+            if twin is not None and isinstance(twin.dcgm, str):
+                twins[name] = PromqlTwin(
+                    name=twin.dcgm, scale=twin.scale, identity=identity, matchers=matchers
+                )
+    return Naming("dcgm", twins, dict(LABELS))
 
 
 def _escape(value: str, quote: bool) -> str:

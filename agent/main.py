@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.agent.attribution import DeviceLabels, PodAttribution
+from gpufleet.agent.attribution import DeviceLabels, PodAttribution, PodJobs, SlurmJobs
 from gpufleet.agent.core import Agent
 from gpufleet.agent.exporter import AgentServer, Route, json_response
 from gpufleet.agent.nvml import Nvml, NvmlUnavailable
@@ -30,7 +30,8 @@ class RunningAgent:
     """An agent with its threads started; ``stop()`` ends them.
 
     Its pipeline: the sources chosen from agent/sources/ → the enrich stage (pod, MIG and job labels from
-    the kubelet, when a pod-resources socket is given) → the sinks (the ``/metrics`` snapshot, the pusher).
+    the kubelet, when a pod-resources socket is given; else the Slurm job of each GPU's processes) → the
+    sinks (the ``/metrics`` snapshot, the pusher).
     """
 
     def __init__(
@@ -48,11 +49,29 @@ class RunningAgent:
         specs = selected(settings)
         # Pod labels name GPUs, so the kubelet is asked only when the GPU source runs.
         self.pod_attribution: PodAttribution | None = None
-        if settings.pod_resources_socket and any(spec.name == "gpu" for spec in specs):
-            self.pod_attribution = PodAttribution(settings.pod_resources_socket)
-        enrichers: list[Enricher] = (
-            [DeviceLabels(self.pod_attribution)] if self.pod_attribution is not None else []
-        )
+        self.pod_jobs: PodJobs | None = None
+        enrichers: list[Enricher] = []
+        gpus_sampled = any(spec.name == "gpu" for spec in specs)
+        kubelet = settings.kubelet or settings.inference.kubernetes
+        if settings.pod_resources_socket and gpus_sampled:
+            if kubelet is not None:
+                from gpufleet.agent.inference.discovery import KubeletPodLister
+
+                lister = KubeletPodLister(kubelet)
+                self.pod_jobs = PodJobs(
+                    lister, keys=settings.job_label_keys, refresh=kubelet.refresh, source=lister.url
+                )
+            self.pod_attribution = PodAttribution(
+                settings.pod_resources_socket, jobs=self.pod_jobs.job_of if self.pod_jobs else None
+            )
+            enrichers.append(DeviceLabels(self.pod_attribution))
+        elif gpus_sampled:  # no Kubernetes: a Slurm node's GPU processes name their job in their cgroup
+            enrichers.append(DeviceLabels(SlurmJobs(self._gpu_pids, settings.proc_root)))
+        if settings.kubelet is not None and not settings.pod_resources_socket:
+            log.warning(
+                "--kubelet names the job of each GPU's pod, and only --pod-resources-socket says which pod "
+                "holds a GPU: set both (GPUFLEET_KUBELET, GPUFLEET_POD_RESOURCES_SOCKET)"
+            )
         self.agent = Agent([], node=settings.node, interval=settings.interval, enrichers=enrichers)
         context = SourceContext(
             settings,
@@ -71,6 +90,8 @@ class RunningAgent:
         components: list[MetricsCollector] = [self.nvml]
         if self.pod_attribution is not None:
             components.append(self.pod_attribution)
+        if self.pod_jobs is not None:
+            components.append(self.pod_jobs)
         self.pusher: Pusher | None = None
         if settings.collector:
             spool = None
@@ -109,10 +130,10 @@ class RunningAgent:
                 sr, "200 OK", simulator.describe()
             )
         rename = render = None
-        if settings.metric_names == "dcgm":
-            from gpufleet.agent.dcgm_names import render_text, to_dcgm
+        if settings.metric_names in ("dcgm", "both"):
+            from gpufleet.agent.dcgm_names import render_text, to_both, to_dcgm
 
-            rename, render = to_dcgm, render_text
+            rename, render = (to_dcgm if settings.metric_names == "dcgm" else to_both), render_text
         self.server = AgentServer(
             host,
             port,
@@ -124,6 +145,9 @@ class RunningAgent:
             render=render,
         )
         self._threads: list[threading.Thread] = []
+
+    def _gpu_pids(self) -> dict[str, list[int]]:
+        return self._gpu.pids_by_device() if self._gpu is not None else {}
 
     def _gpu_indices(self) -> list[tuple[str, str]]:
         return [(str(g.index), g.uuid) for g in self._gpu.gpus] if self._gpu is not None else []

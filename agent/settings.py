@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from gpufleet.agent.inference.config import InferenceSettings
+from gpufleet.agent.attribution import DEFAULT_JOB_LABEL_KEYS
+from gpufleet.agent.inference.config import InferenceSettings, Kubernetes
 
 
 @dataclass
@@ -19,10 +20,16 @@ class AgentSettings:
     interval: float = 1.0
     push_interval: float = 5.0
     sources: tuple[str, ...] = ()  # empty: every source that is on by default
+    # /metrics names: gpufleet, dcgm (dcgm-exporter's names) or both; the push to the collector is gpufleet's.
     metric_names: str = "gpufleet"
     seed: int | None = None
     # Kubernetes pod attribution through the kubelet pod-resources API; None: off.
     pod_resources_socket: str | None = None
+    # The kubelet whose /pods gives each GPU pod's labels and owner, which name its job; None: the inference
+    # discovery's kubelet, if any. Without pod_resources_socket, GPUs get the Slurm job of their processes.
+    kubelet: Kubernetes | None = None
+    # Pod label keys whose value names a pod's job, first match wins; then the pod's controlling owner.
+    job_label_keys: tuple[str, ...] = DEFAULT_JOB_LABEL_KEYS
     # Per-process GPU memory and SM utilization (multiplies series), and where to find host processes.
     process_metrics: bool = False
     proc_root: str = "/proc"

@@ -263,7 +263,7 @@ class SimulatedNVML:
                 self._event_cv.notify_all()
                 g.lost = True
                 return f"GPU {gpu} fell off the bus (XID 79)"
-            if kind in ("thermal", "power_brake", "idle_memory", "sw_thermal", "hw_slowdown"):
+            if kind in ("thermal", "power_brake", "idle_memory", "sw_thermal", "hw_slowdown", "straggler"):
                 g.faults[kind] = now + duration
                 return f"{kind} on GPU {gpu} for {duration:g}s"
             if kind == "ecc":
@@ -299,8 +299,8 @@ class SimulatedNVML:
                 return f"GPU {gpu} recovered"
             raise ValueError(
                 f"unknown fault {kind!r}; choose one of xid, lost, thermal, sw_thermal, "
-                "hw_slowdown, power_brake, idle_memory, ecc, row_remap, remap_failure, pcie_replay, "
-                "recovery_action, nvlink_error, recover"
+                "hw_slowdown, power_brake, idle_memory, straggler, ecc, row_remap, remap_failure, "
+                "pcie_replay, recovery_action, nvlink_error, recover"
             )
 
     # ---- dynamics --------------------------------------------------------------------------------
@@ -342,6 +342,8 @@ class SimulatedNVML:
         a = 1 - math.exp(-h / 3.0)
         g.util += a * (min(1.0, max(0.0, target_util)) - g.util)
         g.sm = g.util * sm_eff * (1 + 0.02 * g.rng.gauss(0, 1))
+        if "straggler" in g.faults:  # starved of input (data loader, host CPU): half the SM activity
+            g.sm *= 0.5
         g.sm = min(1.0, max(0.0, g.sm))
         target_power = (
             p.idle_watts + (p.limit_watts - p.idle_watts) * (0.35 * g.util + 0.65 * g.sm) * clock_share

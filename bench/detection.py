@@ -2,14 +2,21 @@
 
 A fleet of simulated nodes (8 GPUs each) runs through the agent's own code path — ``SimulatedNVML`` behind
 the NVML gateway, ``GpuSource`` and the agent's sampling loop — on an injected clock, so hours of fleet
-time take a minute. Half the nodes run multi-GPU training jobs (the peers of the straggler rule), half run
-a mix of inference, training and idle phases that change every 1–10 minutes (the realistic load changes the
-clean trace must stay quiet through).
+time take a minute. Half the nodes run multi-GPU training, half run a mix of inference, training and idle
+phases that change every 1–10 minutes (the realistic load changes the clean trace must stay quiet through).
+
+No series gets a hand-made ``job`` label: each node's enrich stage is the agent's Kubernetes attribution
+(``PodAttribution`` over a pod-resources answer, ``PodJobs`` reading a kubelet ``/pods`` double over HTTP
+through ``KubeletPodLister``). Per four training nodes: a JobSet over two nodes, named only by its pods'
+labels; one 8-GPU bare pod no label or controller names (its GPUs are peers as one pod); a one-node Kubeflow
+PyTorchJob. The mixed nodes' GPUs are held by one single-GPU inference pod each.
 
 Faults of each kind the rule pack covers are injected at known times, on distinct GPUs: through the
 simulator where it models the fault (XIDs, a GPU falling off the bus, uncorrectable ECC, thermal slowdown,
 power brake, hardware slowdown, a job holding memory while idle, PCIe replays: a slow background and
-bursts on a bad link), and into the trace where it does not (a straggler's SM activity at 35 % of its own,
+bursts on a bad link, a straggler at half the SM activity of its peers in the bare pod and in the two-node
+JobSet, starting right after a sample so that its delay is the rule's own: ``for:`` plus one evaluation),
+and into the trace where it does not (a straggler's SM activity at 35 % of its own,
 a steady memory leak, a node whose agent stops, a GPU that vanishes from its node's inventory). Both traces are written as OpenMetrics text
 with timestamps and replayed by ``python -m gpufleet.cli alerts backtest``; its JSON lines are matched to
 the faults.
@@ -25,25 +32,38 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpufleet.agent.attribution import DeviceLabels  # noqa: E402
+from gpufleet.agent.attribution import DeviceLabels, PodAttribution, PodJobs  # noqa: E402
 from gpufleet.agent.core import Agent  # noqa: E402
 from gpufleet.agent.fields import FI_PCIE_REPLAY_COUNTER, FIELDS, FieldValue  # noqa: E402
+from gpufleet.agent.inference.config import Kubernetes  # noqa: E402
+from gpufleet.agent.inference.discovery import KubeletPodLister  # noqa: E402
 from gpufleet.agent.nvml import Nvml  # noqa: E402
+from gpufleet.agent.podresources import (  # noqa: E402
+    ContainerDevices,
+    ContainerResources,
+    ListPodResourcesResponse,
+    PodResources,
+)
 from gpufleet.agent.simulator import SimulatedNVML  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
+from gpufleet.collector.rules.model import default_rules_path, load_pack  # noqa: E402
 
 GPUS_PER_NODE = 8
 # The agent's row for NVML's PCIe replay counter: the trace carries whatever name the agent exports.
@@ -74,6 +94,8 @@ KINDS = {
     "hw_slowdown": ({"GpuHardwareSlowdown"}, "throttling", 300, 4),
     "idle_allocated": ({"GpuIdleHoldingMemory"}, "idle-allocated", 900, 5),
     "straggler": ({"GpuStraggler"}, "straggler", 600, 6),
+    "straggler_pod": ({"GpuStraggler"}, "straggler, 8-GPU pod, no job", 2400, 2),
+    "straggler_job": ({"GpuStraggler"}, "straggler, job on 2 nodes", 2400, 2),
     "memory_leak": ({"GpuMemoryLeak"}, "trend", 3000, 3),
     "pcie_replay_burst": ({"GpuPcieReplayRate"}, "anomaly", 600, 3),
     "gpu_missing": ({"GpuMissingFromInventory"}, "stale", None, 1),
@@ -84,7 +106,11 @@ SIM_FAULT = {
     "power_brake": "power_brake",
     "hw_slowdown": "hw_slowdown",
     "idle_allocated": "idle_memory",
+    "straggler_pod": "straggler",
+    "straggler_job": "straggler",
 }
+# Faults that start right after a sample: the first sample after them shows a whole interval of the fault.
+ALIGNED = {"straggler_pod", "straggler_job"}
 CRITICAL_XIDS = [48, 62, 64, 74, 94, 95, 119, 120]
 APP_XIDS = [13, 31, 43, 45, 68]
 
@@ -108,15 +134,119 @@ class Clock:
         return self.t
 
 
+@dataclass
+class Pod:
+    """A pod holding GPUs of one node, as pod-resources and the kubelet's /pods tell it."""
+
+    name: str
+    namespace: str
+    gpus: tuple[int, ...]
+    labels: dict[str, str]
+    owner: tuple[str, str] | None = None  # (kind, name) of its controller
+
+    def item(self) -> dict:
+        meta: dict = {"name": self.name, "namespace": self.namespace, "labels": self.labels}
+        if self.owner is not None:
+            meta["ownerReferences"] = [{"kind": self.owner[0], "name": self.owner[1], "controller": True}]
+        return {"metadata": meta, "status": {"phase": "Running"}}
+
+
+def workload(index: int, n_nodes: int) -> tuple[str, list[Pod]]:
+    """What node ``index`` runs: (kind, its pods). Per four training nodes a JobSet over two nodes, a bare
+    8-GPU pod and a one-node PyTorchJob; the mixed nodes one single-GPU inference pod per GPU."""
+    every = tuple(range(GPUS_PER_NODE))
+    if index >= n_nodes // 2:
+        pods = []
+        for g in every:
+            name, rs = f"svc-{index:02d}-{g}", f"svc-{index:02d}-{g}-5c8d7f9b6"
+            labels = {"app.kubernetes.io/name": "vllm", "pod-template-hash": "5c8d7f9b6"}
+            pods.append(Pod(f"{rs}-x{g}", "serving", (g,), {**labels, "app": name}, ("ReplicaSet", rs)))
+        return "mixed", pods
+    slot, k = index % 4, index // 4
+    if slot in (0, 1):
+        child = f"pretrain-{k}-workers-0"
+        labels = {
+            "jobset.sigs.k8s.io/jobset-name": f"pretrain-{k}",
+            "jobset.sigs.k8s.io/replicatedjob-name": "workers",
+            "batch.kubernetes.io/job-name": child,
+            "job-name": child,
+        }
+        return "jobset", [Pod(f"{child}-{slot}", "ml", every, labels, ("Job", child))]
+    if slot == 2:
+        return "pod", [Pod(f"finetune-{k}", "research", every, {})]
+    labels = {"training.kubeflow.org/job-name": f"bert-{k}", "training.kubeflow.org/replica-type": "worker"}
+    return "pytorchjob", [Pod(f"bert-{k}-worker-0", "ml", every, labels, ("PyTorchJob", f"bert-{k}"))]
+
+
+class Kubelets:
+    """Every node's kubelet ``/pods`` on one local port: ``URL/<node>/pods`` answers that node's PodList."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, list[dict]] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                node, _, rest = self.path.strip("/").partition("/")
+                if rest != "pods" or node not in outer.pods:
+                    self.send_error(404)
+                    return
+                body = json.dumps({"kind": "PodList", "apiVersion": "v1", "items": outer.pods[node]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class Node:
-    def __init__(self, name: str, index: int, clock: Clock, seed: int, busy: bool, job: str | None) -> None:
+    def __init__(
+        self, name: str, index: int, clock: Clock, seed: int, n_nodes: int, kubelets: Kubelets
+    ) -> None:
         self.name = name
+        self.workload, self.pods = workload(index, n_nodes)
+        busy = self.workload != "mixed"
         self.sim = SimulatedNVML(GPUS_PER_NODE, clock=clock, seed=seed, workload="busy" if busy else "mixed")
         self.nvml = Nvml(self.sim)
-        self.attribution = (
-            (lambda uuid, job=job, name=name: {"job": job, "pod": f"{job}-{name}"})
-            if job
-            else (lambda uuid, name=name: {"pod": f"svc-{name}"})
+        # The agent's Kubernetes attribution as `gpufleet agent --pod-resources-socket … --kubelet …` builds it:
+        # the pod-resources answer says which pod holds each GPU, the kubelet's /pods (over HTTP) its job.
+        uuids = [g["uuid"] for g in self.sim.describe()]
+        answer = ListPodResourcesResponse(
+            pod_resources=[
+                PodResources(
+                    name=p.name,
+                    namespace=p.namespace,
+                    containers=[
+                        ContainerResources(
+                            name="main",
+                            devices=[
+                                ContainerDevices(
+                                    resource_name="nvidia.com/gpu", device_ids=[uuids[g] for g in p.gpus]
+                                )
+                            ],
+                        )
+                    ],
+                )
+                for p in self.pods
+            ]
+        )
+        kubelets.pods[name] = [p.item() for p in self.pods]
+        kube = Kubernetes(kubelet=f"{kubelets.url}/{name}")
+        lister = KubeletPodLister(kube)
+        jobs = PodJobs(lister, refresh=kube.refresh, clock=clock, source=lister.url)
+        self.attribution = PodAttribution(
+            f"/bench/{name}/kubelet.sock", list_pods=lambda: answer, jobs=jobs.job_of, clock=clock
         )
         # Slow rows (the PCIe replay counter) are read inline on the injected clock: a background reader
         # would wait in wall-clock seconds while the trace races through hours.
@@ -138,19 +268,30 @@ class Node:
         return 0.0
 
 
-def plan_faults(nodes: list[Node], hours: float, rng: random.Random, t0: float) -> list[Fault]:
+def plan_faults(
+    nodes: list[Node], hours: float, rng: random.Random, t0: float, interval: float
+) -> list[Fault]:
     end = t0 + hours * 3600
     faults: list[Fault] = []
+    scale = max(1, len(nodes) // 8)
     busy = [(n, i) for n in nodes[: len(nodes) // 2] for i in range(GPUS_PER_NODE)]
     mixed = [(n, i) for n in nodes[len(nodes) // 2 : -1] for i in range(GPUS_PER_NODE)]
     rng.shuffle(busy)
     rng.shuffle(mixed)
     missing_node = nodes[-2]
     mixed = [(n, i) for n, i in mixed if not (n is missing_node and i == GPUS_PER_NODE - 1)]
-    pool = busy[12:] + mixed  # the first 12 busy GPUs are kept for stragglers
+    # GPUs kept for stragglers: of a bare pod, of a two-node JobSet, and of any training job (35 % of its
+    # own SM activity, into the trace); other faults take the rest.
+    in_pods = [(n, i) for n, i in busy if n.workload == "pod"]
+    in_jobsets = [(n, i) for n, i in busy if n.workload == "jobset"]
+    reserved = {
+        "straggler_pod": in_pods[: KINDS["straggler_pod"][3] * scale],
+        "straggler_job": in_jobsets[: KINDS["straggler_job"][3] * scale],
+    }
+    others = [g for g in busy if g not in reserved["straggler_pod"] and g not in reserved["straggler_job"]]
+    stragglers = [g for g in others if g[0].workload != "pod"][: KINDS["straggler"][3] * scale]
+    pool = [g for g in others if g not in stragglers] + mixed
     rng.shuffle(pool)
-    stragglers = busy[:12]
-    scale = max(1, len(nodes) // 8)
     for kind, (_, _, duration, count) in KINDS.items():
         scale_k = 1 if kind in ("gpu_missing", "node_stale") else scale
         for _ in range(count * scale_k):
@@ -160,12 +301,20 @@ def plan_faults(nodes: list[Node], hours: float, rng: random.Random, t0: float) 
                 n, i = missing_node, GPUS_PER_NODE - 1
             elif kind == "straggler":
                 n, i = stragglers.pop()
+            elif kind in reserved:
+                n, i = reserved[kind].pop()
+            elif kind == "memory_leak":
+                # a leak grows inside one long-running process: a training job's, not on a GPU whose mixed
+                # load starts another process every few minutes
+                n, i = pool.pop(max(j for j, (node, _) in enumerate(pool) if node.workload != "mixed"))
             else:
                 n, i = pool.pop()
             span = duration or 0
             start = rng.uniform(t0 + 1800, end - max(span, 600) - 600)
             if kind == "memory_leak":
                 start = rng.uniform(t0 + 1800, end - 3000)
+            if kind in ALIGNED:
+                start = t0 + math.ceil((start - t0) / interval) * interval
             fend = end if duration is None else start + span
             xid = (
                 rng.choice(CRITICAL_XIDS)
@@ -301,12 +450,22 @@ def backtest(trace: Path) -> list[dict]:
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-def make_fleet(n_nodes: int, clock: Clock, seed: int) -> list[Node]:
-    nodes = []
-    for i in range(n_nodes):
-        busy = i < n_nodes // 2
-        job = f"train-{chr(ord('a') + i // 2)}" if busy else None
-        nodes.append(Node(f"node-{i:02d}", i, clock, seed * 100 + i, busy, job))
+def peer_groups(nodes: list[Node]) -> dict[str, int]:
+    """GPUs per peer group of the straggler rule as the agent's attribution labels them (groups of one left
+    out): a job in its namespace, else a pod."""
+    out: dict[str, int] = defaultdict(int)
+    for n in nodes:
+        for uuid in n.uuids():
+            lab = n.attribution(uuid)
+            if "job" in lab:
+                out[f"job {lab['namespace']}/{lab['job']}"] += 1
+            elif "pod" in lab:
+                out[f"pod {lab['namespace']}/{lab['pod']} (no job)"] += 1
+    return {k: v for k, v in sorted(out.items()) if v > 1}
+
+
+def make_fleet(n_nodes: int, clock: Clock, seed: int, kubelets: Kubelets) -> list[Node]:
+    nodes = [Node(f"node-{i:02d}", i, clock, seed * 100 + i, n_nodes, kubelets) for i in range(n_nodes)]
     for n in nodes:
         n.start()
     return nodes
@@ -359,21 +518,24 @@ def main() -> None:
     gpus = args.nodes * GPUS_PER_NODE
 
     w0 = time.perf_counter()
+    kubelets = Kubelets()
     clock = Clock(t0)
-    nodes = make_fleet(args.nodes, clock, args.seed)
-    faults = plan_faults(nodes, args.hours, random.Random(args.seed), t0)
+    nodes = make_fleet(args.nodes, clock, args.seed, kubelets)
+    faults = plan_faults(nodes, args.hours, random.Random(args.seed), t0, args.interval)
+    groups = peer_groups(nodes)
     fault_trace = args.out / "fault-trace.om"
     n_fault = build_trace(fault_trace, nodes, clock, t0, args.hours, args.interval, faults, args.seed)
     for n in nodes:
         n.source.close()
     clock2 = Clock(t0)
-    clean_nodes = make_fleet(args.nodes, clock2, args.seed + 1)
+    clean_nodes = make_fleet(args.nodes, clock2, args.seed + 1, kubelets)
     clean_trace = args.out / "clean-trace.om"
     n_clean = build_trace(
         clean_trace, clean_nodes, clock2, t0, args.clean_hours, args.interval, [], args.seed + 1
     )
     for n in clean_nodes:
         n.source.close()
+    kubelets.close()
     w1 = time.perf_counter()
     fault_notes = backtest(fault_trace)
     w2 = time.perf_counter()
@@ -391,6 +553,8 @@ def main() -> None:
     for x in unexplained:
         unexplained_sev[x["labels"].get("severity", "?")] += 1
 
+    straggler_for = next(r.for_s for r in load_pack([default_rules_path()]).rules if r.name == "GpuStraggler")
+    bound = straggler_for + args.interval  # `for:` plus one evaluation (the backtest evaluates every sample)
     rows = []
     for kind, k in sorted(per_kind.items(), key=lambda kv: list(KINDS).index(kv[0])):
         d = k["delays"]
@@ -405,7 +569,7 @@ def main() -> None:
                 "delay_max_s": max(d) if d else None,
             }
         )
-    result = {
+    result: dict[str, Any] = {
         "fleet": {
             "nodes": args.nodes,
             "gpus": gpus,
@@ -416,6 +580,19 @@ def main() -> None:
             "clean_trace_samples": n_clean,
         },
         "per_kind": rows,
+        "straggler_peer_groups": groups,
+        "straggler_without_hand_made_job": {
+            kind: {
+                "faults": per_kind[kind]["faults"],
+                "detected": per_kind[kind]["detected"],
+                "delays_s": per_kind[kind]["delays"],
+                "bound_s": bound,
+                "within_bound": per_kind[kind]["detected"] == per_kind[kind]["faults"]
+                and all(d <= bound for d in per_kind[kind]["delays"]),
+            }
+            for kind in sorted(ALIGNED)
+            if kind in per_kind
+        },
         "clean": {
             "gpu_hours": clean_gpu_hours,
             "firing_by_severity": dict(by_sev),
@@ -447,6 +624,17 @@ def main() -> None:
         med = "-" if r["delay_median_s"] is None else f"{r['delay_median_s']:.0f}"
         mx = "-" if r["delay_max_s"] is None else f"{r['delay_max_s']:.0f}"
         lines.append(f"| {r['kind']} | {r['class']} | {r['faults']} | {r['recall']:.2f} | {med} | {mx} |")
+    lines += [
+        "",
+        "Straggler peer groups as the agent labelled them (no series got a hand-made job label): "
+        + ", ".join(f"{k}: {v} GPUs" for k, v in groups.items()),
+    ]
+    for kind, x in result["straggler_without_hand_made_job"].items():
+        lines.append(
+            f"{kind}: {x['detected']}/{x['faults']} caught, delays {[round(d) for d in x['delays_s']]} s; "
+            f"bound `for:` {straggler_for:g} s + one evaluation {args.interval:g} s = {bound:g} s: "
+            + ("met" if x["within_bound"] else "MISSED")
+        )
     lines += [
         "",
         f"Clean trace ({clean_gpu_hours:g} GPU-hours): false notifications per 1,000 GPU-hours: "

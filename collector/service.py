@@ -47,7 +47,8 @@ class CollectorSettings:
     report_cron: str | None = None
     report_channel: str | None = None  # default: slack_channel
     report_since: str = "7d"
-    public_url: str | None = None  # where the digest links to the full report
+    # Where people reach this collector: the digest's report link, runbooks, Slack's silence --collector.
+    public_url: str | None = None
     # Where rules' relative runbook_url names point (BASE/NAME); None: this collector's own /runbooks.
     runbook_base_url: str | None = None
     grafana_url: str | None = None
@@ -68,16 +69,21 @@ def _stopped(signum: int, frame: FrameType | None) -> None:
     """SIGTERM once uvicorn has shut down: the collector goes on to close and exit normally."""
 
 
-def own_runbook_base_url(listen: str, scheme: str, public_url: str | None) -> str:
-    """This collector's /runbooks as people reach it: under --public-url when given, else at the listen
-    address, with the host's name in place of a wildcard address (0.0.0.0 is no place to link to)."""
+def own_url(listen: str, scheme: str, public_url: str | None) -> str:
+    """This collector as people reach it: --public-url when given, else the listen address, with the host's
+    name in place of a wildcard address (0.0.0.0 is no place to link to)."""
     if public_url:
-        return public_url.rstrip("/") + "/runbooks"
+        return public_url.rstrip("/")
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
         host = socket.gethostname()  # not getfqdn(): that asks DNS, and a start must not wait on DNS
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/runbooks"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def own_runbook_base_url(listen: str, scheme: str, public_url: str | None) -> str:
+    """This collector's /runbooks as people reach it (see :func:`own_url`)."""
+    return own_url(listen, scheme, public_url) + "/runbooks"
 
 
 class Collector:
@@ -128,7 +134,13 @@ class Collector:
                     slack_client = WebClient(token=settings.slack_token, base_url=settings.slack_base_url)
                 notifiers.append(
                     SlackNotifier(
-                        slack_client, settings.slack_channel, grafana_url=settings.grafana_dashboard_url
+                        slack_client,
+                        settings.slack_channel,
+                        grafana_url=settings.grafana_dashboard_url,
+                        collector_url=own_url(
+                            settings.listen, "https" if settings.tls_cert else "http", settings.public_url
+                        ),
+                        collector_needs_token=bool(settings.tokens),
                     )
                 )
         if settings.report_cron and slack_client is None and settings.slack_token:

@@ -1,4 +1,5 @@
-"""gpufleet's Grafana dashboards as code (grafana-foundation-sdk), in two flavours each.
+"""gpufleet's Grafana dashboards as code (grafana-foundation-sdk), in three flavours each: PostgreSQL,
+Prometheus, and Prometheus over agents in dcgm naming mode.
 
 ``build()`` renders every dashboard as Grafana JSON keyed by file name; ``gpufleet dashboards build``
 writes them next to this file, where they ship as package data for file provisioning, import by hand and
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.dashboards import efficiency, fleet, health, inference, node
-from gpufleet.dashboards.model import FLAVOURS, DashboardDef, Flavour
+from gpufleet.dashboards.model import ALL_FLAVOURS, FLAVOURS, DashboardDef, Flavour
 
 DASHBOARDS: tuple[DashboardDef, ...] = (
     fleet.DASHBOARD,
@@ -25,7 +26,17 @@ DASHBOARDS: tuple[DashboardDef, ...] = (
 )
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["DASHBOARDS", "FLAVOURS", "Flavour", "build", "file_name", "write", "committed", "shipped"]
+__all__ = [
+    "ALL_FLAVOURS",
+    "DASHBOARDS",
+    "FLAVOURS",
+    "Flavour",
+    "build",
+    "file_name",
+    "write",
+    "committed",
+    "shipped",
+]
 
 
 def file_name(d: DashboardDef, flavour: Flavour) -> str:
@@ -36,7 +47,7 @@ def build() -> dict[str, dict[str, Any]]:
     """Every dashboard in every flavour: {file name: dashboard JSON}."""
     from gpufleet.dashboards.render import render
 
-    return {file_name(d, f): render(d, f) for d in DASHBOARDS for f in FLAVOURS}
+    return {file_name(d, f): render(d, f) for d in DASHBOARDS for f in ALL_FLAVOURS}
 
 
 def write(directory: Path = HERE) -> list[Path]:
@@ -51,7 +62,7 @@ def write(directory: Path = HERE) -> list[Path]:
         path.write_text(dumps(model))
         written.append(path)
     for stale in directory.glob("*.*.json"):
-        if stale.name not in models and stale.name.split(".")[1] in {f.name for f in FLAVOURS}:
+        if stale.name not in models and stale.name.split(".")[1] in {f.name for f in ALL_FLAVOURS}:
             stale.unlink()
     return written
 
@@ -62,12 +73,13 @@ def committed(directory: Path = HERE) -> dict[str, str]:
 
 
 def shipped(flavours: Iterable[str] | None = None, directory: Path = HERE) -> dict[str, dict[str, Any]]:
-    """The dashboards as shipped, {file name: dashboard JSON}, of the given flavours (default: all). The
-    test suite checks that these files are what ``build()`` generates."""
+    """The dashboards as shipped, {file name: dashboard JSON}, of the given flavours (default: the ones a
+    collector pushes, postgres and prometheus). The test suite checks that these files are what ``build()``
+    generates."""
     wanted = {f.name for f in FLAVOURS} if flavours is None else set(flavours)
     out = {}
     for d in DASHBOARDS:
-        for f in FLAVOURS:
+        for f in ALL_FLAVOURS:
             if f.name in wanted:
                 name = file_name(d, f)
                 out[name] = json.loads((directory / name).read_text())

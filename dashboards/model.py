@@ -1,8 +1,9 @@
 """Flavour-neutral dashboard definitions: each panel is written once with its SQL and its PromQL query.
 
 ``render`` (dashboards/render.py) turns one :class:`DashboardDef` into a Grafana dashboard for a flavour:
-``postgres`` (Grafana's built-in PostgreSQL data source reading the collector's ``metric_samples`` view)
-or ``prometheus`` (a Prometheus that scrapes the agents). Tests execute every query of both flavours.
+``postgres`` (Grafana's built-in PostgreSQL data source reading the collector's ``metric_samples`` view),
+``prometheus`` (a Prometheus that scrapes the agents) or ``prometheus-dcgm`` (the same, for agents in dcgm
+naming mode: the PromQL is rewritten for their names). Tests execute every query of every flavour.
 """
 
 from __future__ import annotations
@@ -24,16 +25,32 @@ PROMETHEUS_TYPE = "prometheus"
 
 @dataclass(frozen=True)
 class Flavour:
-    name: str  # "postgres" | "prometheus"
+    name: str  # "postgres" | "prometheus" | "prometheus-dcgm"
     datasource_type: str
     default_datasource_uid: str  # the uid `gpufleet dashboards push` gives the data source it creates
     label: str
+    # The agents' naming mode the PromQL queries (agent --metric-names): "gpufleet" (also right for "both")
+    # or "dcgm". The collector's store always holds gpufleet names.
+    naming: str = "gpufleet"
+
+    @property
+    def source(self) -> str:
+        """Where the data comes from: "postgres" or "prometheus" (uids and tags: one dashboard whatever the
+        agents' naming, so links to it hold in either)."""
+        return "postgres" if self.datasource_type == POSTGRES_TYPE else "prometheus"
 
 
+# The flavours a collector pushes: one per data source.
 FLAVOURS = (
     Flavour("postgres", POSTGRES_TYPE, "gpufleet-postgres", "PostgreSQL store"),
     Flavour("prometheus", PROMETHEUS_TYPE, "gpufleet-prometheus", "Prometheus"),
 )
+# The Prometheus flavour for agents in dcgm naming mode (the Helm chart ships it to such a cluster's Grafana).
+PROMETHEUS_DCGM = Flavour(
+    "prometheus-dcgm", PROMETHEUS_TYPE, "gpufleet-prometheus", "Prometheus, dcgm-exporter names", "dcgm"
+)
+# Every flavour built and committed.
+ALL_FLAVOURS = (*FLAVOURS, PROMETHEUS_DCGM)
 
 
 @dataclass(frozen=True)

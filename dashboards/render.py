@@ -1,5 +1,6 @@
 """Renders a flavour-neutral :class:`~dashboards.model.DashboardDef` into Grafana dashboard JSON through
-grafana-foundation-sdk's typed builders, for one flavour: ``postgres`` or ``prometheus``."""
+grafana-foundation-sdk's typed builders, for one flavour: ``postgres``, ``prometheus`` or
+``prometheus-dcgm`` (the Prometheus queries rewritten for agents in dcgm naming mode)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import heatmap as heatmap_models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
 
+from gpufleet.core.naming import Naming, Untranslatable, translate
 from gpufleet.dashboards.model import (
     FLAVOURS,
     NO_CLUSTER,
@@ -67,6 +69,25 @@ class SqlQueryBuilder(cogbuilder.Builder[SqlQuery]):
         return self._query
 
 
+def _naming(flavour: Flavour) -> Naming | None:
+    if flavour.naming == "gpufleet":
+        return None
+    from gpufleet.agent.dcgm_names import naming
+
+    return naming()
+
+
+def _promql(p: PanelDef, expr: str, naming: Naming | None) -> str:
+    if naming is None:
+        return expr
+    try:
+        return translate(expr, naming)
+    except Untranslatable as exc:
+        raise ValueError(
+            f"panel {p.title!r}: its PromQL cannot be said over {naming.name} names: {exc}"
+        ) from None
+
+
 def _ds(flavour: Flavour) -> dashboard_models.DataSourceRef:
     return dashboard_models.DataSourceRef(type_val=flavour.datasource_type, uid="${" + DS_VARIABLE + "}")
 
@@ -85,7 +106,7 @@ def _variables(d: DashboardDef, flavour: Flavour) -> list[cogbuilder.Builder[das
     ]
     for i, name in enumerate(d.variables):
         before = d.variables[:i]
-        if flavour.name == "postgres":
+        if flavour.source == "postgres":
             col = f"coalesce(cluster, '{NO_CLUSTER}')" if name == "cluster" else name
             query: str = (
                 f"SELECT DISTINCT {col} FROM metric_samples WHERE metric = 'gpufleet_gpu_up' "
@@ -104,7 +125,7 @@ def _variables(d: DashboardDef, flavour: Flavour) -> list[cogbuilder.Builder[das
             .sort(dashboard_models.VariableSort.NATURAL_ASC)
             .current(dashboard_models.VariableOption(selected=True, text="All", value="$__all"))
         )
-        if flavour.name == "prometheus":
+        if flavour.source == "prometheus":
             var = var.all_value(".*")
         out.append(var)
     return out
@@ -112,11 +133,12 @@ def _variables(d: DashboardDef, flavour: Flavour) -> list[cogbuilder.Builder[das
 
 def _targets(p: PanelDef, flavour: Flavour) -> list[cogbuilder.Builder[cogvariants.Dataquery]]:
     ds = _ds(flavour)
+    naming = _naming(flavour)
     out: list[cogbuilder.Builder[cogvariants.Dataquery]] = []
     series = p.kind in ("timeseries", "heatmap")
     for i, q in enumerate(p.queries):
         ref = chr(ord("A") + i)
-        if flavour.name == "postgres":
+        if flavour.source == "postgres":
             if not q.sql:
                 continue
             out.append(SqlQueryBuilder(SqlQuery(ref, q.sql, "time_series" if series else "table", ds)))
@@ -124,7 +146,7 @@ def _targets(p: PanelDef, flavour: Flavour) -> list[cogbuilder.Builder[cogvarian
         t = (
             prometheus.Dataquery()
             .ref_id(ref)
-            .expr(q.promql)
+            .expr(_promql(p, q.promql, naming))
             .datasource(ds)
             .editor_mode(prometheus_models.QueryEditorMode.CODE)
         )
@@ -175,9 +197,9 @@ def _panel(p: PanelDef, flavour: Flavour) -> cogbuilder.Builder[dashboard_models
         )
     elif p.kind == "table":
         b = table_builder.Panel()
-        if flavour.name == "prometheus" and len(p.queries) > 1:
+        if flavour.source == "prometheus" and len(p.queries) > 1:
             b = b.with_transformation(dashboard_models.DataTransformerConfig(id_val="merge", options={}))
-        if flavour.name == "prometheus":
+        if flavour.source == "prometheus":
             names = {f"Value #{chr(ord('A') + i)}": q.name for i, q in enumerate(p.queries) if q.name}
             if len(p.queries) == 1 and p.queries[0].name:
                 names = {"Value": p.queries[0].name}
@@ -220,9 +242,9 @@ def render(d: DashboardDef, flavour: Flavour) -> dict[str, Any]:
     """The dashboard as Grafana JSON (a plain dict), for ``flavour``."""
     b = (
         dashboard.Dashboard(f"{d.title} ({flavour.label})")
-        .uid(f"gpufleet-{d.slug}-{flavour.name}")
+        .uid(f"gpufleet-{d.slug}-{flavour.source}")
         .description(d.description)
-        .tags(["gpufleet", flavour.name])
+        .tags(["gpufleet", flavour.source])
         .editable()
         .timezone("browser")
         .time("now-6h", "now")
@@ -231,7 +253,7 @@ def render(d: DashboardDef, flavour: Flavour) -> dict[str, Any]:
         .link(
             dashboard.DashboardLink("gpufleet dashboards")
             .type(dashboard_models.DashboardLinkType.DASHBOARDS)
-            .tags(["gpufleet", flavour.name])
+            .tags(["gpufleet", flavour.source])
             .as_dropdown(True)
             .include_vars(True)
             .keep_time(True)

@@ -122,6 +122,36 @@ _ENDPOINT = {
         "interval": {"type": "string", "pattern": _DURATION},
         "scrapeTimeout": {"type": "string", "pattern": _DURATION},
         "honorLabels": {"type": "boolean"},
+        "metricRelabelings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                    "separator": {"type": "string"},
+                    "targetLabel": {"type": "string"},
+                    "regex": {"type": "string"},
+                    "modulus": {"type": "integer"},
+                    "replacement": {"type": "string"},
+                    "action": {
+                        "enum": [
+                            "replace",
+                            "keep",
+                            "drop",
+                            "hashmod",
+                            "labelmap",
+                            "labeldrop",
+                            "labelkeep",
+                            "lowercase",
+                            "uppercase",
+                            "keepequal",
+                            "dropequal",
+                        ]
+                    },
+                },
+            },
+        },
     },
 }
 _RULE = {

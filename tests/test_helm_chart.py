@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -107,7 +108,11 @@ MATRIX: dict[str, dict] = {
                 "probeModel": "llama-3-8b",
                 "probeMaxTokens": 4,
                 "receiver": {"address": "udp://0.0.0.0:9447", "hostPort": True},
-            }
+            },
+            "workload": {
+                "kubeletUrl": "https://$(NODE_IP):10250",
+                "jobLabelKeys": ["training.kubeflow.org/job-name", "app"],
+            },
         },
     },
     # Every reliability and security setting at once: a non-root agent spooling on a host folder, mutual TLS
@@ -137,6 +142,13 @@ MATRIX: dict[str, dict] = {
         "serviceMonitor": {"enabled": True},
     },
     "open-writes": {"auth": {"enabled": False}},
+    # Moving off dcgm-exporter: agents serve both names; rules and the Prometheus dashboards for its names.
+    "dcgm-migration": {
+        "agent": {"metricNames": "both"},
+        "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "grafana": {"dashboards": {"configMaps": True}},
+    },
     # PostgreSQL kept for a year at one-minute resolution, forwarded to two remote-write receivers.
     "store-options": {
         "database": {"url": PG_URL},
@@ -355,6 +367,63 @@ def test_service_monitor_scrapes_agents_with_their_own_pod_labels(rendered):
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["name"] == "metrics"
     pm = find(rendered["pod-monitor"], "PodMonitor")
     assert pm["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+
+
+def test_agent_scrapes_keep_the_workloads_job_and_drop_the_scrape_job(rendered):
+    """honorLabels keeps the agent's `job` (the workload) instead of renaming it exported_job; a series with
+    no job of its own loses the scrape's job name (prometheus-operator's: the Service's name for a
+    ServiceMonitor, NAMESPACE/NAME for a PodMonitor), so GPUs without a workload are not one "job"."""
+    sm = find(rendered["prometheus-operator"], "ServiceMonitor")
+    svc = find(rendered["prometheus-operator"], "Service", "-agent")
+    pm = find(rendered["pod-monitor"], "PodMonitor")
+    for ep, scrape_job in (
+        (next(e for e in sm["spec"]["endpoints"] if e["port"] == "metrics"), svc["metadata"]["name"]),
+        (pm["spec"]["podMetricsEndpoints"][0], f"{NAMESPACE}/{pm['metadata']['name']}"),
+    ):
+        assert ep["honorLabels"] is True
+        (relabel,) = ep["metricRelabelings"]
+        assert relabel["sourceLabels"] == ["job"] and relabel["targetLabel"] == "job"
+        assert re.fullmatch(relabel["regex"], scrape_job) and not re.fullmatch(
+            relabel["regex"], "llama-train"
+        )
+        assert relabel["replacement"] == "" and relabel["action"] == "replace"
+    collector_ep = next(e for e in sm["spec"]["endpoints"] if e["port"] == "http")
+    assert "metricRelabelings" not in collector_ep and "honorLabels" not in collector_ep
+
+
+def test_monitors_and_rules_carry_the_labels_a_prometheus_selects_by(rendered):
+    objs = rendered["dcgm-migration"]
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert find(objs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_workload_attribution_reads_the_kubelet_with_the_agents_token(rendered):
+    """agent.workload: the kubelet URL and label keys reach the agent, with $(NODE_IP) from the downward API
+    and the projected token the kubelet's authenticated port takes."""
+    objs = rendered["inference"]
+    c = container(objs, "agent")
+    env = env_of(c)
+    assert env["GPUFLEET_KUBELET"]["value"] == "https://$(NODE_IP):10250"
+    assert env["GPUFLEET_JOB_LABEL_KEYS"]["value"] == "training.kubeflow.org/job-name,app"
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert "kubelet-token" in {m["name"] for m in c["volumeMounts"]}
+    only = env_of(
+        container(
+            objects(render({"agent": {"workload": {"kubeletUrl": "https://$(NODE_IP):10250"}}})), "agent"
+        )
+    )
+    assert "NODE_IP" in only and "GPUFLEET_JOB_LABEL_KEYS" not in only
+    plain = env_of(container(rendered["defaults"], "agent"))
+    assert not {"GPUFLEET_KUBELET", "GPUFLEET_JOB_LABEL_KEYS", "NODE_IP"} & set(plain)
+
+
+def test_agents_run_at_node_critical_priority_unless_told_otherwise(rendered):
+    pod = find(rendered["defaults"], "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    own = objects(render({"agent": {"priorityClassName": ""}}))
+    assert "priorityClassName" not in find(own, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    collector = find(rendered["defaults"], "Deployment", "-collector")["spec"]["template"]["spec"]
+    assert "priorityClassName" not in collector
 
 
 def test_inference_latency_settings_reach_the_agent(rendered):
@@ -671,6 +740,29 @@ def test_retention_forwarding_and_layout_reach_the_collector_only_when_set(rende
         ({"agent": {"perProccess": True}}, "additional properties 'perProccess' not allowed"),
         ({"agent": {"interval": 0}}, "/agent/interval"),
         ({"agent": {"metricNames": "dcgm-exporter"}}, "/agent/metricNames"),
+        ({"grafana": {"dashboards": {"flavour": "influx"}}}, "/grafana/dashboards/flavour"),
+        ({"agent": {"workload": {"kubeletUrl": "10.0.0.1:10250"}}}, "/agent/workload/kubeletUrl"),
+        ({"agent": {"workload": {"jobLabelKeys": ["job name"]}}}, "/agent/workload/jobLabelKeys/0"),
+        (
+            {"grafana": {"dashboards": {"configMaps": True, "flavour": "postgres"}}},
+            "grafana.dashboards.flavour=postgres reads the collector's PostgreSQL store",
+        ),
+        (
+            {"prometheusRule": {"enabled": True}, "rules": {"files": {"site.yaml": "groups: []\n"}}},
+            "gpufleet alerts export --format prometheusrule --metric-names gpufleet --with-builtin site.yaml",
+        ),
+        (
+            {
+                "prometheusRule": {"enabled": True},
+                "agent": {"metricNames": "dcgm"},
+                "rules": {"builtin": False, "files": {"mine.yaml": "groups: []\n"}},
+            },
+            "--metric-names dcgm mine.yaml -o rules-export.yaml",
+        ),
+        (
+            {"prometheusRule": {"enabled": True, "exported": "groups: []\n"}},
+            "prometheusRule.exported is not a PrometheusRule with rule groups",
+        ),
         ({"collector": {"replicas": 0}}, "/collector/replicas"),
         ({"agent": {"resources": {"requests": {"nvidia.com/gpu": 1}}}}, "/agent/resources/requests"),
         ({"database": {"url": "mysql://x"}}, "/database/url"),
@@ -810,15 +902,16 @@ def test_dashboard_config_maps_for_sidecar_provisioning(tmp_path):
     shipped = chart / "files" / "dashboards"
     for f in shipped.glob("*.json"):
         f.unlink()
-    (shipped / "gpu-fleet.json").write_text(json.dumps({"title": "GPU fleet", "panels": []}))
-    (shipped / "gpu-health.json").write_text(json.dumps({"title": "GPU health", "panels": []}))
+    for flavour in ("postgres", "prometheus", "prometheus-dcgm"):
+        (shipped / f"gpu-fleet.{flavour}.json").write_text(json.dumps({"title": f"GPU fleet {flavour}"}))
+        (shipped / f"gpu-health.{flavour}.json").write_text(json.dumps({"title": f"GPU health {flavour}"}))
     values = {
         "grafana": {
             "dashboards": {
                 "configMaps": True,
                 "namespace": "grafana",
                 "extra": {
-                    "gpu-health.json": json.dumps({"title": "Ours"}),
+                    "gpu-health.prometheus.json": json.dumps({"title": "Ours"}),
                     "site.json": json.dumps({"title": "Site"}),
                 },
             }
@@ -827,8 +920,8 @@ def test_dashboard_config_maps_for_sidecar_provisioning(tmp_path):
     cms = [o for o in objects(render(values, chart=chart)) if o["kind"] == "ConfigMap"]
     by_file = {k: json.loads(v) for cm in cms for k, v in cm["data"].items()}
     assert by_file == {
-        "gpu-fleet.json": {"title": "GPU fleet", "panels": []},
-        "gpu-health.json": {"title": "Ours"},
+        "gpu-fleet.prometheus.json": {"title": "GPU fleet prometheus"},
+        "gpu-health.prometheus.json": {"title": "Ours"},
         "site.json": {"title": "Site"},
     }
     for cm in cms:
@@ -861,16 +954,21 @@ def test_promtool_catches_a_broken_expression(tmp_path):
     assert subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True).returncode != 0
 
 
-def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path):
+@pytest.mark.parametrize(
+    "names, file", [("gpufleet", "prometheusrule.yaml"), ("dcgm", "prometheusrule-dcgm.yaml")]
+)
+def test_prometheus_rule_file_matches_gpufleet_alerts_export(tmp_path, names, file):
     out = tmp_path / "prometheusrule.yaml"
-    result = CliRunner().invoke(main, ["alerts", "export", "--format", "prometheusrule", "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["alerts", "export", "--format", "prometheusrule", "--metric-names", names, "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     exported = yaml.safe_load(out.read_text())
-    committed = yaml.safe_load((CHART / "files" / "prometheusrule.yaml").read_text())
-    assert exported["spec"] == committed["spec"], (
-        "helm/gpufleet/files/prometheusrule.yaml is stale: regenerate it with "
-        "gpufleet alerts export --format prometheusrule -o helm/gpufleet/files/prometheusrule.yaml"
-    )
+    committed = yaml.safe_load((CHART / "files" / file).read_text())
+    assert (exported["spec"], exported["metadata"]["annotations"]) == (
+        committed["spec"],
+        committed["metadata"]["annotations"],
+    ), f"helm/gpufleet/files/{file} is stale: regenerate it with make generated"
 
 
 @pytest.mark.parametrize(

@@ -344,6 +344,15 @@ def load_config(path: str | Path, base: InferenceSettings | None = None) -> Infe
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
+def kubelet_from_flag(url: str, where: str) -> Kubernetes:
+    """The kubelet a flag names; its https port takes the pod's service-account token when one is mounted."""
+    url = _check_url(url, where)
+    token = (
+        SERVICE_ACCOUNT_TOKEN if url.startswith("https://") and Path(SERVICE_ACCOUNT_TOKEN).exists() else None
+    )
+    return Kubernetes(kubelet=url, token_file=token)
+
+
 def settings_from_flags(
     *,
     endpoints: tuple[str, ...] = (),
@@ -378,13 +387,7 @@ def settings_from_flags(
     if receiver:
         s.receiver = check_receiver(receiver, "--inference-receiver")
     if kubelet:
-        url = _check_url(kubelet, "--inference-kubelet")
-        token = (
-            SERVICE_ACCOUNT_TOKEN
-            if url.startswith("https://") and Path(SERVICE_ACCOUNT_TOKEN).exists()
-            else None
-        )
-        s.kubernetes = Kubernetes(kubelet=url, token_file=token)
+        s.kubernetes = kubelet_from_flag(kubelet, "--inference-kubelet")
     if config:
         s = load_config(config, s)
     names = [e.name for e in s.endpoints]

@@ -398,6 +398,24 @@ class GpuSource:
         )
 
     # ---- per-process usage (opt-in) --------------------------------------------------------------
+    def pids_by_device(self) -> dict[str, list[int]]:
+        """The PIDs of the compute processes on each GPU and MIG instance, by UUID (a GPU's list holds its
+        MIG instances' processes too): what a Slurm node's job attribution reads the cgroups of."""
+        out: dict[str, list[int]] = {}
+        for gpu in self._gpus:
+            try:
+                procs = self._nvml.call("nvmlDeviceGetComputeRunningProcesses", gpu.handle) or []
+            except GpuLost:
+                continue
+            with self._lock:
+                by_gi = {m.gpu_instance: m.uuid for m in self._mig.get(gpu.uuid, [])}
+            out[gpu.uuid] = [int(p.pid) for p in procs]
+            for p in procs:
+                mig = by_gi.get(getattr(p, "gpuInstanceId", NO_INSTANCE))
+                if mig is not None:
+                    out.setdefault(mig, []).append(int(p.pid))
+        return out
+
     def _sample_processes(
         self, gpu: Gpu, labels: dict[str, str], migs: list[MigDevice], fam: Callable[..., Family]
     ) -> None:

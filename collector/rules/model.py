@@ -25,6 +25,9 @@ from gpufleet.collector.rules.kinds.base import (
     parse_duration,
 )
 from gpufleet.collector.rules.kinds.base import LABEL as _LABEL
+from gpufleet.collector.rules.templates import TemplateError
+from gpufleet.collector.rules.templates import parse as parse_template
+from gpufleet.collector.rules.templates import render as render_template
 from gpufleet.core.yamlfile import load_yaml
 
 SEVERITIES = ("critical", "warning", "info")
@@ -114,13 +117,24 @@ class RulePack:
 
 
 class _LineLoader(yaml.SafeLoader):
-    """Records the line of every mapping, so errors can point at it."""
+    """Records the line of every mapping and of each of its keys, so errors can point at them."""
+
+
+class _Mapping(dict):
+    """A mapping read from YAML, with the line of each key (an annotation's line, not just its rule's)."""
+
+    key_lines: dict[str, int]
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
-    mapping = loader.construct_mapping(node, deep=True)
+    mapping = _Mapping(loader.construct_mapping(node, deep=True))
+    mapping.key_lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
     mapping["__line__"] = node.start_mark.line + 1
     return mapping
+
+
+def _key_line(doc: Any, key: str, default: Any) -> Any:
+    return doc.key_lines.get(key, default) if isinstance(doc, _Mapping) else default
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -195,6 +209,20 @@ def _rule_from(doc: dict, where: str, xid_sets: dict[str, list[int]], problems: 
     annotations = {k: str(v) for k, v in _clean(doc.get("annotations")).items()}
     if "summary" not in annotations:
         bad("annotations need a 'summary' (the one line the on-call engineer reads first)")
+    for k, text in annotations.items():
+        try:
+            parse_template(text)
+        except TemplateError as exc:
+            line = _key_line(doc.get("annotations"), k, doc.get("__line__", "?"))
+            problems.append(f"{where}:{line}: rule {name!r}: annotation {k}: {exc}")
+    labels = {k: str(v) for k, v in _clean(doc.get("labels")).items()}
+    for k, text in labels.items():
+        if "{{" in text:
+            line = _key_line(doc.get("labels"), k, doc.get("__line__", "?"))
+            problems.append(
+                f"{where}:{line}: rule {name!r}: label {k}: {text!r} is a template, but labels are not "
+                "rendered (they name the alert: silences and grouping match them); move it to an annotation"
+            )
     spec = spec_type.parse(y)
     if len(problems) > before:
         return None
@@ -209,7 +237,7 @@ def _rule_from(doc: dict, where: str, xid_sets: dict[str, list[int]], problems: 
         matchers=matchers,
         for_s=for_s,
         keep_firing_for_s=keep_firing_for_s,
-        labels={k: str(v) for k, v in _clean(doc.get("labels")).items()},
+        labels=labels,
         annotations=annotations,
         send_resolved=bool(doc.get("send_resolved", not spec.instant)),
         source=at,
@@ -348,16 +376,17 @@ def load_pack(paths: list[Path]) -> RulePack:
                         f"{f}:{_line(group)}: each rule must be a mapping (alert, metric, …), not {r!r:.40}"
                     )
                     continue
-                rule = _rule_from(r, str(f), pack.xid_sets, problems)
-                if rule is None:
-                    continue
-                if rule.name in seen:
+                name, at = r.get("alert"), f"{f}:{_line(r)}"
+                if isinstance(name, str) and name in seen:  # whatever else is wrong with either of them
                     problems.append(
-                        f"{rule.source}: rule {rule.name!r} is defined twice (first at {seen[rule.name]})"
+                        f"{at}: rule {name!r} is defined twice (first at {seen[name]}); rename one: alert "
+                        "names are unique across all the rule files loaded together"
                     )
-                    continue
-                seen[rule.name] = rule.source
-                pack.rules.append(rule)
+                elif isinstance(name, str):
+                    seen[name] = at
+                rule = _rule_from(r, str(f), pack.xid_sets, problems)
+                if rule is not None and seen.get(rule.name) == at:
+                    pack.rules.append(rule)
     if problems:
         raise RuleError(problems)
     return pack
@@ -406,15 +435,6 @@ def with_runbook_base(pack: RulePack, base_url: str) -> RulePack:
     return replace(pack, rules=rules)
 
 
-_TEMPLATE = re.compile(r"\{\{\s*(\$labels\.([A-Za-z_][A-Za-z0-9_]*)|\$value)\s*\}\}")
-
-
 def render(template: str, labels: dict[str, str], value: float | None) -> str:
-    """Expand ``{{ $labels.NAME }}`` and ``{{ $value }}`` (the Prometheus template subset rules use)."""
-
-    def sub(m: re.Match) -> str:
-        if m.group(2):
-            return labels.get(m.group(2), "")
-        return "" if value is None else f"{value:.4g}"
-
-    return _TEMPLATE.sub(sub, template)
+    """An annotation rendered for one alert (:mod:`gpufleet.collector.rules.templates`)."""
+    return render_template(template, labels, value)

@@ -5,16 +5,18 @@ those fields, so AgentSettings is the one description of what an agent can be to
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from gpufleet.agent.attribution import DEFAULT_JOB_LABEL_KEYS
 from gpufleet.cli.common import Command, Decorator, announce, apply, logging_options, wait_for_signal
 from gpufleet.cli.params import Duration, ListenAddress
 
 if TYPE_CHECKING:
-    from gpufleet.agent.inference.config import InferenceSettings
+    from gpufleet.agent.inference.config import InferenceSettings, Kubernetes
     from gpufleet.agent.settings import AgentSettings
 
 SIMULATE_MAX = 1024
@@ -62,18 +64,39 @@ def sampling_options(*, push_interval: float = 5.0) -> Decorator:
         ),
         click.option(
             "--metric-names",
-            type=click.Choice(["gpufleet", "dcgm"]),
+            type=click.Choice(["gpufleet", "dcgm", "both"]),
             default="gpufleet",
             envvar="GPUFLEET_METRIC_NAMES",
             show_default=True,
-            help="Name metrics as gpufleet does or as dcgm-exporter does.",
+            help="Name /metrics series as gpufleet does, as dcgm-exporter does, or both (each series under "
+            "both names, for a migration). The push to the collector keeps gpufleet's names.",
         ),
         click.option(
             "--pod-resources-socket",
             default=None,
             envvar="GPUFLEET_POD_RESOURCES_SOCKET",
             help="Label GPUs with the pod/namespace/container holding them, from the kubelet "
-            "pod-resources API at this unix socket (usually /var/lib/kubelet/pod-resources/kubelet.sock).",
+            "pod-resources API at this unix socket (usually /var/lib/kubelet/pod-resources/kubelet.sock). "
+            "Without it, GPUs get the Slurm job id of their processes' cgroup as their job label.",
+        ),
+        click.option(
+            "--kubelet",
+            metavar="URL",
+            default=None,
+            envvar="GPUFLEET_KUBELET",
+            help="The kubelet of this node, e.g. http://$NODE_IP:10255 or https://$NODE_IP:10250 (with the "
+            "pod's service-account token): its /pods gives the labels and owner of each GPU's pod, which "
+            "name the GPU's job label (with --pod-resources-socket) [default: the kubelet of inference "
+            "discovery, if any].",
+        ),
+        click.option(
+            "--job-label-keys",
+            metavar="KEY,...",
+            default=",".join(DEFAULT_JOB_LABEL_KEYS),
+            envvar="GPUFLEET_JOB_LABEL_KEYS",
+            show_default=True,
+            help="Pod label keys whose value names a pod's job, first match wins; a pod with none of them "
+            "is named by its controller (Job, StatefulSet, Deployment, ...).",
         ),
         click.option(
             "--process-metrics/--no-process-metrics",
@@ -280,6 +303,36 @@ def inference_settings(params: Mapping[str, Any]) -> InferenceSettings:
         raise click.UsageError(str(exc)) from None
 
 
+# A Kubernetes label key: an optional DNS-subdomain prefix and a slash, then a name of at most 63 characters.
+_LABEL_KEY = re.compile(
+    r"(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+
+
+def _label_keys(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in keys if not _LABEL_KEY.fullmatch(k)]
+    if bad:
+        raise click.BadParameter(
+            f"{', '.join(map(repr, bad))} is not a pod label key; write keys such as "
+            "batch.kubernetes.io/job-name,app.kubernetes.io/instance",
+            param_hint="'--job-label-keys' (GPUFLEET_JOB_LABEL_KEYS)",
+        )
+    return keys
+
+
+def _kubelet(url: str | None) -> Kubernetes | None:
+    from gpufleet.agent.inference.config import ConfigError, kubelet_from_flag
+
+    if not url:
+        return None
+    try:
+        return kubelet_from_flag(url, "--kubelet (GPUFLEET_KUBELET)")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def agent_settings(params: Mapping[str, Any], **fixed: Any) -> AgentSettings:
     """AgentSettings from the command line: every option named as a field sets that field; the few that are
     written differently on the command line (lists, sizes, ages) are converted here. ``fixed`` sets fields
@@ -294,6 +347,10 @@ def agent_settings(params: Mapping[str, Any], **fixed: Any) -> AgentSettings:
         values["sources"] = tuple(x.strip() for x in params["sources"].split(",") if x.strip())
     if "spool_dir" in values:
         values["spool_dir"] = params["spool_dir"] or None
+    if "kubelet" in values:
+        values["kubelet"] = _kubelet(params["kubelet"])
+    if "job_label_keys" in values:
+        values["job_label_keys"] = _label_keys(params["job_label_keys"])
     if "spool_max_bytes" in values:
         try:
             values["spool_max_bytes"] = parse_size(params["spool_max_bytes"])

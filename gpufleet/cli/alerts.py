@@ -39,9 +39,12 @@ def alerts() -> None:
 @alerts.command("check")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def alerts_check(paths: tuple[Path, ...]) -> None:
-    """Validate rule files (default: the built-in rule pack); every problem with file, line and rule.
+    """Validate rule files (default: the built-in rule pack) as the collector loads them; every problem with
+    file, line, rule and the fix: unknown keys, an alert name used twice in any of the files, an annotation
+    template that would not render (unclosed {{, unknown function or variable). Exit status 1 on a problem.
 
-    Warns about each metric or label a rule reads that no gpufleet agent or collector writes."""
+    Warns about each metric or label a rule reads that no gpufleet agent (either naming), inference reader,
+    collector or rule writes: sites add exporters of their own."""
     from gpufleet.cli.catalogue import check_rules
     from gpufleet.collector.rules.model import RuleError, default_rules_path, load_rules
 
@@ -130,6 +133,20 @@ def alerts_backtest(trace: Path, rules: tuple[Path, ...], step: float | None) ->
     help="Where runbook links point (BASE/NAME): your collector's public URL + /runbooks, or a wiki "
     "[default: http://localhost:9446/runbooks].",
 )
+@click.option(
+    "--metric-names",
+    type=click.Choice(["gpufleet", "dcgm", "both"]),
+    default="gpufleet",
+    show_default=True,
+    help="The naming mode of the agents Prometheus scrapes (their --metric-names): the rules query the "
+    "names those agents serve (both: gpufleet's).",
+)
+@click.option(
+    "--with-builtin",
+    is_flag=True,
+    help="Export PATHS together with the built-in rule pack, as a collector loads them from one folder "
+    "(the Helm chart's rules.builtin with rules.files): a file named like a built-in one replaces it.",
+)
 def alerts_export(
     paths: tuple[Path, ...],
     fmt: str,
@@ -137,10 +154,19 @@ def alerts_export(
     name: str,
     namespace: str | None,
     runbook_base_url: str | None,
+    metric_names: str,
+    with_builtin: bool,
 ) -> None:
     """Write the rules PromQL can express (default: the built-in pack) for Prometheus / Alertmanager."""
     from gpufleet.collector.rules.export import DEFAULT_RUNBOOK_BASE_URL, export
 
+    naming = None
+    if metric_names == "dcgm":
+        from gpufleet.agent.dcgm_names import naming as dcgm_naming
+
+        naming = dcgm_naming()
+    if with_builtin:
+        paths = _with_builtin(paths)
     if runbook_base_url is None:
         click.echo(
             f"runbook links point at {DEFAULT_RUNBOOK_BASE_URL}/NAME; pass --runbook-base-url with the URL "
@@ -153,6 +179,7 @@ def alerts_export(
         name=name,
         namespace=namespace,
         runbook_base_url=runbook_base_url or DEFAULT_RUNBOOK_BASE_URL,
+        naming=naming,
     )
     if output is None:
         click.echo(text, nl=False)
@@ -161,3 +188,18 @@ def alerts_export(
         click.echo(f"wrote {output}", err=True)
     for s in skipped:
         click.echo(f"not exported: {s}", err=True)
+
+
+def _with_builtin(paths: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The files of one rule folder holding the built-in pack and ``paths`` (same names: ``paths`` win), in
+    the order a collector reads that folder."""
+    from gpufleet.collector.rules.model import default_rules_path
+
+    def rule_files(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.iterdir() if f.suffix in (".yaml", ".yml"))
+
+    files = {p.name: p for p in rule_files(default_rules_path())}
+    for p in paths:
+        for f in rule_files(p) if p.is_dir() else [p]:
+            files[f.name] = f
+    return tuple(files[n] for n in sorted(files))

@@ -10,14 +10,16 @@ holds the rule pack, dashboards, report and exported PrometheusRule to it.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpufleet.agent import catalogue as agent_catalogue
 from gpufleet.agent import metrics_doc
+from gpufleet.agent.dcgm_names import LABELS, dcgm_names
 from gpufleet.collector.app import OWN_METRICS
 from gpufleet.collector.rules.model import Rule
 from gpufleet.core.metricspec import MetricSpec
@@ -107,9 +109,30 @@ def _carrier(metrics: list[str], label: str) -> str | None:
     return next((m for m in listed if label in known[m].labels), listed[0] if listed else None)
 
 
+def rule_catalogue() -> dict[str, MetricSpec]:
+    """What a rule file may read: every series in gpufleet naming, and every dcgm-exporter name an agent in
+    dcgm naming serves, with the labels it carries there (``Hostname``, ``UUID``, … beside ours)."""
+    known = catalogue()
+    twins = set(dcgm_names())
+    for name, spec in catalogue("dcgm").items():
+        if name in twins:
+            theirs = tuple(LABELS.get(label, label) for label in spec.labels)
+            extra = ("device", "pci_bus_id", "DCGM_FI_DRIVER_VERSION")
+            known.setdefault(
+                name, replace(spec, labels=tuple(dict.fromkeys((*spec.labels, *theirs, *extra))))
+            )
+    return known
+
+
 def check_rules(rules: Iterable[Rule]) -> list[str]:
-    """Warnings for `gpufleet alerts check`: reads of series or labels the catalogue does not list."""
-    return problems(rule_references(rules), catalogue())
+    """Warnings for `gpufleet alerts check`: reads of series or labels no agent (in either naming), inference
+    reader, collector or rule writes; a misspelt metric gets the catalogued name it is closest to."""
+    known = rule_catalogue()
+    out = []
+    for ref in rule_references(rules):
+        close = [] if ref.name in known else difflib.get_close_matches(ref.name, list(known), n=1, cutoff=0.8)
+        out += [f"{p}; did you mean {close[0]}?" if close else p for p in problems([ref], known)]
+    return out
 
 
 def render_doc(path: Path) -> None:

@@ -121,7 +121,8 @@ def collector_options(
             default=None,
             envvar="GPUFLEET_PUBLIC_URL",
             help="This collector's URL as people reach it; the digest links to the full report there, "
-            "alerts to its /runbooks.",
+            "alerts to its /runbooks, and Slack's silence commands name it as --collector "
+            "[default: the --listen address].",
         ),
         click.option(
             "--runbook-base-url",

@@ -16,6 +16,7 @@ FAULTS = (
     "hw_slowdown",
     "power_brake",
     "idle_memory",
+    "straggler",
     "ecc",
     "recovery_action",
     "recover",

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_TOKEN = re.compile(
+TOKEN = re.compile(
     r"""(?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
       |(?P<range>\[[^\]]*\])
       |(?P<var>\$\{[^}]*\}|\$\w+)
-      |(?P<num>(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?:[smhdwy]|ms)*)
+      |(?P<num>(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)(?:ms|[smhdwy])*)
       |(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
       |(?P<op>=~|!~|!=|==|>=|<=|[{}(),=<>+\-*/%^@])
       |(?P<space>\s+)
@@ -41,7 +41,7 @@ KEYWORDS = frozenset(
         "end",
     ]
 )
-_GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
 AGGREGATIONS = frozenset(
     [
         "sum",
@@ -79,7 +79,7 @@ class Reads:
 
 def _tokens(expr: str) -> list[tuple[str, str]]:
     out = []
-    for m in _TOKEN.finditer(expr):
+    for m in TOKEN.finditer(expr):
         kind = m.lastgroup or "other"
         if kind != "space":
             out.append((kind, m.group()))
@@ -94,7 +94,7 @@ def reads(expr: str) -> Reads:
     while i < len(toks):
         kind, text = toks[i]
         nxt = toks[i + 1][1] if i + 1 < len(toks) else ""
-        if kind == "ident" and text in _GROUPING and nxt == "(":
+        if kind == "ident" and text in GROUPING and nxt == "(":
             j = i + 2
             while j < len(toks) and toks[j][1] != ")":
                 if toks[j][0] in ("ident", "str"):

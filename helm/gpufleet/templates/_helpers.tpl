@@ -160,6 +160,10 @@ collector's own /runbooks under slack.publicUrl, else at its Service. Empty with
 {{- if and .Values.collector.enabled .Values.collector.rawLayout (include "gpufleet.sqlite" .) -}}
 {{- fail (printf "collector.rawLayout=%s applies to PostgreSQL only; SQLite always stores one row per sample: leave collector.rawLayout empty, or set database.url (postgresql+psycopg://...) or database.existingSecret." .Values.collector.rawLayout) -}}
 {{- end -}}
+{{- $dash := .Values.grafana.dashboards -}}
+{{- if and $dash.configMaps (eq $dash.flavour "postgres") .Values.collector.enabled (include "gpufleet.sqlite" .) -}}
+{{- fail "grafana.dashboards.flavour=postgres reads the collector's PostgreSQL store, but this release's collector keeps SQLite, which Grafana cannot read: set database.url (postgresql+psycopg://...) or database.existingSecret, or grafana.dashboards.flavour=prometheus." -}}
+{{- end -}}
 {{- range $name, $_ := .Values.grafana.dashboards.extra -}}
 {{- if not (regexMatch "^[A-Za-z0-9._-]+\\.json$" $name) -}}
 {{- fail (printf "grafana.dashboards.extra key %q is not a dashboard file name: use NAME.json" $name) -}}
@@ -183,7 +187,7 @@ collector's own /runbooks under slack.publicUrl, else at its Service. Empty with
 
 {{/* Non-empty when the agent needs a service-account token: for the kubelet's authenticated port. */}}
 {{- define "gpufleet.agent.kubeletToken" -}}
-{{- if or .Values.agent.inference.kubelet.rbac.create (hasPrefix "https://" .Values.agent.inference.kubelet.url) -}}true{{- end -}}
+{{- if or .Values.agent.inference.kubelet.rbac.create (hasPrefix "https://" .Values.agent.inference.kubelet.url) (hasPrefix "https://" .Values.agent.workload.kubeletUrl) -}}true{{- end -}}
 {{- end -}}
 
 {{/* The collector's health probe: HTTPS when it serves TLS; the TCP port alone when it requires client
@@ -201,3 +205,16 @@ httpGet:
   {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/* For an agent scrape (the argument: the job name prometheus-operator gives it): a GPU series without a job
+of its own would take the scrape's job name, making every GPU with no known workload peers of one "job"
+(GpuStraggler groups by job); this removes the scrape's job from the agent's series. */}}
+{{- define "gpufleet.agent.dropScrapeJob" -}}
+metricRelabelings:
+  - sourceLabels: [job]
+    regex: {{ regexQuoteMeta . | quote }}
+    targetLabel: job
+    replacement: ""
+    action: replace
+{{- end -}}
+
