@@ -1,6 +1,6 @@
 # make up    set up a virtual environment and run gpufleet up (real GPUs if NVML works, else simulated)
 # make test  set up the virtual environment with the test tools, the system packages the tests use
-#            (Prometheus, promtool, Chromium; PostgreSQL running), and run the test suite (pytest)
+#            (Prometheus, promtool, Chromium, tmux; PostgreSQL running), and run the test suite (pytest)
 # make lint  the static checks CI runs
 # make generated  regenerate what is built from the code and committed: the chart's PrometheusRule packs (one
 #            per agent naming mode) and the dashboards' JSON; the tests fail while any of them is stale

@@ -60,13 +60,21 @@ app.kubernetes.io/part-of: gpufleet
 
 {{/* Where runbook links point, for the collector and the PrometheusRule alike: the value given, else the
 collector's own /runbooks under slack.publicUrl, else at its Service. Empty without a collector. */}}
+{{- /* Where people reach the collector: slack.publicUrl, else its in-cluster Service URL (Slack's links and
+silence commands name it; a pod's own address would be no use to anyone). */ -}}
+{{- define "gpufleet.publicUrl" -}}
+{{- if .Values.slack.publicUrl -}}
+{{- .Values.slack.publicUrl | trimSuffix "/" -}}
+{{- else if .Values.collector.enabled -}}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" (not (empty .Values.collector.tls.existingSecret))) (include "gpufleet.collector.fullname" .) .Release.Namespace (int .Values.collector.port) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "gpufleet.runbookBaseUrl" -}}
 {{- if .Values.collector.runbookBaseUrl -}}
 {{- .Values.collector.runbookBaseUrl | trimSuffix "/" -}}
-{{- else if .Values.slack.publicUrl -}}
-{{- printf "%s/runbooks" (.Values.slack.publicUrl | trimSuffix "/") -}}
 {{- else if .Values.collector.enabled -}}
-{{- printf "%s://%s.%s.svc:%d/runbooks" (ternary "https" "http" (not (empty .Values.collector.tls.existingSecret))) (include "gpufleet.collector.fullname" .) .Release.Namespace (int .Values.collector.port) -}}
+{{- printf "%s/runbooks" (include "gpufleet.publicUrl" .) -}}
 {{- end -}}
 {{- end -}}
 
