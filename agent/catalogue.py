@@ -26,7 +26,7 @@ from gpufleet.agent.fields import (
     mig_name,
 )
 from gpufleet.agent.sources import host, inference
-from gpufleet.core.metricspec import ALWAYS, MetricSpec
+from gpufleet.core.metricspec import MetricSpec
 
 # Labels of every GPU series; the enrich stage adds who holds the GPU on Kubernetes, and the job it serves
 # (from the pod's labels or owner, or on Slurm from the cgroup of the GPU's processes).
@@ -57,7 +57,7 @@ def _gpu() -> list[MetricSpec]:
     mig = (*GPU_LABELS, *MIG_LABELS, *HOLDER_LABELS)
     out = [
         MetricSpec(
-            f.name, f.kind, f.unit, f.help, (*base, *f.labels), ALWAYS, _twins(f.name), _partial(f.name)
+            f.name, f.kind, f.unit, f.help, (*base, *f.labels), f.when, _twins(f.name), _partial(f.name)
         )
         for f in FIELDS
     ]

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Family:
-    """A metric family: name (``_total`` included for counters), type, help and its labelled samples."""
+    """A metric family: name (``_total`` included for counters), type, help and its labelled samples.
+
+    A sample's label dict is read-only once added: a source may hand out the same dict for a series every
+    sample, and the sinks remember what they worked out for a series (its sorted, encoded labels) by that
+    dict. A stage that changes labels adds a new dict.
+    """
 
     name: str
     kind: str  # "gauge" | "counter"

@@ -9,6 +9,12 @@ source reads the table, docs/metrics.md documents it, and tests loop over
 every row against the simulator, a scripted fake NVML and the real pynvml
 bindings (every function name and field id must exist there).
 
+Where NVML moved a value between GPU generations (NVLink error counters: per-GPU totals until Ampere, one
+field per link scoped by ``scopeId`` on Hopper), a row names every place with ``FirstOf``: the first that
+answers on a GPU is learned from its first reads and kept, and a read a GPU answers "not supported" is never
+asked again. ``SumOf`` adds per-link reads up to a per-GPU value, ``CountOf`` counts the reads a GPU answers
+(the links it has).
+
 ``slow`` rows are calls that cost milliseconds (energy counter ~3 ms, PCIe
 throughput ~20 ms because NVML samples the bus) or values that never change;
 they are read by a background reader every ``slow_interval`` seconds and
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from gpufleet.core.metricspec import ALWAYS
 
 # nvml.h constants (stable ABI numbers).
 TEMPERATURE_GPU = 0
@@ -43,10 +51,41 @@ FI_PCIE_REPLAY_COUNTER = 94
 FI_NVLINK_THROUGHPUT_DATA_TX, FI_NVLINK_THROUGHPUT_DATA_RX = 138, 139
 FI_REMAPPED_COR, FI_REMAPPED_UNC, FI_REMAPPED_PENDING, FI_REMAPPED_FAILURE = 142, 143, 144, 145
 FI_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL = 160
+# Hopper and newer: one counter per link, the link in scopeId; they replace the per-link fields below (driver
+# R525 release notes). Blackwell drops them again for NVML_FI_DEV_NVLINK_COUNT_* (not read here).
+FI_NVLINK_ERROR_DL_REPLAY, FI_NVLINK_ERROR_DL_RECOVERY, FI_NVLINK_ERROR_DL_CRC = 161, 162, 163
 FI_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN = 269
 FI_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN = 270
 FI_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN = 271
 FI_GET_GPU_RECOVERY_ACTION = 230  # driver R570 and newer; older drivers answer NOT_SUPPORTED
+
+# NVLink. Links an NVLink 4 or 5 GPU has at most (H100, H200, B200: 18; nvml.h's NVML_NVLINK_MAX_LINKS is a
+# larger array bound). Before Hopper, NVML had one field id per link and counter, links 0 to 11 (nvml.h
+# NVML_FI_DEV_NVLINK_<COUNTER>_ERROR_COUNT_L<n>; ids 32-37 then 96-101 for CRC flit errors, and so on).
+NVLINK_MAX_LINKS = 18
+NVLINK_TYPES = ("crc_flit", "crc_data", "replay", "recovery", "ecc_data")
+NVLINK_LEGACY_LINK_FIELDS: dict[str, tuple[int, ...]] = {
+    "crc_flit": (*range(32, 38), *range(96, 102)),
+    "crc_data": (*range(39, 45), *range(102, 108)),
+    "replay": (*range(46, 52), *range(108, 114)),
+    "recovery": (*range(53, 59), *range(114, 120)),
+    "ecc_data": tuple(range(148, 160)),
+}
+NVLINK_TOTAL_FIELDS = {
+    "crc_flit": FI_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL,
+    "crc_data": FI_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL,
+    "replay": FI_NVLINK_REPLAY_ERROR_COUNT_TOTAL,
+    "recovery": FI_NVLINK_RECOVERY_ERROR_COUNT_TOTAL,
+    "ecc_data": FI_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL,
+}
+# The DL CRC counter of Hopper is the one NVIDIA names as the CRC flit counters' replacement.
+NVLINK_DL_FIELDS = {
+    "crc_flit": FI_NVLINK_ERROR_DL_CRC,
+    "replay": FI_NVLINK_ERROR_DL_REPLAY,
+    "recovery": FI_NVLINK_ERROR_DL_RECOVERY,
+}
+# nvmlNvLinkErrorCounter_t of nvmlDeviceGetNvLinkErrorCounter(device, link, counter) (Pascal to Hopper).
+NVLINK_ERROR_COUNTERS = {"replay": 0, "recovery": 1, "crc_flit": 2, "crc_data": 3, "ecc_data": 4}
 
 # nvmlDeviceGpuRecoveryAction_t values of FI_GET_GPU_RECOVERY_ACTION.
 RECOVERY_ACTIONS = {
@@ -126,7 +165,58 @@ class FieldValue:
         return f"field {self.id}{scope}"
 
 
-Source = Call | FieldValue
+Read = Call | FieldValue  # one NVML read
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity: table entries, kept in learned-answer maps
+class FirstOf:
+    """The first of ``options`` that a GPU answers. Which one is learned from the GPU's first reads and kept;
+    until an option is known not to answer, the ones after it are not taken (a failed read is not a "no")."""
+
+    options: tuple[Source, ...]
+
+    def describe(self) -> str:
+        return " or ".join(o.describe() for o in self.options)
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity: table entries, kept in learned-answer maps
+class SumOf:
+    """The sum of the ``parts`` a GPU answers (one counter per link, summed per GPU); absent when none does.
+    With ``hold``, a part that answered once and then fails a read keeps its last value in the sum, so a sum of
+    counters never goes backwards (which a rate would take for a counter reset)."""
+
+    parts: tuple[Source, ...]
+    hold: bool = True
+
+    def describe(self) -> str:
+        return f"sum of {_span(self.parts)}"
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity: table entries, kept in learned-answer maps
+class CountOf:
+    """How many of ``parts`` a GPU has answered (the NVLinks it has); absent when none has."""
+
+    parts: tuple[Read, ...]
+
+    def describe(self) -> str:
+        return f"count of answering {_span(self.parts)}"
+
+
+def _span(parts: tuple[Source, ...]) -> str:
+    if len(parts) < 3:
+        return ", ".join(p.describe() for p in parts)
+    return f"{parts[0].describe()} … {parts[-1].describe()} ({len(parts)} reads)"
+
+
+Source = Read | FirstOf | SumOf | CountOf
+
+
+def reads(src: Source) -> list[Read]:
+    """Every NVML read a source may make."""
+    if isinstance(src, (Call, FieldValue)):
+        return [src]
+    inner = src.options if isinstance(src, FirstOf) else src.parts
+    return [r for s in inner for r in reads(s)]
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity: rows are unique table entries
@@ -148,13 +238,42 @@ class Field:
     slow: bool = False
     # Also read on every MIG device of a GPU in MIG mode (as gpufleet_mig_*).
     mig: bool = False
+    # One series per NVLink (and type): read only with --nvlink-per-link (series multiply by the links).
+    per_link: bool = False
+    # When the series exists, for the metric catalogue.
+    when: str = ALWAYS
 
-    def sources(self) -> list[Source]:
-        return list(self.read.values()) if isinstance(self.read, dict) else [self.read]
+    def sources(self) -> list[Read]:
+        """Every NVML read the row may make."""
+        tops = list(self.read.values()) if isinstance(self.read, dict) else [self.read]
+        return [r for s in tops for r in reads(s)]
 
 
 MIB = 1 << 20
 KIB = 1 << 10
+
+
+def _link_errors(kind: str, link: int) -> Source:
+    """Where a GPU keeps one link's counter of ``kind``, newest place first: the link-scoped field (Hopper),
+    the link's own field id (Ampere and older, links 0-11), nvmlDeviceGetNvLinkErrorCounter."""
+    options: list[Source] = []
+    if kind in NVLINK_DL_FIELDS:
+        options.append(FieldValue(NVLINK_DL_FIELDS[kind], link))
+    legacy = NVLINK_LEGACY_LINK_FIELDS[kind]
+    if link < len(legacy):
+        options.append(FieldValue(legacy[link]))
+    options.append(Call("nvmlDeviceGetNvLinkErrorCounter", (link, NVLINK_ERROR_COUNTERS[kind])))
+    return FirstOf(tuple(options))
+
+
+def _gpu_errors(kind: str) -> Source:
+    """A GPU's counter of ``kind`` over all its links: NVML's total, else the sum of its links' counters."""
+    links = tuple(_link_errors(kind, link) for link in range(NVLINK_MAX_LINKS))
+    return FirstOf((FieldValue(NVLINK_TOTAL_FIELDS[kind]), SumOf(links)))
+
+
+# nvmlDeviceGetNvLinkState(device, link): 1 active, 0 inactive; a link the GPU lacks answers an error.
+_LINK_STATE = tuple(Call("nvmlDeviceGetNvLinkState", (link,)) for link in range(NVLINK_MAX_LINKS))
 
 
 FIELDS: tuple[Field, ...] = (
@@ -520,20 +639,19 @@ FIELDS: tuple[Field, ...] = (
         dcgm="DCGM_FI_PROF_PCIE_RX_BYTES",
     ),
     # ---- NVLink -----------------------------------------------------------------------------------
+    # Error counters and link state are read on the slow cadence: up to 90 link-scoped reads per GPU on the
+    # first pass (fewer once the GPU's answers are learned), and counters lose nothing between reads.
     Field(
         "gpufleet_gpu_nvlink_errors_total",
         "counter",
         "",
-        "NVLink errors summed over all links, by type.",
-        {
-            ("crc_flit",): FieldValue(FI_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL),
-            ("crc_data",): FieldValue(FI_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL),
-            ("replay",): FieldValue(FI_NVLINK_REPLAY_ERROR_COUNT_TOTAL),
-            ("recovery",): FieldValue(FI_NVLINK_RECOVERY_ERROR_COUNT_TOTAL),
-            ("ecc_data",): FieldValue(FI_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL),
-        },
+        "NVLink errors summed over the GPU's links, by type: crc_flit (CRC errors; on Hopper the data-link CRC "
+        "counter), crc_data, replay, recovery, ecc_data (data the link's ECC corrected). Read from the per-GPU "
+        "totals where the GPU answers them (Ampere and older), else from its per-link counters (Hopper).",
+        {(kind,): _gpu_errors(kind) for kind in NVLINK_TYPES},
         labels=("type",),
         urgent=True,
+        slow=True,
         dcgm={
             ("crc_flit",): "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
             ("crc_data",): "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
@@ -542,6 +660,60 @@ FIELDS: tuple[Field, ...] = (
             ("ecc_data",): "DCGM_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL",
         },
         dcgm_kind="counter",
+        when="on GPUs with NVLink",
+    ),
+    Field(
+        "gpufleet_gpu_nvlink_link_errors_total",
+        "counter",
+        "",
+        "NVLink errors of one link, by type (the counters gpufleet_gpu_nvlink_errors_total sums; opt-in: "
+        "--nvlink-per-link).",
+        {
+            (kind, str(link)): _link_errors(kind, link)
+            for kind in NVLINK_TYPES
+            for link in range(NVLINK_MAX_LINKS)
+        },
+        labels=("type", "link"),
+        slow=True,
+        per_link=True,
+        # dcgm-exporter has a field per link for these four (L0..L17), none for ECC data.
+        dcgm={
+            (kind, str(link)): f"DCGM_FI_DEV_NVLINK_{kind.upper()}_ERROR_COUNT_L{link}"
+            for kind in ("crc_flit", "crc_data", "replay", "recovery")
+            for link in range(NVLINK_MAX_LINKS)
+        },
+        dcgm_kind="counter",
+        when="opt-in: --nvlink-per-link",
+    ),
+    Field(
+        "gpufleet_gpu_nvlink_links",
+        "gauge",
+        "",
+        "NVLinks the GPU has: the links NVML reports a state for (nvmlDeviceGetNvLinkState), up or down.",
+        CountOf(_LINK_STATE),
+        slow=True,
+        when="on GPUs with NVLink",
+    ),
+    Field(
+        "gpufleet_gpu_nvlink_links_up",
+        "gauge",
+        "",
+        "NVLinks that are up (active). Fewer than gpufleet_gpu_nvlink_links: a link is down.",
+        SumOf(_LINK_STATE, hold=False),
+        urgent=True,
+        slow=True,
+        when="on GPUs with NVLink",
+    ),
+    Field(
+        "gpufleet_gpu_nvlink_link_up",
+        "gauge",
+        "",
+        "1 while the NVLink is up (active), 0 while it is down (opt-in: --nvlink-per-link).",
+        {(str(link),): state for link, state in enumerate(_LINK_STATE)},
+        labels=("link",),
+        slow=True,
+        per_link=True,
+        when="opt-in: --nvlink-per-link",
     ),
     Field(
         "gpufleet_gpu_nvlink_transmit_bytes_total",
@@ -671,6 +843,7 @@ def mig_name(name: str) -> str:
     return "gpufleet_mig_" + name.removeprefix("gpufleet_gpu_")
 
 
+PER_LINK_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.per_link)
 MIG_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.mig)
 FAST_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if not f.slow)
 SLOW_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.slow)

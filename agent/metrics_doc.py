@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gpufleet.agent.dcgm_names import CLOCK_REASONS_NAME, MAPPING, XID_NAME
-from gpufleet.agent.fields import FIELDS, GPM_FIELDS, MIG_FIELDS, mig_name
+from gpufleet.agent.fields import FIELDS, GPM_FIELDS, MIG_FIELDS, Source, mig_name
 from gpufleet.core.metricspec import MetricSpec
 
 BEGIN, END = "<!-- field table: begin (python -m gpufleet.cli.catalogue) -->", "<!-- field table: end -->"
@@ -19,8 +19,15 @@ CATALOGUE_END = "<!-- catalogue: end -->"
 
 
 def _read(f) -> str:
-    items = f.read.items() if isinstance(f.read, dict) else [((), f.read)]
+    items: list[tuple[tuple[str, ...], Source]] = (
+        list(f.read.items()) if isinstance(f.read, dict) else [((), f.read)]
+    )
+    links = len({k[-1] for k, _ in items}) if f.per_link else 0
+    if links:  # one link shows them all: the others read the same with their own link number
+        items = [(k, src) for k, src in items if k[-1] == "0"]
     parts = [(f"{','.join(k)}: " if k else "") + src.describe() for k, src in items]
+    if links:
+        parts.append(f"links 1–{links - 1} alike")
     scale = f" x {f.scale:g}" if f.scale != 1 else ""
     return "<br>".join(parts) + scale
 

@@ -24,6 +24,7 @@ from gpufleet.core.metricspec import MetricSpec
 
 # NVML return codes (nvml.h); stable ABI numbers, the same in every driver.
 ERROR_UNINITIALIZED = 1
+ERROR_INVALID_ARGUMENT = 2
 ERROR_NOT_SUPPORTED = 3
 ERROR_NO_PERMISSION = 4
 ERROR_NOT_FOUND = 6
@@ -49,6 +50,10 @@ _NO_VALUE = {
 }
 # Answers that mean the GPU itself has gone (fell off the bus, needs a reset).
 _LOST = {ERROR_GPU_IS_LOST, ERROR_RESET_REQUIRED}
+# Answers that say this GPU or driver cannot answer the question at all, so asking again is pointless: not
+# supported, a function this driver lacks, an argument it does not have (a link past the GPU's last one), no
+# permission. Timeouts, NO_DATA and the rest are a failed read of this once.
+_UNSUPPORTED = {ERROR_NOT_SUPPORTED, ERROR_FUNCTION_NOT_FOUND, ERROR_INVALID_ARGUMENT, ERROR_NO_PERMISSION}
 
 
 class NvmlUnavailable(RuntimeError):
@@ -214,20 +219,51 @@ class Nvml:
 
     def field_values(self, handle: Any, ids: list[tuple[int, int]]) -> dict[tuple[int, int], float | None]:
         """One batched ``nvmlDeviceGetFieldValues`` read: ``{(field id, scope): value}``, ``None`` per missing value."""
-        answer = self.call("nvmlDeviceGetFieldValues", handle, ids)
+        return self.probe_fields(handle, ids)[0]
+
+    def probe(self, function: str, *args: Any) -> tuple[Any, bool]:
+        """Like :meth:`call`, and whether a ``None`` answer means "this GPU or driver cannot answer that" (so
+        the caller may stop asking) rather than a failed read. Raises :class:`GpuLost`."""
+        answer, code = self._answer(function, *args)
+        return answer, code in _UNSUPPORTED
+
+    def probe_fields(
+        self, handle: Any, ids: list[tuple[int, int]]
+    ) -> tuple[dict[tuple[int, int], float | None], frozenset[tuple[int, int]]]:
+        """One batched ``nvmlDeviceGetFieldValues`` read, and the ``(field id, scope)`` pairs this GPU or driver
+        cannot answer at all (as :meth:`probe` tells them apart from a failed read). Raises :class:`GpuLost`."""
+        answer, code = self._answer("nvmlDeviceGetFieldValues", handle, ids)
         if answer is None:
-            return dict.fromkeys(ids)
+            # The whole call failed: only a driver without field values at all says that of every id.
+            return dict.fromkeys(ids), frozenset(ids) if code == ERROR_FUNCTION_NOT_FOUND else frozenset()
         out: dict[tuple[int, int], float | None] = {}
+        cannot: set[tuple[int, int]] = set()
         for want, fv in zip(ids, answer, strict=False):
             ret = int(getattr(fv, "nvmlReturn", ERROR_UNKNOWN))
             if ret in _LOST:
                 raise GpuLost(f"nvmlDeviceGetFieldValues field {want[0]}: NVML error {ret}")
             if ret != 0:
                 out[want] = None
+                if ret in _UNSUPPORTED:
+                    cannot.add(want)
                 continue
             member = _VALUE_MEMBERS.get(int(fv.valueType))
             out[want] = None if member is None else float(getattr(fv.value, member))
-        return out
+        return out, frozenset(cannot)
+
+    def _answer(self, function: str, *args: Any) -> tuple[Any, int | None]:
+        """The answer of an NVML function, or ``None`` and the NVML error code (FUNCTION_NOT_FOUND when this
+        library lacks the function). Raises :class:`GpuLost`."""
+        fn = getattr(self._lib, function, None)
+        if fn is None:
+            return None, ERROR_FUNCTION_NOT_FOUND
+        try:
+            return fn(*args), None
+        except self._lib.NVMLError as exc:
+            code = _code(exc)
+            if code in _LOST:
+                raise GpuLost(f"{function}: {exc}") from None
+            return None, code if code is not None else ERROR_UNKNOWN
 
     def call_ok(self, function: str, *args: Any) -> bool:
         """Call an NVML function for its effect; True when it succeeded (``call`` cannot tell, as it answers None)."""

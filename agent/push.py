@@ -7,7 +7,9 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import cramjam
 
 from gpufleet.agent.core import Snapshot
 from gpufleet.agent.fields import FIELDS
@@ -20,6 +22,69 @@ log = logging.getLogger(__name__)
 
 # Families whose change is worth a push now: a GPU lost, an XID, a throttle reason switching on, ECC errors.
 URGENT = {"gpufleet_gpu_up", "gpufleet_gpu_xid_errors_total"} | {f.name for f in FIELDS if f.urgent}
+
+
+class _SeriesKeys:
+    """Each series' labels as remote-write puts them on the wire (``__name__`` and its labels, sorted and
+    encoded: :data:`gpufleet.core.remote_write.LabelKey`), worked out once per series, not once per sample.
+
+    A series is known by the identity of its label dict: the sources hand out the same dict for a series every
+    sample, and labels are read-only once in a family (see :class:`gpufleet.agent.families.Family`). An entry
+    holds its dict, so no other dict can take its ``id`` while the entry lives. A stage that makes its dicts
+    anew each sample (an enricher adding the pod that holds a GPU) is recognised by the dict's items instead,
+    and its dicts are not kept. Entries not asked for since the last :meth:`rotate` are forgotten then (the
+    series of a pod that left, of a MIG instance deleted).
+    """
+
+    def __init__(self) -> None:
+        self._by_dict: dict[tuple[str, int], tuple[dict[str, str], rw.LabelKey]] = {}
+        self._by_dict_before: dict[tuple[str, int], tuple[dict[str, str], rw.LabelKey]] = {}
+        self._by_items: dict[tuple[str, tuple[tuple[str, str], ...]], rw.LabelKey] = {}
+        self._by_items_before: dict[tuple[str, tuple[tuple[str, str], ...]], rw.LabelKey] = {}
+
+    def __call__(self, name: str, labels: dict[str, str]) -> rw.LabelKey:
+        ref = (name, id(labels))
+        hit = self._by_dict.get(ref)
+        if hit is None or hit[0] is not labels:
+            hit = self._by_dict_before.get(ref)
+            if hit is None or hit[0] is not labels:
+                items = (name, tuple(labels.items()))
+                key = self._by_items.get(items) or self._by_items_before.get(items)
+                if key is not None:  # known labels in a new dict: a stage that makes them every sample
+                    self._by_items[items] = key
+                    return key
+                # sorted by name, as receivers such as Prometheus require (rw.encode sorts the same way)
+                key = self._by_items[items] = rw.LabelSet.of(
+                    dict(sorted({"__name__": name, **labels}.items()))
+                ).key
+                hit = (labels, key)
+            self._by_dict[ref] = hit
+        return hit[1]
+
+    def rotate(self) -> None:
+        self._by_dict_before, self._by_dict = self._by_dict, {}
+        self._by_items_before, self._by_items = self._by_items, {}
+
+
+def _encode_keyed(
+    series: Iterable[tuple[rw.LabelKey, list[tuple[int, float]]]], metadata: Iterable[rw.Metadata]
+) -> bytes:
+    """The request :func:`gpufleet.core.remote_write.encode` makes of the same series, byte for byte, from
+    labels already on the wire: each series' labels are copied in whole instead of set one by one."""
+    req = rw.WriteRequestMessage()
+    for key, samples in series:
+        ts = req.timeseries.add()
+        ts.MergeFromString(key)
+        add = ts.samples.add
+        for t, v in samples:
+            add(timestamp=t, value=v)
+    for m in metadata:
+        md = req.metadata.add()
+        md.type = rw.METRIC_TYPES.get(m.type, 0)
+        md.metric_family_name = m.name
+        md.help = m.help
+        md.unit = m.unit
+    return bytes(cramjam.snappy.compress_raw(req.SerializeToString()))
 
 
 class Pusher:
@@ -58,7 +123,9 @@ class Pusher:
         self._buffer: list[Snapshot] = []
         # Encoded batches waiting to be sent: (body, sample count, holds an urgent change)
         self._queue: deque[tuple[bytes, int, bool]] = deque()
-        self._last_urgent: dict[tuple, float] = {}
+        self._last_urgent: dict[rw.LabelKey, float] = {}
+        self._urgent_keys = _SeriesKeys()  # the sampler's thread
+        self._batch_keys = _SeriesKeys()  # the pushing thread
         self._lock = threading.Lock()
         self._flush = threading.Event()
         self._urgent_pending = False
@@ -80,16 +147,18 @@ class Pusher:
     def __call__(self, snap: Snapshot) -> None:
         """Agent sink: take a snapshot; flag an immediate push if an urgent value changed."""
         urgent = False
+        keys = self._urgent_keys
         for fam in snap.families:
             if fam.name not in URGENT:
                 continue
             for labels, value in fam.samples:
-                key = (fam.name, tuple(sorted(labels.items())))
+                key = keys(fam.name, labels)
                 if self._last_urgent.get(key) != value:
                     # The first sight of a gauge is not news; a counter's first appearance is (an XID happened).
                     if key in self._last_urgent or fam.kind == "counter":
                         urgent = True
                     self._last_urgent[key] = value
+        keys.rotate()
         with self._lock:
             self._buffer.append(snap)
             if urgent:
@@ -109,21 +178,25 @@ class Pusher:
             urgent, self._urgent_pending = self._urgent_pending, False
         if not snaps:
             return
-        series: dict[tuple, rw.Series] = {}
+        series: dict[rw.LabelKey, list[tuple[int, float]]] = {}
         meta: dict[str, rw.Metadata] = {}
+        keys = self._batch_keys
         n = 0
         for snap in snaps:
+            ts = snap.timestamp_ms
             for fam in snap.families:
-                if fam.name not in meta:
-                    meta[fam.name] = rw.Metadata(fam.name, fam.kind, fam.help)
+                name = fam.name
+                if name not in meta:
+                    meta[name] = rw.Metadata(name, fam.kind, fam.help)
                 for labels, value in fam.samples:
-                    key = (fam.name, tuple(sorted(labels.items())))
-                    s = series.get(key)
-                    if s is None:
-                        s = series[key] = rw.Series({"__name__": fam.name, **labels})
-                    s.samples.append((snap.timestamp_ms, value))
-                    n += 1
-        body = rw.encode(series.values(), list(meta.values()))
+                    key = keys(name, labels)
+                    samples = series.get(key)
+                    if samples is None:
+                        samples = series[key] = []
+                    samples.append((ts, value))
+                n += len(fam.samples)
+        keys.rotate()
+        body = _encode_keyed(series.items(), meta.values())
         with self._lock:
             self._queue.append((body, n, urgent))
             pending = sum(k for _, k, _ in self._queue)

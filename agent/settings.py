@@ -33,6 +33,8 @@ class AgentSettings:
     # Per-process GPU memory and SM utilization (multiplies series), and where to find host processes.
     process_metrics: bool = False
     proc_root: str = "/proc"
+    # NVLink error counters and state per link as well as per GPU (series multiply by the links: 18 on Hopper).
+    nvlink_per_link: bool = False
     # Seconds between reads of the slow GPU fields (energy counter, PCIe throughput, static values).
     slow_interval: float = 10.0
     # Simulated MIG layout: {GPU index: [profile, ...]} (only with simulate).

@@ -9,7 +9,17 @@ power with a thermal time constant, memory is held by jobs. Faults can be
 injected: XIDs, thermal slowdown, power brake, ECC errors, row remapping,
 PCIe replays, NVLink errors, a recovery action
 (drivers R570 and newer), a GPU falling off the bus, a job that holds
-memory but does nothing. GPUs can be put in MIG mode with instances of given
+memory but does nothing.
+
+NVLink is modelled as on Hopper: GPUs are joined in pairs (0-1, 2-3, ...) by
+all their links, like two H200s bridged NV18. Error counters are per link
+(NVML_FI_DEV_NVLINK_ERROR_DL_* with the link as scopeId, and
+nvmlDeviceGetNvLinkErrorCounter); the per-GPU totals and the per-link field ids
+of older GPUs answer NOT_SUPPORTED, as on a real H200. Links correct a few bits
+by ECC under load; a link can go down (at both ends of the pair, then
+retrain), take CRC errors or replay in bursts.
+
+GPUs can be put in MIG mode with instances of given
 profiles (``mig={0: ["3g.40gb", "2g.20gb"]}``); the simulator never changes
 MIG settings on its own, as the agent never does on a real GPU.
 """
@@ -34,6 +44,18 @@ NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_NOT_FOUND = 6
+NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY = 161
+NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY = 162
+NVML_FI_DEV_NVLINK_ERROR_DL_CRC = 163
+# nvmlNvLinkErrorCounter_t -> the simulated counter
+NVLINK_ERROR_COUNTERS = {0: "replay", 1: "recovery", 2: "crc_flit", 3: "crc_data", 4: "ecc_data"}
+NVLINK_DL_FIELDS = {
+    NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: "replay",
+    NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: "recovery",
+    NVML_FI_DEV_NVLINK_ERROR_DL_CRC: "crc_flit",
+}
+NVLINK_REPLAYS_PER_S = 5.0  # a marginal link replaying under load
+NVLINK_ECC_CORRECTIONS_PER_BYTE = 1e-13  # background ECC corrections of a healthy link, per byte carried
 NVML_VALUE_TYPE_UNSIGNED_INT = 1
 NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
 NVML_VALUE_TYPE_SIGNED_INT = 5
@@ -97,7 +119,7 @@ class _Profile:
     pcie_generation: int = 5
     pcie_width: int = 16
     nvlink_links: int = 18
-    nvlink_bytes_per_s: float = 120e9  # payload one direction at full training load
+    nvlink_bytes_per_s: float = 120e9  # payload one direction at full training load, over all links
     mig_slices: int = 7
 
 
@@ -134,7 +156,10 @@ class _Gpu:
     # field-value counters (nvml.h NVML_FI_DEV_*), in NVML units
     nvlink_kib: dict[str, float] = field(default_factory=lambda: {"tx": 0.0, "rx": 0.0})
     violation_ns: dict[int, float] = field(default_factory=dict)
-    nvlink_errors: dict[int, int] = field(default_factory=dict)
+    nvlink_counts: dict[tuple[str, int], float] = field(default_factory=dict)  # (counter, link) -> count
+    nvlink_down_until: dict[int, float] = field(default_factory=dict)  # link -> sim time it retrains
+    nvlink_replaying_until: dict[int, float] = field(default_factory=dict)  # link -> end of a replay burst
+    nvlink_ecc_due: float = 0.0  # ECC corrections accrued, not yet counted on a link
     pcie_replays: int = 0
     recovery_action: int = 0  # nvmlDeviceGpuRecoveryAction_t
     remapped: list[int] = field(
@@ -239,9 +264,19 @@ class SimulatedNVML:
 
     # ---- fault injection -------------------------------------------------------------------------
     def inject(
-        self, gpu: int, kind: str, *, xid: int | None = None, duration: float = 120.0, count: int = 1
+        self,
+        gpu: int,
+        kind: str,
+        *,
+        xid: int | None = None,
+        duration: float = 120.0,
+        count: int = 1,
+        link: int = 0,
     ) -> str:
-        """Inject a fault into simulated GPU ``gpu``. Returns a sentence saying what was done."""
+        """Inject a fault into simulated GPU ``gpu``. Returns a sentence saying what was done. NVLink faults
+        hit ``link``: ``nvlink_error`` counts ``count`` CRC errors on it, ``nvlink_down`` takes it down at both
+        ends of the pair for ``duration`` seconds (then it retrains, one recovery each end), ``nvlink_replay``
+        makes it replay packets for ``duration`` seconds."""
         with self._lock:
             self._advance()
             if not 0 <= gpu < len(self._gpus):
@@ -250,6 +285,9 @@ class SimulatedNVML:
                 )
             g = self._gpus[gpu]
             now = self._t
+            links = g.profile.nvlink_links
+            if kind.startswith("nvlink") and not 0 <= link < links:
+                raise ValueError(f"no NVLink {link} on simulated GPU {gpu}; it has {links} (0..{links - 1})")
             if kind == "xid":
                 if xid is None:
                     raise ValueError("an xid fault needs an XID code, e.g. xid=79")
@@ -290,17 +328,30 @@ class SimulatedNVML:
                 self._event_cv.notify_all()
                 return f"GPU {gpu} asks for a GPU reset (recovery action 1, XID 154)"
             if kind == "nvlink_error":
-                g.nvlink_errors[38] = g.nvlink_errors.get(38, 0) + count  # CRC flit errors
-                return f"{count} NVLink CRC error(s) on GPU {gpu}"
+                g.nvlink_counts[("crc_flit", link)] = g.nvlink_counts.get(("crc_flit", link), 0) + count
+                return f"{count} NVLink CRC error(s) on GPU {gpu} link {link}"
+            if kind == "nvlink_down":
+                ends = [g] + [p for p in [self._peer(g)] if p is not None]
+                for end in ends:
+                    end.nvlink_down_until[link] = now + duration
+                peer = f" and GPU {ends[1].index}" if len(ends) > 1 else ""
+                return f"NVLink {link} of GPU {gpu}{peer} down for {duration:g}s"
+            if kind == "nvlink_replay":
+                g.nvlink_replaying_until[link] = now + duration
+                return f"NVLink {link} of GPU {gpu} replays {NVLINK_REPLAYS_PER_S:g}/s for {duration:g}s"
             if kind == "recover":
                 g.lost = False
                 g.faults.clear()
                 g.recovery_action = 0
+                g.nvlink_replaying_until.clear()
+                for end in [g] + [p for p in [self._peer(g)] if p is not None]:
+                    for down in list(end.nvlink_down_until):
+                        end.nvlink_down_until[down] = now  # retrains at the next step
                 return f"GPU {gpu} recovered"
             raise ValueError(
                 f"unknown fault {kind!r}; choose one of xid, lost, thermal, sw_thermal, "
                 "hw_slowdown, power_brake, idle_memory, straggler, ecc, row_remap, remap_failure, "
-                "pcie_replay, recovery_action, nvlink_error, recover"
+                "pcie_replay, recovery_action, nvlink_error, nvlink_down, nvlink_replay, recover"
             )
 
     # ---- dynamics --------------------------------------------------------------------------------
@@ -360,6 +411,7 @@ class SimulatedNVML:
         # two samples like real GPM samples.
         g.gpm_counter += h
         nvlink = p.nvlink_bytes_per_s * g.sm * tensor if g.phase[0] == "training" else 0.0
+        nvlink *= self._nvlink_step(g, t, h, nvlink)
         rates = {
             GPM_GRAPHICS_UTIL: 100 * g.util,
             GPM_SM_UTIL: 100 * g.sm,
@@ -391,6 +443,34 @@ class SimulatedNVML:
         ):
             if bits & mask:
                 g.violation_ns[fid] = g.violation_ns.get(fid, 0.0) + h * 1e9
+
+    def _nvlink_step(self, g: _Gpu, t: float, h: float, carried_per_s: float) -> float:
+        """Link faults over one step of ``h`` seconds; the share of the GPU's links that are up (traffic
+        spreads over those)."""
+        links = g.profile.nvlink_links
+        for link, until in list(g.nvlink_down_until.items()):
+            if t >= until:  # retrained: one recovery on this end
+                del g.nvlink_down_until[link]
+                g.nvlink_counts[("recovery", link)] = g.nvlink_counts.get(("recovery", link), 0) + 1
+        for link, until in list(g.nvlink_replaying_until.items()):
+            if t >= until:
+                del g.nvlink_replaying_until[link]
+            elif link not in g.nvlink_down_until:
+                key = ("replay", link)
+                g.nvlink_counts[key] = g.nvlink_counts.get(key, 0) + NVLINK_REPLAYS_PER_S * h
+        up = links - len(g.nvlink_down_until)
+        g.nvlink_ecc_due += carried_per_s * h * NVLINK_ECC_CORRECTIONS_PER_BYTE * up / links
+        if g.nvlink_ecc_due >= 1 and up:
+            whole = int(g.nvlink_ecc_due)
+            g.nvlink_ecc_due -= whole
+            link = g.rng.choice([i for i in range(links) if i not in g.nvlink_down_until])
+            g.nvlink_counts[("ecc_data", link)] = g.nvlink_counts.get(("ecc_data", link), 0) + whole
+        return up / links
+
+    def _peer(self, g: _Gpu) -> _Gpu | None:
+        """The GPU at the other end of ``g``'s NVLinks: its pair (0-1, 2-3, ...), if there is one."""
+        other = g.index ^ 1
+        return self._gpus[other] if other < len(self._gpus) else None
 
     def _reasons(self, g: _Gpu) -> int:
         bits = 0
@@ -565,6 +645,21 @@ class SimulatedNVML:
                 rate *= 4
             return int(rate * (1 + 0.05 * g.rng.gauss(0, 1)) / 1024) if rate else 0
 
+    def nvmlDeviceGetNvLinkState(self, h: Any, link: int) -> int:
+        """1 while the link is active, 0 while it is down; a link past the GPU's last one is an error."""
+        with self._lock:
+            g = self._gpu(h)
+            if not 0 <= link < g.profile.nvlink_links:
+                raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            return 0 if link in g.nvlink_down_until else 1
+
+    def nvmlDeviceGetNvLinkErrorCounter(self, h: Any, link: int, counter: int) -> int:
+        with self._lock:
+            g = self._gpu(h)
+            if not 0 <= link < g.profile.nvlink_links or counter not in NVLINK_ERROR_COUNTERS:
+                raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+            return int(g.nvlink_counts.get((NVLINK_ERROR_COUNTERS[counter], link), 0))
+
     def nvmlDeviceGetFieldValues(self, h: Any, ids: list) -> list[Any]:
         """Like pynvml: ``ids`` are field ids or (field id, scope id) pairs; each answer has its own return code."""
         with self._lock:
@@ -601,8 +696,10 @@ class SimulatedNVML:
             return ull, g.ecc.get(ecc[fid], 0)
         if fid in (29, 30, 31):  # page retirement: H100 remaps rows instead, so nothing is ever retired
             return ui, 0
-        if fid in (38, 45, 52, 59, 160):
-            return ull, g.nvlink_errors.get(fid, 0)
+        if fid in NVLINK_DL_FIELDS:  # Hopper: one counter per link, the link in scopeId
+            if scope >= g.profile.nvlink_links:
+                return None
+            return ull, int(g.nvlink_counts.get((NVLINK_DL_FIELDS[fid], scope), 0))
         if fid in (74, 75, 76, 77, 78, 79, 269, 270, 271):
             return ull, g.violation_ns.get(fid, 0.0)
         if fid == 82:
@@ -791,6 +888,7 @@ class SimulatedNVML:
                     "phase": g.phase[0],
                     "lost": g.lost,
                     "faults": sorted(g.faults),
+                    "nvlinks_down": sorted(g.nvlink_down_until),
                     "pid": g.pid,
                     "mig": [
                         {"uuid": m.uuid, "gpu_instance": m.gpu_instance, "slices": m.slices} for m in g.mig

@@ -1,38 +1,51 @@
-"""What the agent costs a GPU node, measured in one process against the same GPUs.
+"""What the agent costs a GPU node.
 
-* one full sample of every GPU (every fast row, GPM, MIG, the cached slow rows) versus one
-  ``nvidia-smi --query-gpu`` call asking for the same fields (what nvidia_gpu_exporter runs per scrape),
-  as a ratio; the slow-row refresh is timed too and shown per second at its cadence;
-* the running agent's CPU share at 1 Hz over ``--seconds`` (sampler, slow reader, event thread,
-  /metrics server scraped every 5 s), as a share of one core;
-* the process's resident memory after that run.
+1. The running agent, as a node runs it: ``gpufleet agent`` in its own process (every default source on,
+   1 Hz), pushing to a collector and scraped like Prometheus scrapes it (OpenMetrics accepted, gzip, every
+   ``--scrape-interval`` seconds). After ``--warmup`` seconds its CPU time is read from ``/proc/<pid>/stat``
+   over ``--seconds``: the node total as a share of one core, and per GPU; its resident memory (now and peak)
+   from ``/proc/<pid>/status``. With ``--simulate N`` the simulated GPUs answer NVML in the agent's own
+   process, so their cost is inside that figure: a second window profiles the agent with py-spy (``--gil``,
+   non-blocking) and the time in ``agent/simulator.py`` is reported apart and taken off, so what is left
+   is the agent's own cost.
+2. One full sample of every GPU (every fast row, GPM, MIG, the cached slow rows), timed in this process,
+   versus one ``nvidia-smi --query-gpu`` call asking for the same fields (what nvidia_gpu_exporter runs per
+   scrape), as a ratio; the slow-row refresh is timed too.
 
 Real GPUs:        python3 bench/agent_cost.py
 Without a GPU:    python3 bench/agent_cost.py --simulate 8
-Results go to $OUT (default ./out) as agent_cost.json and agent_cost.md. Goals: >= 50x cheaper than
-nvidia-smi per sample, < 0.5 % of a core at 1 Hz, < 80 MiB RSS.
+The collector: ``--collector local`` (default) is a remote-write receiver in this process that takes every
+batch (it answers 204 and reads nothing), ``--collector unreachable`` a port nobody listens on (the agent
+spools and retries), or the URL of a running collector.
+Results go to $OUT (default ./out) as agent_cost.json and agent_cost.md. Goals: per GPU at most 0.125 % of
+one core at 1 Hz (an 8-GPU node under 1 %), under 80 MiB RSS, >= 50x cheaper than nvidia-smi per sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
 
-from gpufleet.agent.main import AgentSettings, start_agent  # noqa: E402
 from gpufleet.agent.nvml import Nvml  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
@@ -67,6 +80,14 @@ SMI_FIELDS = [
     "pcie.link.width.current",
     "mig.mode.current",
 ]
+# What Prometheus 2.x asks for when it scrapes (its default scrape protocols, in order).
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+GOAL_PER_GPU_PERCENT = 0.125  # an 8-GPU node under 1 % of one core
+GOAL_RSS_MIB = 80
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def smi_fields(smi: str) -> list[str]:
@@ -95,48 +116,236 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--simulate", type=int, default=0, help="simulate N GPUs instead of real NVML")
-    ap.add_argument("--seconds", type=float, default=30.0, help="length of the 1 Hz CPU-share run")
-    ap.add_argument("--samples", type=int, default=200, help="samples timed for the per-sample cost")
-    args = ap.parse_args()
-    out = Path(os.environ.get("OUT", "./out"))
-    out.mkdir(parents=True, exist_ok=True)
-    proc = psutil.Process()
-    result: dict = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
-        f"{psutil.cpu_count()} CPUs)",
-        "python": platform.python_version(),
-        "mode": f"simulated x{args.simulate}" if args.simulate else "real NVML",
+# ---- the agent's process, seen from outside ---------------------------------------------------------------
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of every thread of ``pid`` (``/proc/<pid>/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(resident now, resident peak) in MiB, from ``/proc/<pid>/status``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kib = {k: int(v.split()[0]) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(.+)$", status, re.M)}
+    return kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs (``/proc/stat``): the machine's load beside the agent."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+class Receiver:
+    """A remote-write receiver that takes every batch: answers 204 and counts requests and bytes."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.requests += 1
+                receiver.bytes += len(body)
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def agent_command() -> list[str]:
+    """``gpufleet`` as installed beside this Python, else on PATH, else the module."""
+    beside = Path(sys.executable).with_name("gpufleet")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("gpufleet")
+    return [found] if found else [sys.executable, "-m", "gpufleet.cli"]
+
+
+def scrape(port: int) -> int:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics",
+        headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        body = resp.read()
+        if resp.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+    return len(body)
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the agent exited with status {proc.returncode} before it answered /healthz")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"the agent did not answer http://127.0.0.1:{port}/healthz within {timeout:.0f} s")
+
+
+def run_scraped(port: int, seconds: float, every: float) -> int:
+    """Scrape every ``every`` seconds for ``seconds``; the number of scrapes."""
+    n = 0
+    start = time.monotonic()
+    next_at = start + every
+    while True:
+        now = time.monotonic()
+        if next_at > start + seconds:
+            time.sleep(max(0.0, start + seconds - now))
+            return n
+        time.sleep(max(0.0, next_at - now))
+        scrape(port)
+        n += 1
+        next_at += every
+
+
+def py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: Path) -> dict:
+    """py-spy over a window of the running agent: samples taken while a thread held the GIL, those in the
+    simulator, and the functions with the most samples of their own."""
+    spy = py_spy()
+    if spy is None:
+        return {"error": "py-spy not installed (pip install py-spy): the simulator's share is not measured"}
+    raw = out / "agent_cost_profile.raw"
+    cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate)]
+    cmd += ["--format", "raw", "--gil", "--nonblocking", "--threads", "-o", str(raw)]
+    spy_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_scraped(port, seconds, every)
+    log = spy_proc.communicate(timeout=seconds + 60)[0]
+    if spy_proc.returncode != 0 or not raw.exists():
+        return {
+            "error": f"py-spy failed: {log.strip().splitlines()[-1] if log.strip() else spy_proc.returncode}"
+        }
+    total = simulated = 0
+    own: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        if any("simulator.py:" in f for f in frames):
+            simulated += n
+        own[re.sub(r":\d+\)$", ")", frames[-1])] += n
+    top = [f"{n:6d} {100 * n / max(1, total):5.1f}%  {fn}" for fn, n in own.most_common(30)]
+    (out / "agent_cost_profile.txt").write_text(
+        f"py-spy --gil --nonblocking at {rate} Hz over {seconds:.0f} s: {total} samples, "
+        f"{simulated} in the simulator\nsamples / own function (the innermost frame)\n"
+        + "\n".join(top)
+        + "\n"
+    )
+    return {
+        "seconds": seconds,
+        "rate_hz": rate,
+        "gil_samples": total,
+        "simulator_samples": simulated,
+        "gil_held_percent": round(100 * total / rate / seconds, 3),
     }
 
-    # ---- 1. the 1 Hz agent: CPU share and RSS (first, so the timing loops below do not inflate RSS) ----------
-    port = free_port()
-    agent = start_agent(
-        AgentSettings(listen=f"127.0.0.1:{port}", simulate=args.simulate, interval=1.0, node="bench", seed=1)
-    )
-    gpus = agent.agent.sources[0].gpus if agent.agent.sources else []
-    result["gpus"] = len(gpus)
-    result["model"] = gpus[0].model if gpus else ""
-    time.sleep(2.0)  # first samples, GPM pairs, slow reader started
-    scrapes = 0
-    cpu0, wall0 = proc.cpu_times(), time.monotonic()
-    while time.monotonic() - wall0 < args.seconds:
-        time.sleep(5.0)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            resp.read()
-        scrapes += 1
-    cpu1, wall1 = proc.cpu_times(), time.monotonic()
-    cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    result["cpu_share_of_one_core_percent"] = round(100 * cpu_s / (wall1 - wall0), 3)
-    result["cpu_run_seconds"] = round(wall1 - wall0, 1)
-    result["samples_in_run"] = agent.agent.samples_taken
-    result["scrapes_in_run"] = scrapes
-    result["rss_mib"] = round(proc.memory_info().rss / 2**20, 1)
-    agent.stop()
 
-    # ---- 2. one full sample vs one nvidia-smi call with the same fields --------------------------------------
+def run_agent(args: argparse.Namespace, out: Path) -> dict:
+    receiver = None
+    if args.collector == "local":
+        receiver = Receiver()
+        collector = receiver.url
+    elif args.collector == "unreachable":
+        collector = f"http://127.0.0.1:{free_port()}"  # bound, released: nobody listens there
+    else:
+        collector = args.collector
+    port = free_port()
+    spool = tempfile.mkdtemp(prefix="agent-cost-spool-")
+    cmd = agent_command() + ["agent", "--listen", f"127.0.0.1:{port}", "--node", "bench"]
+    cmd += ["--interval", "1", "--collector", collector, "--spool-dir", spool, "--log-level", "warning"]
+    if args.simulate:
+        cmd += ["--simulate", str(args.simulate)]
+    with (out / "agent_cost_agent.log").open("w") as agent_log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=agent_log)
+        shown = ["gpufleet", *cmd[len(agent_command()) :]]
+        result: dict = {"command": " ".join(shown), "collector": args.collector}
+        try:
+            health = wait_healthy(port, proc)
+            result["gpus"] = health.get("gpus", 0)
+            run_scraped(port, args.warmup, args.scrape_interval)
+            busy0, all0 = machine_busy()
+            cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
+            pushes0 = receiver.requests if receiver else 0
+            scrapes = run_scraped(port, args.seconds, args.scrape_interval)
+            cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
+            busy1, all1 = machine_busy()
+            rss, peak = memory_mib(proc.pid)
+            gpus = max(1, result["gpus"])
+            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            node = 100 * (user + system) / (wall1 - wall0)
+            result.update(
+                {
+                    "window_seconds": round(wall1 - wall0, 1),
+                    "scrapes": scrapes,
+                    "pushes": (receiver.requests - pushes0) if receiver else None,
+                    "cpu_seconds": round(user + system, 3),
+                    "cpu_user_seconds": round(user, 3),
+                    "cpu_system_seconds": round(system, 3),
+                    "node_cpu_percent": round(node, 3),
+                    "per_gpu_cpu_percent": round(node / gpus, 4),
+                    "rss_mib": round(rss, 1),
+                    "rss_peak_mib": round(peak, 1),
+                    "machine_busy_percent": round(100 * (busy1 - busy0) / max(1, all1 - all0), 1),
+                    "machine_cpus": psutil.cpu_count(),
+                    "load_average": [round(x, 2) for x in os.getloadavg()],
+                }
+            )
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                result["push_error"] = json.loads(resp.read()).get("push_error")
+            if args.simulate and args.profile_seconds > 0:
+                prof = profile(
+                    proc.pid, port, args.profile_seconds, args.scrape_interval, args.profile_rate, out
+                )
+                result["profile"] = prof
+                if "simulator_samples" in prof:
+                    # The simulator's share of the samples, of the CPU time /proc counted: a thread that holds
+                    # the GIL while the OS has it waiting for a core is sampled as busy, on a loaded machine
+                    # more so, and that inflates every function alike, not one more than another.
+                    simulated = node * prof["simulator_samples"] / max(1, prof["gil_samples"])
+                    prof["simulator_cpu_percent"] = round(simulated, 3)
+                    agent_only = node - simulated
+                    result["agent_only_cpu_percent"] = round(agent_only, 3)
+                    result["agent_only_per_gpu_cpu_percent"] = round(agent_only / gpus, 4)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if receiver is not None:
+                receiver.close()
+            shutil.rmtree(spool, ignore_errors=True)
+    return result
+
+
+# ---- one sample, in this process --------------------------------------------------------------------------
+def sample_cost(args: argparse.Namespace) -> dict:
     if args.simulate:
         from gpufleet.agent.simulator import SimulatedNVML
 
@@ -150,10 +359,12 @@ def main() -> None:
     sample_ms = median_ms(src.collect, args.samples)
     slow_ms = median_ms(src.refresh_slow, 5)
     src.close()
-    result["agent_sample_ms"] = round(sample_ms, 4)
-    result["agent_sample_ms_per_gpu"] = round(sample_ms / max(1, len(src.gpus)), 4)
-    result["slow_refresh_ms"] = round(slow_ms, 3)
-    result["slow_refresh_ms_per_second_at_10s"] = round(slow_ms / 10, 4)
+    result: dict = {
+        "model": src.gpus[0].model if src.gpus else "",
+        "agent_sample_ms": round(sample_ms, 4),
+        "agent_sample_ms_per_gpu": round(sample_ms / max(1, len(src.gpus)), 4),
+        "slow_refresh_ms": round(slow_ms, 3),
+    }
     smi = shutil.which("nvidia-smi")
     if smi and not args.simulate:
         fields = smi_fields(smi)
@@ -162,7 +373,6 @@ def main() -> None:
         smi_ms = median_ms(lambda: subprocess.run(cmd, capture_output=True, check=True, timeout=60), 15)
         result["baseline"] = "nvidia-smi --query-gpu (same fields)"
         result["baseline_fields"] = fields
-        result["baseline_ms"] = round(smi_ms, 3)
     else:
         # No nvidia-smi here: the floor any per-scrape nvidia-smi exporter pays is one process spawn.
         true = shutil.which("true") or "/bin/true"
@@ -170,36 +380,100 @@ def main() -> None:
         result["baseline"] = (
             "process spawn of /bin/true (lower bound of any nvidia-smi call; no nvidia-smi here)"
         )
-        result["baseline_ms"] = round(smi_ms, 3)
+    result["baseline_ms"] = round(smi_ms, 3)
     result["ratio_baseline_over_agent_sample"] = round(smi_ms / sample_ms, 1)
-    result["goals"] = {
-        "ratio >= 50 (vs nvidia-smi)": (result["ratio_baseline_over_agent_sample"] >= 50)
-        if "nvidia-smi" in result["baseline"].split(" (")[0]
-        else None,
-        "cpu < 0.5 % of a core": result["cpu_share_of_one_core_percent"] < 0.5,
-        "rss < 80 MiB": result["rss_mib"] < 80,
-    }
+    return result
 
-    (out / "agent_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+
+def report(result: dict, args: argparse.Namespace) -> list[str]:
+    run = result["run"]
+    gpus = run["gpus"]
+    pushes = f", {run['pushes']} pushes taken" if run.get("pushes") is not None else ""
     md = [
-        f"Agent cost — {result['mode']}, {result['gpus']} GPU(s) {result['model']}, on {result['machine']}",
+        f"Agent cost — {result['mode']}, {gpus} GPU(s) {result['model']}, on {result['machine']}",
+        "",
+        f"Agent: `{run['command']}` (collector: {run['collector']}); scraped every {args.scrape_interval:g} s "
+        f"as Prometheus scrapes (OpenMetrics, gzip).",
+        f"Machine during the window: {run['machine_busy_percent']} % of its {run['machine_cpus']} CPUs busy in "
+        f"all, load average {run['load_average'][0]}.",
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| one full agent sample (all GPUs, median of {args.samples}) | {result['agent_sample_ms']} ms "
-        f"({result['agent_sample_ms_per_gpu']} ms per GPU) |",
+        f"| agent process CPU at 1 Hz over {run['window_seconds']} s ({run['scrapes']} scrapes{pushes}), "
+        f"node total | {run['node_cpu_percent']} % of one core ({run['cpu_user_seconds']} s user, "
+        f"{run['cpu_system_seconds']} s system) |",
+        f"| per GPU | {run['per_gpu_cpu_percent']} % of one core |",
+    ]
+    prof = run.get("profile")
+    if prof and "simulator_cpu_percent" in prof:
+        md += [
+            f"| of the node total, the simulated GPUs (py-spy, {prof['seconds']:.0f} s at {prof['rate_hz']} Hz) | "
+            f"{prof['simulator_cpu_percent']} % |",
+            f"| the agent without the simulator, node total | {run['agent_only_cpu_percent']} % of one core |",
+            f"| the agent without the simulator, per GPU | {run['agent_only_per_gpu_cpu_percent']} % of one core |",
+        ]
+    elif prof:
+        md.append(f"| the simulated GPUs' share | not measured: {prof['error']} |")
+    md += [
+        f"| process RSS at the end (peak) | {run['rss_mib']} MiB ({run['rss_peak_mib']} MiB) |",
+        f"| one full agent sample (all GPUs, median of {args.samples}, in this process) | "
+        f"{result['agent_sample_ms']} ms ({result['agent_sample_ms_per_gpu']} ms per GPU) |",
         f"| baseline: {result['baseline']} (median) | {result['baseline_ms']} ms |",
         f"| ratio baseline / agent sample | {result['ratio_baseline_over_agent_sample']}x |",
         f"| slow-row refresh (every 10 s, off the sampling path) | {result['slow_refresh_ms']} ms |",
-        f"| agent CPU at 1 Hz over {result['cpu_run_seconds']} s ({result['scrapes_in_run']} scrapes) | "
-        f"{result['cpu_share_of_one_core_percent']} % of one core |",
-        f"| process RSS after the run | {result['rss_mib']} MiB |",
         "",
         "Goals: "
         + ", ".join(
             f"{k}: {'n/a' if v is None else 'met' if v else 'NOT met'}" for k, v in result["goals"].items()
         ),
     ]
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--simulate", type=int, default=0, help="simulate N GPUs instead of real NVML")
+    ap.add_argument("--seconds", type=float, default=120.0, help="length of the 1 Hz CPU window")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds the agent runs before the window")
+    ap.add_argument("--scrape-interval", type=float, default=15.0, help="seconds between scrapes of /metrics")
+    ap.add_argument(
+        "--collector",
+        default="local",
+        help="'local' (a receiver in this process), 'unreachable', or a collector URL",
+    )
+    ap.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=60.0,
+        help="with --simulate: py-spy window that measures the simulator's share (0: none)",
+    )
+    ap.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
+    ap.add_argument("--samples", type=int, default=200, help="samples timed for the per-sample cost")
+    args = ap.parse_args()
+    if args.seconds <= 0 or args.scrape_interval <= 0 or args.warmup < 0:
+        ap.error("--seconds and --scrape-interval must be positive and --warmup not negative")
+    out = Path(os.environ.get("OUT", "./out"))
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
+        f"{psutil.cpu_count()} CPUs)",
+        "python": platform.python_version(),
+        "mode": f"simulated x{args.simulate}" if args.simulate else "real NVML",
+    }
+    # the agent first, alone: the timing loops below would load the machine it is measured on
+    result["run"] = run_agent(args, out)
+    result.update(sample_cost(args))
+    run = result["run"]
+    per_gpu = run.get("agent_only_per_gpu_cpu_percent", run["per_gpu_cpu_percent"])
+    result["goals"] = {
+        f"per GPU <= {GOAL_PER_GPU_PERCENT} % of a core": per_gpu <= GOAL_PER_GPU_PERCENT,
+        f"rss < {GOAL_RSS_MIB} MiB": run["rss_peak_mib"] < GOAL_RSS_MIB,
+        "ratio >= 50 (vs nvidia-smi)": (result["ratio_baseline_over_agent_sample"] >= 50)
+        if result["baseline"].startswith("nvidia-smi")
+        else None,
+    }
+    (out / "agent_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = report(result, args)
     (out / "agent_cost.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

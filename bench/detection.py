@@ -14,7 +14,8 @@ PyTorchJob. The mixed nodes' GPUs are held by one single-GPU inference pod each.
 Faults of each kind the rule pack covers are injected at known times, on distinct GPUs: through the
 simulator where it models the fault (XIDs, a GPU falling off the bus, uncorrectable ECC, thermal slowdown,
 power brake, hardware slowdown, a job holding memory while idle, PCIe replays: a slow background and
-bursts on a bad link, a straggler at half the SM activity of its peers in the bare pod and in the two-node
+bursts on a bad link, an NVLink going down for ten minutes (at both GPUs of the NV18 pair it joins: the
+simulator pairs GPUs 0-1, 2-3, ...), an NVLink replaying in a burst, a straggler at half the SM activity of its peers in the bare pod and in the two-node
 JobSet, starting right after a sample so that its delay is the rule's own: ``for:`` plus one evaluation),
 and into the trace where it does not (a straggler's SM activity at 35 % of its own,
 a steady memory leak, a node whose agent stops, a GPU that vanishes from its node's inventory). Both traces are written as OpenMetrics text
@@ -79,6 +80,10 @@ KEEP = {  # the families the rule pack reads (the rest of the agent's output is 
     "gpufleet_gpu_memory_used_bytes",
     "gpufleet_gpu_memory_total_bytes",
     "gpufleet_agent_source_success",
+    "gpufleet_gpu_nvlink_errors_total",
+    "gpufleet_gpu_nvlink_links",
+    "gpufleet_gpu_nvlink_links_up",
+    "gpufleet_gpu_info",  # its mig_mode: GpuNvlinkDown leaves GPUs in MIG mode out
     PCIE_REPLAYS,
 }
 REASONS = {"hw_thermal", "hw_power_brake", "hw_slowdown"}
@@ -98,6 +103,8 @@ KINDS = {
     "straggler_job": ({"GpuStraggler"}, "straggler, job on 2 nodes", 2400, 2),
     "memory_leak": ({"GpuMemoryLeak"}, "trend", 3000, 3),
     "pcie_replay_burst": ({"GpuPcieReplayRate"}, "anomaly", 600, 3),
+    "nvlink_down": ({"GpuNvlinkDown"}, "NVLink link down", 600, 2),
+    "nvlink_replay_burst": ({"GpuNvlinkErrors"}, "NVLink errors", 600, 2),
     "gpu_missing": ({"GpuMissingFromInventory"}, "stale", None, 1),
     "node_stale": ({"NodeTelemetryStale"}, "stale", 600, 1),
 }
@@ -108,7 +115,11 @@ SIM_FAULT = {
     "idle_allocated": "idle_memory",
     "straggler_pod": "straggler",
     "straggler_job": "straggler",
+    "nvlink_down": "nvlink_down",
+    "nvlink_replay_burst": "nvlink_replay",
 }
+# Faults of a link between two GPUs: the other end of the link (the GPU's pair) alerts too.
+LINK_FAULTS = {"nvlink_down"}
 # Faults that start right after a sample: the first sample after them shows a whole interval of the fault.
 ALIGNED = {"straggler_pod", "straggler_job"}
 CRITICAL_XIDS = [48, 62, 64, 74, 94, 95, 119, 120]
@@ -124,6 +135,7 @@ class Fault:
     start: float
     end: float
     xid: int | None = None
+    peer: str | None = None  # the GPU at the link's other end, for a link fault
 
 
 class Clock:
@@ -323,7 +335,8 @@ def plan_faults(
                 if kind == "app_xid"
                 else None
             )
-            faults.append(Fault(kind, n.name, i, n.uuids()[i], start, fend, xid))
+            peer = n.uuids()[i ^ 1] if kind in LINK_FAULTS else None
+            faults.append(Fault(kind, n.name, i, n.uuids()[i], start, fend, xid, peer))
     return sorted(faults, key=lambda f: f.start)
 
 
@@ -489,7 +502,7 @@ def score(faults: list[Fault], notes: list[dict], interval: float) -> tuple[dict
         ):  # whatever else a fault sets off on its GPU is not a false alarm either
             lab = x["labels"]
             if (
-                lab.get("uuid") == f.uuid or (f.kind == "node_stale" and lab.get("node") == f.node)
+                lab.get("uuid") in (f.uuid, f.peer) or (f.kind == "node_stale" and lab.get("node") == f.node)
             ) and f.start - interval <= x["at"] <= f.end + 600:
                 explained.add(i)
         k = per_kind.setdefault(f.kind, {"class": KINDS[f.kind][1], "faults": 0, "detected": 0, "delays": []})

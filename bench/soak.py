@@ -5,22 +5,42 @@ METRICS metrics), sampled every SAMPLE_INTERVAL seconds and pushed every PUSH_IN
 its own phase. A push the collector refuses (503, connection error) stays with its agent and goes again with
 the next push, as the real agent does. At the end every agent's backlog is drained and the store is counted.
 
-    python bench/soak.py                      # 1,000 agents for 10 minutes
-    python bench/soak.py --minutes 2          # a short run
+    python bench/soak.py                           # 1,000 agents for 10 minutes
+    python bench/soak.py --minutes 2               # a short run
+    python bench/soak.py --agents 500 --minutes 10 --cross-hour 4 --prefill
+                                                   # crosses an hour boundary 4 minutes in, after a full hour
+    python bench/soak.py --agents 500 --minutes 60 --cross-hour 45 --prefill
+                                                   # an hour; a full hour compacted 47 minutes in
 
-Prints and writes to $OUT (default ./out) soak.json and soak.md: samples produced / acknowledged / stored
-(lost = produced - stored), how late pushes went out (p50 / p99 / max), 503s, and the collector's RSS at
-start, after warm-up and at the end.
+Every 10 s it records a time line: push lag (p50 / p99 / max of the pushes sent in those 10 s), samples the
+collector stored per second (its own counter), the CPU of the collector, of the PostgreSQL backends serving
+the soak's database, of the rest of PostgreSQL and of the whole machine, and the collector's RSS; the
+store's maintenance steps (partitions, rollups, compaction, retention) are marked on it from the
+collector's own log lines ("store maintenance: STEP took N s"), which it logs at their end.
+
+``--cross-hour M`` starts the run M minutes before the next full hour (UTC), so that a short run sees the
+hour boundary: the new hour's partition, and a few minutes later the compaction of the hour that closed.
+``--prefill`` first fills the current hour, from its start up to the run's start, with the fleet's samples
+(written in PostgreSQL, as the collector's own writes would have left them) and brings the rollups up to
+date, so the compaction at the boundary merges a full hour, as in a run that had been going all hour.
+
+Prints and writes to $OUT (default ./out) soak.json (figures, the 10-s time line, maintenance steps) and
+soak.md (the figures, a table per minute and the maintenance steps): samples produced / acknowledged /
+stored (lost = produced - stored), how late pushes went out, 503s, the collector's RSS at start, after
+warm-up, at the end and over the last 15 minutes, and whether the run crossed an hour boundary.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import heapq
 import json
+import math
 import os
 import platform
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -29,8 +49,10 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 import psycopg
@@ -47,6 +69,13 @@ METRICS = [
     "gpufleet_gpu_sm_active_ratio",
     "gpufleet_gpu_up",
 ]
+HOUR_S = 3600
+WINDOW_S = 10.0  # the time line's resolution
+# The collector's line at the end of each maintenance step (collector/store/maintenance.py).
+STEP_LINE = re.compile(
+    r"^store maintenance: (?P<step>[a-z][a-z ]*?) took (?P<s>[0-9.]+) s(?:: (?P<detail>.*))?$"
+)
+SAMPLES_COUNTER = re.compile(r"^gpufleet_collector_samples_received_total (\S+)$", re.M)
 
 
 class SimAgent:
@@ -66,7 +95,6 @@ class SimAgent:
         ]
         self.sample_interval = sample_interval
         self.next_sample = start
-        self.backlog: list[tuple[int, int]] = []  # (first ts, count) per unsent sampling tick, oldest first
         self.pending_ticks: list[int] = []
         self.lock = threading.Lock()
         self.produced = 0
@@ -85,8 +113,293 @@ class SimAgent:
 
 
 def pg_admin(url: str, sql: str) -> None:
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
         conn.execute(sql)
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return xs[int(q * (len(xs) - 1))] if xs else 0.0
+
+
+def utc(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%H:%M:%S")
+
+
+class CollectorLog:
+    """Reads the collector's JSON log lines as they come (an unread pipe would fill and stall its logging):
+    maintenance steps with their start and end, warnings and errors, and the last lines for a failed start."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.tail: deque[str] = deque(maxlen=200)
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.tail.append(line.rstrip())
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            msg = str(rec.get("message", ""))
+            m = STEP_LINE.match(msg)
+            if m:
+                end = dt.datetime.fromisoformat(rec["time"]).timestamp()
+                took = float(m.group("s"))
+                self.steps.append(
+                    {
+                        "step": m.group("step"),
+                        "start": end - took,
+                        "end": end,
+                        "detail": m.group("detail") or "",
+                    }
+                )
+            elif rec.get("level") in ("warning", "error"):
+                self.problems.append(f"{rec.get('time')} {rec.get('level')} {rec.get('logger')}: {msg}")
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class Sampler:
+    """Every WINDOW_S: the collector's stored-samples counter, CPU of the collector, of the soak database's
+    PostgreSQL backends, of the rest of PostgreSQL, of this load generator and of the machine, and RSS."""
+
+    def __init__(self, coll: psutil.Process, metrics_url: str, db_url: str, db_name: str) -> None:
+        self.coll = coll
+        self.metrics_url = metrics_url
+        self.db_name = db_name
+        self.rows: list[dict[str, Any]] = []
+        self._db_url = libpq(db_url)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._own = psutil.Process()
+        self._pg_cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Sampler:
+        self._last = self._read()
+        psutil.cpu_percent()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _stored(self) -> float | None:
+        try:
+            body = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+        except OSError:
+            return None
+        m = SAMPLES_COUNTER.search(body)
+        return float(m.group(1)) if m else None
+
+    def _pg(self) -> tuple[float, float]:
+        """CPU seconds since the last call of (this database's backends, every other PostgreSQL process),
+        per process: a backend that started in between counts from its start, one that ended is left out."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._db_url, autocommit=True, connect_timeout=5)
+        mine = {
+            pid
+            for (pid,) in self._conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (self.db_name,),
+            )
+        }
+        own = other = 0.0
+        seen: dict[int, float] = {}
+        for p in psutil.process_iter(["name"]):
+            if p.info["name"] != "postgres":
+                continue
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            seen[p.pid] = cpu = t.user + t.system
+            delta = cpu - self._pg_cpu.get(p.pid, 0.0)
+            if p.pid in mine:
+                own += delta
+            else:
+                other += delta
+        self._pg_cpu = seen
+        return own, other
+
+    def _read(self) -> dict[str, float]:
+        ct = self.coll.cpu_times()
+        gt = self._own.cpu_times()
+        pg_own, pg_other = self._pg()
+        return {
+            "t": time.time(),
+            "stored": self._stored() or math.nan,  # nan: the scrape failed
+            "coll_cpu": ct.user + ct.system,
+            "gen_cpu": gt.user + gt.system,
+            "pg_own": pg_own,
+            "pg_other": pg_other,
+        }
+
+    def _run(self) -> None:
+        next_at = self._last["t"] + WINDOW_S
+        while not self._stop.wait(max(0.0, next_at - time.time())):
+            next_at += WINDOW_S
+            try:
+                now = self._read()
+                rss = self.coll.memory_info().rss
+            except psutil.Error:  # the collector is gone
+                break
+            except psycopg.Error:  # PostgreSQL restarting: no reading for this window
+                if self._conn is not None:
+                    self._conn.close()
+                continue
+            self.rows.append(self._row(self._last, now, rss))
+            self._last = now
+
+    @staticmethod
+    def _row(last: dict[str, float], now: dict[str, float], rss: int) -> dict[str, Any]:
+        span = now["t"] - last["t"]
+        stored = (now["stored"] - last["stored"]) / span
+        return {
+            "start": last["t"],
+            "end": now["t"],
+            "stored_per_s": None if stored != stored else round(stored),
+            "collector_cpu_pct": round((now["coll_cpu"] - last["coll_cpu"]) / span * 100, 1),
+            "pg_backends_cpu_pct": round(now["pg_own"] / span * 100, 1),
+            "pg_other_cpu_pct": round(now["pg_other"] / span * 100, 1),
+            "load_generator_cpu_pct": round((now["gen_cpu"] - last["gen_cpu"]) / span * 100, 1),
+            "machine_cpu_pct": round(psutil.cpu_percent() * psutil.cpu_count(), 1),
+            "load_1m": round(os.getloadavg()[0], 2),
+            "collector_rss_mib": round(rss / 2**20, 1),
+        }
+
+
+def prefill(db_url: str, agents: list[SimAgent], start_ms: int, end_ms: int, args: argparse.Namespace) -> int:
+    """Fill [start_ms, end_ms) with every agent's samples, as the collector's writes leave them in the hour's
+    head partition (one chunk row per series and push), then bring the rollups up to date with the store's
+    own maintenance pass. The series are registered through the store's write path (one sample each at
+    ``start_ms``). Returns the samples written."""
+    from gpufleet.collector.store import Store
+
+    store = Store.open(db_url)
+    try:
+        store.write(
+            [rw.Series(dict(lab), [(start_ms, float(start_ms % 97))]) for a in agents for lab in a.labels]
+        )
+        series = sum(len(a.labels) for a in agents)
+        step = int(args.sample_interval * 1000)
+        per_push = max(1, round(args.push_interval / args.sample_interval))
+        width = step * per_push
+        first = start_ms + step
+        last = end_ms - width  # the last chunk ends before end_ms
+        if last < first:
+            return series
+        dts = "{" + ",".join(["0"] + [str(step)] * (per_push - 1)) + "}"
+        with psycopg.connect(libpq(db_url), autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO sample_head (series_id, start_ms, end_ms, dts, vals) "
+                "SELECT s.id, t, t + %(span)s, %(dts)s::int4[], "
+                "ARRAY(SELECT ((t + j * %(step)s) %% 97)::float8 FROM generate_series(0, %(n)s - 1) j) "
+                "FROM series s, generate_series(%(first)s::int8, %(last)s::int8, %(width)s::int8) t",
+                {
+                    "span": width - step,
+                    "dts": dts,
+                    "step": step,
+                    "n": per_push,
+                    "first": first,
+                    "last": last,
+                    "width": width,
+                },
+            )
+            conn.execute("VACUUM ANALYZE sample_head")
+        store.maintain(end_ms)
+        return series + series * per_push * ((last - first) // width + 1)
+    finally:
+        store.close()
+
+
+def window_rows(
+    t0: float,
+    t_end: float,
+    pushes: list[tuple[float, float, int]],
+    sampler: Sampler,
+    steps: list[dict[str, Any]],
+    width: float,
+) -> list[dict[str, Any]]:
+    """One row per ``width`` seconds from t0: push lag of the pushes sent then, and the sampler's readings
+    (averaged over the windows that fall in it) and the maintenance steps that ran in it (seconds each)."""
+    n = max(1, int((t_end - t0) // width) + (1 if (t_end - t0) % width else 0))
+    lag_by: list[list[float]] = [[] for _ in range(n)]
+    refused = [0] * n
+    for start, lag, status in pushes:
+        k = int((start - t0) // width)
+        if 0 <= k < n:
+            lag_by[k].append(lag)
+            refused[k] += not 200 <= status < 300
+    out = []
+    for k in range(n):
+        lo, hi = t0 + k * width, t0 + (k + 1) * width
+        lags = sorted(lag_by[k])
+        samp = [r for r in sampler.rows if lo <= (r["start"] + r["end"]) / 2 < hi]
+        row: dict[str, Any] = {
+            "t_s": round(k * width),
+            "utc": utc(lo),
+            "pushes": len(lags),
+            "refused": refused[k],
+            "lag_p50_s": round(percentile(lags, 0.5), 2),
+            "lag_p99_s": round(percentile(lags, 0.99), 2),
+            "lag_max_s": round(lags[-1] if lags else 0.0, 2),
+        }
+        for key in (
+            "stored_per_s",
+            "collector_cpu_pct",
+            "pg_backends_cpu_pct",
+            "pg_other_cpu_pct",
+            "load_generator_cpu_pct",
+            "machine_cpu_pct",
+            "load_1m",
+            "collector_rss_mib",
+        ):
+            vals = [r[key] for r in samp if r[key] is not None]
+            mean = statistics.fmean(vals) if vals else None
+            row[key] = None if mean is None else round(mean) if key == "stored_per_s" else round(mean, 1)
+        busy: dict[str, float] = {}
+        for s in steps:
+            overlap = min(hi, s["end"]) - max(lo, s["start"])
+            if overlap > 0 or (s["end"] == s["start"] and lo <= s["end"] < hi):
+                busy[s["step"]] = round(busy.get(s["step"], 0.0) + max(overlap, 0.0), 1)
+        row["maintenance"] = busy
+        out.append(row)
+    return out
+
+
+def minute_table(rows: list[dict[str, Any]]) -> list[str]:
+    head = (
+        "| minute (UTC) | pushes | refused | lag p50 s | lag p99 s | lag max s | stored/s | collector CPU % | "
+        "PG backends CPU % | PG other CPU % | machine CPU % | load | RSS MiB | maintenance (s in the minute) |"
+    )
+    md = [head, "|" + " --- |" * 14]
+    for r in rows:
+        jobs = ", ".join(f"{k} {v:g}" for k, v in r["maintenance"].items()) or ""
+
+        def f(v: Any) -> str:
+            return "" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+        md.append(
+            f"| {r['t_s'] // 60} ({r['utc'][:5]}) | {r['pushes']} | {r['refused']} | {f(r['lag_p50_s'])} | "
+            f"{f(r['lag_p99_s'])} | {f(r['lag_max_s'])} | {f(r['stored_per_s'])} | {f(r['collector_cpu_pct'])} | "
+            f"{f(r['pg_backends_cpu_pct'])} | {f(r['pg_other_cpu_pct'])} | {f(r['machine_cpu_pct'])} | "
+            f"{f(r['load_1m'])} | {f(r['collector_rss_mib'])} | {jobs} |"
+        )
+    return md
 
 
 def main() -> None:
@@ -101,18 +414,56 @@ def main() -> None:
     ap.add_argument("--sample-interval", type=float, default=1.0, help="the agent's default")
     ap.add_argument("--workers", type=int, default=32, help="concurrent pushes")
     ap.add_argument(
+        "--cross-hour",
+        type=float,
+        metavar="MIN",
+        help="start the run MIN minutes before the next full hour (UTC), waiting for that moment",
+    )
+    ap.add_argument(
+        "--prefill",
+        action="store_true",
+        help="fill the current hour up to the run's start first, so the boundary compacts a full hour",
+    )
+    ap.add_argument(
         "--pg",
         default=os.environ.get("GPUFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
         help="PostgreSQL admin URL; a fresh database is made and dropped",
     )
     ap.add_argument("--keep-db", action="store_true")
     args = ap.parse_args()
+    if args.cross_hour is not None and not 0 < args.cross_hour < 60:
+        sys.exit(
+            f"--cross-hour {args.cross_hour}: give the minutes before the hour, between 0 and 60 (e.g. 4)"
+        )
     out_dir = Path(os.environ.get("OUT", "./out"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    start_at = None
+    if args.cross_hour is not None:
+        start_at = (time.time() // HOUR_S + 1) * HOUR_S - args.cross_hour * 60
+        # Setup: the collector's start, and the prefill (here about 3 minutes an hour of 16,000 series).
+        series = args.agents * args.gpus * args.metrics
+        setup_s = 15 + (60 + 12 * series / 1000 * (60 - args.cross_hour) / 60 if args.prefill else 0)
+        if start_at < time.time() + setup_s:  # too close: the hour after
+            start_at += HOUR_S
+        print(f"the run starts at {utc(start_at)} UTC, {args.cross_hour:g} min before the hour", flush=True)
+        time.sleep(max(0.0, start_at - setup_s - time.time()))
 
     db_name = f"gpufleet_soak_{uuid.uuid4().hex[:8]}"
     pg_admin(args.pg, f'CREATE DATABASE "{db_name}"')
     db_url = args.pg.rsplit("/", 1)[0] + "/" + db_name
+    agents_t0 = start_at if start_at is not None else time.time()
+    agents = [
+        SimAgent(i, args.gpus, args.metrics, args.sample_interval, agents_t0) for i in range(args.agents)
+    ]
+    prefilled = 0
+    if args.prefill:
+        t = time.time()
+        hour_start_ms = int(agents_t0 // HOUR_S * HOUR_S * 1000)
+        prefilled = prefill(db_url, agents, hour_start_ms, int(min(time.time(), agents_t0) * 1000), args)
+        print(
+            f"prefilled {prefilled:,} samples from {utc(hour_start_ms / 1000)} in {time.time() - t:.0f} s",
+            flush=True,
+        )
     port = 20000 + random.randrange(20000)
     coll = subprocess.Popen(
         [
@@ -126,12 +477,16 @@ def main() -> None:
             f"127.0.0.1:{port}",
             "--eval-interval",
             "5",
+            "--log-format",
+            "json",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    assert coll.stdout is not None
+    log = CollectorLog(coll.stdout)
     url = f"http://127.0.0.1:{port}/api/v1/write"
     deadline = time.monotonic() + 60
     while True:
@@ -140,10 +495,14 @@ def main() -> None:
             break
         except OSError:
             if coll.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"collector did not start: {coll.stdout.read() if coll.stdout else ''}")
+                log.join(5)
+                sys.exit("collector did not start:\n" + "\n".join(log.tail))
             time.sleep(0.2)
     proc = psutil.Process(coll.pid)
     rss_start = proc.memory_info().rss
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    sampler = Sampler(proc, f"http://127.0.0.1:{port}/metrics", db_url, db_name).start()
 
     http = urllib3.PoolManager(maxsize=args.workers, retries=False, timeout=urllib3.Timeout(total=30))
     headers = {
@@ -152,14 +511,15 @@ def main() -> None:
         "X-Prometheus-Remote-Write-Version": "0.1.0",
     }
     t0 = time.time()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     end = t0 + args.minutes * 60
-    agents = [SimAgent(i, args.gpus, args.metrics, args.sample_interval, t0) for i in range(args.agents)]
     for a in agents:  # samples are taken up to the end of the run, however late their push goes out
+        a.next_sample = max(a.next_sample, t0)
         a.stop_at = end
     heap = [(t0 + random.uniform(0, args.push_interval), i) for i in range(args.agents)]
     heapq.heapify(heap)
     stats = {"pushes": 0, "ok": 0, "status_503": 0, "other_fail": 0, "acked_samples": 0}
-    lags: list[float] = []
+    pushes: list[tuple[float, float, int]] = []  # (sent at, lag, HTTP status; 0: no answer)
     slock = threading.Lock()
 
     def push(a: SimAgent, scheduled: float) -> None:
@@ -168,7 +528,7 @@ def main() -> None:
             if not a.pending_ticks:
                 return
             body, ticks = a.body()
-            lag = time.time() - scheduled
+            sent = time.time()
             try:
                 r = http.request("POST", url, body=body, headers=headers)
                 status = r.status
@@ -178,7 +538,7 @@ def main() -> None:
                 del a.pending_ticks[: len(ticks)]
             with slock:
                 stats["pushes"] += 1
-                lags.append(lag)
+                pushes.append((sent, sent - scheduled, status))
                 if 200 <= status < 300:
                     stats["ok"] += 1
                     stats["acked_samples"] += len(ticks) * len(a.labels)
@@ -211,6 +571,8 @@ def main() -> None:
         while any(a.pending_ticks for a in agents) and time.monotonic() < drain_deadline:
             list(pool.map(lambda a: push(a, time.time()) if a.pending_ticks else None, agents))
     t_done = time.time()
+    time.sleep(WINDOW_S)  # the last window's readings
+    sampler.stop()
     rss_end = proc.memory_info().rss
     produced = sum(a.produced for a in agents)
     backlog = sum(len(a.pending_ticks) * len(a.labels) for a in agents)
@@ -218,17 +580,23 @@ def main() -> None:
     from gpufleet.collector.store import Store
 
     count_store = Store.open(db_url, migrate_schema=False)
-    stored = count_store.counts()["samples"]
+    stored = count_store.counts()["samples"] - prefilled
     count_store.close()
     coll.send_signal(signal.SIGTERM)
     try:
         coll.wait(timeout=30)
     except subprocess.TimeoutExpired:
         coll.kill()
+    log.join(5)
     if not args.keep_db:
         pg_admin(args.pg, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
 
-    lags_sorted = sorted(lags) or [0.0]
+    lags_sorted = sorted(lag for _, lag, _ in pushes) or [0.0]
+    steps = [s for s in log.steps if s["end"] >= t0 - 5]
+    timeline = window_rows(t0, t_done, pushes, sampler, steps, WINDOW_S)
+    minutes = window_rows(t0, t_done, pushes, sampler, steps, 60.0)
+    boundaries = [utc(h) for h in range(int(t0 // HOUR_S + 1) * HOUR_S, int(t_done) + 1, HOUR_S)]
+    last15 = [r["collector_rss_mib"] for r in sampler.rows if r["end"] >= t_done - 15 * 60]
     result = {
         "agents": args.agents,
         "minutes": args.minutes,
@@ -238,6 +606,9 @@ def main() -> None:
         "push_interval_s": args.push_interval,
         "sample_interval_s": args.sample_interval,
         "offered_samples_per_s": round(args.agents * args.gpus * args.metrics / args.sample_interval),
+        "started_utc": dt.datetime.fromtimestamp(t0, dt.timezone.utc).isoformat(timespec="seconds"),
+        "hour_boundaries_crossed_utc": boundaries,
+        "prefilled_samples": prefilled,
         "pushes": stats["pushes"],
         "pushes_ok": stats["ok"],
         "responses_503": stats["status_503"],
@@ -250,25 +621,55 @@ def main() -> None:
         "ingest_wall_s": round(t_done - t0, 1),
         "stored_per_s": round(stored / (t_done - t0)),
         # keeps up: pushes leave on time (p99 lag under one push interval) and nothing waits at the end
-        "keeps_up": bool(lags_sorted[int(0.99 * (len(lags_sorted) - 1))] < args.push_interval),
+        "keeps_up": bool(percentile(lags_sorted, 0.99) < args.push_interval),
         "push_lag_s": {
             "p50": round(statistics.median(lags_sorted), 3),
-            "p99": round(lags_sorted[int(0.99 * (len(lags_sorted) - 1))], 3),
+            "p99": round(percentile(lags_sorted, 0.99), 3),
             "max": round(lags_sorted[-1], 3),
         },
         "collector_rss_mib": {
             "start": round(rss_start / 2**20, 1),
             "after_1_min": round((rss_warm or rss_start) / 2**20, 1),
             "end": round(rss_end / 2**20, 1),
+            "last_15_min_min": min(last15) if last15 else None,
+            "last_15_min_max": max(last15) if last15 else None,
         },
+        "collector_warnings": log.problems[:20],
         "machine": f"{platform.node()} {platform.machine()}, {psutil.cpu_count()} CPUs, "
         f"{round(psutil.virtual_memory().total / 2**30)} GiB, Python {platform.python_version()}",
+        "load_average_at_start": load_at_start,
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
     }
+    summary = dict(result)
+    result["maintenance"] = [
+        {
+            "step": s["step"],
+            "start_utc": utc(s["start"]),
+            "start_s": round(s["start"] - t0, 1),
+            "took_s": round(s["end"] - s["start"], 2),
+            "detail": s["detail"],
+        }
+        for s in steps
+    ]
+    result["timeline"] = timeline
     (out_dir / "soak.json").write_text(json.dumps(result, indent=2))
-    md = ["| figure | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in result.items()]
+    md = ["| figure | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in summary.items()]
+    md += ["", "Per minute (push lag of the pushes sent in that minute; CPU in % of one core):", ""]
+    md += minute_table(minutes)
+    md += [
+        "",
+        "Maintenance steps that took 1 s or more:",
+        "",
+        "| start (UTC) | s into run | step | took s | detail |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    md += [
+        f"| {m['start_utc']} | {m['start_s']} | {m['step']} | {m['took_s']} | {m['detail']} |"
+        for m in result["maintenance"]
+        if m["took_s"] >= 1
+    ]
     (out_dir / "soak.md").write_text("\n".join(md) + "\n")
-    print(json.dumps(result, indent=2))
+    print("\n".join(md))
     if result["samples_lost"] or backlog:
         sys.exit(1)
 

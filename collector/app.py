@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as RunbookName
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
@@ -28,9 +29,17 @@ from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gpufleet.collector.auth import Token, TokenSet, scope_problem
+from gpufleet.collector.auth import (
+    Access,
+    RateLimit,
+    Refused,
+    Token,
+    TokenSet,
+    scope_problem,
+    silence_scope_problem,
+)
 from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
-from gpufleet.collector.fleet import fleet_summary
+from gpufleet.collector.fleet import FLEET_POLL_S, JsonBody, PerPoll, fleet_summary, gpus_document
 from gpufleet.collector.runbooks import CSP, Runbooks
 from gpufleet.collector.store import Store, StoreUnavailable
 from gpufleet.core import remote_write as rw
@@ -183,6 +192,16 @@ WRITE_BODY = {
 }
 
 
+JSON_OBJECT = {"content": {"application/json": {"schema": {"type": "object"}}}}
+READ_REFUSALS = _errors(
+    e401="Tokens are configured and the request has no read or write token of them.",
+    e403="The token is scoped to a cluster and the request reaches beyond it.",
+)
+SILENCE_REFUSALS = _errors(
+    e401="Tokens are configured and the request has no write token of them.",
+    e403='The token is scoped to a cluster and the silence is not pinned to it (cluster="…"); nothing changed.',
+    e429="Over the token's silence changes per minute; retry after Retry-After seconds.",
+)
 LATEST_MS = 4_102_444_800_000  # 2100-01-01: later times are typing mistakes
 SILENCE_BODY = {
     "requestBody": {
@@ -233,9 +252,14 @@ def create_app(
     silences: Any = None,
     forwarder: Any = None,
     runbooks: Runbooks | None = None,
+    read_tokens: TokenSet | list[str | Token] | None = None,
+    silence_changes_per_minute: int = 30,
 ) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
-    to a cluster, see :mod:`gpufleet.collector.auth`); none means open.
+    to a cluster, see :mod:`gpufleet.collector.auth`); none means open. ``read_tokens``: tokens that may
+    only read; once any token is configured, reads need one of either kind. /healthz, /metrics, the
+    runbooks, the fleet page's files and /openapi.json stay open. ``silence_changes_per_minute``: silences
+    one token (or, open, one address) may add or expire per minute; past it, 429.
     ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences.
     ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards.
     ``runbooks``: the pages served at /runbooks/ (default: the rule pack's own)."""
@@ -243,12 +267,35 @@ def create_app(
     runbooks = runbooks if runbooks is not None else Runbooks.shipped()
     metrics = metrics or Metrics()
     token_set = tokens if isinstance(tokens, TokenSet) else TokenSet.parse(tokens or [])
+    read_set = read_tokens if isinstance(read_tokens, TokenSet) else TokenSet.parse(read_tokens or [])
+    access = Access(token_set, read_set)
+    silence_rate = RateLimit(silence_changes_per_minute)
 
-    def authorised(request: Request) -> bool:
-        """Changes other than writes (silences) need a write token too, when tokens are configured."""
-        return not token_set or token_set.check(request.headers.get("authorization")) is not None
+    def read_scope(request: Request) -> str | None:
+        """The cluster a read keeps to (None: every cluster); Refused (401) without a token of ours. A
+        dependency of every read, so it runs before the request's parameters are looked at."""
+        token = access.reader(request.headers.get("authorization"))
+        return token.cluster if token is not None else None
+
+    def silence_changer(request: Request) -> Token | None:
+        """The write token adding or expiring a silence (None: writes are open), within its rate."""
+        token = access.writer(request.headers.get("authorization"))
+        who = (
+            token.digest if token is not None else f"address {request.client.host if request.client else '?'}"
+        )
+        wait = silence_rate.take(who)
+        if wait:
+            name = token.name if token is not None else who
+            raise Refused(
+                429,
+                f"{name} changed {silence_rate.per_minute} silences in the last minute, the most allowed "
+                f"(--max-silence-changes-per-minute); retry in {math.ceil(wait)} s",
+                wait,
+            )
+        return token
 
     inflight = 0
+    known_label_sets = rw.KnownLabelSets()  # label sets of accepted requests, decoded and checked once
     app = FastAPI(
         title="gpufleet collector",
         version="0.1.0",
@@ -297,7 +344,7 @@ def create_app(
                     f"body is over the {limits.max_body_bytes}-byte limit; send smaller batches",
                 )
         try:
-            req = rw.decode(bytes(body), limits.max_uncompressed_bytes)
+            req = rw.decode_batch(bytes(body), limits.max_uncompressed_bytes, known_label_sets)
         except rw.TooLarge as exc:
             return fail(413, "too_large", str(exc))
         except rw.RemoteWriteError as exc:
@@ -306,8 +353,9 @@ def create_app(
         if problem:
             status = 413 if problem.startswith("too many") else 400
             return fail(status, "bad_request" if status == 400 else "too_large", problem)
+        known_label_sets.admit(req.new)  # checked: later requests skip decoding and checking them
         if token is not None:
-            problem = scope_problem(token, (s.labels for s in req.series))
+            problem = scope_problem(token, (ls.labels for ls in req.label_sets))
             if problem:
                 log.warning("refused a write: %s", problem)
                 return fail(403, "forbidden", problem)
@@ -324,7 +372,7 @@ def create_app(
         dropped_before = dict(store.dropped)
         try:
             # 204 only after the commit: an agent that got it may forget the batch.
-            n = await run_in_threadpool(store.write, req.series)
+            n = await run_in_threadpool(store.write_batch, req)
         except (StoreUnavailable, PoolTimeout) as exc:
             log.warning("refusing a write while the store is unavailable: %s", exc)
             metrics.requests.labels("unavailable").inc()
@@ -351,20 +399,68 @@ def create_app(
                 req.histograms_ignored,
             )
         if on_write is not None and request.headers.get("x-gpufleet-urgent"):
-            on_write({s.name for s in req.series})
+            on_write({ls.name for ls in req.label_sets})
         return Response(status_code=204)
 
-    @app.get("/api/v1/gpus", summary="Every GPU known, with its newest values")
-    async def gpus() -> dict:
-        return {"gpus": [g.to_api() for g in await run_in_threadpool(store.gpus)]}
+    # Both fleet answers come from one read of the store, made at most once a poll interval however many
+    # pages and `gpufleet top`s ask, and each is encoded once for all of them; while they are being asked
+    # for, they are worked out ahead, so a page's poll does not wait behind writes and rule evaluations.
+    fleet_records = PerPoll(store.gpus, FLEET_POLL_S)
+    gpus_body = PerPoll(lambda: JsonBody(gpus_document(fleet_records.get())), FLEET_POLL_S, ahead=True)
+    fleet_body = PerPoll(
+        lambda: JsonBody(
+            fleet_summary(fleet_records.get(), engine.active_alerts() if engine is not None else [])
+        ),
+        FLEET_POLL_S,
+        ahead=True,
+    )
+
+    def json_answer(request: Request, body: JsonBody) -> Response:
+        if "gzip" not in request.headers.get("accept-encoding", ""):
+            return Response(body.raw, media_type="application/json", headers={"Vary": "Accept-Encoding"})
+        return Response(
+            body.gzipped(),
+            media_type="application/json",
+            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+        )
+
+    # A token scoped to a cluster sees that cluster's GPUs and alerts only, answered once a poll per cluster.
+    scoped_bodies: dict[tuple[str, str], PerPoll[JsonBody]] = {}
+
+    def scoped_body(view: Literal["gpus", "fleet"], cluster: str) -> PerPoll[JsonBody]:
+        def build() -> JsonBody:
+            mine = [g for g in fleet_records.get() if g.label("cluster") == cluster]
+            if view == "gpus":
+                return JsonBody(gpus_document(mine))
+            active = engine.active_alerts() if engine is not None else []
+            return JsonBody(fleet_summary(mine, [a for a in active if a["labels"].get("cluster") == cluster]))
+
+        return scoped_bodies.setdefault((view, cluster), PerPoll(build, FLEET_POLL_S, ahead=True))
+
+    @app.get(
+        "/api/v1/gpus",
+        summary="Every GPU known, with its newest values",
+        response_class=Response,
+        responses={
+            200: {"description": "The GPUs, as of at most a second ago.", **JSON_OBJECT},
+            **READ_REFUSALS,
+        },
+    )
+    async def gpus(request: Request, scope: str | None = Depends(read_scope)) -> Response:
+        body = gpus_body if scope is None else scoped_body("gpus", scope)
+        return json_answer(request, await run_in_threadpool(body.get))
 
     @app.get(
         "/api/v1/query_range",
         summary="One metric over a time range",
-        responses={400: {"model": DetailBody, "description": "Bad metric name, range or step."}},
+        responses={
+            400: {"model": DetailBody, "description": "Bad metric name, range or step."},
+            **READ_REFUSALS,
+        },
     )
     async def query_range(
         request: Request,
+        scope: str | None = Depends(read_scope),
         metric: str = Query(pattern=_METRIC_NAME.pattern, max_length=200),
         # found by fuzzing: times past 64-bit milliseconds overflowed into a 500
         start: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
@@ -382,11 +478,15 @@ def create_app(
         matchers = {
             k: v for k, v in request.query_params.items() if k not in ("metric", "start", "end", "step")
         }
+        if scope is not None and matchers.setdefault("cluster", scope) != scope:
+            raise Refused(
+                403, f"this token reads cluster {scope!r} only, not cluster={matchers['cluster']!r}"
+            )
         result = await run_in_threadpool(store.query_range, metric, matchers, start, end, step)
         return {"status": "success", "data": {"resultType": "matrix", "result": result}}
 
-    @app.get("/api/v1/alerts", summary="Alerts pending or firing now")
-    async def alerts() -> dict:
+    @app.get("/api/v1/alerts", summary="Alerts pending or firing now", responses=READ_REFUSALS)
+    async def alerts(scope: str | None = Depends(read_scope)) -> dict:
         if engine is None:
             return {"alerts": []}
         return {
@@ -401,15 +501,26 @@ def create_app(
                     "muted_by": a.get("muted_by"),
                 }
                 for a in engine.active_alerts()
+                if scope is None or a["labels"].get("cluster") == scope
             ]
         }
 
-    @app.get("/api/v1/silences", summary="Every silence: active, pending and expired")
-    async def list_silences() -> dict:
+    @app.get(
+        "/api/v1/silences",
+        summary="Every silence: active, pending, expired and disabled (a stored regex this version refuses)",
+        responses=READ_REFUSALS,
+    )
+    async def list_silences(scope: str | None = Depends(read_scope)) -> dict:
         if silences is None:
             return {"silences": []}
         now = int(time.time() * 1000)
-        return {"silences": [s.to_api(now) for s in await run_in_threadpool(silences.list_silences)]}
+        return {
+            "silences": [
+                s.to_api(now)
+                for s in await run_in_threadpool(silences.list_silences)
+                if scope is None or s.pins("cluster", scope)
+            ]
+        }
 
     @app.post(
         "/api/v1/silences",
@@ -419,15 +530,14 @@ def create_app(
         responses={
             201: {"description": "The silence, with its id."},
             **_errors(
-                e400="Not a valid silence (body, matchers or times); nothing was added.",
-                e401="Tokens are configured and the request has none of them.",
+                e400="Not a valid silence (body, matchers, regexes or times); nothing was added.",
                 e404="This collector keeps no silences.",
             ),
+            **SILENCE_REFUSALS,
         },
     )
     async def add_silence(request: Request) -> JSONResponse:
-        if not authorised(request):
-            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        token = silence_changer(request)
         if silences is None:
             return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
         from gpufleet.collector.rules.dispatch import Matcher, Silence
@@ -463,6 +573,10 @@ def create_app(
             json.dumps(s.to_api()).encode("utf-8")  # lone surrogates cannot be stored (found by schemathesis)
         except (ValueError, OverflowError) as exc:  # json.JSONDecodeError, UnicodeEncodeError are ValueErrors
             return JSONResponse({"error": f"bad silence: {exc}"}, status_code=400)
+        problem = silence_scope_problem(token, s.matchers)
+        if problem:
+            log.warning("refused a silence: %s", problem)
+            raise Refused(403, problem)
         await run_in_threadpool(silences.add_silence, s)
         log.info("silence %s added by %s until %s: %s", s.id, s.created_by, s.ends_at_ms, s.comment)
         return JSONResponse({"silenceID": s.id, "silence": s.to_api()}, status_code=201)
@@ -472,17 +586,22 @@ def create_app(
         summary="Expire a silence now",
         responses={
             200: {"description": "The silence, now expired."},
-            **_errors(
-                e401="Tokens are configured and the request has none of them.",
-                e404="No such silence, or this collector keeps no silences.",
-            ),
+            **_errors(e404="No such silence, or this collector keeps no silences."),
+            **SILENCE_REFUSALS,
         },
     )
     async def expire_silence(silence_id: str, request: Request) -> JSONResponse:
-        if not authorised(request):
-            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        token = silence_changer(request)
         if silences is None:
             return JSONResponse({"error": "this collector keeps no silences"}, status_code=404)
+        if token is not None and token.cluster is not None:
+            found = await run_in_threadpool(silences.get_silence, silence_id)
+            if found is not None and not found.pins("cluster", token.cluster):
+                raise Refused(
+                    403,
+                    f"token {token.name} is scoped to cluster {token.cluster!r} and may only expire silences "
+                    f'pinned to it (cluster="{token.cluster}"); silence {silence_id} is not. Nothing changed',
+                )
         s = await run_in_threadpool(silences.expire_silence, silence_id, int(time.time() * 1000))
         if s is None:
             return JSONResponse(
@@ -490,10 +609,18 @@ def create_app(
             )
         return JSONResponse({"silence": s.to_api()})
 
-    @app.get("/api/v1/fleet", summary="Every GPU by node with its key numbers, active alerts, fleet totals")
-    async def fleet() -> dict:
-        gpus = await run_in_threadpool(store.gpus)
-        return fleet_summary(gpus, engine.active_alerts() if engine is not None else [])
+    @app.get(
+        "/api/v1/fleet",
+        summary="Every GPU by node with its key numbers, each node's worst GPU, active alerts, fleet totals",
+        response_class=Response,
+        responses={
+            200: {"description": "The fleet, as of at most a second ago.", **JSON_OBJECT},
+            **READ_REFUSALS,
+        },
+    )
+    async def fleet(request: Request, scope: str | None = Depends(read_scope)) -> Response:
+        body = fleet_body if scope is None else scoped_body("fleet", scope)
+        return json_answer(request, await run_in_threadpool(body.get))
 
     @app.get(
         "/api/v1/report",
@@ -504,12 +631,23 @@ def create_app(
                 "content": {"application/json": {}, "text/markdown": {}, "text/html": {}},
             },
             400: {"model": DetailBody, "description": "`since`/`until` do not make a range."},
+            **READ_REFUSALS,
         },
     )
     async def report(
-        since: str = "7d", until: float | None = None, format: Literal["json", "markdown", "html"] = "json"
+        scope: str | None = Depends(read_scope),
+        since: str = "7d",
+        until: float | None = None,
+        format: Literal["json", "markdown", "html"] = "json",
     ) -> Response:
         from gpufleet.collector.report import ReportError, build_report, parse_since, render
+
+        if scope is not None:
+            raise Refused(
+                403,
+                f"the report covers every cluster, and this token reads cluster {scope!r} only; use a token "
+                "not scoped to a cluster",
+            )
 
         try:
             start, end = parse_since(since, until)
@@ -575,6 +713,15 @@ def create_app(
             )
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        headers = {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if exc.retry_after_s:
+            headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
     @app.get("/", include_in_schema=False)
@@ -620,24 +767,26 @@ def create_app(
     return app
 
 
-def _validate(req: rw.WriteRequest, limits: Limits) -> str | None:
-    """The first reason to refuse the whole request, or None. Runs before anything is stored."""
-    if len(req.series) > limits.max_series:
+def _validate(req: rw.SeriesBatch, limits: Limits) -> str | None:
+    """The first reason to refuse the whole request, or None. Runs before anything is stored. Label sets
+    accepted before passed these checks then, so only the request's new ones are checked."""
+    if len(req.label_sets) > limits.max_series:
         return (
-            f"too many series: {len(req.series)} in one request, over the limit of {limits.max_series}; "
+            f"too many series: {len(req.label_sets)} in one request, over the limit of {limits.max_series}; "
             "send smaller batches"
         )
     n = req.sample_count
     if n > limits.max_samples:
         return f"too many samples: {n} in one request, over the limit of {limits.max_samples}; send smaller batches"
-    for s in req.series:
-        if not s.labels.get("__name__"):
-            return f"a series has no __name__ label (labels {dict(list(s.labels.items())[:5])})"
-        if len(s.labels) > limits.max_labels:
-            return f"series {s.name} has {len(s.labels)} labels, over the limit of {limits.max_labels}"
-        for k, v in s.labels.items():
+    for ls in req.new.values():
+        labels = ls.labels
+        if not ls.name:
+            return f"a series has no __name__ label (labels {dict(list(labels.items())[:5])})"
+        if len(labels) > limits.max_labels:
+            return f"series {ls.name} has {len(labels)} labels, over the limit of {limits.max_labels}"
+        for k, v in labels.items():
             if not _LABEL_NAME.match(k) and k != "__name__":
-                return f"series {s.name}: {k!r} is not a valid label name"
+                return f"series {ls.name}: {k!r} is not a valid label name"
             if len(v) > limits.max_label_length:
-                return f"series {s.name}: label {k} is {len(v)} characters, over the limit of {limits.max_label_length}"
+                return f"series {ls.name}: label {k} is {len(v)} characters, over the limit of {limits.max_label_length}"
     return None

@@ -1,13 +1,24 @@
-"""Write tokens: kept only as SHA-256 hashes, compared in constant time, optionally scoped to one cluster.
+"""Tokens: kept only as SHA-256 hashes, compared in constant time, optionally scoped to one cluster.
 
 A token is given as the secret itself or as ``sha256:<64 hex digits>`` (so a config file or a Kubernetes
-Secret never needs to hold the secret), optionally followed by ``@<cluster>``: such a token may only write
-series labelled ``cluster="<cluster>"``. ``gpufleet hash-token`` prints the hashed form of a secret.
+Secret never needs to hold the secret), optionally followed by ``@<cluster>``. ``gpufleet hash-token`` prints
+the hashed form of a secret.
+
+Two kinds (:class:`Access`):
+
+* **write tokens** (``--tokens``) write samples, add and expire silences, and read;
+* **read tokens** (``--read-tokens``) only read: queries, GPUs, the fleet, the report, alerts, silences.
+
+Once any token is configured every read needs one of either kind; with none at all the API is open (only
+sensible on loopback, as ``gpufleet up`` runs). A token scoped to a cluster keeps to it everywhere: it writes
+only series labelled ``cluster="<cluster>"``, adds and expires only silences pinned to that cluster by a
+``cluster="<cluster>"`` matcher, and reads only that cluster's series, GPUs, alerts and silences.
 
 Examples::
 
     --tokens 's3cret'                                        any cluster
     --tokens 'sha256:2bb80d53…@gpu-east,sha256:9f86d081…@gpu-west'
+    --read-tokens 'sha256:5e884898…@gpu-east'                 reads gpu-east only
 """
 
 from __future__ import annotations
@@ -15,9 +26,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpufleet.core.labels import Matcher
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _CLUSTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}$")
@@ -59,7 +74,7 @@ def parse_token(spec: str) -> Token:
 
 
 class TokenSet:
-    """The tokens allowed to write. Empty: writes are open (only sensible on loopback)."""
+    """The tokens of one kind (write or read). Empty write tokens: writes are open (only sensible on loopback)."""
 
     def __init__(self, tokens: Iterable[Token] = ()) -> None:
         self.tokens: tuple[Token, ...] = tuple(tokens)
@@ -104,6 +119,95 @@ class TokenSet:
         return found
 
 
+class Refused(Exception):
+    """A request its token does not allow: ``status`` 401 (no token of ours), 403 (outside its scope) or 429
+    (over its rate, again after ``retry_after_s``)."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class Access:
+    """Who may do what, from the write tokens and the read tokens (see the module's description)."""
+
+    def __init__(self, write: TokenSet, read: TokenSet | None = None) -> None:
+        self.write = write
+        self.read = read if read is not None else TokenSet()
+
+    @property
+    def open(self) -> bool:
+        return not self.write and not self.read
+
+    def writer(self, authorization: str | None) -> Token | None:
+        """The write token of a change (a silence); None where writes are open. Refused (401) otherwise."""
+        if not self.write:
+            return None
+        token = self.write.check(authorization)
+        if token is None:
+            raise Refused(
+                401,
+                "missing or wrong bearer token: changes need a write token; set --token (GPUFLEET_TOKEN) to "
+                "one of the collector's --tokens",
+            )
+        return token
+
+    def reader(self, authorization: str | None) -> Token | None:
+        """The token of a read, write or read token; None where the API is open. Refused (401) otherwise."""
+        if self.open:
+            return None
+        # Both sets are checked, whichever holds the token: the time taken does not tell which kind it is.
+        as_writer, as_reader = self.write.check(authorization), self.read.check(authorization)
+        token = as_writer or as_reader
+        if token is None:
+            raise Refused(
+                401,
+                "missing or wrong bearer token: reads need a read or write token when the collector has "
+                "tokens; set --token (GPUFLEET_READ_TOKEN or GPUFLEET_TOKEN) to one of its --read-tokens "
+                "or --tokens",
+            )
+        return token
+
+
+def silence_scope_problem(token: Token | None, matchers: Sequence[Matcher]) -> str | None:
+    """Why ``token`` may not add a silence of ``matchers``: a scoped token must pin its own cluster."""
+    if token is None or token.cluster is None:
+        return None
+    if any(m.pins("cluster", token.cluster) for m in matchers):
+        return None
+    return (
+        f"token {token.name} is scoped to cluster {token.cluster!r} and may only silence alerts of that "
+        f'cluster: add the matcher cluster="{token.cluster}" (equality, not a regex); nothing was added'
+    )
+
+
+class RateLimit:
+    """At most ``per_minute`` events per key in any 60 seconds (a sliding window): ``take`` says 0 when one
+    more is allowed now and counts it, else the seconds until one is."""
+
+    WINDOW_S = 60.0
+    MAX_KEYS = 10_000  # past it, keys quiet for a whole window are forgotten
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._events: dict[str, deque[float]] = {}
+
+    def take(self, key: str) -> float:
+        now = self._clock()
+        events = self._events.setdefault(key, deque())
+        while events and events[0] <= now - self.WINDOW_S:
+            events.popleft()
+        if len(events) >= self.per_minute:
+            return events[0] + self.WINDOW_S - now
+        events.append(now)
+        if len(self._events) > self.MAX_KEYS:
+            self._events = {k: e for k, e in self._events.items() if e and e[-1] > now - self.WINDOW_S}
+        return 0.0
+
+
 def scope_problem(token: Token, series_labels: Iterable[dict[str, str]]) -> str | None:
     """Why a request may not be written with ``token``: the first series outside its cluster."""
     if token.cluster is None:
@@ -122,4 +226,14 @@ def scope_problem(token: Token, series_labels: Iterable[dict[str, str]]) -> str 
     return None
 
 
-__all__ = ["Token", "TokenSet", "hash_token", "parse_token", "scope_problem"]
+__all__ = [
+    "Access",
+    "RateLimit",
+    "Refused",
+    "Token",
+    "TokenSet",
+    "hash_token",
+    "parse_token",
+    "scope_problem",
+    "silence_scope_problem",
+]

@@ -1,16 +1,22 @@
 """The fleet summary behind `/api/v1/fleet`: every GPU by node with the numbers a person scans first
-(SM activity next to utilization, memory, temperature, power, throttle reasons) and the alerts on it.
+(SM activity next to utilization, memory, temperature, power, throttle reasons) and the alerts on it, each
+node's worst GPU, and the fleet's totals.
 
 The fleet page and `gpufleet top` both read this one JSON shape, so they show the same numbers.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
+import logging
+import math
+import threading
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
-from gpufleet.collector.store.reads import GpuRecord
+from gpufleet.collector.store.reads import GpuRecord, SeriesKey, key_parts
 
 # Clock-event reasons that mean "the GPU runs slower than it could". gpu_idle, applications_clocks,
 # display_clocks and sync_boost are set on healthy GPUs and are not shown as throttling.
@@ -29,6 +35,20 @@ _VALUES = {
     "power_limit_watts": "gpufleet_gpu_power_limit_watts",
     "sm_clock_hertz": "gpufleet_gpu_sm_clock_hertz",
 }
+FLEET_POLL_S = 1.0  # how old a fleet answer may be: well under the page's 5-second poll
+FLEET_WATCH_S = 15.0  # worked out ahead while asked for at least this often (3 of the page's polls)
+log = logging.getLogger(__name__)
+_IDENTITY = ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
+
+# A GPU's status, worst first: what its node's row shows when the node is collapsed. A GPU that NVML lost,
+# then one with a critical alert firing, one with another alert firing, one that stopped reporting, one
+# with an alert pending, one whose clocks are held down; among equals, the one doing the least work.
+STATUSES = ("lost", "critical", "warning", "stale", "pending", "throttled", "ok")
+_RANK = {s: i for i, s in enumerate(STATUSES)}
+
+
+def _finite(x: Any) -> float | None:
+    return x if isinstance(x, int | float) and math.isfinite(x) else None
 
 
 def _alert_view(a: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,32 +69,52 @@ def _alert_view(a: Mapping[str, Any]) -> dict[str, Any]:
         "pod": labels.get("pod"),
         "namespace": labels.get("namespace"),
         "labels": dict(labels),
-        "value": a.get("value"),
+        "value": _finite(a.get("value")),
         "active_since": since / 1000.0 if isinstance(since, int | float) and since > 1e11 else since,
     }
 
 
+def gpu_status(v: Mapping[str, Any]) -> str:
+    """One word for a GPU of the fleet view (see STATUSES)."""
+    if not v["up"]:
+        return "lost"
+    firing = [a["severity"] for a in v["alerts"] if a["state"] == "firing"]
+    if firing:
+        return "critical" if "critical" in firing else "warning"
+    if v["stale"]:
+        return "stale"
+    if v["alerts"]:
+        return "pending"
+    return "throttled" if v["throttle"] else "ok"
+
+
 def gpu_view(g: GpuRecord, alerts: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """One GPU of `Store.gpus()` as the page and `top` show it."""
-    out: dict[str, Any] = {
-        k: g.label(k) for k in ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
-    }
+    identity = g.identity
+    out: dict[str, Any] = {k: identity.get(k) for k in _IDENTITY}
     out["uuid"] = g.uuid
     out.update(up=g.up, stale=g.stale, last_seen=g.last_seen)
+    values = g.values
     for name, metric in _VALUES.items():
-        out[name] = g.value(metric)
+        out[name] = values.get(metric)
     throttle: list[str] = []
-    for v in g.series("gpufleet_gpu_clock_event_active"):
-        reason = v.labels.get("reason")
-        if reason is not None and v.value >= 1 and reason in SLOWDOWN_REASONS:
-            throttle.append(reason)
-    xids = sum((v.value for v in g.series("gpufleet_gpu_xid_errors_total")), 0.0)
+    xids = 0.0
     ecc = {"corrected": 0.0, "uncorrected": 0.0}
-    for v in g.series("gpufleet_gpu_ecc_errors_total"):
-        kind = v.labels.get("type")
-        if v.labels.get("scope") == "volatile" and kind in ecc:
-            ecc[kind] += v.value
-    out["throttle"] = sorted(throttle, key=SLOWDOWN_REASONS.index)
+    for key, value in values.items():  # one pass over the GPU's series
+        if key[-1] != "}":  # no labels beyond identity
+            continue
+        role = _ROLES.get(key)
+        if role is None:
+            role = _role(key)
+        kind, what = role
+        if kind == "throttle":
+            if value >= 1:
+                throttle.append(what)
+        elif kind == "xid":
+            xids += value
+        elif kind == "ecc":
+            ecc[what] += value
+    out["throttle"] = sorted(throttle, key=SLOWDOWN_REASONS.index) if throttle else throttle
     out["xid_errors"] = xids
     out["ecc_errors"] = ecc
     used, total = out["memory_used_bytes"], out["memory_total_bytes"]
@@ -83,13 +123,45 @@ def gpu_view(g: GpuRecord, alerts: Iterable[Mapping[str, Any]] = ()) -> dict[str
         {"rule": a["rule"], "state": a["state"], "severity": a["severity"], "runbook_url": a["runbook_url"]}
         for a in alerts
     ]
+    out["status"] = gpu_status(out)
     return out
+
+
+# What a labelled series of a GPU counts for in its view: ("throttle", reason) for a slowdown clock event,
+# ("xid", "") for an XID counter, ("ecc", type) for a volatile ECC counter, ("", "") for the rest; worked out
+# once per series key.
+_ROLES: dict[SeriesKey, tuple[str, str]] = {}
+
+
+def _role(key: SeriesKey) -> tuple[str, str]:
+    metric, named = key_parts(key)
+    role = ("", "")
+    if metric == "gpufleet_gpu_clock_event_active" and named.get("reason") in SLOWDOWN_REASONS:
+        role = ("throttle", named["reason"])
+    elif metric == "gpufleet_gpu_xid_errors_total":
+        role = ("xid", "")
+    elif (
+        metric == "gpufleet_gpu_ecc_errors_total"
+        and named.get("scope") == "volatile"
+        and named.get("type") in ("corrected", "uncorrected")
+    ):
+        role = ("ecc", named["type"])
+    if len(_ROLES) >= 100_000:  # series churn: start over
+        _ROLES.clear()
+    _ROLES[key] = role
+    return role
+
+
+def _worse_first(v: Mapping[str, Any]) -> tuple[int, float]:
+    sm = v["sm_active"]
+    return (_RANK[v["status"]], sm if sm is not None else -1.0)
 
 
 def fleet_summary(
     gpus: Iterable[GpuRecord], alerts: list[Mapping[str, Any]], now: float | None = None
 ) -> dict[str, Any]:
-    """GPUs grouped by (cluster, node), active alerts with runbooks, and fleet totals."""
+    """GPUs grouped by (cluster, node), each node's worst GPU and status, active alerts with runbooks, and
+    fleet totals."""
     now = time.time() if now is None else now
     alert_views = [_alert_view(a) for a in alerts]
     by_uuid: dict[str, list[dict[str, Any]]] = {}
@@ -102,26 +174,155 @@ def fleet_summary(
         v = gpu_view(g, by_uuid.get(g.uuid, ()))
         views.append(v)
         key = (v["cluster"] or "", v["node"] or "")
-        nodes.setdefault(key, {"cluster": v["cluster"], "node": v["node"], "gpus": []})["gpus"].append(v)
+        node = nodes.get(key)
+        if node is None:
+            node = nodes[key] = {"cluster": v["cluster"], "node": v["node"], "gpus": []}
+        node["gpus"].append(v)
+    for node in nodes.values():
+        worst = min(node["gpus"], key=_worse_first)
+        node["worst"] = worst["uuid"]
+        node["status"] = worst["status"]
+        node["alerts_firing"] = sum(a["state"] == "firing" for g in node["gpus"] for a in g["alerts"])
+
+    live = [v for v in views if v["up"] and not v["stale"]]
 
     def mean(name: str) -> float | None:
-        xs = [v[name] for v in views if v[name] is not None and v["up"] and not v["stale"]]
+        xs = [v[name] for v in live if v[name] is not None]
         return sum(xs) / len(xs) if xs else None
 
     firing = [a for a in alert_views if a["state"] == "firing"]
     totals = {
         "gpus": len(views),
-        "up": sum(v["up"] and not v["stale"] for v in views),
+        "up": len(live),
         "down": sum(not v["up"] for v in views),
         "stale": sum(v["stale"] for v in views),
         "nodes": len(nodes),
         "throttled": sum(bool(v["throttle"]) for v in views),
         "alerts_firing": len(firing),
         "alerts_pending": len(alert_views) - len(firing),
-        "power_watts": sum(v["power_watts"] or 0.0 for v in views if v["up"] and not v["stale"]),
+        "power_watts": sum(v["power_watts"] or 0.0 for v in live),
         "sm_active": mean("sm_active"),
         "utilization": mean("utilization"),
         "memory_used_bytes": sum(v["memory_used_bytes"] or 0.0 for v in views),
         "memory_total_bytes": sum(v["memory_total_bytes"] or 0.0 for v in views),
     }
     return {"generated_at": now, "totals": totals, "nodes": list(nodes.values()), "alerts": alert_views}
+
+
+def gpus_document(gpus: Iterable[GpuRecord]) -> dict[str, Any]:
+    """`/api/v1/gpus`: every GPU known, with its newest values."""
+    return {"gpus": [g.to_api() for g in gpus]}
+
+
+class JsonBody:
+    """An answer encoded once for every client that asks within a poll: compact JSON, and gzipped the first
+    time a client accepts that (the fleet of 1,000 GPUs is about 1 MB of JSON, a tenth of that gzipped)."""
+
+    def __init__(self, doc: Any) -> None:
+        try:
+            text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except ValueError:  # a value that is not a finite number (an alert's NaN): null, as JSON has no NaN
+            text = json.dumps(_nulled(doc), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        self.raw = text.encode()
+        self._gzipped: bytes | None = None
+        self._lock = threading.Lock()
+
+    def gzipped(self) -> bytes:
+        with self._lock:
+            if self._gzipped is None:
+                self._gzipped = gzip.compress(self.raw, compresslevel=1, mtime=0)
+            return self._gzipped
+
+
+def _nulled(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _nulled(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_nulled(v) for v in x]
+    return x
+
+
+T = TypeVar("T")
+
+
+class PerPoll(Generic[T]):
+    """A value worked out at most once per ``ttl_s``: callers within that time share it, and one that comes
+    while it is being worked out waits for that result instead of working it out again. However many
+    pages and `gpufleet top`s poll the fleet, the store is read and the answer encoded once a poll.
+
+    ``ahead``: while calls keep coming (one in the last ``watch_s``), a thread of its own works the value out
+    again every ``ttl_s``, so a call answers at once with a value at most ``ttl_s`` and one build old
+    instead of waiting for a build behind the collector's writes and rule evaluations. Only the first
+    call after a quiet spell, or one that finds the value older than ``3 * ttl_s``, waits for a build."""
+
+    def __init__(
+        self,
+        build: Callable[[], T],
+        ttl_s: float,
+        *,
+        ahead: bool = False,
+        watch_s: float = FLEET_WATCH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._ttl_s = ttl_s
+        self._ahead = ahead
+        self._watch_s = watch_s
+        self._clock = clock
+        self._lock = threading.Lock()  # the value, its time, the last call, the refresher
+        self._building = threading.Lock()  # one build at a time
+        self._value: T | None = None
+        self._at = -math.inf
+        self._called = -math.inf
+        self._refresher: threading.Thread | None = None
+
+    @property
+    def refreshing(self) -> bool:
+        """Whether the value is being worked out ahead (it was asked for in the last ``watch_s``)."""
+        with self._lock:
+            return self._refresher is not None
+
+    def get(self) -> T:
+        with self._lock:
+            self._called = now = self._clock()
+            if self._ahead and self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, name="fleet-refresh", daemon=True)
+                self._refresher.start()
+            age = now - self._at
+            if self._value is not None and (age < self._ttl_s or (self._ahead and age < 3 * self._ttl_s)):
+                return self._value
+        return self._rebuild(fresher_than=self._ttl_s)
+
+    def _rebuild(self, fresher_than: float) -> T:
+        with self._building:
+            with self._lock:  # built meanwhile by the caller this one waited for
+                if self._value is not None and self._clock() - self._at < fresher_than:
+                    return self._value
+            started = self._clock()
+            value = self._build()
+            with self._lock:
+                # counted from the read, so the answer is never older than the time since then
+                self._value, self._at = value, started
+            return value
+
+    def _refresh(self) -> None:
+        quiet = threading.Event()
+        while True:
+            with self._lock:
+                now = self._clock()
+                if now - self._called >= self._watch_s:
+                    self._refresher = None
+                    return
+                wait = self._at + self._ttl_s - now
+            if wait > 0:
+                quiet.wait(wait)
+                continue
+            try:
+                self._rebuild(fresher_than=0.0)
+            except Exception as exc:  # the next call builds it and answers the error
+                log.warning("refreshing the fleet view failed: %s", exc)
+                with self._lock:
+                    self._refresher = None
+                return

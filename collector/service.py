@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from gpufleet.collector.app import Limits, Metrics, create_app
@@ -26,6 +27,7 @@ from gpufleet.collector.rules.engine import Engine
 from gpufleet.collector.rules.model import default_rules_path, load_pack, with_runbook_base
 from gpufleet.collector.rules.state import SqlAlertState
 from gpufleet.collector.store import Store
+from gpufleet.collector.store.maintenance import Pacing
 from gpufleet.collector.store.store import Retention
 from gpufleet.core.addresses import split_listen
 
@@ -39,6 +41,9 @@ class CollectorSettings:
     rules: list[Path] = field(default_factory=list)  # empty: the default rule pack
     eval_interval: float = 5.0
     tokens: list[str | Token] = field(default_factory=list)
+    # Tokens that may only read; once any token is configured, reads need a read or a write token.
+    read_tokens: list[str | Token] = field(default_factory=list)
+    max_silence_changes_per_minute: int = 30  # per token: silences added or expired; past it, 429
     console: bool = False
     slack_token: str | None = None
     slack_channel: str | None = None
@@ -184,6 +189,8 @@ class Collector:
             limits=settings.limits,
             silences=self.state,
             forwarder=self.forwarder,
+            read_tokens=settings.read_tokens,
+            silence_changes_per_minute=settings.max_silence_changes_per_minute,
         )
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -218,11 +225,15 @@ class Collector:
                 coalesce=True,
                 misfire_grace_time=3600,
             )
+        # The store's maintenance in a thread of its own: a long pass never holds up rule evaluation or the
+        # digest, and it paces itself (see Pacing) so that ingest keeps its share of the database.
+        self.scheduler.add_executor(ThreadPoolExecutor(1), "store")
         self.scheduler.add_job(
             self.maintain,
             "interval",
             seconds=settings.maintenance_interval,
             id="store",
+            executor="store",
             max_instances=1,
             coalesce=True,
         )
@@ -301,9 +312,12 @@ class Collector:
         return resp.get("ts")
 
     def maintain(self) -> None:
-        """Compaction, rollups and retention (see collector/store/maintenance.py)."""
+        """Partitions, rollups, compaction and retention (see collector/store/maintenance.py), within half
+        the maintenance interval; what is left goes on at the next pass."""
         try:
-            self.store.maintain()
+            self.store.maintenance.maintain(
+                int(time.time() * 1000), Pacing(budget_s=self.settings.maintenance_interval / 2)
+            )
         except Exception:
             log.exception("store maintenance failed; next try at the next interval")
 

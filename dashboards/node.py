@@ -56,7 +56,8 @@ def _field_panel(name: str, kind: str, help_text: str, labels: tuple[str, ...]) 
 every_field = Row(
     "Every field the agent collects",
     tuple(
-        [_field_panel(f.name, f.kind, f.help, f.labels) for f in FIELDS]
+        # Per-link NVLink series are opt-in (--nvlink-per-link); their per-GPU sums have panels here.
+        [_field_panel(f.name, f.kind, f.help, f.labels) for f in FIELDS if not f.per_link]
         + [_field_panel(g.name, "gauge", g.help, ()) for g in GPM_FIELDS]
     ),
 )

@@ -36,8 +36,18 @@ def test_every_nvml_function_and_field_id_the_table_names_exists_in_the_real_bin
     # our FI_* constants are nvml.h's NVML_FI_DEV_* numbers
     for const in [c for c in dir(F) if c.startswith("FI_")]:
         assert getattr(pynvml, "NVML_FI_DEV_" + const[3:]) == getattr(F, const), const
+    # the per-link field ids of Ampere and older are nvml.h's NVML_FI_DEV_NVLINK_<COUNTER>_ERROR_COUNT_L<n>
+    per_link = {}
+    for kind, ids in F.NVLINK_LEGACY_LINK_FIELDS.items():
+        for link, fid in enumerate(ids):
+            name = f"NVML_FI_DEV_NVLINK_{kind.upper()}_ERROR_COUNT_L{link}"
+            assert getattr(pynvml, name) == fid, name
+            per_link[fid] = (kind, link)
+    assert {k: getattr(pynvml, f"NVML_NVLINK_ERROR_DL_{k.upper()}") for k in F.NVLINK_ERROR_COUNTERS} == (
+        F.NVLINK_ERROR_COUNTERS
+    )
     used = {s.id for f in FIELDS for s in f.sources() if isinstance(s, FieldValue)}
-    assert used <= {getattr(F, c) for c in dir(F) if c.startswith("FI_")}
+    assert used <= {getattr(F, c) for c in dir(F) if c.startswith("FI_")} | set(per_link)
     assert pynvml.nvmlMemory_v2 == F.MEMORY_V2
     for reason, bit in F.CLOCK_EVENT_REASONS.items():
         assert bit in {v for k, v in vars(pynvml).items() if k.startswith("nvmlClocksEventReason")}, reason
@@ -62,7 +72,9 @@ def test_the_simulator_offers_every_function_the_table_and_the_source_call():
 def test_every_row_reads_a_believable_value_on_the_simulator():
     clock = SimpleNamespace(t=1000.0)
     sim = SimulatedNVML(1, clock=lambda: clock.t, seed=3, workload="busy")
-    src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t)
+    src = GpuSource(
+        Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t, nvlink_per_link=True
+    )
     src.start()
     src.collect()
     clock.t += 120  # two minutes of a training job
@@ -98,8 +110,9 @@ def test_every_row_reads_a_believable_value_on_the_simulator():
     assert power > 300 and energy > 120 * 70  # at least idle power over two minutes
 
 
-def _field_answer(values: dict[int, tuple[int, int]]):
-    """A scripted nvmlDeviceGetFieldValues: {field id: (value type, value)}; others answer NOT_SUPPORTED."""
+def _field_answer(values: dict):
+    """A scripted nvmlDeviceGetFieldValues: {field id or (field id, scope): (value type, value)}; others answer
+    NOT_SUPPORTED."""
     members = {1: "uiVal", 3: "ullVal", 5: "siVal", 0: "dVal"}
 
     def answer(ids):
@@ -108,8 +121,9 @@ def _field_answer(values: dict[int, tuple[int, int]]):
             entry = SimpleNamespace(
                 fieldId=fid, scopeId=scope, valueType=0, nvmlReturn=3, value=SimpleNamespace()
             )
-            if fid in values:
-                vtype, v = values[fid]
+            got = values.get((fid, scope), values.get(fid))
+            if got is not None:
+                vtype, v = got
                 entry.valueType, entry.nvmlReturn = vtype, 0
                 setattr(entry.value, members[vtype], v)
             out.append(entry)
@@ -175,8 +189,37 @@ def scripted_gpu() -> dict:
         "nvmlDeviceGetMaxPcieLinkGeneration": 5,
         "nvmlDeviceGetMaxPcieLinkWidth": 16,
         "nvmlDeviceGetPcieThroughput": lambda counter: {0: 1000, 1: 4000}[counter],
-        "nvmlDeviceGetFieldValues": _field_answer(fields),
+        "nvmlDeviceGetFieldValues": _field_answer(
+            fields
+            | {(fid, link): (3, LINK_DL[fid] + link) for fid in LINK_DL for link in range(F.NVLINK_MAX_LINKS)}
+            | {
+                fid: (3, fid)
+                for kind in ("crc_data", "ecc_data")
+                for fid in F.NVLINK_LEGACY_LINK_FIELDS[kind]
+            }
+        ),
+        "nvmlDeviceGetNvLinkErrorCounter": lambda link, counter: 1000 * counter + link,
+        "nvmlDeviceGetNvLinkState": lambda link: int(link != LINK_DOWN),
     }
+
+
+# The scripted GPU answers per-GPU NVLink totals (Ampere), Hopper's link-scoped counters for CRC, replay and
+# recovery, per-link field ids for CRC-data and ECC errors on links 0-11, nvmlDeviceGetNvLinkErrorCounter on
+# the links above; link 5 is down.
+LINK_DL = {
+    F.FI_NVLINK_ERROR_DL_CRC: 300,
+    F.FI_NVLINK_ERROR_DL_REPLAY: 100,
+    F.FI_NVLINK_ERROR_DL_RECOVERY: 200,
+}
+LINK_DOWN = 5
+
+
+def _scripted_link_errors(kind: str, link: int) -> int:
+    if kind in F.NVLINK_DL_FIELDS:
+        return LINK_DL[F.NVLINK_DL_FIELDS[kind]] + link
+    if link < 12:
+        return F.NVLINK_LEGACY_LINK_FIELDS[kind][link]
+    return 1000 * F.NVLINK_ERROR_COUNTERS[kind] + link
 
 
 # What each row must read from scripted_gpu(), in base units.
@@ -240,6 +283,14 @@ EXPECTED = {
     ("gpufleet_gpu_nvlink_errors_total", ("replay",)): 9,
     ("gpufleet_gpu_nvlink_errors_total", ("recovery",)): 1,
     ("gpufleet_gpu_nvlink_errors_total", ("ecc_data",)): 0,
+    **{
+        ("gpufleet_gpu_nvlink_link_errors_total", (kind, str(link))): _scripted_link_errors(kind, link)
+        for kind in F.NVLINK_TYPES
+        for link in range(F.NVLINK_MAX_LINKS)
+    },
+    ("gpufleet_gpu_nvlink_links", ()): 18,
+    ("gpufleet_gpu_nvlink_links_up", ()): 17,
+    **{("gpufleet_gpu_nvlink_link_up", (str(link),)): float(link != LINK_DOWN) for link in range(18)},
     ("gpufleet_gpu_nvlink_transmit_bytes_total", ()): 2048 * 1024,
     ("gpufleet_gpu_nvlink_receive_bytes_total", ()): 1024 * 1024,
 }
@@ -247,7 +298,7 @@ EXPECTED = {
 
 def test_every_row_converts_scripted_nvml_answers_to_base_units():
     fake = FakeNVML(["GPU-a"], scripted_gpu())
-    src = GpuSource(Nvml(fake), "n", watch_events=False, background=False)
+    src = GpuSource(Nvml(fake), "n", watch_events=False, background=False, nvlink_per_link=True)
     src.start()
     fams = src.collect()
     got = {(row.name, key): v for row in FIELDS for key, v in row_values(fams, row).items()}

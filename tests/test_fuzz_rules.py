@@ -88,3 +88,37 @@ def test_any_yaml_document_loads_or_gets_rule_errors_naming_the_file(doc):
 @settings(max_examples=200, deadline=None)
 def test_any_bytes_load_or_get_rule_errors_naming_the_file(raw):
     load_text(raw)
+
+
+# Pieces of label regexes as people, and hostile clients, write them: literals, classes, nested quantifiers
+# that make a backtracking engine take exponential time, and what RE2 refuses (lookaround, backreferences).
+_REGEX_PIECES = st.sampled_from(
+    ["a", "b", "-", ".", ".*", "a+", "(a+)+", "(a|aa)*", "[ab]", "[^a]", r"\d", "x{2,3}", "|", "(", ")"]
+    + ["(?=a)", "(?!b)", r"(a)\1", "^", "$", "?", "*", "(?i)", "\\"]
+)
+
+
+@given(st.lists(_REGEX_PIECES, max_size=8).map("".join), st.lists(st.text("ab-x1!", max_size=12), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_a_rule_match_regex_loads_and_matches_as_prometheus_would_or_is_refused_naming_it(pattern, values):
+    import re
+
+    doc = {
+        "groups": [
+            {"name": "g", "rules": [{**GOOD, "match": {"node": pattern}, "annotations": {"summary": "s"}}]}
+        ]
+    }
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "rules.yaml"
+        f.write_text(yaml.safe_dump(doc))
+        try:
+            (rule,) = load_rules([f])
+        except RuleError as exc:
+            assert any("match node" in p for p in exc.problems), exc.problems
+            return
+    try:
+        python = re.compile(pattern)
+    except re.error:
+        return  # RE2 syntax Python lacks (a flag group mid-pattern): nothing to compare with
+    for v in values:  # short ASCII values without newlines: where Python's re and RE2 agree
+        assert rule.matches({"node": v}) == (python.fullmatch(v) is not None), (pattern, v)

@@ -39,6 +39,7 @@ probes:
 MATRIX: dict[str, dict] = {
     "defaults": {},
     "per-process": {"agent": {"perProcess": True}},
+    "nvlink-per-link": {"agent": {"nvlinkPerLink": True}},
     "prometheus-operator": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "prometheusRule": {"enabled": True},
@@ -136,6 +137,7 @@ MATRIX: dict[str, dict] = {
                 "maxLabels": 60,
                 "maxLabelLength": 4096,
                 "maxInflightWrites": 128,
+                "maxSilenceChangesPerMinute": 60,
             },
         },
         "auth": {"tokenFile": {"existingSecret": "fleet-tokens"}},
@@ -649,6 +651,7 @@ def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
         "maxLabels": "GPUFLEET_MAX_LABELS",
         "maxLabelLength": "GPUFLEET_MAX_LABEL_LENGTH",
         "maxInflightWrites": "GPUFLEET_MAX_INFLIGHT_WRITES",
+        "maxSilenceChangesPerMinute": "GPUFLEET_MAX_SILENCE_CHANGES_PER_MINUTE",
     }
     assert {names[k]: str(v) for k, v in limits.items()} == {n: env[n]["value"] for n in names.values()}
     assert not [
@@ -1030,3 +1033,50 @@ def test_helm_lint_is_clean():
     report = helm.lint(str(CHART), strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
     assert not problems, problems
+
+
+def test_read_tokens_given_to_the_chart_are_what_the_collector_it_starts_reads_with(tmp_path, monkeypatch):
+    """auth.readTokens go into the chart's Secret and reach the collector as GPUFLEET_READ_TOKENS; started with
+    the environment the chart gives it, the collector reads with them and refuses reads without a token."""
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import free_port
+    from tests.wiring import CollectorProcess
+
+    write, read = "w" * 32, "r" * 24
+    objs = objects(render({"auth": {"tokens": [write], "readTokens": [f"{read}@east"]}}))
+    for obj in objs:
+        validate(obj)
+    env, data = env_of(container(objs, "collector")), _secret_data(objs)
+    given = {
+        n: data[env[n]["valueFrom"]["secretKeyRef"]["key"]]
+        for n in ("GPUFLEET_TOKENS", "GPUFLEET_READ_TOKENS")
+    }
+    assert given["GPUFLEET_READ_TOKENS"] == f"{read}@east"
+    # from an existing Secret, read tokens are optional: a Secret made for write tokens alone still starts
+    existing = env_of(container(objects(render({"auth": {"existingSecret": "mine"}})), "collector"))
+    assert existing["GPUFLEET_READ_TOKENS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mine",
+        "key": "read-tokens",
+        "optional": True,
+    }
+    assert "GPUFLEET_READ_TOKENS" not in env_of(container(objects(render({})), "collector"))
+
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    collector = CollectorProcess(free_port(), ["--db", f"sqlite:///{tmp_path}/c.db"], tmp_path / "c.log")
+    try:
+
+        def status(token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            req = urllib.request.Request(collector.url + "/api/v1/gpus", headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert (status(None), status(read), status(write), status("r" * 23)) == (401, 200, 200, 401)
+    finally:
+        collector.stop()

@@ -425,12 +425,15 @@ def test_the_rendered_install_runs_and_agents_write(scenario, tmp_path, chart_fi
         text=True,
     )
     agent = None
+    # with tokens every read needs one: this test reads with the agents' (write tokens may read)
+    reader = {"Authorization": f"Bearer {aenv['GPUFLEET_TOKEN']}"} if aenv.get("GPUFLEET_TOKEN") else {}
     try:
 
         def get(path: str):
             assert collector.poll() is None, "the collector stopped:\n" + _stop(collector)
             try:
-                with urllib.request.urlopen(base + path, timeout=5, context=ctx) as resp:
+                req = urllib.request.Request(base + path, headers=reader)
+                with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
                     return json.loads(resp.read())
             except OSError:
                 return None

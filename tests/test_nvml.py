@@ -100,7 +100,7 @@ def test_labels_follow_the_design():
 def test_every_field_in_the_table_reads_a_value_on_the_simulator_in_base_units():
     clock = SimpleNamespace(t=1000.0)
     sim = SimulatedNVML(1, clock=lambda: clock.t, seed=3, workload="busy")
-    src = GpuSource(Nvml(sim), "n", watch_events=False)
+    src = GpuSource(Nvml(sim), "n", watch_events=False, nvlink_per_link=True)
     src.start()
     src.collect()
     clock.t += 120  # two minutes of a training job

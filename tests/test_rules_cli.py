@@ -67,7 +67,7 @@ def test_the_default_pack_checks_and_its_rule_tests_pass():
     assert declared >= 21
     assert run("alerts", "check").output.strip() == f"{declared} rules OK"
     r = run("alerts", "test")
-    assert r.exit_code == 0 and r.output.strip() == "7/7 rule tests passed"
+    assert r.exit_code == 0 and r.output.strip() == "8/8 rule tests passed"
 
 
 def test_a_rule_test_that_expects_the_wrong_thing_fails(tmp_path):
@@ -238,3 +238,30 @@ def test_every_rule_in_the_pack_has_a_runbook_that_exists():
         assert page.exists(), (r.name, page)
         text = page.read_text()
         assert r.name in text and "## What to check" in text and "## What to do" in text
+
+
+def test_rule_tests_take_promtools_expanding_notation(tmp_path):
+    """``a+bxn`` and ``a-bxn`` expand as promtool expands them: n+1 values from a, b apart."""
+    test = {
+        "rule_files": [str(REPO / "alerts" / "gpu.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'gpufleet_gpu_temperature_celsius{cluster="c",node="n1",gpu="0",uuid="GPU-0"}',
+                        "values": "60+1x20 80-1x5",
+                    }
+                ],
+                "alert_rule_test": [{"eval_time": "10m", "alertname": "GpuXidCritical", "exp_alerts": []}],
+            }
+        ],
+    }
+    f = tmp_path / "expanding_test.yaml"
+    f.write_text(yaml.safe_dump(test))
+    r = run("alerts", "test", str(f))
+    assert r.exit_code == 0, r.output
+    from gpufleet.collector.rules.testing import expand_values
+
+    assert expand_values("0+5x3 10-2.5x2") == [0.0, 5.0, 10.0, 15.0, 10.0, 7.5, 5.0]

@@ -31,7 +31,8 @@ def post(url, body, token=None, method="POST"):
 
 
 def firing_lost_gpus(url: str) -> list[dict]:
-    alerts = json.loads(urllib.request.urlopen(url + "/api/v1/alerts").read())["alerts"]
+    req = urllib.request.Request(url + "/api/v1/alerts", headers={"Authorization": "Bearer t0ken"})
+    alerts = json.loads(urllib.request.urlopen(req, timeout=5).read())["alerts"]
     return [a for a in alerts if a["rule"] == "GpuLost" and a["state"] == "firing"]
 
 

@@ -55,7 +55,8 @@ def push(url: str, series: list[rw.Series]) -> None:
 
 
 def alerts(url: str) -> list[dict]:
-    with urllib.request.urlopen(url + "/api/v1/alerts", timeout=5) as r:
+    req = urllib.request.Request(url + "/api/v1/alerts", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())["alerts"]
 
 

@@ -50,6 +50,7 @@ def _gpu(ctx: SourceContext) -> Source:
         slow_interval=s.slow_interval,
         process_metrics=s.process_metrics,
         proc_root=s.proc_root,
+        nvlink_per_link=s.nvlink_per_link,
     )
 
 

@@ -4,6 +4,10 @@ per-process usage, for every GPU.
 The hot path (``collect``) reads the fast rows in as few NVML calls as the table allows: each NVML function
 once per GPU however many rows use its answer, and every field id in one ``nvmlDeviceGetFieldValues``
 call. Slow rows are read by a background reader every ``slow_interval`` seconds and served from its cache.
+
+What each GPU answers is learned from its first reads (:class:`Learned`): a read it answers "not supported"
+is not made again, and a row that names several places (``FirstOf``) keeps the one that answered. A GPU
+learns again when it comes back after being lost, and when its MIG mode or its number of NVLinks up changes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpufleet.agent.families import Families, Family
 from gpufleet.agent.fields import (
@@ -30,9 +34,15 @@ from gpufleet.agent.fields import (
     UP,
     XID,
     Call,
+    CountOf,
     Field,
     FieldValue,
+    FirstOf,
+    Read,
+    Source,
+    SumOf,
     mig_name,
+    reads,
 )
 from gpufleet.agent.nvml import Gpu, GpuLost, Nvml
 
@@ -45,35 +55,173 @@ _GPM_IDS = [g.metric_id for g in GPM_FIELDS if not g.slow]
 _GPM_SLOW_IDS = [g.metric_id for g in GPM_FIELDS if g.slow]
 
 Value = tuple[Field, tuple[str, ...], float]
-_IDS: dict[tuple[Field, ...], list[tuple[int, int]]] = {}  # row set -> its field ids, worked out once
+Key = tuple[Any, ...]  # a read as NVML sees it: (field id, scope) or (function, args)
+LINKS_UP = "gpufleet_gpu_nvlink_links_up"
 
 
-def read_rows(nvml: Nvml, handle: Any, rows: Iterable[Field]) -> list[Value]:
+def _key(r: Read) -> Key:
+    return (r.id, r.scope) if isinstance(r, FieldValue) else (r.fn, r.args)
+
+
+class Learned:
+    """What one device answers, learned from its reads. A read whose first answer is "not supported" (see
+    :meth:`Nvml.probe`) is not made again; one that answered once and later fails is a failed read and is
+    asked again. A ``FirstOf`` keeps the option that answered; each part of a holding ``SumOf`` keeps its last
+    value. :meth:`again` forgets the answers but keeps the parts' last values, so sums stay monotonic."""
+
+    def __init__(self) -> None:
+        self.unsupported: set[Key] = set()
+        self.answered: set[Key] = set()
+        self.chosen: dict[FirstOf, int] = {}
+        self.last: dict[Source, float] = {}
+        self._plans: dict[tuple[Field, ...], _Plan] = {}
+
+    def again(self) -> Learned:
+        fresh = Learned()
+        fresh.last = dict(self.last)
+        return fresh
+
+    def plan(self, rows: tuple[Field, ...]) -> _Plan:
+        """How to read ``rows`` now: the field ids to ask (none known unsupported, none of a ``FirstOf``
+        option not chosen), and each series' source (a row whose only read is unsupported is left out)."""
+        plan = self._plans.get(rows)
+        if plan is None:
+            ids: set[tuple[int, int]] = set()
+            entries: list[_Entry] = []
+            for f in rows:
+                for label_values, src in f.read.items() if isinstance(f.read, dict) else (((), f.read),):
+                    ids.update((r.id, r.scope) for r in self._live(src) if isinstance(r, FieldValue))
+                    if isinstance(src, (Call, FieldValue)):
+                        key = _key(src)
+                        if key not in self.unsupported:
+                            entries.append(
+                                (f, label_values, _FIELD if isinstance(src, FieldValue) else _CALL, key, src)
+                            )
+                    else:
+                        entries.append((f, label_values, _COMPOSITE, (), src))
+            plan = self._plans[rows] = _Plan(sorted(ids - self.unsupported), entries)
+        return plan
+
+    def _live(self, src: Source) -> list[Read]:
+        if isinstance(src, FirstOf):
+            chosen = self.chosen.get(src)
+            if chosen is not None:
+                return self._live(src.options[chosen])
+            return [r for o in src.options for r in self._live(o)]
+        if isinstance(src, SumOf):
+            return [r for p in src.parts for r in self._live(p)]
+        return reads(src)
+
+    def gone(self, src: Source) -> bool:
+        """True when no read of ``src`` can answer on this device any more."""
+        return all(_key(r) in self.unsupported for r in reads(src))
+
+    def failed(self, key: Key, *, unsupported: bool) -> None:
+        """A read got no value: "not supported" before it ever answered is kept, anything else forgotten."""
+        if unsupported and key not in self.answered and key not in self.unsupported:
+            self.unsupported.add(key)
+            self._plans.clear()
+
+    def choose(self, first: FirstOf, option: int) -> None:
+        self.chosen[first] = option
+        self._plans.clear()
+
+
+_FIELD, _CALL, _COMPOSITE = 0, 1, 2
+_Entry = tuple[Field, tuple[str, ...], int, Key, Source]  # row, label values, kind, read's key, source
+
+
+class _Plan(NamedTuple):
+    ids: list[tuple[int, int]]
+    entries: list[_Entry]
+
+
+def read_rows(nvml: Nvml, handle: Any, rows: Iterable[Field], learned: Learned | None = None) -> list[Value]:
     """Read table rows on one device: ``[(row, label values, value in base units)]``; unsupported rows are absent.
+    ``learned`` is what the device answered before (updated here); without it every read is made.
 
     Raises :class:`GpuLost` when the device stopped answering.
     """
-    rows = tuple(rows)
-    ids = _IDS.get(rows)
-    if ids is None:
-        ids = _IDS[rows] = sorted(
-            {(s.id, s.scope) for f in rows for s in f.sources() if isinstance(s, FieldValue)}
-        )
-    batched = nvml.field_values(handle, ids) if ids else {}
-    answers: dict[tuple[str, tuple[Any, ...]], Any] = {}
+    known = learned if learned is not None else Learned()
+    plan = known.plan(tuple(rows))
+    batched, cannot = nvml.probe_fields(handle, plan.ids) if plan.ids else ({}, frozenset())
+    calls: dict[Key, tuple[Any, bool]] = {}
+    answered = known.answered
+
+    def read(r: Read) -> float | None:
+        key = _key(r)
+        if key in known.unsupported:
+            return None
+        if isinstance(r, FieldValue):
+            v, unsupported = batched.get(key), key in cannot
+        else:
+            if key not in calls:
+                calls[key] = nvml.probe(r.fn, handle, *r.args)
+            answer, unsupported = calls[key]
+            v = _pick(answer, r)
+        if v is None:
+            known.failed(key, unsupported=unsupported)
+        elif key not in answered:
+            answered.add(key)
+        return v
+
+    def value(src: Source) -> float | None:
+        if isinstance(src, (Call, FieldValue)):
+            return read(src)
+        if isinstance(src, FirstOf):
+            chosen = known.chosen.get(src)
+            if chosen is not None:
+                return value(src.options[chosen])
+            for i, option in enumerate(src.options):
+                v = value(option)
+                if v is not None:
+                    known.choose(src, i)
+                    return v
+                if not known.gone(option):
+                    return None  # a failed read, not a "no": try again next time before looking further
+            return None
+        if isinstance(src, SumOf):
+            total = None
+            for part in src.parts:
+                v = value(part)
+                if src.hold:
+                    if v is None:
+                        v = known.last.get(part)
+                    else:
+                        known.last[part] = v
+                if v is not None:
+                    total = v if total is None else total + v
+            return total
+        assert isinstance(src, CountOf)
+        for r in src.parts:
+            read(r)
+        n = sum(1 for r in src.parts if _key(r) in answered)
+        return float(n) if n else None
+
     out: list[Value] = []
-    for f in rows:
-        items = f.read.items() if isinstance(f.read, dict) else (((), f.read),)
-        for label_values, src in items:
-            if isinstance(src, FieldValue):
-                v = batched.get((src.id, src.scope))
-            else:
-                key = (src.fn, src.args)
-                if key not in answers:
-                    answers[key] = nvml.call(src.fn, handle, *src.args)
-                v = _pick(answers[key], src)
-            if v is not None:
-                out.append((f, label_values, float(v) * f.scale))
+    # Plain reads inline (the per-sample path), composite sources through value().
+    for f, label_values, kind, key, src in plan.entries:
+        if kind == _FIELD:
+            v = batched.get(key)
+            if v is None:
+                known.failed(key, unsupported=key in cannot)
+                continue
+        elif kind == _CALL:
+            assert isinstance(src, Call)
+            got = calls.get(key)
+            if got is None:
+                got = calls[key] = nvml.probe(src.fn, handle, *src.args)
+            v = _pick(got[0], src)
+            if v is None:
+                known.failed(key, unsupported=got[1])
+                continue
+        else:
+            v = value(src)
+            if v is None:
+                continue
+        if kind != _COMPOSITE and key not in answered:
+            answered.add(key)
+        out.append((f, label_values, float(v) * f.scale))
     return out
 
 
@@ -89,6 +237,30 @@ def _pick(answer: Any, src: Call) -> float | None:
     return None if answer is None else float(answer)
 
 
+class SeriesLabels:
+    """The label dicts of one device's series: ``base`` (the device's own labels) and, for a row with labels of
+    its own, the base with those, each made on first use and handed out every sample after. Sinks remember a
+    series by its dict (see :class:`Family`), and a dict per series and sample was most of a sample's work."""
+
+    __slots__ = ("_rows", "base")
+
+    def __init__(self, base: dict[str, str]) -> None:
+        self.base = base
+        self._rows: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, str]] = {}
+
+    def row(self, names: tuple[str, ...], values: tuple[str, ...]) -> dict[str, str]:
+        if not names:
+            return self.base
+        labels = self._rows.get((names, values))
+        if labels is None:
+            labels = self._rows[(names, values)] = {**self.base, **dict(zip(names, values, strict=True))}
+        return labels
+
+
+_INFO_LABELS = ("driver", "serial", "pci_bus_id", "mig_mode")
+_XID_LABELS = ("xid",)
+
+
 @dataclass(frozen=True, slots=True)
 class MigDevice:
     handle: Any
@@ -96,6 +268,11 @@ class MigDevice:
     gpu_instance: int
     compute_instance: int
     profile: str
+
+
+def _mig_key(m: MigDevice) -> tuple[str, int, int, str]:
+    """What a MIG instance's labels are made of besides its GPU's: an instance re-created alike keeps them."""
+    return (m.uuid, m.gpu_instance, m.compute_instance, m.profile)
 
 
 class GpuSource:
@@ -120,6 +297,7 @@ class GpuSource:
         clock: Callable[[], float] = time.monotonic,
         process_metrics: bool = False,
         proc_root: str | Path = "/proc",
+        nvlink_per_link: bool = False,
     ) -> None:
         self._nvml = nvml
         self._node = node
@@ -131,6 +309,11 @@ class GpuSource:
         self._clock = clock
         self._process_metrics = process_metrics
         self._proc_root = Path(proc_root)
+        self._slow_rows = tuple(f for f in SLOW_FIELDS if nvlink_per_link or not f.per_link)
+        # (GPU uuid, "fast" | "slow" | MIG instance uuid): what the device answers. Fast and slow rows learn
+        # apart, as the background reader and the sampler read them from two threads.
+        self._learned: dict[tuple[str, str], Learned] = {}
+        self._shape: dict[str, tuple[str, float | None]] = {}  # uuid -> (MIG mode, NVLinks up) last seen
         self._gpus: list[Gpu] = []
         self._lost: set[str] = set()
         self._gpm_samples: dict[str, list[Any]] = {}  # uuid (or MIG uuid) -> [previous, spare]
@@ -146,6 +329,8 @@ class GpuSource:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # GPU uuid, or a MIG instance's identity -> its series' label dicts (the sampler's thread only)
+        self._series_labels: dict[str | tuple[str, int, int, str], SeriesLabels] = {}
         self.driver: str | None = None
 
     # ---- life cycle ------------------------------------------------------------------------------
@@ -191,15 +376,35 @@ class GpuSource:
         """Read the slow rows and the MIG layout of every GPU (background reader, or inline when due)."""
         for gpu in self._gpus:
             try:
-                values = read_rows(self._nvml, gpu.handle, SLOW_FIELDS)
+                values = read_rows(
+                    self._nvml, gpu.handle, self._slow_rows, self._learned_for(gpu.uuid, "slow")
+                )
                 mode, migs = self._discover_mig(gpu)
             except GpuLost:
                 values, mode, migs = [], "", []
+            else:
+                links_up = next((v for f, _, v in values if f.name == LINKS_UP), None)
+                shape, before = (mode, links_up), self._shape.get(gpu.uuid)
+                self._shape[gpu.uuid] = shape
+                if before is not None and before != shape:
+                    # A MIG mode change or a link going down or up changes what the GPU answers.
+                    self.relearn(gpu.uuid)
             with self._lock:
                 self._slow[gpu.uuid] = values
                 self._mig_mode[gpu.uuid] = mode
                 self._mig[gpu.uuid] = migs
         self._slow_at = self._clock()
+
+    def _learned_for(self, gpu_uuid: str, part: str) -> Learned:
+        learned = self._learned.get((gpu_uuid, part))
+        if learned is None:
+            learned = self._learned[(gpu_uuid, part)] = Learned()
+        return learned
+
+    def relearn(self, gpu_uuid: str) -> None:
+        """Forget what a GPU and its MIG instances answered: their next reads ask everything again."""
+        for key in [k for k in list(self._learned) if k[0] == gpu_uuid]:
+            self._learned[key] = self._learned[key].again()
 
     def _slow_loop(self) -> None:
         while not self._stop.wait(self._slow_interval):
@@ -253,36 +458,42 @@ class GpuSource:
             fam(g.name, "gauge", g.help)
         xid = fam(XID[0], "counter", XID[1])
         for gpu in self._gpus:
-            labels = self.labels(gpu)
+            labels = self._series_labels.get(gpu.uuid)
+            if labels is None:
+                labels = self._series_labels[gpu.uuid] = SeriesLabels(self.labels(gpu))
             ok = self._sample_gpu(gpu, labels, fam)
-            up.add(labels, 1.0 if ok else 0.0)
+            up.add(labels.base, 1.0 if ok else 0.0)
             with self._lock:
                 mode = self._mig_mode.get(gpu.uuid, "")
                 counts = [(code, n) for (uuid, code), n in self._xid_counts.items() if uuid == gpu.uuid]
             info.add(
-                {
-                    **labels,
-                    "driver": self.driver or "",
-                    "serial": gpu.serial or "",
-                    "pci_bus_id": gpu.pci_bus_id or "",
-                    "mig_mode": mode,
-                },
+                labels.row(_INFO_LABELS, (self.driver or "", gpu.serial or "", gpu.pci_bus_id or "", mode)),
                 1.0,
             )
             for code, n in sorted(counts):
-                xid.add({**labels, "xid": str(code)}, n)
+                xid.add(labels.row(_XID_LABELS, (str(code),)), n)
+        self._forget_gone_devices()
         return list(families.values())
 
-    def _sample_gpu(self, gpu: Gpu, labels: dict[str, str], fam: Callable[..., Family]) -> bool:
+    def _forget_gone_devices(self) -> None:
+        """Drop the label dicts of MIG instances no longer in any GPU's layout."""
+        with self._lock:
+            live = len(self._gpus) + sum(len(migs) for migs in self._mig.values())
+            if len(self._series_labels) <= live:
+                return
+            keep = {g.uuid for g in self._gpus} | {_mig_key(m) for migs in self._mig.values() for m in migs}
+        self._series_labels = {k: v for k, v in self._series_labels.items() if k in keep}
+
+    def _sample_gpu(self, gpu: Gpu, labels: SeriesLabels, fam: Callable[..., Family]) -> bool:
         try:
-            values = read_rows(self._nvml, gpu.handle, FAST_FIELDS)
+            values = read_rows(self._nvml, gpu.handle, FAST_FIELDS, self._learned_for(gpu.uuid, "fast"))
             with self._lock:
                 values += self._slow.get(gpu.uuid, [])
                 migs = self._mig.get(gpu.uuid, [])
             self._emit(values, labels, fam, rename=None)
             self._sample_gpm(
                 gpu.uuid,
-                labels,
+                labels.base,
                 fam,
                 lambda s: self._nvml.call("nvmlGpmSampleGet", gpu.handle, s),
                 support_handle=gpu.handle,
@@ -290,7 +501,7 @@ class GpuSource:
             for m in migs:
                 self._sample_mig(gpu, m, labels, fam)
             if self._process_metrics:
-                self._sample_processes(gpu, labels, migs, fam)
+                self._sample_processes(gpu, labels.base, migs, fam)
         except GpuLost as exc:
             if gpu.uuid not in self._lost:
                 log.warning("GPU %s (%s) on %s is lost: %s", gpu.index, gpu.uuid, self._node, exc)
@@ -299,18 +510,19 @@ class GpuSource:
         if gpu.uuid in self._lost:
             log.info("GPU %s (%s) on %s answers again", gpu.index, gpu.uuid, self._node)
             self._lost.discard(gpu.uuid)
+            self.relearn(gpu.uuid)  # after a reset it may answer what it did not before
         return True
 
     @staticmethod
     def _emit(
         values: list[Value],
-        labels: dict[str, str],
+        labels: SeriesLabels,
         fam: Callable[..., Family],
         rename: Callable[[str], str] | None,
     ) -> None:
         for f, label_values, v in values:
             name = rename(f.name) if rename else f.name
-            fam(name, f.kind, f.help).add({**labels, **dict(zip(f.labels, label_values, strict=True))}, v)
+            fam(name, f.kind, f.help).add(labels.row(f.labels, label_values), v)
 
     def _sample_gpm(
         self,
@@ -377,20 +589,30 @@ class GpuSource:
         return cached
 
     def _sample_mig(
-        self, gpu: Gpu, m: MigDevice, gpu_labels: dict[str, str], fam: Callable[..., Family]
+        self, gpu: Gpu, m: MigDevice, gpu_labels: SeriesLabels, fam: Callable[..., Family]
     ) -> None:
-        labels = {
-            **gpu_labels,
-            "gpu_instance": str(m.gpu_instance),
-            "compute_instance": str(m.compute_instance),
-            "mig_profile": m.profile,
-            "mig_uuid": m.uuid,
-        }
-        fam(MIG_INFO[0], "gauge", MIG_INFO[1]).add(labels, 1.0)
-        self._emit(read_rows(self._nvml, m.handle, MIG_FIELDS), labels, fam, rename=mig_name)
+        key = _mig_key(m)
+        labels = self._series_labels.get(key)
+        if labels is None:
+            labels = self._series_labels[key] = SeriesLabels(
+                {
+                    **gpu_labels.base,
+                    "gpu_instance": str(m.gpu_instance),
+                    "compute_instance": str(m.compute_instance),
+                    "mig_profile": m.profile,
+                    "mig_uuid": m.uuid,
+                }
+            )
+        fam(MIG_INFO[0], "gauge", MIG_INFO[1]).add(labels.base, 1.0)
+        self._emit(
+            read_rows(self._nvml, m.handle, MIG_FIELDS, self._learned_for(gpu.uuid, m.uuid)),
+            labels,
+            fam,
+            rename=mig_name,
+        )
         self._sample_gpm(
             m.uuid,
-            labels,
+            labels.base,
             fam,
             lambda s: self._nvml.call("nvmlGpmMigSampleGet", gpu.handle, m.gpu_instance, s),
             rename=mig_name,

@@ -16,7 +16,6 @@ Everything runs in event time (``now_ms`` is passed in), so backtests take the s
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid as uuidlib
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.collector.rules.model import SEVERITY_RANK, InhibitRule, Route
-from gpufleet.core.labels import Matcher
+from gpufleet.core.labels import Matcher, MatcherDoc, regex_fullmatch
 
 if TYPE_CHECKING:
     from gpufleet.collector.rules.contract import AlertState
@@ -103,24 +102,47 @@ class Silence:
     created_by: str
     comment: str
     created_at_ms: int = 0
+    # Why a stored silence mutes nothing: its matchers are ones this version refuses (a regex RE2 cannot run,
+    # or one over the length limit). ``matchers`` is then empty and ``stored`` holds them as they were stored.
+    disabled: str = ""
+    stored: tuple[MatcherDoc, ...] = ()
 
     def active(self, now_ms: int) -> bool:
-        return self.starts_at_ms <= now_ms < self.ends_at_ms
+        return not self.disabled and self.starts_at_ms <= now_ms < self.ends_at_ms
 
     def matches(self, labels: dict[str, str]) -> bool:
-        return all(m.matches(labels) for m in self.matchers)
+        return not self.disabled and all(m.matches(labels) for m in self.matchers)
+
+    def pins(self, label: str, value: str) -> bool:
+        """Whether every alert this silence can mute has ``label="value"``: one of its matchers says so (for a
+        disabled silence, one of its stored matchers: its cluster's tokens may still see and expire it)."""
+        if self.disabled:
+            return any(
+                isinstance(d, dict)  # as stored: it may be anything
+                and (d.get("name"), d.get("value"), d.get("isRegex", False), d.get("isEqual", True))
+                == (label, value, False, True)
+                for d in self.stored
+            )
+        return any(m.pins(label, value) for m in self.matchers)
+
+    def state(self, now_ms: int) -> str:
+        if self.disabled and now_ms < self.ends_at_ms:
+            return "disabled"
+        return "active" if self.active(now_ms) else ("pending" if now_ms < self.starts_at_ms else "expired")
 
     def to_api(self, now_ms: int | None = None) -> dict[str, Any]:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-        state = "active" if self.active(now_ms) else ("pending" if now_ms < self.starts_at_ms else "expired")
+        status: dict[str, str] = {"state": self.state(now_ms)}
+        if self.disabled:
+            status["reason"] = self.disabled
         return {
             "id": self.id,
-            "matchers": [m.to_api() for m in self.matchers],
+            "matchers": list(self.stored) if self.disabled else [m.to_api() for m in self.matchers],
             "startsAt": self.starts_at_ms / 1000,
             "endsAt": self.ends_at_ms / 1000,
             "createdBy": self.created_by,
             "comment": self.comment,
-            "status": {"state": state},
+            "status": status,
         }
 
     @staticmethod
@@ -146,7 +168,7 @@ class Silence:
 
 
 def _rx(labels: dict[str, str], matchers: dict[str, str]) -> bool:
-    return all(re.fullmatch(rx, labels.get(k, "")) is not None for k, rx in matchers.items())
+    return all(regex_fullmatch(rx, labels.get(k, "")) for k, rx in matchers.items())
 
 
 @dataclass

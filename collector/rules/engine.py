@@ -12,7 +12,6 @@ not resolve its alerts (the stale rules say "no data" instead).
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -25,6 +24,7 @@ from gpufleet.collector.rules.contract import AlertState, Delivery, LatestPoint,
 from gpufleet.collector.rules.dispatch import Dispatcher, GroupNotification, Notification
 from gpufleet.collector.rules.kinds.base import LOOKBACK_MS, Data, LabelCache, Verdict, alert_id
 from gpufleet.collector.rules.model import InhibitRule, Route, Rule, RulePack, render
+from gpufleet.core.labels import regex_fullmatch
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class Engine:
         for p in data.get(metric, []):
             if p.ts <= now_ms - LOOKBACK_MS:
                 continue
-            if matchers and not all(re.fullmatch(rx, p.labels.get(k, "")) for k, rx in matchers.items()):
+            if matchers and not all(regex_fullmatch(rx, p.labels.get(k, "")) for k, rx in matchers.items()):
                 continue
             out[self.cache.key(p.labels, on)] = p.value
         return out

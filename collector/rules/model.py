@@ -28,6 +28,7 @@ from gpufleet.collector.rules.kinds.base import LABEL as _LABEL
 from gpufleet.collector.rules.templates import TemplateError
 from gpufleet.collector.rules.templates import parse as parse_template
 from gpufleet.collector.rules.templates import render as render_template
+from gpufleet.core.labels import label_regex, regex_fullmatch
 from gpufleet.core.yamlfile import load_yaml
 
 SEVERITIES = ("critical", "warning", "info")
@@ -85,7 +86,7 @@ class Rule:
         return self.keep_firing_for_s or (EVENT_KEEP_FIRING_S if self.spec.instant else 0.0)
 
     def matches(self, labels: dict[str, str]) -> bool:
-        return all(re.fullmatch(rx, labels.get(k, "")) is not None for k, rx in self.matchers.items())
+        return all(regex_fullmatch(rx, labels.get(k, "")) for k, rx in self.matchers.items())
 
     def metrics(self) -> list[str]:
         """Every metric the rule reads."""
@@ -203,9 +204,9 @@ def _rule_from(doc: dict, where: str, xid_sets: dict[str, list[int]], problems: 
             matchers["xid"] = "|".join(str(x) for x in xid_sets[xs])
     for k, rx in matchers.items():
         try:
-            re.compile(rx)
-        except re.error as exc:
-            bad(f"match {k}: {rx!r} is not a regular expression ({exc})")
+            label_regex(rx)
+        except ValueError as exc:
+            bad(f"match {k}: {exc}")
     annotations = {k: str(v) for k, v in _clean(doc.get("annotations")).items()}
     if "summary" not in annotations:
         bad("annotations need a 'summary' (the one line the on-call engineer reads first)")
@@ -275,11 +276,11 @@ def _inhibit_from(doc: Any, where: str, problems: list[str]) -> InhibitRule | No
         )
         return None
     src, tgt = ({k: str(v) for k, v in _clean(d.get(key)).items()} for key in ("source", "target"))
-    for rx in list(src.values()) + list(tgt.values()):
+    for k, rx in [*src.items(), *tgt.items()]:
         try:
-            re.compile(rx)
-        except re.error as exc:
-            problems.append(f"{where}:{_line(doc)}: inhibit rule: {rx!r} is not a regular expression ({exc})")
+            label_regex(rx)
+        except ValueError as exc:
+            problems.append(f"{where}:{_line(doc)}: inhibit rule: {k}: {exc}")
             return None
     if not src:
         problems.append(f"{where}:{_line(doc)}: inhibit rule needs 'source' matchers")

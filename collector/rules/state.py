@@ -6,6 +6,7 @@ the store's SQLAlchemy engine (SQLite or PostgreSQL)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gpufleet.collector.rules.dispatch import Matcher, Silence, Target
 
+log = logging.getLogger(__name__)
 metadata = MetaData()
 
 # Alert instances and their state; survives a collector restart.
@@ -121,6 +123,7 @@ class SqlAlertState:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._disabled_told: set[str] = set()  # stored silences disabled on load, each logged once
 
     def _upsert(self, table: Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
         if not rows:
@@ -260,17 +263,28 @@ class SqlAlertState:
         )
 
     # ---- silences --------------------------------------------------------------------------------
-    @staticmethod
-    def _silence(r: Row[Any]) -> Silence:
-        return Silence(
-            r.id,
-            tuple(Matcher.from_api(m) for m in json.loads(r.matchers)),
-            r.starts_at,
-            r.ends_at,
-            r.created_by,
-            r.comment,
-            r.created_at,
-        )
+    def _silence(self, r: Row[Any]) -> Silence:
+        """A stored silence. One whose matchers this version refuses (stored before regexes ran on RE2 and had a
+        length limit) comes back disabled, with a warning logged once: it must neither stop the collector
+        from starting nor stall every evaluation as it did."""
+        docs = json.loads(r.matchers)
+        try:
+            matchers = tuple(Matcher.from_api(m) for m in docs)
+        except ValueError as exc:
+            if r.id not in self._disabled_told:
+                self._disabled_told.add(r.id)
+                log.warning(
+                    "silence %s (by %s) is disabled: %s; it mutes nothing. Expire it (gpufleet silence expire "
+                    "%s) and add one with a regex RE2 accepts",
+                    r.id,
+                    r.created_by,
+                    exc,
+                    r.id,
+                )
+            return Silence(
+                r.id, (), r.starts_at, r.ends_at, r.created_by, r.comment, r.created_at, str(exc), tuple(docs)
+            )
+        return Silence(r.id, matchers, r.starts_at, r.ends_at, r.created_by, r.comment, r.created_at)
 
     def add_silence(self, s: Silence) -> None:
         self._upsert(

@@ -35,7 +35,8 @@ from gpufleet.collector.rules.model import RuleError, load_pack, parse_duration
 
 _SERIES = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
-_TERM = re.compile(r"^(-?[\d.eE+]+)(?:([+-])([\d.eE+]+))?x(\d+)$")
+_NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_TERM = re.compile(rf"^(-?{_NUMBER})(?:([+-])({_NUMBER}))?x(\d+)$")  # a+bxn, a-bxn, axn
 
 
 def parse_series(text: str) -> dict[str, str]:

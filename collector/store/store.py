@@ -25,7 +25,7 @@ from gpufleet.collector.store.ingest import Ingest
 from gpufleet.collector.store.maintenance import Maintenance, MaintenanceReport
 from gpufleet.collector.store.partitions import Partitions
 from gpufleet.collector.store.reads import GpuRecord, Point, RangeSeries, Reads, resolution
-from gpufleet.core.remote_write import Series
+from gpufleet.core.remote_write import Series, SeriesBatch
 
 __all__ = ["Retention", "Store", "StoreUnavailable"]
 
@@ -99,6 +99,10 @@ class Store:
     # ---- ingest (see Ingest) ---------------------------------------------------------------------
     def write(self, series: Sequence[Series], *, now_ms: int | None = None) -> int:
         return self.ingest.write(series, now_ms=now_ms)
+
+    def write_batch(self, batch: SeriesBatch, *, now_ms: int | None = None) -> int:
+        """``write`` for a request as the receiver decodes it (``remote_write.decode_batch``)."""
+        return self.ingest.write_batch(batch, now_ms=now_ms)
 
     def write_many(
         self, batches: Sequence[Sequence[Series]], *, now_ms: int | None = None

@@ -105,6 +105,13 @@ def sampling_options(*, push_interval: float = 5.0) -> Decorator:
             help="Per-process GPU memory and SM utilization with each process's container (more series).",
         ),
         click.option(
+            "--nvlink-per-link/--no-nvlink-per-link",
+            default=False,
+            envvar="GPUFLEET_NVLINK_PER_LINK",
+            help="NVLink error counters and link state per link as well as per GPU (more series: up to 108 "
+            "per GPU with 18 links).",
+        ),
+        click.option(
             "--proc-root",
             default="/proc",
             envvar="GPUFLEET_PROC_ROOT",

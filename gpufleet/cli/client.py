@@ -80,15 +80,19 @@ class Fleet(TypedDict, total=False):
     nodes: list[FleetNode]
 
 
+SilenceState = Literal["active", "pending", "expired", "disabled"]
+
+
 @dataclass(frozen=True)
 class Silence:
     id: str
-    state: Literal["active", "pending", "expired"]
+    state: SilenceState  # disabled: stored with a regex the collector no longer runs; it mutes nothing
     starts_at: float  # Unix seconds
     ends_at: float
     created_by: str
     comment: str
-    matchers: tuple[Matcher, ...]
+    matchers: tuple[str, ...]  # as written: name=value, name=~regex, ...
+    reason: str = ""  # why a disabled silence is disabled
 
 
 class _SilenceDoc(TypedDict):
@@ -101,16 +105,24 @@ class _SilenceDoc(TypedDict):
     status: dict[str, str]
 
 
+def _matcher_text(doc: MatcherDoc) -> str:
+    """A matcher as amtool writes it, without compiling its regex: a disabled silence's may not compile."""
+    regex, equal = bool(doc.get("isRegex")), bool(doc.get("isEqual", True))
+    op = ("=~" if regex else "=") if equal else ("!~" if regex else "!=")
+    return f"{doc['name']}{op}{doc['value']}"
+
+
 def _silence(doc: _SilenceDoc) -> Silence:
     state = doc["status"]["state"]
     return Silence(
         id=doc["id"],
-        state=cast(Literal["active", "pending", "expired"], state),
+        state=cast(SilenceState, state),
         starts_at=float(doc["startsAt"]),
         ends_at=float(doc["endsAt"]),
         created_by=doc["createdBy"],
         comment=doc["comment"],
-        matchers=tuple(Matcher.from_api(m) for m in doc["matchers"]),
+        matchers=tuple(_matcher_text(m) for m in doc["matchers"]),
+        reason=doc["status"].get("reason", ""),
     )
 
 
@@ -172,7 +184,7 @@ class _Http:
 
     def _refusal_hint(self, status: int) -> str:
         if status in (401, 403):
-            return "; check --token (GPUFLEET_TOKEN)"
+            return "; check --token (GPUFLEET_TOKEN; to read only, GPUFLEET_READ_TOKEN)"
         return ""
 
 

@@ -210,6 +210,21 @@ def _security_options() -> Decorator:
             help="File of write tokens, one a line (SECRET or sha256:HEX, optionally @CLUSTER).",
         ),
         click.option(
+            "--read-tokens",
+            default=None,
+            envvar="GPUFLEET_READ_TOKENS",
+            help="Comma-separated bearer tokens that may only read (queries, GPUs, fleet, report, alerts, "
+            "silences), written as --tokens are. With any token configured, reads need a read or write token.",
+        ),
+        click.option(
+            "--max-silence-changes-per-minute",
+            type=click.IntRange(1),
+            default=30,
+            envvar="GPUFLEET_MAX_SILENCE_CHANGES_PER_MINUTE",
+            show_default=True,
+            help="Silences one token may add or expire per minute; past it: 429 + Retry-After.",
+        ),
+        click.option(
             "--allow-open-writes",
             is_flag=True,
             envvar="GPUFLEET_ALLOW_OPEN_WRITES",
@@ -344,6 +359,15 @@ def _write_tokens(tokens: str | None, token_file: str | None) -> list[Token]:
     return token_list
 
 
+def _read_tokens(tokens: str | None) -> list[Token]:
+    from gpufleet.collector.auth import parse_token
+
+    try:
+        return [parse_token(t) for t in split_tokens(tokens)]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--read-tokens (GPUFLEET_READ_TOKENS)") from None
+
+
 @click.command(cls=Command)
 @listen_option(default="0.0.0.0:9446", help="HOST:PORT of the API, the fleet page and /metrics.")
 @click.option("--console/--no-console", default=False, envvar="GPUFLEET_CONSOLE", help="Print notifications.")
@@ -358,7 +382,11 @@ def collector(**params: Any) -> None:
     from gpufleet.collector.store.migrate import SchemaTooNew
 
     listen: str = params["listen"]
-    settings = collector_settings(params, tokens=_write_tokens(params["tokens"], params["token_file"]))
+    settings = collector_settings(
+        params,
+        tokens=_write_tokens(params["tokens"], params["token_file"]),
+        read_tokens=_read_tokens(params["read_tokens"]),
+    )
     if not settings.tokens:
         if not is_loopback(listen) and not params["allow_open_writes"]:
             raise click.UsageError(
@@ -376,7 +404,7 @@ def collector(**params: Any) -> None:
         raise click.ClickException(str(exc)) from None
     announce(
         f"gpufleet collector on {c.scheme}://{listen} (store: {c.store.engine.url.render_as_string()}, "
-        f"{len(c.rules)} rules, {len(settings.tokens)} write tokens"
+        f"{len(c.rules)} rules, {len(settings.tokens)} write tokens, {len(settings.read_tokens)} read tokens"
         f"{', client certificates required' if settings.tls_client_ca else ''})"
     )
     c.serve()

@@ -68,7 +68,8 @@ def logging_options(f: F) -> F:
         from gpufleet.cli.logs import configure
 
         secrets = [kw.get(k) or "" for k in _SECRET_OPTIONS]
-        secrets += [spec.rpartition("@")[0] or spec for spec in split_tokens(kw.get("tokens"))]
+        for option in ("tokens", "read_tokens"):
+            secrets += [spec.rpartition("@")[0] or spec for spec in split_tokens(kw.get(option))]
         configure("debug" if verbose else log_level, log_format, secrets=secrets)
         click.get_current_context().meta[_LOG_FORMAT_KEY] = log_format
         return f(*args, **kw)
@@ -110,6 +111,18 @@ def wait_for_signal() -> None:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
+
+
+def token_option(*, read_only: bool) -> Decorator:
+    """--token of a command that talks to a collector. One that only reads takes a read token first
+    (GPUFLEET_READ_TOKEN), else the write token (GPUFLEET_TOKEN), which may read too."""
+    return click.option(
+        "--token",
+        default=None,
+        envvar=["GPUFLEET_READ_TOKEN", "GPUFLEET_TOKEN"] if read_only else "GPUFLEET_TOKEN",
+        help="Bearer token for the collector"
+        + (": a read token, or a write token." if read_only else ": a write token."),
+    )
 
 
 def split_tokens(value: str | None) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from gpufleet.cli.client import ClientError, CollectorClient
-from gpufleet.cli.common import Command, one_line
+from gpufleet.cli.common import Command, one_line, token_option
 from gpufleet.cli.params import DatabaseURL
 from gpufleet.cli.progress import StatusLine
 
@@ -28,8 +28,8 @@ def unix_time(value: str | None) -> float | None:
     return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
-def _from_collector(collector_url: str, since: str, until: float | None, fmt: str) -> str:
-    client = CollectorClient(collector_url)
+def _from_collector(collector_url: str, token: str | None, since: str, until: float | None, fmt: str) -> str:
+    client = CollectorClient(collector_url, token=token)
     try:
         with StatusLine("report: ") as status:
             status(f"waiting for the collector at {client.base_url}")
@@ -102,6 +102,7 @@ def _from_store(db: str | None, since: str, until: float | None, fmt: str) -> st
     envvar="GPUFLEET_COLLECTOR",
     help="Ask a running collector instead (its /api/v1/report).",
 )
+@token_option(read_only=True)
 @click.option(
     "-o",
     "--output",
@@ -110,12 +111,20 @@ def _from_store(db: str | None, since: str, until: float | None, fmt: str) -> st
     help="Write to this file [default: standard output].",
 )
 def report(
-    since: str, until: str | None, fmt: str, db: str | None, collector_url: str | None, output: Path | None
+    since: str,
+    until: str | None,
+    fmt: str,
+    db: str | None,
+    collector_url: str | None,
+    token: str | None,
+    output: Path | None,
 ) -> None:
     """Efficiency report: GPU-hours by state, wasted hours by pod, throttling, XID/ECC, energy, tokens per joule."""
     end = unix_time(until)
     body = (
-        _from_collector(collector_url, since, end, fmt) if collector_url else _from_store(db, since, end, fmt)
+        _from_collector(collector_url, token, since, end, fmt)
+        if collector_url
+        else _from_store(db, since, end, fmt)
     )
     if output:
         output.write_text(body)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import click
 
 from gpufleet.cli.client import ClientError, CollectorClient
-from gpufleet.cli.common import Decorator, Group, apply
+from gpufleet.cli.common import Decorator, Group, apply, token_option
 
 
 def os_user(environ: Mapping[str, str] = os.environ, getuser: Callable[[], str] = getpass.getuser) -> str:
@@ -24,7 +24,7 @@ def os_user(environ: Mapping[str, str] = os.environ, getuser: Callable[[], str] 
         return "unknown"
 
 
-def collector_api_options() -> Decorator:
+def collector_api_options(*, read_only: bool = False) -> Decorator:
     """Where the collector's API is and the token it wants: every command that talks to a running collector."""
     options: list[Decorator] = [
         click.option(
@@ -35,9 +35,7 @@ def collector_api_options() -> Decorator:
             show_default=True,
             help="Collector URL.",
         ),
-        click.option(
-            "--token", default=None, envvar="GPUFLEET_TOKEN", help="Bearer token for the collector."
-        ),
+        token_option(read_only=read_only),
     ]
     return apply(options)
 
@@ -80,7 +78,7 @@ def silence_add(
 
 @silence.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include expired silences.")
-@collector_api_options()
+@collector_api_options(read_only=True)
 def silence_list(show_all: bool, collector_url: str, token: str | None) -> None:
     """List silences: id, state, until, author, matchers, comment."""
     try:
@@ -91,8 +89,9 @@ def silence_list(show_all: bool, collector_url: str, token: str | None) -> None:
         if s.state == "expired" and not show_all:
             continue
         until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(s.ends_at))
-        matchers = " ".join(str(m) for m in s.matchers)
-        click.echo(f"{s.id}  {s.state:8} until {until}  by {s.created_by}  {matchers}  # {s.comment}")
+        matchers = " ".join(s.matchers)
+        why = f"  ({s.reason})" if s.reason else ""
+        click.echo(f"{s.id}  {s.state:8} until {until}  by {s.created_by}  {matchers}  # {s.comment}{why}")
 
 
 @silence.command("expire")

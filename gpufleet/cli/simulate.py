@@ -19,6 +19,9 @@ FAULTS = (
     "straggler",
     "ecc",
     "recovery_action",
+    "nvlink_error",
+    "nvlink_down",
+    "nvlink_replay",
     "recover",
 )
 
@@ -56,7 +59,11 @@ def simulate() -> None:
     help="How long lasting faults last: seconds or a duration such as 5m.",
 )
 def simulate_inject(kind: str, agent_url: str, gpu: int, xid: int | None, duration: float) -> None:
-    """Inject a fault into a simulated GPU."""
+    """Inject a fault into a simulated GPU.
+
+    NVLink faults hit the GPU's link 0: nvlink_error counts a CRC error on it, nvlink_down takes it down at
+    both GPUs of the pair (0-1, 2-3, ...) for --duration, nvlink_replay makes it replay packets for --duration.
+    """
     try:
         click.echo(AgentClient(agent_url).inject_fault(gpu=gpu, kind=kind, xid=xid, duration_s=duration))
     except ClientError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gpufleet.cli.common import Command
+from gpufleet.cli.common import Command, token_option
 from gpufleet.cli.params import Duration
 
 
@@ -31,11 +31,18 @@ from gpufleet.cli.params import Duration
     default="node",
     show_default=True,
 )
+@token_option(read_only=True)
 @click.option("--cluster", default=None, help="Only GPUs of this cluster.")
 @click.option("--node", default=None, help="Only GPUs whose node name contains this.")
 @click.option("--pod", default=None, help="Only GPUs whose pod (namespace/pod) contains this.")
 def top(
-    collector_url: str, interval: float, sort_key: str, cluster: str | None, node: str | None, pod: str | None
+    collector_url: str,
+    interval: float,
+    sort_key: str,
+    token: str | None,
+    cluster: str | None,
+    node: str | None,
+    pod: str | None,
 ) -> None:
     """A live terminal view of every GPU in the fleet. Keys: j/k or Down/Up move a row, PageDown/PageUp or
     space/b a screen, g/G or Home/End to the first/last row; s SM, u util, m memory, t temperature, p power,
@@ -48,7 +55,7 @@ def top(
         raise click.ClickException(f"gpufleet top needs rich: pip install 'gpufleet[cli]' ({exc})") from None
     try:
         run_top(
-            CollectorClient(collector_url, timeout_s=5.0),
+            CollectorClient(collector_url, token=token, timeout_s=5.0),
             interval=interval,
             sort_key=sort_key,
             filters=Filters(cluster, node, pod),

@@ -19,6 +19,7 @@ from gpufleet.collector.rules.kinds.base import (
     num,
     selector,
 )
+from gpufleet.core.labels import label_regex
 
 if TYPE_CHECKING:
     from gpufleet.collector.rules.model import Rule
@@ -73,16 +74,15 @@ class Threshold:
                 y.bad("each 'and' condition needs 'metric', 'op' and a numeric 'value'")
                 continue
             match = c.get("match")
-            conds.append(
-                Condition(
-                    c["metric"],
-                    str(c["op"]),
-                    float(c["value"]),
-                    {k: str(v) for k, v in match.items() if k != "__line__"}
-                    if isinstance(match, dict)
-                    else {},
-                )
+            matchers = (
+                {k: str(v) for k, v in match.items() if k != "__line__"} if isinstance(match, dict) else {}
             )
+            for k, rx in matchers.items():
+                try:
+                    label_regex(rx)
+                except ValueError as exc:
+                    y.bad(f"'and' condition on {c['metric']}: match {k}: {exc}")
+            conds.append(Condition(c["metric"], str(c["op"]), float(c["value"]), matchers))
         return cls(op, value, rate_s, compare, offset, tuple(conds), y.labels_list("on", ("node", "uuid")))
 
     def metrics(self) -> list[str]:
