@@ -159,7 +159,7 @@ class Fleet:
                 gpus.append(g)
             self.nodes.append(gpus)
         self._keys: dict[tuple[int, str, str], bytes] = {}
-        self.until_s = 0  # every second before this one has been pushed
+        self.node_until = [0] * nodes  # per node: every second before this one has been pushed
         self.xid_from_s: int | None = None
 
     @property
@@ -260,12 +260,19 @@ class Fleet:
                 out.append(self.request(node, w, min(w + window_s, end_s), rnd))
         return out
 
-    def catch_up(self, port: int) -> dict:
-        """Push every second from the last one pushed up to now."""
+    def catch_up(self, port: int, phase: int | None = None) -> dict:
+        """Push every second from the last one pushed up to now: of every node, or (``phase``) of the nodes
+        whose turn it is, one in LIVE_WINDOW_S, so that the nodes' pushes spread over the window as
+        independent agents' do instead of arriving all at once."""
         now_s = int(time.time())
-        if now_s <= self.until_s:
+        nodes = range(len(self.nodes)) if phase is None else range(phase, len(self.nodes), LIVE_WINDOW_S)
+        rnd = random.Random(now_s)
+        bodies = []
+        for n in nodes:
+            for w in range(self.node_until[n], now_s, LIVE_WINDOW_S):
+                bodies.append(self.request(self.nodes[n], w, min(w + LIVE_WINDOW_S, now_s), rnd))
+        if not bodies:
             return {"acked": 0, "errors": 0}
-        bodies = self.bodies(self.until_s, now_s, LIVE_WINDOW_S, now_s)
         for attempt in range(RETRIES + 1):
             result = push(port, bodies, None, SENDERS)
             if not result["errors"]:
@@ -274,8 +281,18 @@ class Fleet:
                 raise RuntimeError(f"the collector refused a write: {result['first_error']}")
             # as an agent does on a 503 (the database restarting): send the window again, which stores once
             time.sleep(5)
-        self.until_s = now_s
+        for n in nodes:
+            self.node_until[n] = now_s
         return result
+
+    @property
+    def until_s(self) -> int:
+        """Every node's seconds before this one have been pushed."""
+        return min(self.node_until)
+
+    @until_s.setter
+    def until_s(self, t: int) -> None:
+        self.node_until = [t] * len(self.nodes)
 
 
 CORE_FN: dict[str, Callable[[int, float, random.Random], float]] = dict(CORE)
@@ -307,20 +324,22 @@ def fill(fleet: Fleet, port: int, history_s: int) -> dict:
 
 
 class Live:
-    """Keeps pushing the fleet's newest samples every 5 s, as its agents would, until stopped."""
+    """Keeps pushing the fleet's newest samples, each node every 5 s at its own phase, as its agents would,
+    until stopped."""
 
     def __init__(self, fleet: Fleet, port: int) -> None:
         self._fleet, self._port = fleet, port
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.samples = 0
-
         self.failure: Exception | None = None
 
     def _run(self) -> None:
-        while not self._stop.wait(LIVE_WINDOW_S):
+        tick = 0
+        while not self._stop.wait(1.0):
+            tick += 1
             try:
-                self.samples += self._fleet.catch_up(self._port)["acked"]
+                self.samples += self._fleet.catch_up(self._port, tick % LIVE_WINDOW_S)["acked"]
             except Exception as exc:
                 self.failure = exc
                 return
@@ -384,28 +403,33 @@ def time_calls(port: int, path: str, calls: int, spacing_s: float = 0.0, encodin
     milliseconds to the last byte of each (not decompressed: the client's work)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     ms: list[float] = []
+    failed: list[str] = []  # a shared database restarted under the collector: counted, not timed
     size = 0
-    last = 0.0
+    last = -math.inf
     for _ in range(calls):
         t = time.perf_counter()
-        if ms and t - last < spacing_s:
+        if t - last < spacing_s:
             time.sleep(spacing_s - (t - last))
             t = time.perf_counter()
         last = t
         conn.request("GET", path, headers={"Accept-Encoding": encoding})
         resp = conn.getresponse()
         body = resp.read()
-        ms.append((time.perf_counter() - t) * 1000)
         if resp.status != 200:
-            raise RuntimeError(f"GET {path}: HTTP {resp.status} {body[:300]!r}")
+            failed.append(f"HTTP {resp.status} {body[:200]!r}")
+            continue
+        ms.append((time.perf_counter() - t) * 1000)
         size = len(body)
     conn.close()
+    if not ms:
+        raise RuntimeError(f"GET {path}: every call failed, the first with {failed[0]}")
     return {
         "p50_ms": round(statistics.median(ms), 1),
         "p95_ms": round(percentile(ms, 0.95), 1),
         "max_ms": round(max(ms), 1),
         "bytes": size,
-        "calls": calls,
+        "calls": len(ms),
+        **({"failed": failed} if failed else {}),
     }
 
 
@@ -459,18 +483,17 @@ def endpoints(fleet: Fleet, port: int, calls: int, cold: int, spy: Callable[[], 
 
 def cold_calls(port: int, calls: int) -> dict:
     """The fleet answers asked for after a quiet spell, when nothing is being worked out ahead any more (no
-    call for FLEET_WATCH_S, and the last answer too old to hand out): each call waits for its read of the
-    store. The two endpoints take turns."""
+    call to either for FLEET_WATCH_S, and the last answers too old to hand out): each call waits for its
+    read of the store, its view and its encoding. The two endpoints take turns."""
     quiet = FLEET_WATCH_S + 3 * FLEET_POLL_S + 1
     ms: dict[str, list[float]] = {"/api/v1/fleet": [], "/api/v1/gpus": []}
     sizes = {}
-    time.sleep(quiet)
     for _ in range(calls):
         for path in ms:
+            time.sleep(quiet)
             r = time_calls(port, path, 1)
             ms[path].append(r["max_ms"])
             sizes[path] = r["bytes"]
-            time.sleep(quiet / 2)
     out = {}
     for path, xs in ms.items():
         out[f"{path} (first call after {quiet:g} s unasked)"] = {
@@ -659,11 +682,12 @@ def main() -> None:
                 with Live(fleet, port):
                     results["page"] = page(f"http://127.0.0.1:{port}", fleet, args.page_loads)
                 print(f"page: {results['page']}", flush=True)
+        except BaseException:
+            print(f"collector output (last lines):\n{log.read_text()[-3000:]}", file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-            if proc.returncode not in (0, -15):
-                print(log.read_text()[-3000:], file=sys.stderr)
             db.drop()
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     report(results)
@@ -683,7 +707,10 @@ def report(r: dict) -> None:
     )
     print(f"{'endpoint':<52} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'KiB':>8}")
     for name, e in r["endpoints"].items():
-        print(f"{name:<52} {e['p50_ms']:>8} {e['p95_ms']:>8} {e['max_ms']:>8} {e['bytes'] / 1024:>8.0f}")
+        failed = f"  ({len(e['failed'])} failed)" if "failed" in e else ""
+        print(
+            f"{name:<52} {e['p50_ms']:>8} {e['p95_ms']:>8} {e['max_ms']:>8} {e['bytes'] / 1024:>8.0f}{failed}"
+        )
     p = r.get("page")
     if p:
         lt = p["long_tasks_15s"]

@@ -442,7 +442,7 @@ def create_app(
         summary="Every GPU known, with its newest values",
         response_class=Response,
         responses={
-            200: {"description": "The GPUs, as of at most a second ago.", **JSON_OBJECT},
+            200: {"description": "The GPUs, as of two seconds ago at most.", **JSON_OBJECT},
             **READ_REFUSALS,
         },
     )
@@ -614,7 +614,7 @@ def create_app(
         summary="Every GPU by node with its key numbers, each node's worst GPU, active alerts, fleet totals",
         response_class=Response,
         responses={
-            200: {"description": "The fleet, as of at most a second ago.", **JSON_OBJECT},
+            200: {"description": "The fleet, as of two seconds ago at most.", **JSON_OBJECT},
             **READ_REFUSALS,
         },
     )

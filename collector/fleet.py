@@ -35,7 +35,7 @@ _VALUES = {
     "power_limit_watts": "gpufleet_gpu_power_limit_watts",
     "sm_clock_hertz": "gpufleet_gpu_sm_clock_hertz",
 }
-FLEET_POLL_S = 1.0  # how old a fleet answer may be: well under the page's 5-second poll
+FLEET_POLL_S = 2.0  # how old a fleet answer may be: under half the page's 5-second poll
 FLEET_WATCH_S = 15.0  # worked out ahead while asked for at least this often (3 of the page's polls)
 log = logging.getLogger(__name__)
 _IDENTITY = ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
@@ -320,7 +320,7 @@ class PerPoll(Generic[T]):
                 quiet.wait(wait)
                 continue
             try:
-                self._rebuild(fresher_than=0.0)
+                self._rebuild(fresher_than=self._ttl_s)  # unless a caller's build just made it
             except Exception as exc:  # the next call builds it and answers the error
                 log.warning("refreshing the fleet view failed: %s", exc)
                 with self._lock:

@@ -116,6 +116,21 @@ def test_a_pushed_batch_is_byte_for_byte_what_the_codec_makes_of_the_same_sample
     )
 
 
+def test_values_and_times_at_the_edges_of_the_wire_format_are_pushed_as_the_codec_writes_them():
+    http = Capturing()
+    pusher = Pusher("http://collector:9446", http=http)
+    values = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e308, 5e-324, -3.0, 2.0**53 + 1]
+    snaps = []
+    for ms in (0, 1, 127, 128, 1_700_000_000_000, 2**62, -1000):
+        f = Family("gpufleet_gpu_power_watts", "gauge", "Power draw.")
+        for i, v in enumerate(values):
+            f.add({"gpu": str(i), "node": "n"}, v)
+        snaps.append(Snapshot(ms, [f, Family("gpufleet_gpu_up", "gauge", "")]))
+        pusher(snaps[-1])
+    assert pusher.flush()
+    assert http.sent[-1][0] == naive_request(snaps)
+
+
 def test_a_gpus_series_carry_the_same_label_dicts_sample_after_sample():
     clock = Clock()
     gpu = mig_node(clock)
