@@ -452,6 +452,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.seconds <= 0 or args.scrape_interval <= 0 or args.warmup < 0:
         ap.error("--seconds and --scrape-interval must be positive and --warmup not negative")
+    if args.collector not in ("local", "unreachable") and not args.collector.startswith(
+        ("http://", "https://")
+    ):
+        ap.error(
+            f"--collector {args.collector!r}: give 'local', 'unreachable' or a URL such as http://collector:9446"
+        )
     out = Path(os.environ.get("OUT", "./out"))
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {

@@ -414,6 +414,14 @@ def main() -> None:
     ap.add_argument("--sample-interval", type=float, default=1.0, help="the agent's default")
     ap.add_argument("--workers", type=int, default=32, help="concurrent pushes")
     ap.add_argument(
+        "--resend-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of stored pushes whose answer the agent never gets (a timeout, a proxy): it sends "
+        "the same samples again with its next push, which the collector finds already stored",
+    )
+    ap.add_argument(
         "--cross-hour",
         type=float,
         metavar="MIN",
@@ -431,6 +439,8 @@ def main() -> None:
     )
     ap.add_argument("--keep-db", action="store_true")
     args = ap.parse_args()
+    if not 0 <= args.resend_share < 1:
+        sys.exit(f"--resend-share {args.resend_share}: give a share between 0 and 1 (e.g. 0.01)")
     if args.cross_hour is not None and not 0 < args.cross_hour < 60:
         sys.exit(
             f"--cross-hour {args.cross_hour}: give the minutes before the hour, between 0 and 60 (e.g. 4)"
@@ -518,7 +528,7 @@ def main() -> None:
         a.stop_at = end
     heap = [(t0 + random.uniform(0, args.push_interval), i) for i in range(args.agents)]
     heapq.heapify(heap)
-    stats = {"pushes": 0, "ok": 0, "status_503": 0, "other_fail": 0, "acked_samples": 0}
+    stats = {"pushes": 0, "ok": 0, "status_503": 0, "other_fail": 0, "acked_samples": 0, "resent": 0}
     pushes: list[tuple[float, float, int]] = []  # (sent at, lag, HTTP status; 0: no answer)
     slock = threading.Lock()
 
@@ -534,12 +544,15 @@ def main() -> None:
                 status = r.status
             except Exception:
                 status = 0
-            if 200 <= status < 300:
+            answer_lost = 200 <= status < 300 and random.random() < args.resend_share
+            if 200 <= status < 300 and not answer_lost:
                 del a.pending_ticks[: len(ticks)]
             with slock:
                 stats["pushes"] += 1
                 pushes.append((sent, sent - scheduled, status))
-                if 200 <= status < 300:
+                if answer_lost:
+                    stats["resent"] += 1
+                elif 200 <= status < 300:
                     stats["ok"] += 1
                     stats["acked_samples"] += len(ticks) * len(a.labels)
                 elif status == 503:
@@ -612,6 +625,7 @@ def main() -> None:
         "pushes": stats["pushes"],
         "pushes_ok": stats["ok"],
         "responses_503": stats["status_503"],
+        "pushes_sent_again_answer_lost": stats["resent"],
         "other_failures": stats["other_fail"],
         "samples_produced": produced,
         "samples_acknowledged": stats["acked_samples"],
