@@ -318,12 +318,12 @@ def run_agent(args: argparse.Namespace, out: Path) -> dict:
             )
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
                 result["push_error"] = json.loads(resp.read()).get("push_error")
-            if args.simulate and args.profile_seconds > 0:
+            if args.profile_seconds > 0 and (args.simulate or py_spy()):
                 prof = profile(
                     proc.pid, port, args.profile_seconds, args.scrape_interval, args.profile_rate, out
                 )
                 result["profile"] = prof
-                if "simulator_samples" in prof:
+                if args.simulate and "simulator_samples" in prof:
                     # The simulator's share of the samples, of the CPU time /proc counted: a thread that holds
                     # the GIL while the OS has it waiting for a core is sampled as busy, on a loaded machine
                     # more so, and that inflates every function alike, not one more than another.
@@ -445,7 +445,7 @@ def main() -> None:
         "--profile-seconds",
         type=float,
         default=60.0,
-        help="with --simulate: py-spy window that measures the simulator's share (0: none)",
+        help="py-spy window after the CPU window: where the agent's time goes (with --simulate, the simulator's share is taken off); 0: none",
     )
     ap.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--samples", type=int, default=200, help="samples timed for the per-sample cost")
