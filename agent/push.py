@@ -21,6 +21,7 @@ from gpufleet.core.sender import HttpTransport, RemoteWriteSender, http_pool
 
 log = logging.getLogger(__name__)
 
+REFUSAL_LOG_EVERY_S = 60.0
 # Families whose change is worth a push now: a GPU lost, an XID, a throttle reason switching on, ECC errors.
 URGENT = {"gpufleet_gpu_up", "gpufleet_gpu_xid_errors_total"} | {f.name for f in FIELDS if f.urgent}
 
@@ -166,7 +167,9 @@ class Pusher:
         self._thread: threading.Thread | None = None
         self.sent_samples = 0
         self.failed_pushes = 0
-        self.dropped_samples = 0
+        # Samples given up on, by reason: the collector refused them for good, or over max_pending_samples.
+        self.dropped_samples: dict[str, int] = {"refused": 0, "pending_limit": 0}
+        self._refusals_logged: dict[int, tuple[float, int]] = {}  # HTTP status -> (last line at, held back)
         self.last_error: str | None = None
         self._failures = 0  # consecutive failed sends; 0 while the collector takes batches
         self._retry_after: float | None = None
@@ -236,7 +239,7 @@ class Pusher:
             while pending > self._max_pending and len(self._queue) > 1:
                 _, dropped, _ = self._queue.popleft()
                 pending -= dropped
-                self.dropped_samples += dropped
+                self.dropped_samples["pending_limit"] += dropped
                 log.error(
                     "collector unreachable too long: dropped %d oldest samples (limit %d pending)",
                     dropped,
@@ -268,7 +271,7 @@ class Pusher:
                 if outcome == "ok":
                     self.sent_samples += entry.samples
                 else:
-                    self.dropped_samples += entry.samples
+                    self.dropped_samples["refused"] += entry.samples
         while True:
             with self._lock:
                 if not self._queue:
@@ -284,7 +287,7 @@ class Pusher:
             if outcome == "ok":
                 self.sent_samples += n
             else:
-                self.dropped_samples += n
+                self.dropped_samples["refused"] += n
 
     def _spill(self) -> None:
         """Move the memory queue to the spool, in order."""
@@ -317,14 +320,25 @@ class Pusher:
             return "ok"
         self.failed_pushes += 1
         if result.verdict is Verdict.REFUSED:
-            # The collector refused this batch for what it is; retrying the same bytes cannot succeed.
-            log.error(
-                "collector at %s refused a batch of %d samples (HTTP %d): %s",
-                self.url,
-                n,
-                result.status,
-                result.detail,
-            )
+            # The collector refused this batch for what it is; retrying the same bytes cannot succeed, and
+            # the batches behind it go on. A sender whose every batch is refused (its clock far off) would
+            # log each one: a line per status a minute, counting the ones held back.
+            status = result.status or 0
+            now = self._clock()
+            last, held = self._refusals_logged.get(status, (None, 0))
+            if last is not None and now - last < REFUSAL_LOG_EVERY_S:
+                self._refusals_logged[status] = (last, held + 1)
+            else:
+                self._refusals_logged[status] = (now, 0)
+                more = f" ({held} more refused batches dropped since the last line)" if held else ""
+                log.error(
+                    "collector at %s refused a batch of %d samples (HTTP %d), dropped it: %s%s",
+                    self.url,
+                    n,
+                    status,
+                    result.detail,
+                    more,
+                )
             return "refused"
         where = f"spooled to {self._spool.dir}" if self._spool is not None else "kept in memory"
         msg = f"cannot push to collector at {self.url} ({result.problem}); samples are {where} and retried"

@@ -53,12 +53,6 @@ class PushMetrics:
                 p.failed_pushes,
             ),
             (
-                "gpufleet_agent_push_dropped_samples_total",
-                "counter",
-                "Samples dropped: refused by the collector, or over the pending limit.",
-                p.dropped_samples,
-            ),
-            (
                 "gpufleet_agent_push_pending_samples",
                 "gauge",
                 "Samples waiting to be pushed.",
@@ -68,6 +62,15 @@ class PushMetrics:
             f = Family(name, kind, help_text)
             f.add({}, value)
             out.append(f)
+        dropped = Family(
+            "gpufleet_agent_push_dropped_samples_total",
+            "counter",
+            "Samples dropped, by reason: refused by the collector for good (a 4xx other than 408 and 429), "
+            "or over the pending limit.",
+        )
+        for reason, n in sorted(p.dropped_samples.items()):
+            dropped.add({"reason": reason}, n)
+        out.append(dropped)
         return out
 
 
@@ -93,8 +96,9 @@ METRICS: tuple[MetricSpec, ...] = (
         "gpufleet_agent_push_dropped_samples_total",
         "counter",
         "",
-        "Samples dropped: refused by the collector, or over the pending limit.",
-        ("node",),
+        "Samples dropped, by reason: refused by the collector for good (a 4xx other than 408 and 429), "
+        "or over the pending limit.",
+        ("node", "reason"),
         "when pushing",
     ),
     MetricSpec(

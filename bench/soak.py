@@ -18,6 +18,15 @@ the soak's database, of the rest of PostgreSQL and of the whole machine, and the
 store's maintenance steps (partitions, rollups, compaction, retention) are marked on it from the
 collector's own log lines ("store maintenance: STEP took N s"), which it logs at their end.
 
+``--hostile`` runs two hostile clients beside the agents, each with a token of its own (the agents get one
+scoped to their cluster, so the collector runs with tokens as in production): a cardinality bomb that sends
+--bomb-series new series every --bomb-interval seconds in a cluster of its own (the collector's
+--max-active-series-per-cluster is set to --series-limit), and a heavy range query (every agent's
+utilization over the last hour at a 1-second step) every --query-interval seconds. Their answers (status
+counts, the query's latency) are recorded next to every figure of the clean soak, so the two runs compare.
+
+    python bench/soak.py --agents 500 --minutes 2 --hostile
+
 ``--cross-hour M`` starts the run M minutes before the next full hour (UTC), so that a short run sees the
 hour boundary: the new hour's partition, and a few minutes later the compaction of the hour that closed.
 ``--prefill`` first fills the current hour, from its start up to the run's start, with the fleet's samples
@@ -76,6 +85,9 @@ STEP_LINE = re.compile(
     r"^store maintenance: (?P<step>[a-z][a-z ]*?) took (?P<s>[0-9.]+) s(?:: (?P<detail>.*))?$"
 )
 SAMPLES_COUNTER = re.compile(r"^gpufleet_collector_samples_received_total (\S+)$", re.M)
+ACTIVE_SERIES = re.compile(r"^gpufleet_collector_active_series (\S+)$", re.M)
+# --hostile: the secrets of the agents', the bomb's and the querier's tokens
+AGENTS_TOKEN, BOMB_TOKEN, READER_TOKEN = "soak-agents-token", "soak-bomb-token", "soak-reader-token"
 
 
 class SimAgent:
@@ -110,6 +122,113 @@ class SimAgent:
         ticks = list(self.pending_ticks)
         series = [rw.Series(dict(lab), [(t, float(t % 97)) for t in ticks]) for lab in self.labels]
         return rw.encode(series), ticks
+
+
+class Hostile:
+    """--hostile: a cardinality bomb and a heavy range query, each in a thread of its own until ``stop``."""
+
+    def __init__(self, base: str, args: argparse.Namespace) -> None:
+        self.base = base
+        self.args = args
+        self.stop = threading.Event()
+        self.bomb_statuses: dict[str, int] = {}
+        self.bomb_offered = 0
+        self.bomb_stored = 0
+        self.query_statuses: dict[str, int] = {}
+        self.query_s: list[float] = []
+        self._http = urllib3.PoolManager(maxsize=2, retries=False, timeout=urllib3.Timeout(total=60))
+        self._threads = [
+            threading.Thread(target=self._bomb, daemon=True),
+            threading.Thread(target=self._query, daemon=True),
+        ]
+
+    def start(self) -> Hostile:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(90)
+
+    def _bomb(self) -> None:
+        n = self.args.bomb_series
+        k = 0
+        while not self.stop.wait(self.args.bomb_interval):
+            now = int(time.time() * 1000)
+            series = [
+                rw.Series(
+                    {
+                        "__name__": "gpufleet_gpu_temperature_celsius",
+                        "cluster": "bomb",
+                        "node": f"bomb-{(k + i) // 8}",
+                        "gpu": str((k + i) % 8),
+                        "uuid": f"GPU-bomb-{k + i}",
+                    },
+                    [(now, 40.0)],
+                )
+                for i in range(n)
+            ]
+            k += n
+            status = self._post(rw.encode(series))
+            self.bomb_offered += n
+            self.bomb_stored += n if 200 <= status < 300 else 0
+            self.bomb_statuses[str(status)] = self.bomb_statuses.get(str(status), 0) + 1
+
+    def _post(self, body: bytes) -> int:
+        try:
+            return self._http.request(
+                "POST",
+                self.base + "/api/v1/write",
+                body=body,
+                headers={
+                    "Content-Encoding": "snappy",
+                    "Content-Type": "application/x-protobuf",
+                    "Authorization": f"Bearer {BOMB_TOKEN}",
+                },
+            ).status
+        except Exception:
+            return 0
+
+    def _query(self) -> None:
+        while not self.stop.wait(self.args.query_interval):
+            end = time.time()
+            q = f"metric={METRICS[0]}&start={end - HOUR_S}&end={end}&step=1"
+            t = time.perf_counter()
+            try:
+                status = self._http.request(
+                    "GET",
+                    f"{self.base}/api/v1/query_range?{q}",
+                    headers={"Authorization": f"Bearer {READER_TOKEN}"},
+                ).status
+            except Exception:
+                status = 0
+            self.query_s.append(time.perf_counter() - t)
+            self.query_statuses[str(status)] = self.query_statuses.get(str(status), 0) + 1
+
+    def result(self, active_series: float | None) -> dict[str, Any]:
+        qs = sorted(self.query_s) or [0.0]
+        return {
+            "bomb": {
+                "every_s": self.args.bomb_interval,
+                "series_per_request": self.args.bomb_series,
+                "series_limit_per_cluster": self.args.series_limit,
+                "statuses": self.bomb_statuses,
+                "series_offered": self.bomb_offered,
+                "series_stored": self.bomb_stored,
+            },
+            "query_range": {
+                "every_s": self.args.query_interval,
+                "statuses": self.query_statuses,
+                "latency_s": {
+                    "p50": round(statistics.median(qs), 3),
+                    "p99": round(percentile(qs, 0.99), 3),
+                    "max": round(qs[-1], 3),
+                },
+            },
+            "collector_active_series_at_end": active_series,
+        }
 
 
 def pg_admin(url: str, sql: str) -> None:
@@ -438,6 +557,24 @@ def main() -> None:
         help="PostgreSQL admin URL; a fresh database is made and dropped",
     )
     ap.add_argument("--keep-db", action="store_true")
+    ap.add_argument(
+        "--hostile",
+        action="store_true",
+        help="beside the agents, a cardinality bomb and a heavy range query (see above); off by default",
+    )
+    ap.add_argument("--bomb-series", type=int, default=2000, help="--hostile: new series per bomb request")
+    ap.add_argument(
+        "--bomb-interval", type=float, default=3.0, help="--hostile: seconds between bomb requests"
+    )
+    ap.add_argument(
+        "--query-interval", type=float, default=5.0, help="--hostile: seconds between heavy queries"
+    )
+    ap.add_argument(
+        "--series-limit",
+        type=int,
+        default=50_000,
+        help="--hostile: the collector's --max-active-series-per-cluster (the agents' cluster stays under it)",
+    )
     args = ap.parse_args()
     if not 0 <= args.resend_share < 1:
         sys.exit(f"--resend-share {args.resend_share}: give a share between 0 and 1 (e.g. 0.01)")
@@ -489,6 +626,18 @@ def main() -> None:
             "5",
             "--log-format",
             "json",
+            *(
+                [
+                    "--tokens",
+                    f"{AGENTS_TOKEN}@soak,{BOMB_TOKEN}@bomb",
+                    "--read-tokens",
+                    READER_TOKEN,
+                    "--max-active-series-per-cluster",
+                    str(args.series_limit),
+                ]
+                if args.hostile
+                else []
+            ),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -519,6 +668,7 @@ def main() -> None:
         "Content-Encoding": "snappy",
         "Content-Type": "application/x-protobuf",
         "X-Prometheus-Remote-Write-Version": "0.1.0",
+        **({"Authorization": f"Bearer {AGENTS_TOKEN}"} if args.hostile else {}),
     }
     t0 = time.time()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -560,6 +710,7 @@ def main() -> None:
                 else:
                     stats["other_fail"] += 1
 
+    hostile = Hostile(f"http://127.0.0.1:{port}", args).start() if args.hostile else None
     rss_warm = None
     inflight: list = []
     with ThreadPoolExecutor(args.workers) as pool:
@@ -584,6 +735,15 @@ def main() -> None:
         while any(a.pending_ticks for a in agents) and time.monotonic() < drain_deadline:
             list(pool.map(lambda a: push(a, time.time()) if a.pending_ticks else None, agents))
     t_done = time.time()
+    active_series = None
+    if hostile is not None:
+        hostile.join()
+        try:
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            m = ACTIVE_SERIES.search(scraped)
+            active_series = float(m.group(1)) if m else None
+        except OSError:
+            pass
     time.sleep(WINDOW_S)  # the last window's readings
     sampler.stop()
     rss_end = proc.memory_info().rss
@@ -594,6 +754,8 @@ def main() -> None:
 
     count_store = Store.open(db_url, migrate_schema=False)
     stored = count_store.counts()["samples"] - prefilled
+    if hostile is not None:  # the agents' samples only: the bomb's series hold one sample each
+        stored -= hostile.bomb_stored
     count_store.close()
     coll.send_signal(signal.SIGTERM)
     try:
@@ -654,6 +816,8 @@ def main() -> None:
         "load_average_at_start": load_at_start,
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
     }
+    if hostile is not None:
+        result["hostile"] = hostile.result(active_series)
     summary = dict(result)
     result["maintenance"] = [
         {

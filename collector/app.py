@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as RunbookName
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +40,14 @@ from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpufleet.collector.admission import (
+    Refusal,
+    RefusalLog,
+    Window,
+    check_label_sets,
+    check_times,
+    time_refusal,
+)
 from gpufleet.collector.auth import (
     Access,
     RateLimit,
@@ -39,16 +58,34 @@ from gpufleet.collector.auth import (
     silence_scope_problem,
 )
 from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
-from gpufleet.collector.fleet import FLEET_POLL_S, JsonBody, PerPoll, fleet_summary, gpus_document
+from gpufleet.collector.fleet import (
+    FLEET_MAX_GPUS,
+    FLEET_POLL_S,
+    GPUS_PAGE,
+    JsonBody,
+    PerPoll,
+    fleet_summary,
+    gpus_document,
+)
+from gpufleet.collector.forward import METRICS as FORWARD_METRICS
 from gpufleet.collector.runbooks import CSP, Runbooks
-from gpufleet.collector.store import Store, StoreUnavailable
+from gpufleet.collector.store import BatchRefused, GpuRecord, Store, StoreUnavailable
+from gpufleet.collector.store.ranges import (
+    QueryCancel,
+    QueryCancelled,
+    QueryLimits,
+    QueryRefused,
+    QueryTimedOut,
+)
+from gpufleet.collector.store.series_limit import RETRY_AFTER_S as SERIES_LIMIT_RETRY_S
+from gpufleet.collector.store.series_limit import RefusalLog as SeriesRefusalLog
+from gpufleet.collector.store.series_limit import SeriesLimitExceeded
 from gpufleet.core import remote_write as rw
 from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).parent / "web"  # the fleet page: static HTML, JS and CSS over this API
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 MAX_UNIX_S = 1e11  # the year 5138: bounds query times well inside 64-bit milliseconds
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 RUNBOOK_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
@@ -64,13 +101,25 @@ class Limits:
     max_samples: int = 2_000_000
     max_labels: int = 40
     max_label_length: int = 2048
-    # Writes stored at once; past it the collector answers 503 + Retry-After instead of queueing without end.
+    # Writes decoded or stored at once; past it the collector answers 503 + Retry-After, never an endless queue.
     max_inflight_writes: int = 64
+    # Sample times taken, around the collector's clock (seconds); max_past None: the raw retention. Outside
+    # it, 400: the store would drop such samples uncounted, or make partitions for them that nothing retires.
+    max_future: float = 3600.0
+    max_past: float | None = None
 
 
 # The series Metrics exports, as a running collector's /metrics shows them (a test scrapes one and compares).
 OWN_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("gpufleet_collector_samples_received_total", "counter", "", "Samples accepted and stored."),
+    MetricSpec(
+        "gpufleet_collector_refused_samples_total",
+        "counter",
+        "",
+        "Samples of write requests refused for good (400, 413) before anything was stored, by reason.",
+        ("reason",),
+        "after an event: a refused write",
+    ),
     MetricSpec(
         "gpufleet_collector_write_requests_total",
         "counter",
@@ -98,7 +147,31 @@ OWN_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "gpufleet_collector_leader", "gauge", "", "1 while this collector evaluates rules and notifies."
     ),
-    MetricSpec("gpufleet_collector_inflight_writes", "gauge", "", "Writes being stored now."),
+    MetricSpec("gpufleet_collector_inflight_writes", "gauge", "", "Writes being decoded or stored now."),
+    MetricSpec(
+        "gpufleet_collector_query_requests_total",
+        "counter",
+        "",
+        "Range queries by outcome: ok, refused (over a cost limit), timeout, busy, cancelled (the client "
+        "left), unavailable (the store).",
+        ("outcome",),
+        "after an event: a range query",
+    ),
+    MetricSpec("gpufleet_collector_queries_running", "gauge", "", "Range queries running now."),
+    MetricSpec(
+        "gpufleet_collector_active_series",
+        "gauge",
+        "",
+        "Series with a sample in the last --series-idle-after, as the limits count them.",
+    ),
+    MetricSpec(
+        "gpufleet_collector_series_refused_total",
+        "counter",
+        "",
+        "New series of writes refused with 429 for a limit on active series, by token and limit.",
+        ("token", "limit"),
+        "after an event: a write refused for its new series",
+    ),
     MetricSpec(
         "gpufleet_collector_notifications_failed",
         "gauge",
@@ -114,6 +187,7 @@ OWN_METRICS: tuple[MetricSpec, ...] = (
         "",
         "Retries after Slack rate limits (429) and server errors, since start.",
     ),
+    *FORWARD_METRICS,
 )
 
 
@@ -122,6 +196,12 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.samples = Counter(
             "gpufleet_collector_samples_received", "Samples accepted and stored.", registry=r
+        )
+        self.refused = Counter(
+            "gpufleet_collector_refused_samples",
+            "Samples of write requests refused for good (400, 413) before anything was stored, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.requests = Counter(
             "gpufleet_collector_write_requests", "Remote-write requests by outcome.", ["outcome"], registry=r
@@ -144,7 +224,30 @@ class Metrics:
         self.leader = Gauge(
             "gpufleet_collector_leader", "1 while this collector evaluates rules and notifies.", registry=r
         )
-        self.inflight = Gauge("gpufleet_collector_inflight_writes", "Writes being stored now.", registry=r)
+        self.inflight = Gauge(
+            "gpufleet_collector_inflight_writes", "Writes being decoded or stored now.", registry=r
+        )
+        self.queries = Counter(
+            "gpufleet_collector_query_requests",
+            "Range queries by outcome: ok, refused (over a cost limit), timeout, busy, cancelled (the client "
+            "left), unavailable (the store).",
+            ["outcome"],
+            registry=r,
+        )
+        self.queries_running = Gauge(
+            "gpufleet_collector_queries_running", "Range queries running now.", registry=r
+        )
+        self.active_series = Gauge(
+            "gpufleet_collector_active_series",
+            "Series with a sample in the last --series-idle-after, as the limits count them.",
+            registry=r,
+        )
+        self.series_refused = Counter(
+            "gpufleet_collector_series_refused",
+            "New series of writes refused with 429 for a limit on active series, by token and limit.",
+            ["token", "limit"],
+            registry=r,
+        )
         self.notify_failed = Gauge(
             "gpufleet_collector_notifications_failed",
             "Notifications a notifier refused for good (not retried), since start.",
@@ -175,11 +278,16 @@ def _errors(**codes: str) -> dict[int | str, dict[str, Any]]:
 WRITE_RESPONSES = {
     204: {"description": "Stored, every sample of it."},
     **_errors(
-        e400="Not a valid remote-write body, or a series breaks a label rule; nothing was stored.",
+        e400="Not a valid remote-write body, a series breaks a label rule, a sample is outside the "
+        "collector's time window (--max-past, --max-future), or the store cannot hold the data; nothing was "
+        "stored: do not send it again.",
         e401="Tokens are configured and the request has none of them.",
         e403="The token is scoped to another cluster than a series carries; nothing was stored.",
         e413="Over a size cap (body, inflated body, series or samples per request); nothing was stored.",
-        e503="The store cannot take writes now (database down or busy); retry after Retry-After seconds.",
+        e429="It would create series past --max-active-series or --max-active-series-per-cluster; nothing "
+        "was stored.",
+        e503="The store cannot take writes now (database down or busy), or a --forward target's queue is "
+        "full; nothing was stored: retry after Retry-After seconds.",
     ),
 }
 WRITE_BODY = {
@@ -254,6 +362,8 @@ def create_app(
     runbooks: Runbooks | None = None,
     read_tokens: TokenSet | list[str | Token] | None = None,
     silence_changes_per_minute: int = 30,
+    fleet_max_gpus: int = FLEET_MAX_GPUS,
+    query_limits: QueryLimits | None = None,
 ) -> FastAPI:
     """The API. ``tokens``: bearer tokens allowed to write (kept only as SHA-256 hashes, optionally scoped
     to a cluster, see :mod:`gpufleet.collector.auth`); none means open. ``read_tokens``: tokens that may
@@ -261,9 +371,16 @@ def create_app(
     runbooks, the fleet page's files and /openapi.json stay open. ``silence_changes_per_minute``: silences
     one token (or, open, one address) may add or expire per minute; past it, 429.
     ``silences``: where silences live (add_silence, list_silences, expire_silence), for /api/v1/silences.
-    ``forwarder``: gets every stored request body (``submit(body, samples)``) to remote-write onwards.
-    ``runbooks``: the pages served at /runbooks/ (default: the rule pack's own)."""
+    ``forwarder``: gets every stored request body (``submit(body, samples, series)``) to remote-write
+    onwards; its ``backlog(samples, bytes)`` refuses a write before it is stored while a target is full.
+    ``runbooks``: the pages served at /runbooks/ (default: the rule pack's own). ``fleet_max_gpus``: GPUs
+    /api/v1/fleet lists (see fleet.py), and the largest page of /api/v1/gpus. ``query_limits``: what one
+    /api/v1/query_range may cost, and how many run at once (see ``QueryLimits``)."""
     limits = limits or Limits()
+    query_limits = query_limits or QueryLimits()
+    # Range queries hold a worker thread each while they run: bounded, so that writes, /api/v1/gpus and
+    # /healthz always find threads of the same pool free.
+    query_slots = asyncio.Semaphore(query_limits.max_concurrent)
     runbooks = runbooks if runbooks is not None else Runbooks.shipped()
     metrics = metrics or Metrics()
     token_set = tokens if isinstance(tokens, TokenSet) else TokenSet.parse(tokens or [])
@@ -296,6 +413,14 @@ def create_app(
 
     inflight = 0
     known_label_sets = rw.KnownLabelSets()  # label sets of accepted requests, decoded and checked once
+    refusals = RefusalLog()
+    series_refusals = SeriesRefusalLog()
+    active_series = store.ingest.active_series
+    if active_series is not None:
+        metrics.active_series.set_function(lambda: active_series.total)
+    # By default as far back as raw samples are kept: older ones would be dropped unseen at the next pass.
+    if limits.max_past is None and store.retention.raw_ms is not None:
+        limits = dataclasses.replace(limits, max_past=store.retention.raw_ms / 1000)
     app = FastAPI(
         title="gpufleet collector",
         version="0.1.0",
@@ -307,6 +432,12 @@ def create_app(
     def fail(status: int, outcome: str, message: str) -> JSONResponse:
         metrics.requests.labels(outcome).inc()
         return JSONResponse({"error": message}, status_code=status)
+
+    def refuse(refusal: Refusal, samples: int) -> JSONResponse:
+        """A request refused for good: counted by reason, logged (a line per reason a minute), answered."""
+        metrics.refused.labels(refusal.reason).inc(samples)
+        refusals.note(refusal, samples)
+        return fail(refusal.status, "too_large" if refusal.status == 413 else "bad_request", refusal.message)
 
     @app.post(
         "/api/v1/write",
@@ -343,47 +474,95 @@ def create_app(
                     "too_large",
                     f"body is over the {limits.max_body_bytes}-byte limit; send smaller batches",
                 )
+        # A slot from here on: decoding a large request costs about as much as storing it.
+        if inflight >= limits.max_inflight_writes:
+            metrics.requests.labels("busy").inc()
+            return JSONResponse(
+                {"error": f"collector busy ({inflight} writes being decoded or stored); retry later"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        inflight += 1
+        metrics.inflight.set(inflight)
         try:
-            req = rw.decode_batch(bytes(body), limits.max_uncompressed_bytes, known_label_sets)
+            return await decode_and_store(request, token, body)
+        finally:
+            inflight -= 1
+            metrics.inflight.set(inflight)
+
+    large_decodes = asyncio.Semaphore(LARGE_DECODES)
+
+    def decode_slot(body: bytearray) -> AbstractAsyncContextManager[object]:
+        """Large requests decode one at a time. Decoding is Python holding the interpreter lock: more of them
+        at once go no faster, they only take turns with each other and with the event loop (/healthz waited
+        1.6 s behind eight 2-million-sample requests decoding in eight threads)."""
+        try:
+            inflated = rw.uncompressed_length(bytes(body[:10]))
+        except rw.RemoteWriteError:  # decode_batch says what is wrong with it
+            return contextlib.nullcontext()
+        # One over --max-uncompressed-bytes is refused unread: no slot needed for that.
+        large = LARGE_DECODE_BYTES <= inflated <= limits.max_uncompressed_bytes
+        return large_decodes if large else contextlib.nullcontext()
+
+    async def decode_and_store(request: Request, token: Token | None, body: bytearray) -> Response:
+        """A write from its buffered body on, holding one of the --max-inflight-writes slots. Decoding and
+        checking run in a worker thread, so the event loop goes on answering (/healthz) meanwhile."""
+        try:
+            async with decode_slot(body):
+                req = await run_in_threadpool(
+                    rw.decode_batch, bytes(body), limits.max_uncompressed_bytes, known_label_sets
+                )
         except rw.TooLarge as exc:
             return fail(413, "too_large", str(exc))
         except rw.RemoteWriteError as exc:
             return fail(400, "bad_request", str(exc))
-        problem = _validate(req, limits)
-        if problem:
-            status = 413 if problem.startswith("too many") else 400
-            return fail(status, "bad_request" if status == 400 else "too_large", problem)
+        refusal = await run_in_threadpool(_validate, req, limits)
+        if refusal is not None:
+            return refuse(refusal, req.sample_count)
         known_label_sets.admit(req.new)  # checked: later requests skip decoding and checking them
         if token is not None:
             problem = scope_problem(token, (ls.labels for ls in req.label_sets))
             if problem:
                 log.warning("refused a write: %s", problem)
                 return fail(403, "forbidden", problem)
-        if inflight >= limits.max_inflight_writes:
-            metrics.requests.labels("busy").inc()
+        # Refused before it is stored, so the agent keeps the batch: a target's forward queue is full.
+        backlog = forwarder.backlog(req.sample_count, len(body)) if forwarder is not None else None
+        if backlog is not None:
+            metrics.requests.labels("forward_backlog").inc()
             return JSONResponse(
-                {"error": f"collector busy ({inflight} writes being stored); retry later"},
+                {"error": backlog.message},
                 status_code=503,
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": str(backlog.retry_after_s)},
             )
-        inflight += 1
-        metrics.inflight.set(inflight)
         t0 = time.perf_counter()
         dropped_before = dict(store.dropped)
         try:
             # 204 only after the commit: an agent that got it may forget the batch.
             n = await run_in_threadpool(store.write_batch, req)
+        except BatchRefused as exc:  # data past the checks above that the database cannot hold
+            return refuse(
+                Refusal("store_refused", f"the store cannot hold this batch: {exc}; nothing was stored"),
+                req.sample_count,
+            )
+        except SeriesLimitExceeded as exc:  # refused whole, before anything of it was stored
+            known_label_sets.forget(req.new)
+            name = token.name if token is not None else "open"  # its hash's prefix, never the secret
+            series_refusals.note(f"token {name}" if token is not None else "open writes", exc)
+            metrics.series_refused.labels(name, exc.flag[2:]).inc(exc.new)
+            metrics.requests.labels("series_limit").inc()
+            return JSONResponse(
+                {"error": exc.message}, status_code=429, headers={"Retry-After": str(SERIES_LIMIT_RETRY_S)}
+            )
         except (StoreUnavailable, PoolTimeout) as exc:
-            log.warning("refusing a write while the store is unavailable: %s", exc)
+            # The driver's words (which may quote SQL) are in the store's log line, never in the answer.
+            why = str(exc) if isinstance(exc, StoreUnavailable) else "no database connection free in time"
+            log.warning("refusing a write while the store is unavailable: %s", why)
             metrics.requests.labels("unavailable").inc()
             return JSONResponse(
-                {"error": f"store unavailable, retry later: {exc}"},
+                {"error": f"store unavailable, retry later: {why}"},
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
-        finally:
-            inflight -= 1
-            metrics.inflight.set(inflight)
         metrics.write_seconds.observe(time.perf_counter() - t0)
         metrics.samples.inc(n)
         metrics.requests.labels("ok").inc()
@@ -391,7 +570,7 @@ def create_app(
             if k > dropped_before.get(what, 0):
                 metrics.dropped.labels(what).inc(k - dropped_before.get(what, 0))
         if forwarder is not None:
-            forwarder.submit(bytes(body), n)
+            forwarder.submit(bytes(body), req.sample_count, req.label_sets)
         if req.histograms_ignored:
             metrics.dropped.labels("native_histogram").inc(req.histograms_ignored)
             log.warning(
@@ -405,11 +584,17 @@ def create_app(
     # Both fleet answers come from one read of the store, made at most once a poll interval however many
     # pages and `gpufleet top`s ask, and each is encoded once for all of them; while they are being asked
     # for, they are worked out ahead, so a page's poll does not wait behind writes and rule evaluations.
+    # Both are bounded: /api/v1/gpus answers a page of GPUs at a time (the first page is the one kept), and
+    # /api/v1/fleet lists at most fleet_max_gpus GPUs, however many GPUs writers make up.
     fleet_records = PerPoll(store.gpus, FLEET_POLL_S)
     gpus_body = PerPoll(lambda: JsonBody(gpus_document(fleet_records.get())), FLEET_POLL_S, ahead=True)
     fleet_body = PerPoll(
         lambda: JsonBody(
-            fleet_summary(fleet_records.get(), engine.active_alerts() if engine is not None else [])
+            fleet_summary(
+                fleet_records.get(),
+                engine.active_alerts() if engine is not None else [],
+                max_gpus=fleet_max_gpus,
+            )
         ),
         FLEET_POLL_S,
         ahead=True,
@@ -427,34 +612,88 @@ def create_app(
     # A token scoped to a cluster sees that cluster's GPUs and alerts only, answered once a poll per cluster.
     scoped_bodies: dict[tuple[str, str], PerPoll[JsonBody]] = {}
 
+    def cluster_records(cluster: str) -> list[GpuRecord]:
+        return [g for g in fleet_records.get() if g.label("cluster") == cluster]
+
     def scoped_body(view: Literal["gpus", "fleet"], cluster: str) -> PerPoll[JsonBody]:
         def build() -> JsonBody:
-            mine = [g for g in fleet_records.get() if g.label("cluster") == cluster]
+            mine = cluster_records(cluster)
             if view == "gpus":
                 return JsonBody(gpus_document(mine))
             active = engine.active_alerts() if engine is not None else []
-            return JsonBody(fleet_summary(mine, [a for a in active if a["labels"].get("cluster") == cluster]))
+            return JsonBody(
+                fleet_summary(
+                    mine,
+                    [a for a in active if a["labels"].get("cluster") == cluster],
+                    max_gpus=fleet_max_gpus,
+                )
+            )
 
         return scoped_bodies.setdefault((view, cluster), PerPoll(build, FLEET_POLL_S, ahead=True))
 
     @app.get(
         "/api/v1/gpus",
-        summary="Every GPU known, with its newest values",
+        summary="Every GPU known, with its newest values, a page at a time (follow `next` for the rest)",
         response_class=Response,
         responses={
-            200: {"description": "The GPUs, as of two seconds ago at most.", **JSON_OBJECT},
+            200: {
+                "description": "A page of the GPUs in fleet order (cluster, node, GPU index), as of two "
+                "seconds ago at most: `gpus`, `total` (all GPUs), `offset`, and `next`, the address of the "
+                "next page (null on the last).",
+                **JSON_OBJECT,
+            },
             **READ_REFUSALS,
         },
     )
-    async def gpus(request: Request, scope: str | None = Depends(read_scope)) -> Response:
-        body = gpus_body if scope is None else scoped_body("gpus", scope)
-        return json_answer(request, await run_in_threadpool(body.get))
+    async def gpus(
+        request: Request,
+        scope: str | None = Depends(read_scope),
+        offset: int = Query(0, ge=0, le=2**31, description="GPUs to skip, in fleet order"),
+        limit: int = Query(
+            GPUS_PAGE, ge=1, le=max(GPUS_PAGE, fleet_max_gpus), description="GPUs in the page at most"
+        ),
+    ) -> Response:
+        if offset == 0 and limit == GPUS_PAGE:  # the page most asked for, kept for every caller
+            body = gpus_body if scope is None else scoped_body("gpus", scope)
+            return json_answer(request, await run_in_threadpool(body.get))
+
+        def page() -> JsonBody:
+            records = fleet_records.get() if scope is None else cluster_records(scope)
+            return JsonBody(gpus_document(records, offset, limit))
+
+        return json_answer(request, await run_in_threadpool(page))
 
     @app.get(
         "/api/v1/query_range",
         summary="One metric over a time range",
+        response_class=Response,
         responses={
+            200: {
+                "description": "Every matching series with values in the range (`data.result`): its labels "
+                "(`metric`) and its `[unix_seconds, value]` pairs (`values`).",
+                **JSON_OBJECT,
+            },
             400: {"model": DetailBody, "description": "Bad metric name, range or step."},
+            422: {
+                "description": "Over a cost limit: more series than --query-max-series match, or series x "
+                "steps (or the samples to read) is over --query-max-samples; the error names the count, the "
+                "limit and the fix. Or parameters that are not valid.",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                {"$ref": "#/components/schemas/ErrorBody"},
+                                {"$ref": "#/components/schemas/HTTPValidationError"},
+                            ]
+                        }
+                    }
+                },
+            },
+            503: {
+                "model": ErrorBody,
+                "description": "--query-max-concurrent range queries are running (retry after Retry-After "
+                "seconds), the query ran past --query-timeout and was stopped, or the store is unavailable.",
+            },
             **READ_REFUSALS,
         },
     )
@@ -466,7 +705,7 @@ def create_app(
         start: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
         end: float = Query(ge=0, le=MAX_UNIX_S, description="Unix seconds"),
         step: float = Query(15.0, gt=0, le=MAX_UNIX_S, description="Seconds"),
-    ) -> dict:
+    ) -> Response:
         if not _METRIC_NAME.match(metric):
             raise HTTPException(400, f"metric {metric!r} is not a metric name")
         if end < start:
@@ -482,8 +721,51 @@ def create_app(
             raise Refused(
                 403, f"this token reads cluster {scope!r} only, not cluster={matchers['cluster']!r}"
             )
-        result = await run_in_threadpool(store.query_range, metric, matchers, start, end, step)
-        return {"status": "success", "data": {"resultType": "matrix", "result": result}}
+        try:
+            await asyncio.wait_for(query_slots.acquire(), QUERY_SLOT_WAIT_S)
+        except asyncio.TimeoutError:
+            metrics.queries.labels("busy").inc()
+            raise Refused(
+                503,
+                f"{query_limits.max_concurrent} range queries are running, the most at once "
+                "(--query-max-concurrent); retry in 1 s",
+                1,
+            ) from None
+        cancel = QueryCancel()
+        metrics.queries_running.inc()
+        try:
+            pieces = await _unless_client_leaves(
+                request,
+                run_in_threadpool(
+                    store.query_range_json, metric, matchers, start, end, step, query_limits, cancel
+                ),
+                cancel,
+            )
+        except QueryRefused as exc:
+            metrics.queries.labels("refused").inc()
+            log.info("refused a range query: %s", exc)
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        except QueryTimedOut as exc:
+            metrics.queries.labels("timeout").inc()
+            log.warning("%s", exc)
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        except QueryCancelled as exc:
+            metrics.queries.labels("cancelled").inc()
+            log.info("%s", exc)
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        except (StoreUnavailable, PoolTimeout) as exc:
+            metrics.queries.labels("unavailable").inc()
+            log.warning("a range query failed, the store is unavailable: %s", exc)
+            return JSONResponse(
+                {"error": "store unavailable, retry later"}, status_code=503, headers={"Retry-After": "5"}
+            )
+        finally:
+            query_slots.release()
+            metrics.queries_running.dec()
+        metrics.queries.labels("ok").inc()
+        if sum(map(len, pieces)) < SMALL_ANSWER_BYTES:
+            return Response(b"".join(_matrix_parts(pieces)), media_type="application/json")
+        return StreamingResponse(_matrix_blocks(pieces), media_type="application/json")
 
     @app.get("/api/v1/alerts", summary="Alerts pending or firing now", responses=READ_REFUSALS)
     async def alerts(scope: str | None = Depends(read_scope)) -> dict:
@@ -614,7 +896,11 @@ def create_app(
         summary="Every GPU by node with its key numbers, each node's worst GPU, active alerts, fleet totals",
         response_class=Response,
         responses={
-            200: {"description": "The fleet, as of two seconds ago at most.", **JSON_OBJECT},
+            200: {
+                "description": "The fleet, as of two seconds ago at most. Past --fleet-max-gpus GPUs its lists "
+                "are cut (the totals count every GPU) and `truncated` says what was left out.",
+                **JSON_OBJECT,
+            },
             **READ_REFUSALS,
         },
     )
@@ -767,26 +1053,81 @@ def create_app(
     return app
 
 
-def _validate(req: rw.SeriesBatch, limits: Limits) -> str | None:
-    """The first reason to refuse the whole request, or None. Runs before anything is stored. Label sets
-    accepted before passed these checks then, so only the request's new ones are checked."""
+# Requests that inflate to this size or more decode LARGE_DECODES at a time (an agent's push is ~100 KiB).
+LARGE_DECODE_BYTES = 4 << 20
+LARGE_DECODES = 1
+QUERY_SLOT_WAIT_S = 2.0  # a range query waits this long for a slot: a page's burst of queries, not an attack
+SMALL_ANSWER_BYTES = 1 << 20  # answers up to this size go in one piece, with Content-Length
+_T = TypeVar("_T")
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[_T], cancel: QueryCancel) -> _T:
+    """``work``'s result; if the client hangs up first, ``cancel`` stops it, the database's part included,
+    and QueryCancelled comes out of ``work``."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await run_in_threadpool(cancel.cancel)
+        return await task
+    finally:
+        gone.cancel()
+        del task  # it holds the exception, whose traceback holds this frame: a cycle only a collection breaks
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns when the client has closed the connection (a GET's body is empty: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _matrix_parts(pieces: list[bytes]) -> list[bytes]:
+    return [b'{"status":"success","data":{"resultType":"matrix","result":[', b",".join(pieces), b"]}}"]
+
+
+async def _matrix_blocks(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    """A large range answer from its series' JSON, in blocks of about 64 KiB as the client takes them: each
+    series' text is let go once sent, and none is copied whole again."""
+    yield b'{"status":"success","data":{"resultType":"matrix","result":['
+    pieces.reverse()
+    block = bytearray()
+    while pieces:
+        block += pieces.pop()
+        if pieces:
+            block += b","
+        if len(block) >= 1 << 16:
+            yield bytes(block)
+            block.clear()
+    yield bytes(block) + b"]}}"
+
+
+def _validate(req: rw.SeriesBatch, limits: Limits, now_ms: int | None = None) -> Refusal | None:
+    """The first reason to refuse the whole request, or None (see :mod:`gpufleet.collector.admission`). Runs
+    before anything is stored. Label sets accepted before passed these checks then, so only the request's
+    new ones are checked; sample times are checked on every request."""
     if len(req.label_sets) > limits.max_series:
-        return (
+        return Refusal(
+            "too_many_series",
             f"too many series: {len(req.label_sets)} in one request, over the limit of {limits.max_series}; "
-            "send smaller batches"
+            "send smaller batches",
+            413,
         )
     n = req.sample_count
     if n > limits.max_samples:
-        return f"too many samples: {n} in one request, over the limit of {limits.max_samples}; send smaller batches"
-    for ls in req.new.values():
-        labels = ls.labels
-        if not ls.name:
-            return f"a series has no __name__ label (labels {dict(list(labels.items())[:5])})"
-        if len(labels) > limits.max_labels:
-            return f"series {ls.name} has {len(labels)} labels, over the limit of {limits.max_labels}"
-        for k, v in labels.items():
-            if not _LABEL_NAME.match(k) and k != "__name__":
-                return f"series {ls.name}: {k!r} is not a valid label name"
-            if len(v) > limits.max_label_length:
-                return f"series {ls.name}: label {k} is {len(v)} characters, over the limit of {limits.max_label_length}"
+        return Refusal(
+            "too_many_samples",
+            f"too many samples: {n} in one request, over the limit of {limits.max_samples}; send smaller batches",
+            413,
+        )
+    refusal = check_label_sets(
+        req.new.values(), max_labels=limits.max_labels, max_label_length=limits.max_label_length
+    )
+    if refusal is not None:
+        return refusal
+    window = Window(limits.max_future, limits.max_past)
+    lo, hi = window.bounds(now_ms if now_ms is not None else int(time.time() * 1000))
+    at = check_times(req.timestamps, lo, hi)
+    if at is not None:
+        return time_refusal(req.label_sets[at], req.timestamps[at], lo, hi, window)
     return None

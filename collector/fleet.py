@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from gpufleet.collector.store.reads import GpuRecord, SeriesKey, key_parts
@@ -36,6 +36,12 @@ _VALUES = {
     "sm_clock_hertz": "gpufleet_gpu_sm_clock_hertz",
 }
 FLEET_POLL_S = 2.0  # how old a fleet answer may be: under half the page's 5-second poll
+# GPUs /api/v1/fleet lists (its totals count every GPU): twice a fleet of 10,000, so a real fleet is listed
+# whole while a client that invents GPUs by the hundred thousand cannot make every poll tens of megabytes.
+FLEET_MAX_GPUS = 20_000
+MAX_GPUS_PER_NODE = 128  # 8 GPUs of 7 MIG instances each is 56
+MAX_ALERTS_LISTED = 2_000  # the fleet's active alerts listed, firing and critical first; all are counted
+GPUS_PAGE = 2_000  # GPUs of one page of /api/v1/gpus unless `limit` says otherwise
 FLEET_WATCH_S = 15.0  # worked out ahead while asked for at least this often (3 of the page's polls)
 log = logging.getLogger(__name__)
 _IDENTITY = ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
@@ -158,10 +164,15 @@ def _worse_first(v: Mapping[str, Any]) -> tuple[int, float]:
 
 
 def fleet_summary(
-    gpus: Iterable[GpuRecord], alerts: list[Mapping[str, Any]], now: float | None = None
+    gpus: Iterable[GpuRecord],
+    alerts: list[Mapping[str, Any]],
+    now: float | None = None,
+    *,
+    max_gpus: int = FLEET_MAX_GPUS,
 ) -> dict[str, Any]:
     """GPUs grouped by (cluster, node), each node's worst GPU and status, active alerts with runbooks, and
-    fleet totals."""
+    fleet totals. Past ``max_gpus`` GPUs (or ``MAX_GPUS_PER_NODE`` on a node, ``MAX_ALERTS_LISTED`` alerts)
+    the lists are cut and ``truncated`` says what was left out; the totals always count everything."""
     now = time.time() if now is None else now
     alert_views = [_alert_view(a) for a in alerts]
     by_uuid: dict[str, list[dict[str, Any]]] = {}
@@ -206,12 +217,104 @@ def fleet_summary(
         "memory_used_bytes": sum(v["memory_used_bytes"] or 0.0 for v in views),
         "memory_total_bytes": sum(v["memory_total_bytes"] or 0.0 for v in views),
     }
-    return {"generated_at": now, "totals": totals, "nodes": list(nodes.values()), "alerts": alert_views}
+    doc: dict[str, Any] = {
+        "generated_at": now,
+        "totals": totals,
+        "nodes": list(nodes.values()),
+        "alerts": alert_views,
+    }
+    if (
+        len(views) > max_gpus
+        or len(alert_views) > MAX_ALERTS_LISTED
+        or any(len(n["gpus"]) > MAX_GPUS_PER_NODE for n in nodes.values())
+    ):
+        _cut(doc, max_gpus)
+    return doc
 
 
-def gpus_document(gpus: Iterable[GpuRecord]) -> dict[str, Any]:
-    """`/api/v1/gpus`: every GPU known, with its newest values."""
-    return {"gpus": [g.to_api() for g in gpus]}
+def _cut(doc: dict[str, Any], max_gpus: int) -> None:
+    """Cut the fleet's lists to their bounds and say so in ``truncated``. Each cluster gets an equal share
+    of ``max_gpus`` (what a small cluster leaves goes to the others), so one cluster that holds an endless
+    number of GPUs does not push the other clusters' GPUs out of the list."""
+    omitted_gpus = 0
+    for node in doc["nodes"]:
+        listed = node["gpus"]
+        if len(listed) > MAX_GPUS_PER_NODE:  # the worst of them, in their order
+            keep = {id(v) for v in sorted(listed, key=_worse_first)[:MAX_GPUS_PER_NODE]}
+            node["gpus"] = [v for v in listed if id(v) in keep]
+            node["gpus_omitted"] = len(listed) - MAX_GPUS_PER_NODE
+            omitted_gpus += node["gpus_omitted"]
+    by_cluster: dict[str, list[dict[str, Any]]] = {}
+    for node in doc["nodes"]:
+        by_cluster.setdefault(node["cluster"] or "", []).append(node)
+    share = _shares({c: sum(len(n["gpus"]) for n in ns) for c, ns in by_cluster.items()}, max_gpus)
+    kept_nodes = []
+    omitted_nodes = 0
+    for cluster, ns in by_cluster.items():
+        room = share[cluster]
+        for node in ns:
+            if len(node["gpus"]) <= room:
+                room -= len(node["gpus"])
+                kept_nodes.append(node)
+            else:
+                omitted_nodes += 1
+                omitted_gpus += len(node["gpus"])
+                room = 0  # in fleet order: no node after one left out
+    doc["nodes"] = kept_nodes
+    alerts = doc["alerts"]
+    omitted_alerts = max(0, len(alerts) - MAX_ALERTS_LISTED)
+    if omitted_alerts:
+        rank = {"critical": 0}
+        doc["alerts"] = sorted(alerts, key=lambda a: (a["state"] != "firing", rank.get(a["severity"], 1)))[
+            :MAX_ALERTS_LISTED
+        ]
+    listed = sum(len(n["gpus"]) for n in kept_nodes)
+    doc["truncated"] = {
+        "gpus_listed": listed,
+        "gpus_omitted": omitted_gpus,
+        "nodes_omitted": omitted_nodes,
+        "alerts_omitted": omitted_alerts,
+        "message": (
+            f"{doc['totals']['gpus']} GPUs: {listed} listed, at most {MAX_GPUS_PER_NODE} a node and "
+            f"{max_gpus} in all (--fleet-max-gpus), shared evenly between clusters; "
+            f"{omitted_alerts} alerts not listed. The totals count every GPU; filter by cluster with a token "
+            "scoped to it, or read every GPU page by page from /api/v1/gpus"
+        ),
+    }
+
+
+def _shares(need: Mapping[str, int], total: int) -> dict[str, int]:
+    """Split ``total`` between clusters needing ``need``: equal shares, a cluster's unused part to the rest."""
+    share: dict[str, int] = {}
+    left = dict(need)
+    room = total
+    while left:
+        each = room // len(left)
+        small = {c: n for c, n in left.items() if n <= each}
+        if not small:
+            for c in left:
+                share[c] = each
+            break
+        for c, n in small.items():
+            share[c] = n
+            room -= n
+            del left[c]
+    return share
+
+
+def gpus_document(
+    gpus: Sequence[GpuRecord], offset: int = 0, limit: int = GPUS_PAGE, path: str = "/api/v1/gpus"
+) -> dict[str, Any]:
+    """One page of `/api/v1/gpus`: the GPUs from ``offset`` (in fleet order: cluster, node, GPU index), at most
+    ``limit`` of them, the count of all, and ``next``: the address of the next page, None on the last."""
+    page = gpus[offset : offset + limit]
+    more = offset + len(page) < len(gpus)
+    return {
+        "gpus": [g.to_api() for g in page],
+        "total": len(gpus),
+        "offset": offset,
+        "next": f"{path}?offset={offset + len(page)}&limit={limit}" if more else None,
+    }
 
 
 class JsonBody:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import socket
 import threading
@@ -19,6 +20,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from gpufleet.collector.app import Limits, Metrics, create_app
 from gpufleet.collector.auth import Token
+from gpufleet.collector.fleet import FLEET_MAX_GPUS
+from gpufleet.collector.forward import (
+    DEFAULT_MAX_QUEUE_BYTES,
+    DEFAULT_MAX_QUEUE_SAMPLES,
+    DEFAULT_SHARDS,
+    Forwarder,
+    ForwardMetrics,
+    WhenFull,
+)
 from gpufleet.collector.leader import leadership_for
 from gpufleet.collector.notify.console import ConsoleNotifier
 from gpufleet.collector.notify.queue import SendQueue
@@ -28,10 +38,13 @@ from gpufleet.collector.rules.model import default_rules_path, load_pack, with_r
 from gpufleet.collector.rules.state import SqlAlertState
 from gpufleet.collector.store import Store
 from gpufleet.collector.store.maintenance import Pacing
+from gpufleet.collector.store.ranges import QueryLimits
+from gpufleet.collector.store.series_limit import SeriesLimits
 from gpufleet.collector.store.store import Retention
 from gpufleet.core.addresses import split_listen
 
 log = logging.getLogger(__name__)
+FORWARD_DRAIN_S = 15.0  # at stop, after the HTTP server: inside Kubernetes' default 30 s grace period
 
 
 @dataclass
@@ -65,9 +78,55 @@ class CollectorSettings:
     name: str = ""  # replica name in logs (default: host:port)
     grafana_dashboard_url: str | None = None  # linked from Slack messages with the alert's time window
     forward: list[str] = field(default_factory=list)  # remote-write URLs to forward every stored batch to
+    # A forward target's queue is full: "block" refuses writes (503 + Retry-After) before they are stored,
+    # "drop" stores them and drops the batch for that target (counted); see collector/forward.py.
+    forward_when_full: WhenFull = "block"
+    forward_max_queue_samples: int = DEFAULT_MAX_QUEUE_SAMPLES  # per target
+    forward_max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES  # per target, compressed request bytes
+    forward_shards: int = DEFAULT_SHARDS  # concurrent connections per target
     retention: Retention = field(default_factory=Retention)
     raw_layout: str = "chunks"  # "rows": the naive one-row-per-sample layout, for comparisons
     maintenance_interval: float = 60.0
+    # Active series the store takes, in all and per cluster label; a series stops counting after
+    # series_idle_after seconds without a sample (see collector/store/series_limit.py).
+    max_active_series: int = SeriesLimits.max_active
+    max_active_series_per_cluster: int = SeriesLimits.max_per_cluster
+    series_idle_after: float = SeriesLimits.idle_after_ms / 1000
+    # GPUs /api/v1/fleet lists (totals count every GPU), and one page of /api/v1/gpus by default.
+    fleet_max_gpus: int = FLEET_MAX_GPUS
+    # SO_REUSEPORT: several collector processes on one host listen on the same --listen address and the
+    # kernel spreads new connections over them (see listening_socket).
+    reuse_port: bool = False
+    # What one /api/v1/query_range may cost, and how many run at once (--query-…).
+    query_limits: QueryLimits = field(default_factory=QueryLimits)
+
+
+def listening_socket(listen: str, *, reuse_port: bool) -> socket.socket:
+    """The collector's listening socket, bound but not yet listening. With ``reuse_port`` (SO_REUSEPORT) every
+    collector process bound so to the same address gets its own accept queue and the kernel spreads new
+    connections over them; a connection stays with the process that accepted it. ValueError naming the fix
+    when the address is taken."""
+    host, port = split_listen(listen)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        if reuse_port:
+            raise ValueError(
+                f"cannot listen on {listen} with --reuse-port ({why}): a process that did not ask for "
+                "SO_REUSEPORT (or one of another user) holds it; start every collector sharing this address "
+                "with --reuse-port (GPUFLEET_REUSE_PORT), or choose another --listen"
+            ) from None
+        raise ValueError(
+            f"cannot listen on {listen} ({why}): is another gpufleet running there? Stop it, choose "
+            "another --listen, or run every collector sharing it with --reuse-port"
+        ) from None
+    return sock
 
 
 def _stopped(signum: int, frame: FrameType | None) -> None:
@@ -107,14 +166,31 @@ class Collector:
         if not settings.db.startswith("sqlite"):
             engine_kw = {"pool_timeout": 5, "connect_args": {"connect_timeout": 5}}
         self.store = Store.open(
-            settings.db, raw_layout=settings.raw_layout, retention=settings.retention, **engine_kw
+            settings.db,
+            raw_layout=settings.raw_layout,
+            retention=settings.retention,
+            series_limits=SeriesLimits(
+                settings.max_active_series,
+                settings.max_active_series_per_cluster,
+                int(settings.series_idle_after * 1000),
+            ),
+            **engine_kw,
         )
+        self.store.ingest.count_active_series()  # the series of before a restart count at once
         self.forwarder = None
         if settings.forward:
-            from gpufleet.collector.forward import Forwarder
-
-            self.forwarder = Forwarder(settings.forward)
-        self.leadership = leadership_for(self.store.engine, name=settings.name or settings.listen)
+            self.forwarder = Forwarder(
+                settings.forward,
+                shards=settings.forward_shards,
+                max_queue_samples=settings.forward_max_queue_samples,
+                max_queue_bytes=settings.forward_max_queue_bytes,
+                when_full=settings.forward_when_full,
+            )
+        # Replicas sharing one address by --reuse-port are told apart by their process id.
+        self.replica = settings.name or (
+            f"{settings.listen} pid {os.getpid()}" if settings.reuse_port else settings.listen
+        )
+        self.leadership = leadership_for(self.store.engine, name=self.replica)
         self.runbook_base_url = settings.runbook_base_url or own_runbook_base_url(
             settings.listen, "https" if settings.tls_cert else "http", settings.public_url
         )
@@ -172,12 +248,14 @@ class Collector:
         self.notifiers = notifiers
         self.engine = Engine(self.pack, self.store, self.state, notifiers, queue=SendQueue())
         self.metrics = Metrics()
+        self.metrics.registry.register(ForwardMetrics(self.forwarder))
         # ticks: evaluation slots seen (led or not); leader_since_tick: the slot this replica took over in
         self.info: dict[str, Any] = {
             "rules": len(self.rules),
             "leader": False,
             "ticks": 0,
             "leader_since_tick": None,
+            "replica": self.replica,
         }
         self.app = create_app(
             self.store,
@@ -191,6 +269,8 @@ class Collector:
             forwarder=self.forwarder,
             read_tokens=settings.read_tokens,
             silence_changes_per_minute=settings.max_silence_changes_per_minute,
+            fleet_max_gpus=settings.fleet_max_gpus,
+            query_limits=settings.query_limits,
         )
         self._tick_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -315,6 +395,8 @@ class Collector:
         """Partitions, rollups, compaction and retention (see collector/store/maintenance.py), within half
         the maintenance interval; what is left goes on at the next pass."""
         try:
+            # Series that went idle stop counting, and those other replicas created start to.
+            self.store.ingest.count_active_series()
             self.store.maintenance.maintain(
                 int(time.time() * 1000), Pacing(budget_s=self.settings.maintenance_interval / 2)
             )
@@ -348,6 +430,12 @@ class Collector:
             **tls,
         )
 
+    def _sockets(self) -> list[socket.socket] | None:
+        """With --reuse-port the socket is made here (uvicorn has no such option); else uvicorn binds."""
+        if not self.settings.reuse_port:
+            return None
+        return [listening_socket(self.settings.listen, reuse_port=True)]
+
     @property
     def scheme(self) -> str:
         return "https" if self.settings.tls_cert else "http"
@@ -377,7 +465,7 @@ class Collector:
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
         try:
-            uvicorn.Server(self._server_config()).run()
+            uvicorn.Server(self._server_config()).run(sockets=self._sockets())
         finally:
             self.close()
             if previous is not None:
@@ -391,7 +479,9 @@ class Collector:
         self._push_dashboards()
         self._job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
         self._server = uvicorn.Server(self._server_config())
-        self._thread = threading.Thread(target=self._server.run, name="collector-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, args=(self._sockets(),), name="collector-http", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 15
         while not self._server.started:
@@ -411,7 +501,8 @@ class Collector:
         self.leadership.release()
         self.engine.close()
         if self.forwarder is not None:
-            self.forwarder.stop()
+            # What was acknowledged but not yet forwarded lives in memory only: give the targets time to take it.
+            self.forwarder.stop(timeout=FORWARD_DRAIN_S)
         if self._grafana_thread is not None:  # at most one request in flight (its timeout is 10 s)
             self._grafana_thread.join(timeout=15)
         self.store.close()

@@ -135,9 +135,12 @@ def test_writes_need_the_token_when_tokens_are_configured(tmp_path):
         )
     ).start()
     try:
+        import time
+
         from gpufleet.core import remote_write as rw
 
-        body = rw.encode([rw.Series({"__name__": "gpufleet_gpu_up", "uuid": "GPU-x"}, [(1000, 1.0)])])
+        now = int(time.time() * 1000)
+        body = rw.encode([rw.Series({"__name__": "gpufleet_gpu_up", "uuid": "GPU-x"}, [(now, 1.0)])])
         for token, status in ((None, 401), ("wrong", 401), ("s3cret-token", 204)):
             headers = {"Content-Encoding": "snappy", "Content-Type": "application/x-protobuf"}
             if token:

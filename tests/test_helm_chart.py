@@ -138,6 +138,16 @@ MATRIX: dict[str, dict] = {
                 "maxLabelLength": 4096,
                 "maxInflightWrites": 128,
                 "maxSilenceChangesPerMinute": 60,
+                "maxFuture": "2h",
+                "maxPast": "7d",
+                "maxActiveSeries": 400_000,
+                "maxActiveSeriesPerCluster": 200_000,
+                "seriesIdleAfter": "3h",
+                "fleetMaxGpus": 12_000,
+                "queryMaxSeries": 10_000,
+                "queryMaxSamples": 5_000_000,
+                "queryTimeout": "20s",
+                "queryMaxConcurrent": 2,
             },
         },
         "auth": {"tokenFile": {"existingSecret": "fleet-tokens"}},
@@ -160,6 +170,11 @@ MATRIX: dict[str, dict] = {
                 "http://prometheus.monitoring.svc:9090/api/v1/write",
                 "https://mimir.example/api/v1/push",
             ],
+            "forwardWhenFull": "drop",
+            "forwardMaxQueueSamples": 20_000_000,
+            "forwardMaxQueueBytes": 1 << 30,
+            "forwardShards": 8,
+            "workers": 2,
             "rawLayout": "rows",
         },
     },
@@ -652,6 +667,16 @@ def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
         "maxLabelLength": "GPUFLEET_MAX_LABEL_LENGTH",
         "maxInflightWrites": "GPUFLEET_MAX_INFLIGHT_WRITES",
         "maxSilenceChangesPerMinute": "GPUFLEET_MAX_SILENCE_CHANGES_PER_MINUTE",
+        "maxFuture": "GPUFLEET_MAX_FUTURE",
+        "maxPast": "GPUFLEET_MAX_PAST",
+        "maxActiveSeries": "GPUFLEET_MAX_ACTIVE_SERIES",
+        "maxActiveSeriesPerCluster": "GPUFLEET_MAX_ACTIVE_SERIES_PER_CLUSTER",
+        "seriesIdleAfter": "GPUFLEET_SERIES_IDLE_AFTER",
+        "fleetMaxGpus": "GPUFLEET_FLEET_MAX_GPUS",
+        "queryMaxSeries": "GPUFLEET_QUERY_MAX_SERIES",
+        "queryMaxSamples": "GPUFLEET_QUERY_MAX_SAMPLES",
+        "queryTimeout": "GPUFLEET_QUERY_TIMEOUT",
+        "queryMaxConcurrent": "GPUFLEET_QUERY_MAX_CONCURRENT",
     }
     assert {names[k]: str(v) for k, v in limits.items()} == {n: env[n]["value"] for n in names.values()}
     assert not [
@@ -713,6 +738,13 @@ def test_retention_forwarding_and_layout_reach_the_collector_only_when_set(rende
     } == {"GPUFLEET_RETENTION_RAW": "0.5", "GPUFLEET_RETENTION_1M": "365", "GPUFLEET_RETENTION_1H": "1825"}
     assert env["GPUFLEET_FORWARD"]["value"] == " ".join(MATRIX["store-options"]["collector"]["forward"])
     assert env["GPUFLEET_RAW_LAYOUT"]["value"] == "rows"
+    assert {n: env[n]["value"] for n in env if n.startswith("GPUFLEET_FORWARD_")} == {
+        "GPUFLEET_FORWARD_WHEN_FULL": "drop",
+        "GPUFLEET_FORWARD_MAX_QUEUE_SAMPLES": "20000000",
+        "GPUFLEET_FORWARD_MAX_QUEUE_BYTES": "1073741824",
+        "GPUFLEET_FORWARD_SHARDS": "8",
+    }
+    assert env["GPUFLEET_WORKERS"]["value"] == "2"
     slack = env_of(container(rendered["tokens-and-slack"], "collector"))
     assert (
         slack["GPUFLEET_GRAFANA_DASHBOARD_URL"]["value"]
@@ -728,6 +760,7 @@ def test_retention_forwarding_and_layout_reach_the_collector_only_when_set(rende
                 "GPUFLEET_FORWARD",
                 "GPUFLEET_RAW_LAYOUT",
                 "GPUFLEET_GRAFANA_DASHBOARD_URL",
+                "GPUFLEET_WORKERS",
             )
         )
     ]

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from gpufleet.cli import main
+from gpufleet.core.durations import parse_duration
 from tests.conftest import free_port, wait_until
 from tests.helm_render import container, env_of, find, objects, render
 from tests.test_helm_chart import MATRIX
@@ -38,6 +39,11 @@ EXPANDED_ONLY = {"NODE_IP"}
 NOT_IN_CHART: dict[tuple[str, str], str] = {
     ("agent", "proc_root"): "the container sees the host's processes at /proc itself once hostPID is on "
     "(agent.perProcess); the flag exists for tests and for agents run outside a pod",
+    (
+        "collector",
+        "reuse_port",
+    ): "a pod runs one collector on its port, and `collector.workers` shares it among "
+    "several processes itself; the flag is for several collectors started apart on one host",
 }
 
 # Flags without an environment variable, set through the container's args.
@@ -287,7 +293,9 @@ def test_the_program_parses_what_the_chart_sets(scenario, tmp_path):
             assert p["allow_open_writes"] is (scenario == "open-writes")
             if scenario == "tls-and-spool":
                 limits = MATRIX[scenario]["collector"]["limits"]
-                assert {k: p[re.sub(r"([A-Z])", r"_\1", k).lower()] for k in limits} == limits
+                # sizes and counts as they are; durations (the sample-time window) as seconds
+                expected = {k: parse_duration(v) if isinstance(v, str) else v for k, v in limits.items()}
+                assert {k: p[re.sub(r"([A-Z])", r"_\1", k).lower()] for k in limits} == expected
                 assert [
                     Path(p[k]).relative_to(tmp_path).parts
                     for k in ("token_file", "tls_cert", "tls_key", "tls_client_ca")

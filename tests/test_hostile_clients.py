@@ -12,22 +12,26 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gpufleet.collector.auth import hash_token
 from gpufleet.core import remote_write as rw
 from gpufleet.core.labels import MAX_REGEX_BYTES
 from gpufleet.core.retry import Verdict
-from gpufleet.core.sender import RemoteWriteSender, http_pool
+from gpufleet.core.sender import RemoteWriteSender, SendResult, http_pool
 from tests.conftest import free_port, wait_until
+from tests.doubles.slack_api import SlackDouble
 from tests.wiring import HOT_GPU_RULES, CollectorProcess
 
 pytestmark = pytest.mark.postgres
@@ -70,6 +74,7 @@ class HostileSetup:
         self.url = f"http://127.0.0.1:{self.port}"
         self.collector: CollectorProcess | None = None
         self.runs = 0
+        self.extra_args: list[str] = []  # a test's own options, from its next (re)start
 
     def args(self) -> list[str]:
         writers = [
@@ -92,6 +97,7 @@ class HostileSetup:
             ",".join(readers),
             "--max-silence-changes-per-minute",
             str(SILENCE_CHANGES_PER_MINUTE),
+            *self.extra_args,
         ]
 
     def start(self) -> CollectorProcess:
@@ -476,3 +482,669 @@ def test_the_fleet_page_reads_with_a_token_given_once_in_its_address(hostile: Ho
         assert browser.evaluate("location.href") == h.url + "/"
     finally:
         browser.close()
+
+
+# ---- finding 4: a million new series in ten requests were accepted, and the fleet view grew with them -------
+SERIES_PER_CLUSTER = 2_000  # --max-active-series-per-cluster of this test
+FLEET_LISTED = 500  # --fleet-max-gpus of this test
+BOMB_REQUESTS, BOMB_SERIES = 20, 5_000  # past the limit: 100,000 new series, ~100 MiB if they were kept
+# The bomb's refused series may cost the collector at most this much memory. Kept, these 100,000 series took
+# ~290 MiB; refused, their requests are decoded, looked up and let go: ~30 MiB of working memory for decoding
+# 5,000-series requests, which stays flat however many more come.
+REFUSED_RSS_BOUND_MIB = 64
+# The fleet page polls every 5 s (the finding: a poll took 8.1 s): its answer must come within one poll.
+PAGE_POLL_S = 5.0
+
+
+def made_up_gpus(first: int, n: int, cluster: str = "east") -> list[rw.Series]:
+    """``n`` GPUs no node has, one series each, eight to a made-up node."""
+    now = int(time.time() * 1000)
+    return [
+        rw.Series(
+            {
+                "__name__": "gpufleet_gpu_temperature_celsius",
+                "cluster": cluster,
+                "node": f"bomb-{i // 8}",
+                "gpu": str(i % 8),
+                "uuid": f"GPU-bomb-{i}",
+            },
+            [(now, 40.0)],
+        )
+        for i in range(first, first + n)
+    ]
+
+
+def send_as(h: HostileSetup, token: str, series: list[rw.Series]) -> SendResult:
+    sender = RemoteWriteSender(
+        h.url + "/api/v1/write", http_pool(30), user_agent="cardinality-bomb", token=token
+    )
+    return sender.send(rw.encode(series))
+
+
+def series_refused(h: HostileSetup, secret: str) -> float:
+    """gpufleet_collector_series_refused_total of the token with this secret, by its name (a hash prefix)."""
+    name = f"sha256:{hash_token(secret)[:8]}…"
+    with urllib.request.urlopen(h.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("gpufleet_collector_series_refused_total{") and f'token="{name}"' in line:
+            assert 'limit="max-active-series-per-cluster"' in line, line
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_cardinality_bomb_is_refused_past_its_clusters_series_limit_while_other_clusters_write_on(
+    hostile: HostileSetup,
+):
+    h = hostile
+    h.extra_args = [
+        "--max-active-series",
+        str(3 * SERIES_PER_CLUSTER),
+        "--max-active-series-per-cluster",
+        str(SERIES_PER_CLUSTER),
+        "--fleet-max-gpus",
+        str(FLEET_LISTED),
+    ]
+    collector = h.restart()
+    h.push(hot_gpus("west", ["w1"]), WEST)
+    rss_before = psutil.Process(collector.proc.pid).memory_info().rss
+
+    # east's token, in the wrong hands, makes up GPUs: up to its cluster's limit they are stored; past it
+    # every request is refused whole, while west's agent keeps writing and /healthz keeps answering
+    answers: list[SendResult] = []
+
+    def bomb() -> None:
+        for k in range(4):
+            answers.append(send_as(h, EAST, made_up_gpus(k * 500, 500)))
+        for k in range(BOMB_REQUESTS):
+            answers.append(send_as(h, EAST, made_up_gpus(SERIES_PER_CLUSTER + k * BOMB_SERIES, BOMB_SERIES)))
+
+    attack = threading.Thread(target=bomb)
+    attack.start()
+    slowest = 0.0
+    while attack.is_alive():
+        slowest = max(slowest, h.healthz_round_trip_s())
+        h.push(hot_gpus("west", ["w1"]), WEST)
+    attack.join()
+    assert slowest < HEALTHZ_BOUND_S, f"/healthz took {slowest:.3f} s during the attack"
+    assert [a.status for a in answers] == [204] * 4 + [429] * BOMB_REQUESTS, [a.problem for a in answers]
+    refused = answers[-1]
+    assert "--max-active-series-per-cluster" in refused.detail and "cluster 'east'" in refused.detail
+    assert "nothing was stored" in refused.detail and refused.retry_after_s == 60
+    assert series_refused(h, EAST) == BOMB_REQUESTS * BOMB_SERIES
+    grown_mib = (psutil.Process(collector.proc.pid).memory_info().rss - rss_before) / 2**20
+    assert grown_mib < REFUSED_RSS_BOUND_MIB, f"RSS grew {grown_mib:.0f} MiB"
+    assert "refused 1 writes of token sha256:" in h.output()
+
+    # the series east already has are written on (no check costs them anything); west adds a GPU
+    assert send_as(h, EAST, made_up_gpus(0, 500)).status == 204
+    h.push(hot_gpus("west", ["w1", "w2"]), WEST)
+
+    # the fleet view lists a bounded number of GPUs, west's among them, and counts them all
+    t0 = time.perf_counter()
+    ask = urllib.request.Request(h.url + "/api/v1/fleet", headers={"Authorization": f"Bearer {OPS}"})
+    with urllib.request.urlopen(ask, timeout=30) as r:
+        raw = r.read()
+    took = time.perf_counter() - t0
+    fleet = json.loads(raw)
+    assert took < PAGE_POLL_S, f"/api/v1/fleet took {took:.1f} s"
+    listed = [g for n in fleet["nodes"] for g in n["gpus"]]
+    assert fleet["totals"]["gpus"] == SERIES_PER_CLUSTER + 2 and len(listed) <= FLEET_LISTED
+    assert {"w1", "w2"} <= {g["node"] for g in listed}
+    assert fleet["truncated"]["gpus_omitted"] == SERIES_PER_CLUSTER + 2 - len(listed)
+    assert "--fleet-max-gpus" in fleet["truncated"]["message"]
+    assert len(raw) < FLEET_LISTED * 1024, f"/api/v1/fleet is {len(raw)} bytes for {len(listed)} GPUs"
+
+    # /api/v1/gpus comes a page at a time, and following `next` reads every GPU once
+    seen: list[str] = []
+    path: str | None = "/api/v1/gpus?limit=800"
+    while path is not None:
+        page = h.get(path, READ_ALL).body
+        assert len(page["gpus"]) <= 800 and page["total"] == SERIES_PER_CLUSTER + 2
+        seen += [g["uuid"] for g in page["gpus"]]
+        path = page["next"]
+    assert len(seen) == len(set(seen)) == SERIES_PER_CLUSTER + 2
+
+    # writes racing on the collector's write lanes cannot pass a limit together: of ten requests of 300 new
+    # series sent at once into an empty cluster, exactly six fit under its 2,000
+    with ThreadPoolExecutor(10) as pool:
+        racing = list(
+            pool.map(lambda k: send_as(h, OPS, made_up_gpus(10**6 + k * 300, 300, "north")), range(10))
+        )
+    assert sorted(a.status for a in racing) == [204] * 6 + [429] * 4, [a.problem for a in racing]
+
+    # the count comes back with a restart: east is still full, west still writes
+    collector = h.restart()
+    assert collector.metric("gpufleet_collector_active_series") >= SERIES_PER_CLUSTER + 2
+    again = send_as(h, EAST, made_up_gpus(10**7, 1))
+    assert again.status == 429 and "cluster 'east'" in again.detail
+    assert send_as(h, EAST, made_up_gpus(0, 500)).status == 204
+    h.push(hot_gpus("west", ["w1", "w2", "w3"]), WEST)
+
+
+# ---- findings 3, 5, 8, 10: what the store cannot hold is refused up front (400), never "retry later" -----
+SQL_WORDS = ("SELECT", "INSERT", "COPY", "UPDATE", "VALUES", "varchar", "psycopg", "sqlalchemy", "SQLSTATE")
+
+
+def write_raw(url: str, body: bytes, token: str | None) -> Response:
+    """A remote-write POST with its whole answer (the agent's sender keeps only the start of an error)."""
+    headers = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + "/api/v1/write", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw, status, got = resp.read(), resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw, status, got = exc.read(), exc.code, dict(exc.headers)
+    return Response(status, json.loads(raw) if raw else {}, got)
+
+
+def refused_for_good(r: Response, *says: str) -> None:
+    """400 naming the problem, no SQL in it: a sender drops such a batch instead of retrying it."""
+    assert r.status == 400, (r.status, r.body)
+    error = r.body["error"]
+    assert all(s in error for s in says), error
+    assert not [w for w in SQL_WORDS if w in error], error
+
+
+def scraped(url: str, name: str, **labels: str) -> float:
+    """The series of ``name`` at ``url``/metrics that has ``labels`` (among others), as Prometheus scrapes
+    it; 0 if there is none."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def refused(url: str, reason: str) -> float:
+    return scraped(url, "gpufleet_collector_refused_samples_total", reason=reason)
+
+
+def unavailable(url: str) -> float:
+    return scraped(url, "gpufleet_collector_write_requests_total", outcome="unavailable")
+
+
+def gpu_series(cluster: str, node: str, *, at: list[int] | None = None, **labels: str) -> rw.Series:
+    now = int(time.time() * 1000)
+    base = {"__name__": "gpufleet_gpu_temperature_celsius", "cluster": cluster, "node": node, "gpu": "0"}
+    return rw.Series({**base, "uuid": f"GPU-{cluster}-{node}", **labels}, [(t, 50.0) for t in at or [now]])
+
+
+def test_a_nul_byte_in_a_label_value_is_refused_and_every_cluster_still_reads(hostile: HostileSetup):
+    h = hostile
+    h.push(hot_gpus("west", ["w1"]), WEST)
+    h.push(hot_gpus("east", ["e1"]), EAST)
+    # A NUL in a column of its own (node), and in a label kept only in the series' JSON (pod), where the stored
+    # \u0000 made every jsonb read of the series table fail: the report, metric_samples, every cluster.
+    for series, label in (
+        (gpu_series("east", "e\x00vil"), "node"),
+        (gpu_series("east", "e2", pod="trainer\x00-0"), "pod"),
+    ):
+        r = write_raw(h.url, rw.encode([*hot_gpus("east", ["e1"]), series]), EAST)
+        refused_for_good(r, f"label {label} holds the control character U+0000", "printable")
+        assert "\x00" not in r.body["error"] and "\\x00" in r.body["error"]
+    assert refused(h.url, "control_character") == 4  # two requests of two samples, nothing of them stored
+
+    assert h.get("/api/v1/report?since=1h", READ_ALL).status == 200
+    west = query_temperatures(h, READ_ALL, cluster="west")
+    assert west.status == 200 and [s["metric"]["node"] for s in west.body["data"]["result"]] == ["w1"]
+    east = query_temperatures(h, READ_EAST)
+    assert east.status == 200 and [s["metric"]["node"] for s in east.body["data"]["result"]] == ["e1"]
+    import psycopg
+
+    with psycopg.connect(h.db.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        # what Grafana reads: the store's SQL contract, jsonb casts of every series' labels included
+        rows = conn.execute("SELECT cluster, count(*) FROM metric_samples GROUP BY cluster").fetchall()
+    by_cluster = dict(rows)
+    assert set(by_cluster) == {"east", "west"}
+    assert "refused a write of 2 samples (control_character)" in h.output()
+
+
+STORE_CANNOT_HOLD = [
+    ("a timestamp before 1970", lambda: gpu_series("east", "e1", at=[-1000]), "before the window"),
+    ("a timestamp at the end of int64", lambda: gpu_series("east", "e1", at=[2**63 - 1]), "after the window"),
+    (
+        "a __name__ longer than the store's column",
+        lambda: gpu_series("east", "e1", __name__="gpufleet_" + "x" * 192),
+        "metric name",
+    ),
+    ("a node longer than the store's column", lambda: gpu_series("east", "n" * 254), "label node is 254"),
+    ("a uuid longer than the store's column", lambda: gpu_series("east", "e", uuid="G" * 65), "uuid is 65"),
+    ("a NUL in node", lambda: gpu_series("east", "e\x001"), "label node holds the control character"),
+]
+
+
+def test_what_the_store_cannot_hold_gets_400_and_an_agent_goes_past_it(hostile: HostileSetup):
+    h = hostile
+    for _what, make, says in STORE_CANNOT_HOLD:
+        r = write_raw(h.url, rw.encode([*hot_gpus("east", ["e1"]), make()]), EAST)
+        refused_for_good(r, says)
+    assert h.collector is not None and h.collector.healthz()["ok"] is True
+    assert unavailable(h.url) == 0
+    assert [refused(h.url, r) for r in ("timestamp", "metric_name", "label_length")] == [4, 2, 4]
+    assert h.get("/api/v1/gpus", OPS).body["gpus"] == []  # nothing of any refused request was stored
+
+    # An agent's spool holds, oldest first, two batches the collector refuses for good, then good ones: the
+    # agent drops the refused ones (counted, one log line), and delivers the rest behind them.
+    from gpufleet.agent.spool import Spool
+
+    spool_dir = h.workdir / "agent-spool"
+    spool = Spool(spool_dir)
+    spool.put(rw.encode([gpu_series("east", "e1", at=[1000, 2000])]), 2)  # 1970
+    spool.put(rw.encode([gpu_series("east", "n\x00")]), 1)
+    good = [f"spooled-{i}" for i in range(3)]
+    for node in good:
+        spool.put(rw.encode([gpu_series("east", node)]), 1)
+    port = free_port()
+    log = (h.workdir / "agent.log").open("w")
+    agent = subprocess.Popen(
+        [str(GPUFLEET_SCRIPT), "agent", "--simulate", "1", "--node", "sim-1", "--cluster", "east"]
+        + ["--collector", h.url, "--token", OPS, "--spool-dir", str(spool_dir)]
+        + ["--listen", f"127.0.0.1:{port}", "--push-interval", "0.5"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        nodes = lambda: {g["node"] for g in h.get("/api/v1/gpus", OPS).body["gpus"]}  # noqa: E731
+        wait_until(lambda: {*good, "sim-1"} <= nodes(), timeout=60, interval=0.5)
+        agent_url = f"http://127.0.0.1:{port}"
+        dropped = scraped(agent_url, "gpufleet_agent_push_dropped_samples_total", reason="refused")
+        spool_dropped = scraped(agent_url, "gpufleet_agent_spool_dropped_samples_total", reason="refused")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        log.close()
+    assert dropped == spool_dropped == 3
+    out = (h.workdir / "agent.log").read_text()
+    assert out.count("refused a batch") == 1 and "(HTTP 400)" in out, out
+    assert "Traceback" not in out
+    assert nodes() == {*good, "sim-1"}  # nothing of the refused batches
+
+
+def raw_partitions(db: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(db.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        rows = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('sample_head', 'sample_chunks')"
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def test_samples_from_the_year_3000_are_refused_and_make_no_partition(hostile: HostileSetup):
+    from gpufleet.collector.store import chunks
+
+    h = hostile
+    h.push(hot_gpus("east", ["e1"]), EAST)  # today's partitions exist
+    before = raw_partitions(h.db)
+    year_3000 = 32_503_680_000_000
+    hours = [year_3000 + k * 3_600_000 for k in range(200)]
+    body = rw.encode([gpu_series("east", "e1", at=hours)])
+    assert len(body) < 4096
+    refused_for_good(write_raw(h.url, body, EAST), "3000-01-01T00:00:00Z", "--max-future 1h")
+    after = raw_partitions(h.db)
+    wanted = {chunks.partition_name(t, ms) for t in ("sample_head", "sample_chunks") for ms in hours}
+    assert not wanted & after
+    # what maintenance may have made meanwhile is for the coming hours, nothing further
+    now = time.time() * 1000
+    for name in after - before:
+        table, _, index = name.rpartition("_p")
+        assert int(index) * chunks.PARTITIONED[table] < now + 2 * 86_400_000, name
+    assert len(after - before) <= 2
+    assert refused(h.url, "timestamp") == 200
+
+
+def series_with_labels(*fields: tuple[str, str]) -> bytes:
+    """One series whose labels are sent as given, a name twice if so, with one sample at now."""
+    import struct
+
+    labels = b"".join(rw.LabelSet.of({k: v}).key for k, v in fields)
+    sample = b"\x09" + struct.pack("<d", 50.0) + b"\x10" + rw._varint(int(time.time() * 1000))
+    return labels + b"\x12" + rw._varint(len(sample)) + sample
+
+
+def test_samples_from_1970_duplicates_bad_name_are_each_refused_with_400(hostile: HostileSetup):
+    h = hostile
+    received = h.collector.metric("gpufleet_collector_samples_received_total") if h.collector else 0
+    # from 1970: accepted, then deleted by retention uncounted; now refused, saying how far back it takes
+    r = write_raw(h.url, rw.encode([gpu_series("east", "e1", at=[0, 60_000])]), EAST)
+    refused_for_good(r, "1970-01-01T00:00:00Z, before the window", "--max-past 2w1d")
+
+    # the same label name twice: last one won; now refused (as Prometheus refuses it)
+    twice = series_with_labels(
+        ("__name__", "gpufleet_gpu_temperature_celsius"),
+        ("cluster", "east"),
+        ("node", "e1"),
+        ("node", "e2"),
+        ("uuid", "GPU-e"),
+    )
+    import cramjam
+
+    body = bytes(cramjam.snappy.compress_raw(b"\x0a" + rw._varint(len(twice)) + twice))
+    refused_for_good(write_raw(h.url, body, EAST), 'the label "node" more than once')
+
+    # a __name__ no query can ask for: stored, never readable; now refused
+    for name in ("gpu.temperature", "gpu temperature", "9gpus", "gpu-temp"):
+        bad = gpu_series("east", "e1", __name__=name)
+        refused_for_good(write_raw(h.url, rw.encode([bad]), EAST), "is not a metric name", "rename it")
+    assert h.collector is not None
+    assert h.collector.metric("gpufleet_collector_samples_received_total") == received
+    assert [refused(h.url, r) for r in ("timestamp", "duplicate_label", "metric_name")] == [2, 1, 4]
+
+    # the same series, well formed and sampled now, are stored
+    ok = write_raw(h.url, rw.encode([gpu_series("east", "e1"), gpu_series("east", "e2")]), EAST)
+    assert ok.status == 204, ok.body
+    assert sorted(g["node"] for g in h.get("/api/v1/gpus", OPS).body["gpus"]) == ["e1", "e2"]
+
+
+def test_a_batch_the_database_cannot_encode_fails_alone_with_400_never_503(tmp_path: Path):
+    """A check the collector does not make up front (a PostgreSQL database in LATIN1 cannot hold "–"): the
+    database's refusal is a 400 for that request only, while the writes sharing its transaction are stored."""
+    import uuid
+
+    from tests.conftest import PG_ADMIN, _admin_exec
+
+    name = f"gpufleet_test_{uuid.uuid4().hex[:12]}_latin1"
+    latin1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    _admin_exec(f'CREATE DATABASE "{name}" {latin1}')
+    collector = None
+    try:
+        db = f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+        collector = CollectorProcess(free_port(), ["--db", db, "--eval-interval", "60"], tmp_path / "c.log")
+        bad = gpu_series("east", "rack–7")  # en dash: not in LATIN1 (the node has a column of its own)
+        bodies = [rw.encode([gpu_series("east", f"rack-{i}")]) for i in range(8)]
+        bodies.insert(4, rw.encode([bad]))
+        answers: list[Response] = [Response(0, {}, {})] * len(bodies)
+
+        def send(i: int) -> None:
+            answers[i] = write_raw(collector.url, bodies[i], None)  # writes open on loopback
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = [a.status for a in answers]
+        assert statuses == [204] * 4 + [400] + [204] * 4, [a.body for a in answers]
+        refused_for_good(answers[4], "the store cannot hold this batch", "encoding", "nothing was stored")
+        assert refused(collector.url, "store_refused") == 1 and unavailable(collector.url) == 0
+        assert collector.healthz()["ok"] is True
+        assert "the database refused a batch's data" in collector.output()  # the details, for the operator
+    finally:
+        if collector is not None:
+            collector.stop()
+        _admin_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ---- finding 2: one range query over many series ran for minutes and starved everything else ----------------
+QUERY_MAX_SERIES = 1_500  # --query-max-series of this test
+QUERY_TIMEOUT_S = 1.0  # --query-timeout of this test
+QUERY_SLOTS = 2  # --query-max-concurrent of this test
+# Rack "a" holds an hour of samples every 500 ms (--interval 500ms) per GPU: 10 million samples, several times
+# what one query gets through in QUERY_TIMEOUT_S; rack "b" one sample per GPU. Both racks together are over
+# QUERY_MAX_SERIES.
+RACK_A, RACK_B, HOUR_OF_SAMPLES = 1_400, 600, 7_200
+HEAVY_AT_ONCE = 10  # five times the slots: some wait out QUERY_SLOT_WAIT_S (2 s) behind the others
+# What waves of heavy queries may leave behind in the collector's memory. Each reads 1,400 series a fetch at
+# a time (about 100,000 samples) and holds one series' samples at once: ~50 MiB of working memory here, which
+# stays flat however many more come. Read whole, as before, one such query took over 1 GiB; the finding's
+# collector grew to 6.3 GiB and stayed there.
+QUERY_RSS_BOUND_MIB = 128
+
+
+def power_gpus(rack: str, n: int, at_ms: int) -> list[rw.Series]:
+    return [
+        rw.Series(
+            {
+                "__name__": "gpufleet_gpu_power_watts",
+                "cluster": "east",
+                "rack": rack,
+                "node": f"{rack}-{i // 8}",
+                "gpu": str(i % 8),
+                "uuid": f"GPU-{rack}-{i}",
+            },
+            [(at_ms, 300.0)],
+        )
+        for i in range(n)
+    ]
+
+
+def store_an_hour_of_samples(db: str, rack: str, before_ms: int) -> None:
+    """An hour of samples every 500 ms for every GPU of ``rack``, written into the store as the collector lays
+    them out (one chunk row per series; migration 0002), straight into PostgreSQL: 10 million samples would
+    take minutes through remote-write. Kept inside the hour of ``before_ms``, whose partition exists."""
+    import psycopg
+
+    from gpufleet.collector.store.chunks import HOUR_MS
+
+    start = max(before_ms - HOUR_MS, before_ms - before_ms % HOUR_MS)
+    gap = max(1, (before_ms - start) // HOUR_OF_SAMPLES)
+    with psycopg.connect(db.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute(
+            "INSERT INTO sample_head (series_id, start_ms, end_ms, dts, vals) "
+            "SELECT id, %(start)s, %(start)s + %(gap)s * (%(n)s - 1), "
+            "array_prepend(0, array_fill(%(gap)s, ARRAY[%(n)s - 1])), array_fill(300.0::float8, ARRAY[%(n)s]) "
+            "FROM series WHERE metric = 'gpufleet_gpu_power_watts' AND labels::json ->> 'rack' = %(rack)s "
+            "ON CONFLICT DO NOTHING",
+            {"start": start, "gap": gap, "n": HOUR_OF_SAMPLES, "rack": rack},
+        )
+
+
+def query_power(h: HostileSetup, **labels: str) -> tuple[Response, float]:
+    """The last hour of GPU power, every 15 s, as a dashboard asks; and the seconds the answer took."""
+    now = time.time()
+    q = {"metric": "gpufleet_gpu_power_watts", "start": now - 3600, "end": now, "step": 15, **labels}
+    t0 = time.perf_counter()
+    r = h.get("/api/v1/query_range?" + urllib.parse.urlencode(q), READ_ALL)
+    return r, time.perf_counter() - t0
+
+
+def query_outcomes(h: HostileSetup) -> dict[str, float]:
+    with urllib.request.urlopen(h.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    prefix = 'gpufleet_collector_query_requests_total{outcome="'
+    return {
+        ln[len(prefix) :].split('"')[0]: float(ln.split()[-1])
+        for ln in text.splitlines()
+        if ln.startswith(prefix)
+    }
+
+
+def statements_reading_samples(db: str) -> list[str]:
+    """Statements of the collector's database at work reading samples for a range query now: the cursor's
+    query (gpufleet_range_…), or a fetch from it."""
+    import psycopg
+
+    with psycopg.connect(db.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+            "AND pid <> pg_backend_pid() AND (query LIKE '%gpufleet_range_%' OR query LIKE 'FETCH%')"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def hang_up_during_a_query(h: HostileSetup, path: str) -> None:
+    """Send a query, then close the connection before the answer comes, as a browser tab that is shut does."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", h.port), timeout=5) as s:
+        s.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {READ_ALL}\r\n\r\n".encode()
+        )
+        time.sleep(0.3)
+
+
+def test_a_heavy_query_range_is_refused_or_stopped_within_its_budget_and_the_api_answers_on(
+    hostile: HostileSetup,
+):
+    h = hostile
+    h.extra_args = [
+        "--query-max-series",
+        str(QUERY_MAX_SERIES),
+        "--query-timeout",
+        f"{QUERY_TIMEOUT_S:g}s",
+        "--query-max-concurrent",
+        str(QUERY_SLOTS),
+    ]
+    collector = h.restart()
+    now_ms = int(time.time() * 1000)
+    h.push(power_gpus("a", RACK_A, now_ms), EAST)
+    h.push(power_gpus("b", RACK_B, now_ms), EAST)
+    store_an_hour_of_samples(h.db, "a", now_ms)
+    small, _ = query_power(h, node="b-0")  # rack b's first node: eight GPUs, one sample each
+    assert small.status == 200 and len(small.body["data"]["result"]) == 8, small.body
+    assert h.get("/api/v1/gpus", READ_ALL).status == 200  # the fleet view has learnt the GPUs before
+    rss_before = psutil.Process(collector.proc.pid).memory_info().rss
+
+    # more series than the limit: refused after counting them, before a sample is read
+    refused, _ = query_power(h)
+    assert refused.status == 422, refused.body
+    error = refused.body["error"]
+    assert f"matches {RACK_A + RACK_B} series, over the limit of {QUERY_MAX_SERIES}" in error
+    assert "--query-max-series" in error and "narrow the matchers" in error
+    assert "SELECT" not in error.upper()
+
+    # within the series limit but too heavy to finish: stopped at the budget, by the database too
+    stopped, took = query_power(h, rack="a")
+    assert stopped.status == 503, stopped.body
+    assert f"{QUERY_TIMEOUT_S:g} s (--query-timeout)" in stopped.body["error"], stopped.body
+    assert took < QUERY_TIMEOUT_S + 1.0, f"stopped after {took:.1f} s"
+    assert wait_until(lambda: statements_reading_samples(h.db) == [], timeout=5)
+
+    # a wave of them at once: as many run as there are slots, the others are told to come back; meanwhile
+    # the probe, the GPU list and the rule evaluations go on
+    answers: list[Response] = []
+
+    def heavy() -> None:
+        answers.append(query_power(h, rack="a")[0])
+
+    evaluations = h.evaluations()
+    wave = [threading.Thread(target=heavy) for _ in range(HEAVY_AT_ONCE)]
+    for t in wave:
+        t.start()
+    slowest, gpus_ok = 0.0, 0
+    while any(t.is_alive() for t in wave):
+        slowest = max(slowest, h.healthz_round_trip_s())
+        gpus_ok += h.get("/api/v1/gpus", READ_ALL).status == 200
+    for t in wave:
+        t.join()
+    assert slowest < HEALTHZ_BOUND_S, f"/healthz took {slowest:.3f} s during the heavy queries"
+    assert gpus_ok > 0 and h.evaluations() > evaluations
+    assert sorted(a.status for a in answers) == [503] * HEAVY_AT_ONCE, [a.body for a in answers]
+    busy = [a for a in answers if "--query-max-concurrent" in a.body["error"]]
+    assert busy and all(a.headers["retry-after"] == "1" for a in busy)
+    assert all("--query-timeout" in a.body["error"] for a in answers if a not in busy)
+    assert wait_until(lambda: statements_reading_samples(h.db) == [], timeout=5)
+
+    # a client that hangs up: its query is cancelled, the database's statement with it
+    wait_until(lambda: collector.metric("gpufleet_collector_queries_running") == 0, timeout=10)
+    cancelled = query_outcomes(h).get("cancelled", 0)
+    now = time.time()
+    q = {"metric": "gpufleet_gpu_power_watts", "rack": "a", "start": now - 3600, "end": now, "step": 15}
+    hang_up_during_a_query(h, "/api/v1/query_range?" + urllib.parse.urlencode(q))
+    wait_until(lambda: query_outcomes(h).get("cancelled", 0) == cancelled + 1, timeout=10)
+    assert wait_until(lambda: statements_reading_samples(h.db) == [], timeout=5)
+    assert collector.metric("gpufleet_collector_queries_running") == 0
+
+    grown_mib = (psutil.Process(collector.proc.pid).memory_info().rss - rss_before) / 2**20
+    assert grown_mib < QUERY_RSS_BOUND_MIB, f"RSS grew {grown_mib:.0f} MiB over the heavy queries"
+    assert query_power(h, node="b-0")[0].status == 200  # the collector answers small queries as before
+
+
+# ---- finding 9: decoding a large request held the event loop; --max-inflight-writes did not count it ---------
+OVERSIZED_AT_ONCE = 8
+# 20,001 series of 100 samples: 2,000,100 samples, just over the default --max-samples of 2,000,000, so each
+# request is inflated, parsed and counted before it is refused (413).
+OVERSIZED_SERIES, OVERSIZED_SAMPLES = 20_001, 100
+
+
+def test_eight_oversized_writes_decoding_at_once_leave_healthz_answering(hostile: HostileSetup):
+    h = hostile
+    now = int(time.time() * 1000)
+    times = [now - 1000 * (OVERSIZED_SAMPLES - k) for k in range(OVERSIZED_SAMPLES)]
+    body = rw.encode(
+        [
+            rw.Series(
+                {
+                    "__name__": "gpufleet_gpu_power_watts",
+                    "cluster": "east",
+                    "node": f"big-{i // 8}",
+                    "gpu": str(i % 8),
+                    "uuid": f"GPU-big-{i}",
+                },
+                [(t, 300.0) for t in times],
+            )
+            for i in range(OVERSIZED_SERIES)
+        ]
+    )
+    answers: list[SendResult] = []
+
+    def oversized() -> None:
+        sender = RemoteWriteSender(h.url + "/api/v1/write", http_pool(60), user_agent="oversized", token=EAST)
+        answers.append(sender.send(body))
+
+    senders = [threading.Thread(target=oversized) for _ in range(OVERSIZED_AT_ONCE)]
+    for t in senders:
+        t.start()
+    slowest, inflight_seen = 0.0, 0.0
+    assert h.collector is not None
+    while any(t.is_alive() for t in senders):
+        slowest = max(slowest, h.healthz_round_trip_s())
+        inflight_seen = max(inflight_seen, h.collector.metric("gpufleet_collector_inflight_writes"))
+    for t in senders:
+        t.join()
+    assert slowest < HEALTHZ_BOUND_S, (
+        f"/healthz took {slowest:.3f} s while {OVERSIZED_AT_ONCE} writes decoded"
+    )
+    assert [a.status for a in answers] == [413] * OVERSIZED_AT_ONCE, [a.detail for a in answers]
+    assert all("too many samples" in a.detail and "2000100" in a.detail for a in answers), answers[0].detail
+    assert inflight_seen >= 1  # decoding holds a write slot: --max-inflight-writes bounds it
+    assert h.collector.metric("gpufleet_collector_inflight_writes") == 0
+    h.push(hot_gpus("east", ["e1"]), EAST)  # and a good write goes through afterwards
+
+
+# ---- finding 7: label values reached Slack as markup: a node label paged the channel and hid a link ---------
+MARKUP_NODE = "<!channel> <https://x|Click here>"
+
+
+def test_label_values_that_look_like_slack_markup_reach_slack_escaped_from_a_real_collector(
+    hostile: HostileSetup,
+):
+    h = hostile
+    with SlackDouble() as slack:
+        h.extra_args = [
+            "--slack-token",
+            "xoxb-test-token",
+            "--slack-channel",
+            "C0ONCALL",
+            "--slack-base-url",
+            slack.base_url,
+        ]
+        h.restart()
+        (hot,) = hot_gpus("east", [MARKUP_NODE])
+        hot.labels["pod"] = "train&eval"
+        h.push([hot], EAST)
+        (m,) = wait_until(lambda: slack.channel_messages("C0ONCALL"), timeout=20)
+        assert alert_on(h, MARKUP_NODE) is not None  # stored and served as written
+        (attachment,) = m.attachments
+        mrkdwn = [m.text, attachment["fallback"]] + [
+            t["text"]
+            for b in attachment["blocks"]
+            for t in [b.get("text", {}), *b.get("fields", []), *b.get("elements", [])]
+            if t.get("type") == "mrkdwn"
+        ]
+        assert len(mrkdwn) >= 6, mrkdwn  # text, fallback, summary, fields, silence command
+        for text in mrkdwn:
+            assert "<" not in text and ">" not in text and "train&eval" not in text, text
+        escaped = "&lt;!channel&gt; &lt;https://x|Click here&gt;"
+        assert escaped in m.text and escaped in attachment["fallback"]
+        fields = [f["text"] for b in attachment["blocks"] for f in b.get("fields", [])]
+        assert f"*Node*\n{escaped}" in fields and "*Pod*\ntrain&amp;eval" in fields, fields
+        (header,) = [b["text"] for b in attachment["blocks"] if b["type"] == "header"]
+        assert header["type"] == "plain_text" and MARKUP_NODE in header["text"]  # Slack shows it literally
+        assert slack.problems == []

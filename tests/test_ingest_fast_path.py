@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import cramjam
@@ -21,8 +22,10 @@ from gpufleet.collector.store import Store
 from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 
-NOW_MS = 1_790_000_000_000  # 2026: times a live fleet sends are 6-byte varints
 HOUR_MS = 3_600_000
+# Two hours ago, 12 minutes into the hour: within the collector's window, and a 6-byte varint as every
+# time a live fleet sends.
+NOW_MS = (int(time.time() * 1000) // HOUR_MS - 2) * HOUR_MS + 12 * 60_000
 
 label_value = st.text(max_size=300)
 value = st.one_of(
@@ -152,7 +155,6 @@ def test_what_an_agent_sends_in_every_layout_is_what_the_store_returns(collector
         "mixed": [(NOW_MS + i * 1000, float(i % 2)) for i in range(5)],
         "odd-values": [(NOW_MS, float("inf")), (NOW_MS + 1000, -0.0), (NOW_MS + 2000, -1e300)],
         "across-an-hour": [(hour - 2000, 1.0), (hour - 1000, 2.0), (hour, 3.0), (hour + 1000, 4.0)],
-        "old-times": [(5000, 1.0), (6000, 2.0)],
         "backfill": [(hour - 100_000 + i * 1000, i / 7) for i in range(200)],
     }
     series = [rw.Series({"__name__": "m", "uuid": uuid, "pod": "p" * 200}, pts) for uuid, pts in sent.items()]
@@ -161,6 +163,9 @@ def test_what_an_agent_sends_in_every_layout_is_what_the_store_returns(collector
         assert points(c.store, uuid, pts[0][0], pts[-1][0]) == pts, uuid
     newest = {p.labels["uuid"]: (p.ts, p.value) for p in c.store.latest("m")}
     assert newest == {uuid: pts[-1] for uuid, pts in sent.items()}
+    # times from 1970 (short varints, parsed as a message) are outside the window the collector takes
+    old = [rw.Series({"__name__": "m", "uuid": "old-times"}, [(5000, 1.0), (6000, 2.0)])]
+    assert post(url, rw.encode(old)) == 400
 
 
 def test_a_series_refused_for_its_labels_stays_refused(collector):

@@ -195,10 +195,27 @@ def test_a_target_that_refuses_a_batch_counts_the_drop_and_keeps_forwarding(rece
         t.stop()
 
 
-def test_a_full_queue_drops_and_counts_instead_of_growing_without_bound():
+def test_with_drop_a_full_queue_drops_and_counts_instead_of_growing_without_bound():
     from gpufleet.collector.forward import RemoteWriteTarget
 
-    t = RemoteWriteTarget(f"http://127.0.0.1:{free_port()}/api/v1/write", max_queue_samples=10)  # not started
+    url = f"http://127.0.0.1:{free_port()}/api/v1/write"
+    t = RemoteWriteTarget(url, max_queue_samples=10, when_full="drop")  # not started
     t.submit(b"a", 6)
     t.submit(b"b", 6)
-    assert (t.queued_samples, t.dropped_samples) == (6, 6)
+    assert (t.queued_samples, t.dropped["queue_full"]) == (6, 6)
+    assert t.backlog(6, 1) is None  # drop never refuses a write
+
+
+def test_with_block_a_full_queue_refuses_the_next_write_by_samples_or_bytes_and_drops_nothing():
+    from gpufleet.collector.forward import RemoteWriteTarget
+
+    url = f"http://127.0.0.1:{free_port()}/api/v1/write"
+    t = RemoteWriteTarget(url, max_queue_samples=10, max_queue_bytes=100)  # not started
+    assert t.backlog(50, 10_000) is None  # an empty queue takes a batch however large
+    t.submit(b"a" * 40, 6)
+    assert t.backlog(4, 60) is None
+    full = t.backlog(5, 10)
+    assert full is not None and "--forward-max-queue-samples" in full.message
+    assert t.backlog(1, 61) is not None  # 40 + 61 bytes is over 100
+    t.submit(b"b" * 40, 6)  # a write already being stored still joins the queue
+    assert (t.queued_samples, t.queued_bytes, t.dropped_samples, t.backpressure_writes) == (12, 80, 0, 2)

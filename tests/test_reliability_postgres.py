@@ -38,10 +38,13 @@ def pg_ready() -> bool:
     return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"]).returncode == 0
 
 
+T0 = int(time.time() * 1000) - 600_000  # within the collector's window of sample times
+
+
 def one_batch(i: int) -> rw.Series:
     return rw.Series(
         {"__name__": "gpufleet_gpu_power_watts", "node": "n1", "gpu": str(i % 8), "uuid": f"GPU-{i % 8}"},
-        [(1_700_000_000_000 + i * 1000, float(i))],
+        [(T0 + i * 1000, float(i))],
     )
 
 

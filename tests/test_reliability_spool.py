@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -181,7 +182,8 @@ def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(
     restarts half way: the running pusher is stopped and a new one starts on the same spool folder.
     Afterwards the collector holds every sample, the urgent batch (a GPU lost) arrived first, the rest in
     order, and nothing was acknowledged twice."""
-    clock = SimClock()
+    start = float(int(time.time()) - 3600)  # the ten minutes end well within the collector's window
+    clock = SimClock(start)
     port = free_port()
     spool_dir = tmp_path / "spool"
     sim = SimulatedNVML(8, clock=clock, seed=3)
@@ -260,7 +262,7 @@ def test_an_agent_whose_collector_is_down_for_ten_minutes_loses_no_sample(
     flags = [u for u, _ in http.acknowledged]
     n_urgent = flags.count(True)
     assert n_urgent >= 1 and flags == [True] * n_urgent + [False] * (len(flags) - n_urgent)
-    lost_ts = 1_700_000_200 * 1000
+    lost_ts = int(start + 200) * 1000
     assert any(
         '"gpufleet_gpu_up"' in k and ts == lost_ts for _, b in http.acknowledged[:n_urgent] for k, ts in b
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import urllib3
@@ -24,7 +25,10 @@ def post(url: str, body: bytes, token: str | None = None) -> urllib3.BaseHTTPRes
     return urllib3.request("POST", url + "/api/v1/write", body=body, headers=headers)
 
 
-def gpu_series(cluster: str | None, gpu: int = 0, ts: int = 1000) -> rw.Series:
+T0 = int(time.time() * 1000)
+
+
+def gpu_series(cluster: str | None, gpu: int = 0, ts: int = T0) -> rw.Series:
     labels = {"__name__": "gpufleet_gpu_up", "node": "n1", "gpu": str(gpu), "uuid": f"GPU-{gpu}"}
     if cluster is not None:
         labels["cluster"] = cluster
@@ -72,7 +76,7 @@ def test_a_token_scoped_to_one_cluster_cannot_write_another_and_nothing_of_the_r
     assert c.store.counts() == {"series": 0, "samples": 0}
     # the fleet-wide token may write both; the scoped one its own cluster
     assert post(url, mixed, ANY).status == 204
-    assert post(url, rw.encode([gpu_series("gpu-east", 0, ts=2000)]), EAST).status == 204
+    assert post(url, rw.encode([gpu_series("gpu-east", 0, ts=T0 + 1000)]), EAST).status == 204
     assert c.store.counts()["samples"] == 4
     assert EAST not in caplog.text and ANY not in caplog.text  # tokens are never logged
 

@@ -50,7 +50,8 @@ def post(url: str, body: bytes, **headers: str) -> urllib3.BaseHTTPResponse:
 
 
 def good(n: int = 10) -> list[rw.Series]:
-    return [rw.Series({"__name__": "gpufleet_gpu_up", "uuid": f"GPU-{i}"}, [(1000, 1.0)]) for i in range(n)]
+    now = int(time.time() * 1000)
+    return [rw.Series({"__name__": "gpufleet_gpu_up", "uuid": f"GPU-{i}"}, [(now, 1.0)]) for i in range(n)]
 
 
 def varint(n: int) -> bytes:

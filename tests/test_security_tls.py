@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,9 @@ def pki(tmp_path_factory) -> Path:
 
 def push_once(url: str, tmp: Path, **tls) -> tuple[bool, str | None]:
     p = Pusher(url, **tls)
+    now = int(time.time() * 1000)
     p._queue.append(
-        (rw.encode([rw.Series({"__name__": "gpufleet_gpu_up", "uuid": "GPU-1"}, [(1000, 1.0)])]), 1, False)
+        (rw.encode([rw.Series({"__name__": "gpufleet_gpu_up", "uuid": "GPU-1"}, [(now, 1.0)])]), 1, False)
     )
     return p.flush(), p.last_error
 

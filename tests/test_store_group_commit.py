@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from gpufleet.collector.store import Store, StoreUnavailable
+from gpufleet.collector.store import BatchRefused, Store, StoreUnavailable
 from gpufleet.core.remote_write import Series
 
 
@@ -66,8 +66,9 @@ def test_a_batch_the_database_refuses_fails_alone_and_is_not_half_stored(pg_url)
         bad = batch(3, 0) + [Series({"__name__": "x" * 201, "uuid": "GPU-3-9"}, [(0, 1.0)])]
         results = store.write_many([good1, bad, good2])
         assert results[0] == 40 and results[2] == 40
-        assert isinstance(results[1], StoreUnavailable)
-        assert "value too long" in str(results[1])
+        # refused for what it holds (a 400 for its sender, not "retry later"), in words without SQL
+        assert isinstance(results[1], BatchRefused)
+        assert str(results[1]) == "a label value is longer than the store's column for it"
         assert store.counts() == {"series": 16, "samples": 80}
         assert {p.labels["node"] for p in store.latest()} == {"n1", "n2"}
         # the refused batch's good part, sent again on its own, is stored whole

@@ -17,7 +17,7 @@ from gpufleet.core import remote_write as rw
 from tests.conftest import free_port, wait_until
 
 HEADERS = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING}
-T0 = 1_800_000_000_000
+T0 = (int(time.time() * 1000) // 3_600_000 - 1) * 3_600_000  # the last hour: the batches span 20 minutes
 
 
 def start_collector(db: str, port: int) -> subprocess.Popen:

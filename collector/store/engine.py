@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from sqlalchemy import Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, OperationalError
 
 from gpufleet.core.addresses import DATABASE_EXAMPLE, database_url
 
@@ -27,6 +27,11 @@ except ImportError:  # pragma: no cover - SQLite-only installs
     DB_ERRORS = (OperationalError, DBAPIError)
 
 
+# What a write may raise about the database or the batch: psycopg encodes text for a database that is not in
+# UTF-8 itself, and raises UnicodeEncodeError for a character that database cannot hold.
+WRITE_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, UnicodeEncodeError)
+
+
 class StoreUnavailable(RuntimeError):
     """The database cannot be reached or refused the transaction; the caller should retry later.
     ``connection``: the connection failed (rather than the database refusing what was sent)."""
@@ -34,6 +39,11 @@ class StoreUnavailable(RuntimeError):
     def __init__(self, message: str, *, connection: bool = True) -> None:
         super().__init__(message)
         self.connection = connection
+
+
+class BatchRefused(ValueError):
+    """The database refused what one batch holds (a value its columns cannot hold, a character its encoding
+    cannot store): sending the same batch again cannot succeed. The message names the problem, never SQL."""
 
 
 def one_line(exc: BaseException | None) -> str:
@@ -52,6 +62,37 @@ def connection_error(exc: BaseException) -> bool:
         )
     except NameError:  # pragma: no cover - SQLite-only installs
         return isinstance(exc, OperationalError)
+
+
+# SQLSTATE of PostgreSQL's data exceptions (class 22) that a batch can cause, in words a client can act on.
+_DATA_PROBLEMS = {
+    "22001": "a label value is longer than the store's column for it",  # string_data_right_truncation
+    "22003": "a timestamp or number is out of the store's range",  # numeric_value_out_of_range
+    "22008": "a timestamp is out of the store's range",  # datetime_field_overflow
+    "22021": "a label holds a character the database's encoding cannot store",  # character_not_in_repertoire
+    "22P05": "a label holds a character the database's encoding cannot store",  # untranslatable_character
+    "22P02": "a label holds text the database cannot read",  # invalid_text_representation
+}
+
+
+def data_problem(exc: BaseException) -> str | None:
+    """What is wrong with a batch's data, when ``exc`` says the database refused that data (PostgreSQL's
+    class 22, psycopg refusing a NUL before sending, a DB-API DataError); None for any other error (the
+    connection, the server's state, a deadlock), which a later try may get past."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, UnicodeEncodeError):  # psycopg encoding for a database that is not in UTF-8
+        return f"a label holds a character the database's encoding ({orig.encoding}) cannot store"
+    state = getattr(orig, "sqlstate", None) or ""
+    if state.startswith("22"):
+        return _DATA_PROBLEMS.get(state, f"the database refused the batch's data (SQLSTATE {state})")
+    try:
+        if isinstance(orig, psycopg.DataError):  # raised by psycopg itself, before anything is sent
+            return "a label holds a NUL character" if "NUL" in str(orig) else "the database refused its data"
+    except NameError:  # pragma: no cover - SQLite-only installs
+        pass
+    if isinstance(orig, sqlite3.DataError) or isinstance(exc, DataError):
+        return "the database refused the batch's data"
+    return None
 
 
 @dataclass(frozen=True)

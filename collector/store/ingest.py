@@ -24,12 +24,17 @@ from gpufleet.collector.store import chunks, schema
 from gpufleet.collector.store.engine import (
     DB_ERRORS,
     LATE_MS,
+    WRITE_ERRORS,
+    BatchRefused,
     Database,
     StoreUnavailable,
     connection_error,
+    data_problem,
     driver_cursor,
+    one_line,
 )
 from gpufleet.collector.store.partitions import Partitions
+from gpufleet.collector.store.series_limit import ActiveSeries, NewSeries, SeriesLimits
 from gpufleet.core.labels import fingerprint
 from gpufleet.core.remote_write import LabelKey, LabelSet, Series, SeriesBatch
 
@@ -95,12 +100,16 @@ class _Pending:
         self.now_ms = now_ms
         self.turn = turn
         self.done = False
-        self.error: StoreUnavailable | None = None
+        self.error: StoreUnavailable | BatchRefused | None = None
 
 
 class Ingest:
-    def __init__(self, db: Database, partitions: Partitions) -> None:
+    def __init__(
+        self, db: Database, partitions: Partitions, series_limits: SeriesLimits | None = None
+    ) -> None:
         self._db = db
+        # None: no limit on series (tests and tools that write a store directly)
+        self.active_series = ActiveSeries(series_limits) if series_limits is not None else None
         self._partitions = partitions
         # Series ids by label key. Read without the lock (one dict lookup is atomic); changed under it.
         self._ids: dict[LabelKey, int] = {}
@@ -128,11 +137,26 @@ class Ingest:
         return self.write_batch(SeriesBatch.of(series), now_ms=now_ms)
 
     def write_batch(self, batch: SeriesBatch, *, now_ms: int | None = None) -> int:
-        """``write`` for a batch as a receiver decodes it (``remote_write.decode_batch``)."""
+        """``write`` for a batch as a receiver decodes it (``remote_write.decode_batch``). With series limits,
+        a batch that would create series past one is refused whole, before anything of it is stored:
+        ``SeriesLimitExceeded`` (see series_limit.py)."""
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         pts, offered = self._points(batch)
         if pts is None:
             return offered
+        active = self.active_series
+        reserved = self._admit(active, pts, now_ms) if active is not None else None
+        if active is None or reserved is None:
+            return self._write_queued(pts, now_ms, offered)
+        stored = False
+        try:
+            n = self._write_queued(pts, now_ms, offered)
+            stored = True
+            return n
+        finally:
+            active.settle(reserved, stored=stored)
+
+    def _write_queued(self, pts: _Points, now_ms: int, offered: int) -> int:
         item = _Pending(pts, now_ms, threading.Condition(self._lock))
         group: list[_Pending] = []
         with self._lock:  # the thread of the first queued batch writes it and the batches behind it
@@ -163,13 +187,66 @@ class Ingest:
             raise item.error
         return offered
 
+    def count_active_series(self, now_ms: int | None = None) -> None:
+        """Take the active series counts from the database (at start, then at every maintenance pass)."""
+        if self.active_series is None:
+            return
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        try:
+            with self._db.engine.connect() as conn:
+                self.active_series.recount(conn, now_ms)
+        except DB_ERRORS as exc:
+            log.warning("cannot count the active series: %s", one_line(getattr(exc, "orig", exc)))
+            raise StoreUnavailable(
+                "the database did not answer the count of active series", connection=connection_error(exc)
+            ) from None
+
+    def _admit(self, active: ActiveSeries, pts: _Points, now_ms: int) -> NewSeries | None:
+        """Room for the series of ``pts`` the store does not hold yet, or SeriesLimitExceeded. Series in the
+        cache of known ids cost one dict lookup each; the others are looked up in the database, where a
+        restart, another replica or a cache that started over may have left them (their ids are kept)."""
+        ids = self._ids
+        unknown = [ls for ls in pts.sets if ls.key not in ids]
+        if not unknown:
+            return None
+        if not active.counted:
+            self.count_active_series(now_ms)
+        by_fp = {fingerprint(ls.labels): ls for ls in unknown}
+        stored: dict[LabelKey, int] = {}
+        fps = list(by_fp)
+        try:
+            with self._db.engine.connect() as conn:
+                for lo in range(0, len(fps), 5000):
+                    for fp, sid in conn.execute(
+                        select(schema.series.c.fingerprint, schema.series.c.id).where(
+                            schema.series.c.fingerprint.in_(fps[lo : lo + 5000])
+                        )
+                    ):
+                        stored[by_fp.pop(fp).key] = sid
+        except DB_ERRORS as exc:
+            log.warning("cannot look up a write's new series: %s", one_line(getattr(exc, "orig", exc)))
+            raise StoreUnavailable(
+                "the database did not answer a lookup of series", connection=connection_error(exc)
+            ) from None
+        if stored:  # committed rows: their ids stay valid
+            with self._ids_lock:
+                self._ids.update(stored)
+        if not by_fp:
+            return None
+        new: dict[str | None, int] = {}
+        for ls in by_fp.values():
+            cluster = ls.labels.get("cluster")
+            new[cluster] = new.get(cluster, 0) + 1
+        return active.reserve(new)
+
     def write_many(
         self, batches: Sequence[Sequence[Series]], *, now_ms: int | None = None
-    ) -> list[int | StoreUnavailable]:
+    ) -> list[int | StoreUnavailable | BatchRefused]:
         """Store several batches in one shared transaction (what concurrent ``write`` calls do).
 
-        Per batch: the number of samples offered, or the ``StoreUnavailable`` it failed with. When the
-        shared transaction fails on a database error that is not about the connection (a batch the
+        Per batch: the number of samples offered, or the error it failed with: ``BatchRefused`` when the
+        database refused that batch's data (retrying it cannot help), ``StoreUnavailable`` otherwise. When
+        the shared transaction fails on a database error that is not about the connection (a batch the
         database refuses, a deadlock), each batch is retried in a transaction of its own, so one bad
         batch does not fail the others; when the database cannot be reached, every batch fails. Either
         way a batch is stored whole or not at all."""
@@ -188,8 +265,8 @@ class Ingest:
     def _write_group(self, group: list[_Pending]) -> None:
         try:
             self._write_points(group)
-        except StoreUnavailable as exc:
-            if len(group) > 1 and not exc.connection:
+        except (StoreUnavailable, BatchRefused) as exc:
+            if len(group) > 1 and not (isinstance(exc, StoreUnavailable) and exc.connection):
                 log.warning(
                     "a shared transaction of %d batches failed (%s); writing each on its own", len(group), exc
                 )
@@ -217,13 +294,21 @@ class Ingest:
                     if attempt == DEADLOCK_RETRIES or not _deadlock(exc):
                         raise
                     log.info("a write was chosen as a deadlock victim; writing it again")
-        except DB_ERRORS as exc:
+        except WRITE_ERRORS as exc:
             with self._ids_lock:  # ids learned in a rolled-back transaction may not exist
                 self._ids = {}
                 self._has_latest = set()
             self._partitions.forget_all()
+            # The driver's words go to the operator's log only: they may quote SQL and the batch's values.
+            problem = data_problem(exc)
+            if problem is not None:
+                log.warning("the database refused a batch's data: %s", one_line(getattr(exc, "orig", exc)))
+                raise BatchRefused(problem) from None
+            log.warning("database write failed: %s", one_line(getattr(exc, "orig", exc)))
+            connection = connection_error(exc)
             raise StoreUnavailable(
-                f"database write failed: {getattr(exc, 'orig', exc)}", connection=connection_error(exc)
+                "the database cannot be reached" if connection else "the database did not complete the write",
+                connection=connection,
             ) from None
 
     def _transaction(self, group: Sequence[_Pending]) -> None:

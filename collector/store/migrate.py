@@ -10,6 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -76,6 +77,10 @@ def upgrade(
         if pending:
             progress(f"{len(pending)} migration(s) to apply: {', '.join(pending)}")
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas started together on a new database would each create the schema and all but one fail
+            # on the duplicate tables; the lock makes the others wait and then find the schema at its head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('gpufleet_migrations'))"))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "heads")
     return current, head_revisions()

@@ -18,16 +18,18 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Connection
 
 from gpufleet.collector.store import chunks, schema
-from gpufleet.collector.store.engine import LOOKBACK_MS, Database, driver_cursor
-
-RAW_RANGE_MS = 6 * 3600 * 1000  # range queries up to 6 hours read raw samples; longer ones read rollups
+from gpufleet.collector.store.engine import Database, driver_cursor
+from gpufleet.collector.store.ranges import (
+    QueryCancel,
+    QueryLimits,
+    read_range,
+    series_json,
+)
 
 # Labels that say which GPU a series belongs to (and what runs on it), not which of its series it is.
 GPU_IDENTITY = ("node", "gpu", "uuid", "model", "cluster", "pod", "namespace", "container")
 GPU_INFO = "gpufleet_gpu_info"
 MAX_KNOWN_SERIES = 1_000_000  # series the fleet view keeps worked out; past that it starts over
-
-Bucket = tuple[int, float, float, float, int]  # (bucket_ms, min, max, sum, count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,46 +236,6 @@ def _fleet_order(g: GpuRecord) -> tuple[str, str, int, str]:
     )
 
 
-def step_latest(pts: list[tuple[int, float]], start_ms: int, end_ms: int, step_ms: int) -> list[list[float]]:
-    values = []
-    i, last = 0, None
-    for t in range(start_ms, end_ms + 1, step_ms):
-        while i < len(pts) and pts[i][0] <= t:
-            last = pts[i]
-            i += 1
-        if last is not None and last[0] > t - LOOKBACK_MS:
-            values.append([t / 1000.0, last[1]])
-    return values
-
-
-def step_average(buckets: list[Bucket], start_ms: int, end_ms: int, step_ms: int) -> list[list[float]]:
-    """Average over the buckets in [t - step, t) for each step t (sum of sums over sum of counts)."""
-    values = []
-    lo = hi = 0
-    total, count = 0.0, 0
-    for t in range(start_ms, end_ms + 1, step_ms):
-        while hi < len(buckets) and buckets[hi][0] < t:
-            total += buckets[hi][3]
-            count += buckets[hi][4]
-            hi += 1
-        while lo < hi and buckets[lo][0] < t - step_ms:
-            total -= buckets[lo][3]
-            count -= buckets[lo][4]
-            lo += 1
-        if count:
-            values.append([t / 1000.0, total / count])
-    return values
-
-
-def resolution(start: float, end: float, step: float) -> str:
-    """Which data answers a range query: ``raw`` for ranges up to 6 hours (and for steps under a
-    minute), else the coarsest rollup the step allows: ``1h`` for steps of an hour or more, ``1m``
-    for a minute or more. Keep raw retention longer than 6 hours so short ranges find raw data."""
-    if (end - start) * 1000 <= RAW_RANGE_MS or step < 60:
-        return "raw"
-    return "1h" if step >= 3600 else "1m"
-
-
 class Reads:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -284,115 +246,61 @@ class Reads:
         self._identities: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}  # one dict per identity
 
     def query_range(
-        self, metric: str, matchers: Mapping[str, str], start: float, end: float, step: float
+        self,
+        metric: str,
+        matchers: Mapping[str, str],
+        start: float,
+        end: float,
+        step: float,
+        limits: QueryLimits | None = None,
+        cancel: QueryCancel | None = None,
     ) -> list[RangeSeries]:
-        """Each matching series every ``step`` seconds from ``start`` to ``end``.
+        """Each matching series every ``step`` seconds from ``start`` to ``end``, within ``limits`` (see
+        ``QueryLimits``; QueryRefused, QueryTimedOut, QueryCancelled past them).
 
         Raw resolution: the newest value at or before each step, no older than 5 minutes (Prometheus's
         instant-vector semantics). Rollup resolution (long ranges, see ``resolution``): the average of
         the samples in the ``step`` seconds before each step."""
-        start_ms, end_ms, step_ms = int(start * 1000), int(end * 1000), max(1, int(step * 1000))
-        res = resolution(start, end, step)
-        with self._db.engine.connect() as conn:
-            series = self._matching_series(conn, metric, matchers)
-            if not series:
-                return []
-            if res == "raw":
-                by_sid = self._raw_points(conn, list(series), start_ms - LOOKBACK_MS, end_ms)
-                result = [
-                    RangeSeries(
-                        metric=series[sid], values=step_latest(by_sid.get(sid, []), start_ms, end_ms, step_ms)
-                    )
-                    for sid in series
-                ]
-            else:
-                buckets = self._rollup_buckets(conn, res, list(series), start_ms - step_ms, end_ms)
-                result = [
-                    RangeSeries(
-                        metric=series[sid],
-                        values=step_average(buckets.get(sid, []), start_ms, end_ms, step_ms),
-                    )
-                    for sid in series
-                ]
-        return sorted((r for r in result if r["values"]), key=lambda r: sorted(r["metric"].items()))
+        out: list[RangeSeries] = []
+        read_range(
+            self._db,
+            metric,
+            matchers,
+            start,
+            end,
+            step,
+            limits or QueryLimits(),
+            cancel or QueryCancel(),
+            lambda labels, values: out.append(RangeSeries(metric=labels, values=values)),
+        )
+        return sorted(out, key=lambda r: sorted(r["metric"].items()))
 
-    def _matching_series(
-        self, conn: Connection, metric: str, matchers: Mapping[str, str]
-    ) -> dict[int, dict[str, str]]:
-        c = schema.series.c
-        q = select(c.id, c.labels).where(c.metric == metric)
-        # node and uuid have columns of their own (indexed: uuid): a page asking for one node's GPUs reads
-        # those series, not every series of the metric.
-        for name, column in (("node", c.node), ("uuid", c.uuid)):
-            if matchers.get(name):
-                q = q.where(column == matchers[name])
-        out = {}
-        for sid, labels_json in conn.execute(q):
-            labels = self._series_labels(sid, metric, labels_json)
-            if all(labels.get(k, "") == v for k, v in matchers.items()):
-                out[sid] = labels
-        return out
-
-    def _raw_points(
-        self, conn: Connection, sids: list[int], lo: int, hi: int
-    ) -> dict[int, list[tuple[int, float]]]:
-        """Samples of these series with lo < ts <= hi, time-sorted, from every raw layout present."""
-        out: dict[int, list[tuple[int, float]]] = {}
-        rows: list[tuple[int, int, float]] = []
-        if self._db.dialect == "postgresql":
-            rows += conn.execute(
-                text(
-                    f"SELECT c.series_id, p.ts, p.value FROM {chunks.ALL_CHUNKS} c {chunks.POINTS} "
-                    "WHERE c.series_id = ANY(:sids) AND c.start_ms <= :hi AND c.start_ms > :lo - :hour "
-                    "AND c.end_ms > :lo AND p.ts > :lo AND p.ts <= :hi"
-                ),
-                {"sids": sids, "lo": lo, "hi": hi, "hour": chunks.HOUR_MS},
-            ).all()
-        s = schema.samples.c
-        for i in range(0, len(sids), 500):
-            rows += conn.execute(
-                select(s.series_id, s.ts, s.value).where(
-                    s.series_id.in_(sids[i : i + 500]), s.ts > lo, s.ts <= hi
-                )
-            ).all()
-        for sid, t, v in rows:
-            out.setdefault(sid, []).append((t, v))
-        for pl in out.values():
-            pl.sort()
-        return out
-
-    def _rollup_buckets(
-        self, conn: Connection, res: str, sids: list[int], lo: int, hi: int
-    ) -> dict[int, list[Bucket]]:
-        """(bucket_ms, min, max, sum, count) per series for buckets in [lo, hi): rollup rows up to the
-        rollup watermark, the newest stretch (not rolled up yet) computed from raw samples."""
-        table = schema.rollup_1h if res == "1h" else schema.rollup_1m
-        width = 3_600_000 if res == "1h" else 60_000
-        until = conn.execute(
-            select(schema.store_state.c.value).where(schema.store_state.c.key == "rollup_until")
-        ).scalar()
-        done: int = until if until is not None else lo
-        if res == "1h":
-            done = done // width * width
-        out: dict[int, list[Bucket]] = {}
-        r = table.c
-        for i in range(0, len(sids), 500):
-            for sid, b, mn, mx, sm, n in conn.execute(
-                select(r.series_id, r.bucket_ms, r.vmin, r.vmax, r.vsum, r.n).where(
-                    r.series_id.in_(sids[i : i + 500]), r.bucket_ms >= lo, r.bucket_ms < min(hi, done)
-                )
-            ):
-                out.setdefault(sid, []).append((b, mn, mx, sm, n))
-        if done < hi:
-            for sid, pl in self._raw_points(conn, sids, max(lo, done) - 1, hi - 1).items():
-                agg: dict[int, tuple[float, float, float, int]] = {}
-                for t, v in pl:
-                    mn, mx, sm, n = agg.get(t // width * width, (v, v, 0.0, 0))
-                    agg[t // width * width] = (min(mn, v), max(mx, v), sm + v, n + 1)
-                out.setdefault(sid, []).extend((b, *a) for b, a in sorted(agg.items()))
-        for bl in out.values():
-            bl.sort()
-        return out
+    def query_range_json(
+        self,
+        metric: str,
+        matchers: Mapping[str, str],
+        start: float,
+        end: float,
+        step: float,
+        limits: QueryLimits | None = None,
+        cancel: QueryCancel | None = None,
+    ) -> list[bytes]:
+        """``query_range``'s series, each already encoded as JSON, in the same order: the answer is held as
+        text only, never as a Python list per point (a float and a list per point weigh five times as much)."""
+        out: list[tuple[list[tuple[str, str]], bytes]] = []
+        read_range(
+            self._db,
+            metric,
+            matchers,
+            start,
+            end,
+            step,
+            limits or QueryLimits(),
+            cancel or QueryCancel(),
+            lambda labels, values: out.append((sorted(labels.items()), series_json(labels, values))),
+        )
+        out.sort(key=itemgetter(0))
+        return [piece for _, piece in out]
 
     def latest(
         self,

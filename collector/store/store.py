@@ -20,23 +20,37 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from gpufleet.collector.store import migrate
-from gpufleet.collector.store.engine import Database, Retention, StoreUnavailable, one_line, open_engine
+from gpufleet.collector.store.engine import (
+    BatchRefused,
+    Database,
+    Retention,
+    StoreUnavailable,
+    one_line,
+    open_engine,
+)
 from gpufleet.collector.store.ingest import Ingest
 from gpufleet.collector.store.maintenance import Maintenance, MaintenanceReport
 from gpufleet.collector.store.partitions import Partitions
-from gpufleet.collector.store.reads import GpuRecord, Point, RangeSeries, Reads, resolution
+from gpufleet.collector.store.ranges import QueryCancel, QueryLimits, resolution
+from gpufleet.collector.store.reads import GpuRecord, Point, RangeSeries, Reads
+from gpufleet.collector.store.series_limit import SeriesLimits
 from gpufleet.core.remote_write import Series, SeriesBatch
 
-__all__ = ["Retention", "Store", "StoreUnavailable"]
+__all__ = ["BatchRefused", "Retention", "Store", "StoreUnavailable"]
 
 
 class Store:
     def __init__(
-        self, engine: Engine, *, raw_layout: str = "chunks", retention: Retention | None = None
+        self,
+        engine: Engine,
+        *,
+        raw_layout: str = "chunks",
+        retention: Retention | None = None,
+        series_limits: SeriesLimits | None = None,
     ) -> None:
         self.db = Database.on(engine, raw_layout)
         partitions = Partitions(engine)
-        self.ingest = Ingest(self.db, partitions)
+        self.ingest = Ingest(self.db, partitions, series_limits)
         self.reads = Reads(self.db)
         self.maintenance = Maintenance(self.db, partitions, retention or Retention())
 
@@ -49,11 +63,18 @@ class Store:
         raw_layout: str = "chunks",
         retention: Retention | None = None,
         create: bool = True,
+        series_limits: SeriesLimits | None = None,
         **engine_kw: object,
     ) -> Store:
         """The store at ``url`` (ValueError for a URL gpufleet cannot use). ``create=False``: a SQLite file
-        that does not exist is StoreUnavailable instead of a new, empty store (read-only commands)."""
-        store = cls(open_engine(url, create=create, **engine_kw), raw_layout=raw_layout, retention=retention)
+        that does not exist is StoreUnavailable instead of a new, empty store (read-only commands).
+        ``series_limits``: the active series it takes (see series_limit.py); None: no limit."""
+        store = cls(
+            open_engine(url, create=create, **engine_kw),
+            raw_layout=raw_layout,
+            retention=retention,
+            series_limits=series_limits,
+        )
         if migrate_schema:
             store.upgrade_schema()
         return store
@@ -65,6 +86,10 @@ class Store:
     @property
     def dialect(self) -> str:
         return self.db.dialect
+
+    @property
+    def retention(self) -> Retention:
+        return self.maintenance.retention
 
     @property
     def dropped(self) -> Mapping[str, int]:
@@ -106,7 +131,7 @@ class Store:
 
     def write_many(
         self, batches: Sequence[Sequence[Series]], *, now_ms: int | None = None
-    ) -> list[int | StoreUnavailable]:
+    ) -> list[int | StoreUnavailable | BatchRefused]:
         return self.ingest.write_many(batches, now_ms=now_ms)
 
     # ---- reads (see Reads) -----------------------------------------------------------------------
@@ -115,9 +140,29 @@ class Store:
         return resolution(start, end, step)
 
     def query_range(
-        self, metric: str, matchers: Mapping[str, str], start: float, end: float, step: float
+        self,
+        metric: str,
+        matchers: Mapping[str, str],
+        start: float,
+        end: float,
+        step: float,
+        limits: QueryLimits | None = None,
+        cancel: QueryCancel | None = None,
     ) -> list[RangeSeries]:
-        return self.reads.query_range(metric, matchers, start, end, step)
+        return self.reads.query_range(metric, matchers, start, end, step, limits, cancel)
+
+    def query_range_json(
+        self,
+        metric: str,
+        matchers: Mapping[str, str],
+        start: float,
+        end: float,
+        step: float,
+        limits: QueryLimits | None = None,
+        cancel: QueryCancel | None = None,
+    ) -> list[bytes]:
+        """``query_range``'s series, each encoded as JSON (what /api/v1/query_range answers)."""
+        return self.reads.query_range_json(metric, matchers, start, end, step, limits, cancel)
 
     def latest(
         self,

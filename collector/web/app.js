@@ -335,8 +335,10 @@ async function refresh() {
   try {
     lastFleet = await getJson("/api/v1/fleet");
     render(lastFleet);
-    status.className = "muted";
-    status.textContent = "updated " + new Date().toLocaleTimeString();
+    // Past the collector's --fleet-max-gpus the lists are cut (the totals count every GPU): say so.
+    const cut = lastFleet.truncated;
+    status.className = cut ? "error" : "muted";
+    status.textContent = "updated " + new Date().toLocaleTimeString() + (cut ? ` · ${cut.message}` : "");
   } catch (err) {
     status.className = "error";
     status.textContent = `cannot reach the collector (${err.message}); retrying`;

@@ -72,12 +72,24 @@ class FleetTotals(TypedDict, total=False):
     power_watts: float
 
 
+class FleetTruncated(TypedDict):
+    """What /api/v1/fleet left out of its lists (past the collector's --fleet-max-gpus); totals count all."""
+
+    gpus_listed: int
+    gpus_omitted: int
+    nodes_omitted: int
+    alerts_omitted: int
+    message: str
+
+
 class Fleet(TypedDict, total=False):
-    """/api/v1/fleet: every GPU by node, with the totals of the fleet page's header."""
+    """/api/v1/fleet: every GPU by node, with the totals of the fleet page's header; ``truncated`` only when
+    the lists were cut."""
 
     generated_at: float
     totals: FleetTotals
     nodes: list[FleetNode]
+    truncated: FleetTruncated
 
 
 SilenceState = Literal["active", "pending", "expired", "disabled"]

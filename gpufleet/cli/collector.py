@@ -158,6 +158,39 @@ def collector_options(
             "http://prometheus:9090/api/v1/write.",
         ),
         click.option(
+            "--forward-when-full",
+            type=click.Choice(["block", "drop"]),
+            default="block",
+            envvar="GPUFLEET_FORWARD_WHEN_FULL",
+            show_default=True,
+            help="A --forward target's queue is full: block = refuse writes (503 + Retry-After; agents keep "
+            "their batches), drop = store them and drop the batches for that target (counted).",
+        ),
+        click.option(
+            "--forward-max-queue-samples",
+            type=click.IntRange(1),
+            default=5_000_000,
+            envvar="GPUFLEET_FORWARD_MAX_QUEUE_SAMPLES",
+            show_default=True,
+            help="Samples waiting for one --forward target, at most.",
+        ),
+        click.option(
+            "--forward-max-queue-bytes",
+            type=click.IntRange(1024),
+            default=256 << 20,
+            envvar="GPUFLEET_FORWARD_MAX_QUEUE_BYTES",
+            show_default=True,
+            help="Compressed request bytes waiting for one --forward target (memory), at most.",
+        ),
+        click.option(
+            "--forward-shards",
+            type=click.IntRange(1, 64),
+            default=4,
+            envvar="GPUFLEET_FORWARD_SHARDS",
+            show_default=True,
+            help="Concurrent connections sending to each --forward target (each series keeps its order).",
+        ),
+        click.option(
             "--retention-raw",
             type=_RETENTION,
             default=15.0,
@@ -305,7 +338,89 @@ def _security_options() -> Decorator:
             default=64,
             envvar="GPUFLEET_MAX_INFLIGHT_WRITES",
             show_default=True,
-            help="Writes stored at once; past it: 503 + Retry-After.",
+            help="Writes decoded or stored at once; past it: 503 + Retry-After.",
+        ),
+        # What one /api/v1/query_range may cost; the defaults are QueryLimits' (docs/security.md says why).
+        click.option(
+            "--query-max-series",
+            type=click.IntRange(1),
+            default=20_000,
+            envvar="GPUFLEET_QUERY_MAX_SERIES",
+            show_default=True,
+            help="Series one range query may match, counted before anything is read; past it: 422.",
+        ),
+        click.option(
+            "--query-max-samples",
+            type=click.IntRange(1),
+            default=20_000_000,
+            envvar="GPUFLEET_QUERY_MAX_SAMPLES",
+            show_default=True,
+            help="Points one range query may answer (series x steps) and samples it may read; past it: 422.",
+        ),
+        click.option(
+            "--query-timeout",
+            type=Duration(0.1),
+            default="30s",
+            envvar="GPUFLEET_QUERY_TIMEOUT",
+            show_default=True,
+            help="Time budget of one range query, enforced in the database too; past it: 503.",
+        ),
+        click.option(
+            "--query-max-concurrent",
+            type=click.IntRange(1),
+            default=4,
+            envvar="GPUFLEET_QUERY_MAX_CONCURRENT",
+            show_default=True,
+            help="Range queries run at once; one that finds no slot within 2 s: 503 + Retry-After.",
+        ),
+        # The defaults are SeriesLimits' and FLEET_MAX_GPUS (the collector is imported only once it runs).
+        click.option(
+            "--max-active-series",
+            type=click.IntRange(1),
+            default=1_000_000,
+            envvar="GPUFLEET_MAX_ACTIVE_SERIES",
+            show_default=True,
+            help="Active series the store takes in all; a write that would create more: 429, nothing stored.",
+        ),
+        click.option(
+            "--max-active-series-per-cluster",
+            type=click.IntRange(1),
+            default=500_000,
+            envvar="GPUFLEET_MAX_ACTIVE_SERIES_PER_CLUSTER",
+            show_default=True,
+            help="Active series of one cluster label (all a cluster-scoped token may write); past it: 429.",
+        ),
+        click.option(
+            "--series-idle-after",
+            type=Duration(60),
+            default="1h",
+            envvar="GPUFLEET_SERIES_IDLE_AFTER",
+            show_default=True,
+            help="A series without a sample for this long stops counting as active.",
+        ),
+        click.option(
+            "--fleet-max-gpus",
+            type=click.IntRange(1),
+            default=20_000,
+            envvar="GPUFLEET_FLEET_MAX_GPUS",
+            show_default=True,
+            help="GPUs /api/v1/fleet lists (its totals count all), and the largest page of /api/v1/gpus.",
+        ),
+        click.option(
+            "--max-future",
+            type=Duration(),
+            default=3600.0,
+            envvar="GPUFLEET_MAX_FUTURE",
+            show_default="1h",
+            help="Samples at most this far ahead of the collector's clock; later ones: 400.",
+        ),
+        click.option(
+            "--max-past",
+            type=Duration(),
+            default=None,
+            envvar="GPUFLEET_MAX_PAST",
+            show_default="--retention-raw",
+            help="Samples at most this old; older ones: 400 (the store would drop them at once).",
         ),
         click.option(
             "--name", default="", envvar="GPUFLEET_NAME", help="Replica name in logs [default: --listen]."
@@ -323,6 +438,7 @@ def collector_settings(
     itself (`up`: console output)."""
     from gpufleet.collector.app import Limits
     from gpufleet.collector.service import CollectorSettings
+    from gpufleet.collector.store.ranges import QueryLimits
     from gpufleet.collector.store.store import Retention
 
     values = {f.name: params[f.name] for f in dataclasses.fields(CollectorSettings) if f.name in params}
@@ -338,6 +454,13 @@ def collector_settings(
     limit_names = {f.name for f in dataclasses.fields(Limits)}
     if limit_names & params.keys():
         values["limits"] = Limits(**{k: params[k] for k in limit_names if k in params})
+    if "query_max_series" in params:
+        values["query_limits"] = QueryLimits(
+            params["query_max_series"],
+            params["query_max_samples"],
+            params["query_timeout"],
+            params["query_max_concurrent"],
+        )
     values.update(fixed)
     return CollectorSettings(**values)
 
@@ -370,6 +493,22 @@ def _read_tokens(tokens: str | None) -> list[Token]:
 
 @click.command(cls=Command)
 @listen_option(default="0.0.0.0:9446", help="HOST:PORT of the API, the fleet page and /metrics.")
+@click.option(
+    "--reuse-port",
+    is_flag=True,
+    envvar="GPUFLEET_REUSE_PORT",
+    help="Listen with SO_REUSEPORT: several collectors on this host share --listen and the kernel spreads "
+    "connections over them (PostgreSQL store; every one of them needs the flag).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=1,
+    envvar="GPUFLEET_WORKERS",
+    show_default=True,
+    help="Collector processes on --listen, forked from this one and sharing it as --reuse-port does; one of "
+    "them evaluates rules (PostgreSQL store). About one per core the collector may use.",
+)
 @click.option("--console/--no-console", default=False, envvar="GPUFLEET_CONSOLE", help="Print notifications.")
 @collector_options()
 @_security_options()
@@ -397,17 +536,54 @@ def collector(**params: Any) -> None:
         logging.getLogger("gpufleet").warning(
             "no write tokens configured: anyone who reaches %s can write", listen
         )
-    check_free(listen, "--listen")
-    try:
-        c = Collector(settings)
-    except (RuleError, StoreUnavailable, SchemaTooNew, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    announce(
-        f"gpufleet collector on {c.scheme}://{listen} (store: {c.store.engine.url.render_as_string()}, "
-        f"{len(c.rules)} rules, {len(settings.tokens)} write tokens, {len(settings.read_tokens)} read tokens"
-        f"{', client certificates required' if settings.tls_client_ca else ''})"
-    )
-    c.serve()
+    workers: int = params["workers"]
+    if workers > 1:
+        settings = dataclasses.replace(settings, reuse_port=True)
+    if settings.reuse_port:
+        if not settings.db.startswith("postgresql"):
+            flag = "--workers" if workers > 1 else "--reuse-port"
+            raise click.UsageError(
+                f"{flag} runs several collectors on one store, and a SQLite file takes one collector: "
+                f"give --db postgresql+psycopg://… (GPUFLEET_DB), or leave {flag} out"
+            )
+        from gpufleet.collector.service import listening_socket
+
+        try:  # fail before opening the store, as check_free does
+            listening_socket(listen, reuse_port=True).close()
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    else:
+        check_free(listen, "--listen")
+
+    def serve(settings: CollectorSettings) -> None:
+        try:
+            c = Collector(settings)
+        except (RuleError, StoreUnavailable, SchemaTooNew, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        who = f" {c.replica}" if workers > 1 else ""
+        announce(
+            f"gpufleet collector{who} on {c.scheme}://{listen} (store: {c.store.engine.url.render_as_string()}, "
+            f"{len(c.rules)} rules, {len(settings.tokens)} write tokens, {len(settings.read_tokens)} read tokens"
+            f"{', client certificates required' if settings.tls_client_ca else ''})"
+        )
+        c.serve()
+
+    if workers == 1:
+        serve(settings)
+        return
+    from gpufleet.collector.workers import serve_workers
+
+    base = settings.name or listen
+
+    def worker(index: int) -> int:
+        try:
+            serve(dataclasses.replace(settings, name=f"{base}#{index}"))
+        except click.ClickException as exc:
+            exc.show()
+            return exc.exit_code
+        return 0
+
+    raise SystemExit(serve_workers(workers, worker))
 
 
 @click.command("hash-token", cls=Command)

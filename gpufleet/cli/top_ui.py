@@ -324,6 +324,9 @@ def _header(fleet: Fleet | None, state: TopState, url: str, updated: float | Non
         head.append(f"{t.get('up', 0)}/{t.get('gpus', 0)} GPUs up, {t.get('nodes', 0)} nodes, ")
         head.append(f"{t.get('alerts_firing', 0)} firing", style="bold red" if t.get("alerts_firing") else "")
         head.append(f", {t.get('power_watts', 0) / 1000:.2f} kW")
+        cut = fleet.get("truncated")
+        if cut:  # past the collector's --fleet-max-gpus: the totals count GPUs the list leaves out
+            head.append(f" ({cut['gpus_listed']} GPUs listed)", style="bold yellow")
     head.append(f"  sort: {state.sort} {'↑' if state.reverse else '↓'}")
     if state.text_filter or any(vars(state.filters).values()):
         parts = [f"{k}={v}" for k, v in vars(state.filters).items() if v] + (

@@ -164,14 +164,17 @@ class WriteRequest:
 
 class LabelSet:
     """A series' labels, decoded once: ``key`` (see ``LabelKey``), ``labels`` (``__name__`` included)
-    and ``name``. Two series with the same labels sent in the same order share one key."""
+    and ``name``. Two series with the same labels sent in the same order share one key. ``repeated``: a
+    label name the series sends more than once (``labels`` keeps its last value), else None; a receiver
+    refuses such a series, as Prometheus does, rather than store one of its values."""
 
-    __slots__ = ("key", "labels", "name")
+    __slots__ = ("key", "labels", "name", "repeated")
 
-    def __init__(self, key: LabelKey, labels: dict[str, str]) -> None:
+    def __init__(self, key: LabelKey, labels: dict[str, str], repeated: str | None = None) -> None:
         self.key = key
         self.labels = labels
         self.name = labels.get("__name__", "")
+        self.repeated = repeated
 
     @classmethod
     def of(cls, labels: Mapping[str, str]) -> LabelSet:
@@ -186,7 +189,15 @@ class LabelSet:
             labels = {lab.name: lab.value for lab in parsed.labels}
         except Exception as exc:
             raise RemoteWriteError(f"a series' labels are not remote-write Labels: {exc}") from None
-        return cls(key, labels)
+        repeated = None
+        if len(labels) != len(parsed.labels):  # parsed once per new label set: the fast path never comes here
+            seen: set[str] = set()
+            for lab in parsed.labels:
+                if lab.name in seen:
+                    repeated = lab.name
+                    break
+                seen.add(lab.name)
+        return cls(key, labels, repeated)
 
     def __repr__(self) -> str:
         return f"LabelSet({self.labels!r})"
@@ -226,6 +237,11 @@ class KnownLabelSets:
         if len(self._sets) + len(new) > self.max_size:
             self._sets = {}
         self._sets.update(new)
+
+    def forget(self, new: Mapping[LabelKey, LabelSet]) -> None:
+        """Drop ``new`` again: a request the store refused for its new series must not hold memory here."""
+        for key in new:
+            self._sets.pop(key, None)
 
 
 @dataclass(slots=True)
