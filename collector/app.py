@@ -504,19 +504,22 @@ def create_app(
         large = LARGE_DECODE_BYTES <= inflated <= limits.max_uncompressed_bytes
         return large_decodes if large else contextlib.nullcontext()
 
+    def decode_and_check(body: bytes) -> tuple[rw.SeriesBatch, Refusal | None]:
+        """Decoding and the checks before storing, in one worker thread's turn: one hop off the event loop
+        per write, not one for each."""
+        req = rw.decode_batch(body, limits.max_uncompressed_bytes, known_label_sets)
+        return req, _validate(req, limits)
+
     async def decode_and_store(request: Request, token: Token | None, body: bytearray) -> Response:
         """A write from its buffered body on, holding one of the --max-inflight-writes slots. Decoding and
         checking run in a worker thread, so the event loop goes on answering (/healthz) meanwhile."""
         try:
             async with decode_slot(body):
-                req = await run_in_threadpool(
-                    rw.decode_batch, bytes(body), limits.max_uncompressed_bytes, known_label_sets
-                )
+                req, refusal = await run_in_threadpool(decode_and_check, bytes(body))
         except rw.TooLarge as exc:
             return fail(413, "too_large", str(exc))
         except rw.RemoteWriteError as exc:
             return fail(400, "bad_request", str(exc))
-        refusal = await run_in_threadpool(_validate, req, limits)
         if refusal is not None:
             return refuse(refusal, req.sample_count)
         known_label_sets.admit(req.new)  # checked: later requests skip decoding and checking them

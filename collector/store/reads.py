@@ -7,11 +7,11 @@ import json
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import isfinite
 from operator import itemgetter
-from typing import NamedTuple, TypedDict, cast
+from typing import NamedTuple, TypedDict, TypeVar, cast
 
 from psycopg.pq import Format
 from sqlalchemy import select, text
@@ -30,6 +30,8 @@ from gpufleet.collector.store.ranges import (
 GPU_IDENTITY = ("node", "gpu", "uuid", "model", "cluster", "pod", "namespace", "container")
 GPU_INFO = "gpufleet_gpu_info"
 MAX_KNOWN_SERIES = 1_000_000  # series the fleet view keeps worked out; past that it starts over
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,19 +263,16 @@ class Reads:
         Raw resolution: the newest value at or before each step, no older than 5 minutes (Prometheus's
         instant-vector semantics). Rollup resolution (long ranges, see ``resolution``): the average of
         the samples in the ``step`` seconds before each step."""
-        out: list[RangeSeries] = []
-        read_range(
-            self._db,
+        return self._read_sorted(
+            lambda labels, values: RangeSeries(metric=labels, values=values),
             metric,
             matchers,
             start,
             end,
             step,
-            limits or QueryLimits(),
-            cancel or QueryCancel(),
-            lambda labels, values: out.append(RangeSeries(metric=labels, values=values)),
+            limits,
+            cancel,
         )
-        return sorted(out, key=lambda r: sorted(r["metric"].items()))
 
     def query_range_json(
         self,
@@ -287,7 +286,21 @@ class Reads:
     ) -> list[bytes]:
         """``query_range``'s series, each already encoded as JSON, in the same order: the answer is held as
         text only, never as a Python list per point (a float and a list per point weigh five times as much)."""
-        out: list[tuple[list[tuple[str, str]], bytes]] = []
+        return self._read_sorted(series_json, metric, matchers, start, end, step, limits, cancel)
+
+    def _read_sorted(
+        self,
+        make: Callable[[dict[str, str], list[list[float]]], T],
+        metric: str,
+        matchers: Mapping[str, str],
+        start: float,
+        end: float,
+        step: float,
+        limits: QueryLimits | None,
+        cancel: QueryCancel | None,
+    ) -> list[T]:
+        """Each series ``read_range`` emits, made into ``make(labels, values)``, in the order of their labels."""
+        out: list[tuple[list[tuple[str, str]], T]] = []
         read_range(
             self._db,
             metric,
@@ -297,10 +310,10 @@ class Reads:
             step,
             limits or QueryLimits(),
             cancel or QueryCancel(),
-            lambda labels, values: out.append((sorted(labels.items()), series_json(labels, values))),
+            lambda labels, values: out.append((sorted(labels.items()), make(labels, values))),
         )
         out.sort(key=itemgetter(0))
-        return [piece for _, piece in out]
+        return [made for _, made in out]
 
     def latest(
         self,
