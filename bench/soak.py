@@ -679,6 +679,7 @@ def main() -> None:
     heap = [(t0 + random.uniform(0, args.push_interval), i) for i in range(args.agents)]
     heapq.heapify(heap)
     stats = {"pushes": 0, "ok": 0, "status_503": 0, "other_fail": 0, "acked_samples": 0, "resent": 0}
+    failed_statuses: dict[str, int] = {}
     pushes: list[tuple[float, float, int]] = []  # (sent at, lag, HTTP status; 0: no answer)
     slock = threading.Lock()
 
@@ -689,11 +690,12 @@ def main() -> None:
                 return
             body, ticks = a.body()
             sent = time.time()
+            error = ""
             try:
                 r = http.request("POST", url, body=body, headers=headers)
                 status = r.status
-            except Exception:
-                status = 0
+            except Exception as e:
+                status, error = 0, type(e).__name__
             answer_lost = 200 <= status < 300 and random.random() < args.resend_share
             if 200 <= status < 300 and not answer_lost:
                 del a.pending_ticks[: len(ticks)]
@@ -709,6 +711,8 @@ def main() -> None:
                     stats["status_503"] += 1
                 else:
                     stats["other_fail"] += 1
+                    key = str(status) if status else f"no answer ({error})"
+                    failed_statuses[key] = failed_statuses.get(key, 0) + 1
 
     hostile = Hostile(f"http://127.0.0.1:{port}", args).start() if args.hostile else None
     rss_warm = None
@@ -789,6 +793,7 @@ def main() -> None:
         "responses_503": stats["status_503"],
         "pushes_sent_again_answer_lost": stats["resent"],
         "other_failures": stats["other_fail"],
+        "other_failures_by_status": failed_statuses,
         "samples_produced": produced,
         "samples_acknowledged": stats["acked_samples"],
         "samples_stored": stored,

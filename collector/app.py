@@ -165,6 +165,13 @@ OWN_METRICS: tuple[MetricSpec, ...] = (
         "Series with a sample in the last --series-idle-after, as the limits count them.",
     ),
     MetricSpec(
+        "gpufleet_collector_label_sets_cached",
+        "gauge",
+        "",
+        "Label sets of stored series kept decoded and checked, so later writes skip that work (at most "
+        "1,000,000, then it starts over).",
+    ),
+    MetricSpec(
         "gpufleet_collector_series_refused_total",
         "counter",
         "",
@@ -240,6 +247,12 @@ class Metrics:
         self.active_series = Gauge(
             "gpufleet_collector_active_series",
             "Series with a sample in the last --series-idle-after, as the limits count them.",
+            registry=r,
+        )
+        self.label_sets_cached = Gauge(
+            "gpufleet_collector_label_sets_cached",
+            "Label sets of stored series kept decoded and checked, so later writes skip that work (at most "
+            "1,000,000, then it starts over).",
             registry=r,
         )
         self.series_refused = Counter(
@@ -412,7 +425,8 @@ def create_app(
         return token
 
     inflight = 0
-    known_label_sets = rw.KnownLabelSets()  # label sets of accepted requests, decoded and checked once
+    known_label_sets = rw.KnownLabelSets()  # label sets of stored requests, decoded and checked once
+    metrics.label_sets_cached.set_function(lambda: len(known_label_sets))
     refusals = RefusalLog()
     series_refusals = SeriesRefusalLog()
     active_series = store.ingest.active_series
@@ -522,7 +536,6 @@ def create_app(
             return fail(400, "bad_request", str(exc))
         if refusal is not None:
             return refuse(refusal, req.sample_count)
-        known_label_sets.admit(req.new)  # checked: later requests skip decoding and checking them
         if token is not None:
             problem = scope_problem(token, (ls.labels for ls in req.label_sets))
             if problem:
@@ -548,7 +561,6 @@ def create_app(
                 req.sample_count,
             )
         except SeriesLimitExceeded as exc:  # refused whole, before anything of it was stored
-            known_label_sets.forget(req.new)
             name = token.name if token is not None else "open"  # its hash's prefix, never the secret
             series_refusals.note(f"token {name}" if token is not None else "open writes", exc)
             metrics.series_refused.labels(name, exc.flag[2:]).inc(exc.new)
@@ -566,6 +578,9 @@ def create_app(
                 status_code=503,
                 headers={"Retry-After": "5"},
             )
+        # Stored: later requests skip decoding and checking these label sets. Only now, so a refused
+        # request (out of scope, over a limit, not held by the database) leaves nothing behind here.
+        known_label_sets.admit(req.new)
         metrics.write_seconds.observe(time.perf_counter() - t0)
         metrics.samples.inc(n)
         metrics.requests.labels("ok").inc()

@@ -43,6 +43,11 @@ from gpufleet.collector.store.series_limit import SeriesLimits
 from gpufleet.collector.store.store import Retention
 from gpufleet.core.addresses import split_listen
 
+# How long an idle client connection stays open. Past the agent's push interval (5 s), so an agent's next push
+# never races the server closing its connection (uvicorn's own default is that same 5 s); past the 60 s idle
+# timeout of common load balancers (AWS ALB, nginx), so they close first. Idle connections cost a socket each.
+KEEP_ALIVE_S = 75
+
 log = logging.getLogger(__name__)
 FORWARD_DRAIN_S = 15.0  # at stop, after the HTTP server: inside Kubernetes' default 30 s grace period
 
@@ -427,6 +432,7 @@ class Collector:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,
             **tls,
         )
 

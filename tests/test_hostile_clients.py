@@ -548,6 +548,7 @@ def test_a_cardinality_bomb_is_refused_past_its_clusters_series_limit_while_othe
     collector = h.restart()
     h.push(hot_gpus("west", ["w1"]), WEST)
     rss_before = psutil.Process(collector.proc.pid).memory_info().rss
+    cached_before = collector.metric("gpufleet_collector_label_sets_cached")
 
     # east's token, in the wrong hands, makes up GPUs: up to its cluster's limit they are stored; past it
     # every request is refused whole, while west's agent keeps writing and /healthz keeps answering
@@ -575,6 +576,10 @@ def test_a_cardinality_bomb_is_refused_past_its_clusters_series_limit_while_othe
     grown_mib = (psutil.Process(collector.proc.pid).memory_info().rss - rss_before) / 2**20
     assert grown_mib < REFUSED_RSS_BOUND_MIB, f"RSS grew {grown_mib:.0f} MiB"
     assert "refused 1 writes of token sha256:" in h.output()
+    # the receiver keeps the label sets of what it stored, the 2,000 of east's stored GPUs, and none of the
+    # 100,000 it refused
+    cached = collector.metric("gpufleet_collector_label_sets_cached")
+    assert cached - cached_before == 4 * 500, (cached_before, cached)
 
     # the series east already has are written on (no check costs them anything); west adds a GPU
     assert send_as(h, EAST, made_up_gpus(0, 500)).status == 204

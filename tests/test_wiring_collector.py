@@ -3,13 +3,16 @@ urgent write is evaluated at once, and a busy collector says so instead of queue
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
+import time
 
 import psycopg
 import pytest
 
 from gpufleet.agent.main import AgentSettings, start_agent
+from gpufleet.core import remote_write as rw
 from gpufleet.core.retry import Verdict
 from tests.conftest import free_port, wait_until
 from tests.doubles.grafana_api import GrafanaDouble
@@ -125,5 +128,29 @@ def test_a_write_that_arrives_while_the_only_write_slot_is_busy_gets_503_with_re
         assert second.status == 503 and second.verdict is Verdict.RETRY
         assert second.retry_after_s == 1 and "busy" in json.loads(second.detail)["error"]
         assert [r.status for r in first] == [204]
+    finally:
+        c.stop()
+
+
+def test_an_agent_connection_idle_past_its_push_interval_is_still_open_for_its_next_push(tmp_path, pg_url):
+    """An agent pushes every 5 s on one kept-alive connection: were the collector to close idle connections
+    at that same 5 s, a push could go out on a connection being closed under it and fail."""
+    c = CollectorProcess(free_port(), ["--db", pg_url], tmp_path / "collector.log")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", c.port, timeout=10)
+        headers = {"Content-Type": rw.CONTENT_TYPE, "Content-Encoding": rw.CONTENT_ENCODING}
+
+        def push(temp: float) -> int:
+            conn.request("POST", "/api/v1/write", body=rw.encode(temperatures({0: temp})), headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            return answer.status
+
+        assert push(50.0) == 204
+        sock = conn.sock
+        time.sleep(AgentSettings().push_interval + 1.0)
+        # http.client opens no new connection on its own: a closed one fails this push (RemoteDisconnected)
+        assert push(51.0) == 204 and conn.sock is sock
+        conn.close()
     finally:
         c.stop()

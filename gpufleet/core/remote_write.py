@@ -233,15 +233,13 @@ class KnownLabelSets:
         self._sets: dict[LabelKey, LabelSet] = {}
 
     def admit(self, new: Mapping[LabelKey, LabelSet]) -> None:
-        """Keep ``new`` (a batch's label sets that were not known, once they passed the receiver's checks)."""
+        """Keep ``new`` (a batch's label sets that were not known, once the batch is stored)."""
         if len(self._sets) + len(new) > self.max_size:
             self._sets = {}
         self._sets.update(new)
 
-    def forget(self, new: Mapping[LabelKey, LabelSet]) -> None:
-        """Drop ``new`` again: a request the store refused for its new series must not hold memory here."""
-        for key in new:
-            self._sets.pop(key, None)
+    def __len__(self) -> int:
+        return len(self._sets)
 
 
 @dataclass(slots=True)
