@@ -35,8 +35,9 @@ class AgentSettings:
     proc_root: str = "/proc"
     # NVLink error counters and state per link as well as per GPU (series multiply by the links: 18 on Hopper).
     nvlink_per_link: bool = False
-    # Seconds between reads of the slow GPU fields (energy counter, PCIe throughput, static values).
-    slow_interval: float = 10.0
+    # Seconds between reads of the slow GPU fields (energy counter, throttle time, PCIe throughput, static
+    # values): on an H100 one read of them costs the driver about 10 ms of CPU, 30 samples' worth.
+    slow_interval: float = 30.0
     # Simulated MIG layout: {GPU index: [profile, ...]} (only with simulate).
     simulate_mig: dict[int, list[str]] | None = None
     inference: InferenceSettings = field(default_factory=InferenceSettings)

@@ -39,14 +39,17 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
 
 from gpufleet.agent.nvml import Nvml  # noqa: E402
+from gpufleet.agent.settings import AgentSettings  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 # The same fields the agent reads every sample, as nvidia-smi names them (filtered by --help-query-gpu).
@@ -224,15 +227,25 @@ def py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: Path) -> dict:
-    """py-spy over a window of the running agent: samples taken while a thread held the GIL, those in the
-    simulator, and the functions with the most samples of their own."""
+def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: Path, simulated: bool) -> dict:
+    """py-spy over a window of the running agent, and the functions with the most samples of their own.
+    Simulated GPUs: samples taken while a thread held the GIL, and those in the simulator. Real GPUs: samples
+    of threads on a CPU, GIL or not, since an NVML call lets go of the GIL while the driver works (its
+    innermost frame is then the binding's function)."""
     spy = py_spy()
     if spy is None:
         return {"error": "py-spy not installed (pip install py-spy): the simulator's share is not measured"}
     raw = out / "agent_cost_profile.raw"
     cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate)]
-    cmd += ["--format", "raw", "--gil", "--nonblocking", "--threads", "-o", str(raw)]
+    cmd += [
+        "--format",
+        "raw",
+        *(["--gil"] if simulated else []),
+        "--nonblocking",
+        "--threads",
+        "-o",
+        str(raw),
+    ]
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_scraped(port, seconds, every)
     log = spy_proc.communicate(timeout=seconds + 60)[0]
@@ -240,7 +253,7 @@ def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: P
         return {
             "error": f"py-spy failed: {log.strip().splitlines()[-1] if log.strip() else spy_proc.returncode}"
         }
-    total = simulated = 0
+    total = in_simulator = 0
     own: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -248,20 +261,28 @@ def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: P
         frames = stack.split(";")
         total += n
         if any("simulator.py:" in f for f in frames):
-            simulated += n
+            in_simulator += n
         own[re.sub(r":\d+\)$", ")", frames[-1])] += n
     top = [f"{n:6d} {100 * n / max(1, total):5.1f}%  {fn}" for fn, n in own.most_common(30)]
+    how = "--gil" if simulated else "(threads on a CPU)"
     (out / "agent_cost_profile.txt").write_text(
-        f"py-spy --gil --nonblocking at {rate} Hz over {seconds:.0f} s: {total} samples, "
-        f"{simulated} in the simulator\nsamples / own function (the innermost frame)\n"
+        f"py-spy {how} --nonblocking at {rate} Hz over {seconds:.0f} s: {total} samples, "
+        f"{in_simulator} in the simulator\nsamples / own function (the innermost frame)\n"
         + "\n".join(top)
         + "\n"
     )
+    if not simulated:
+        return {
+            "seconds": seconds,
+            "rate_hz": rate,
+            "on_cpu_samples": total,
+            "on_cpu_percent": round(100 * total / rate / seconds, 3),
+        }
     return {
         "seconds": seconds,
         "rate_hz": rate,
         "gil_samples": total,
-        "simulator_samples": simulated,
+        "simulator_samples": in_simulator,
         "gil_held_percent": round(100 * total / rate / seconds, 3),
     }
 
@@ -320,7 +341,13 @@ def run_agent(args: argparse.Namespace, out: Path) -> dict:
                 result["push_error"] = json.loads(resp.read()).get("push_error")
             if args.profile_seconds > 0 and (args.simulate or py_spy()):
                 prof = profile(
-                    proc.pid, port, args.profile_seconds, args.scrape_interval, args.profile_rate, out
+                    proc.pid,
+                    port,
+                    args.profile_seconds,
+                    args.scrape_interval,
+                    args.profile_rate,
+                    out,
+                    simulated=bool(args.simulate),
                 )
                 result["profile"] = prof
                 if args.simulate and "simulator_samples" in prof:
@@ -345,6 +372,155 @@ def run_agent(args: argparse.Namespace, out: Path) -> dict:
 
 
 # ---- one sample, in this process --------------------------------------------------------------------------
+class TimedLib:
+    """The NVML bindings (or the simulator) with every ``nvml*`` function timed: calls, wall seconds and the
+    calling thread's CPU seconds (user and system: the driver's work in the kernel counts)."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+        self.stats: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._lib, name)
+        if not (name.startswith("nvml") and callable(value)):
+            return value
+
+        def timed(*a: object, **k: object) -> object:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return value(*a, **k)
+            finally:
+                wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                with self._lock:
+                    st = self.stats.setdefault(name, [0, 0.0, 0.0])
+                    st[0] += 1
+                    st[1] += wall
+                    st[2] += cpu
+
+        return timed
+
+
+def nvml_breakdown(args: argparse.Namespace) -> dict:
+    """Each NVML function's share of the agent's GPU reads, at the agent's own pace: a sample a second, the
+    slow rows every --slow-interval and the XID event thread waiting 500 ms at a time, for
+    ``--breakdown-seconds``."""
+    if args.simulate:
+        from gpufleet.agent.simulator import SimulatedNVML
+
+        lib: object = SimulatedNVML(args.simulate, seed=1, workload="busy")
+    else:
+        from gpufleet.agent.nvml import load_library
+
+        lib = load_library()
+    timed = TimedLib(lib)
+    slow = AgentSettings().slow_interval
+    src = GpuSource(Nvml(timed), "bench", watch_events=True, background=True, slow_interval=slow)
+    src.start()
+    time.sleep(1.0)
+    timed.stats.clear()
+    c0, t0 = time.process_time(), time.monotonic()
+    next_at = t0
+    while time.monotonic() - t0 < args.breakdown_seconds:
+        src.collect()
+        next_at += 1.0
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    seconds, cpu = time.monotonic() - t0, time.process_time() - c0
+    src.close()
+    rows = sorted(
+        (
+            {
+                "function": name,
+                "calls_per_s": round(n / seconds, 2),
+                "wall_ms_per_call": round(1000 * wall / n, 4),
+                "cpu_ms_per_call": round(1000 * cpu_s / n, 4),
+                "cpu_percent_of_core": round(100 * cpu_s / seconds, 4),
+            }
+            for name, (n, wall, cpu_s) in timed.stats.items()
+        ),
+        key=lambda r: -r["cpu_percent_of_core"],
+    )
+    return {
+        "seconds": round(seconds, 1),
+        "slow_interval_s": slow,
+        "gpus": len(src.gpus),
+        "process_cpu_percent": round(100 * cpu / seconds, 3),
+        "nvml_cpu_percent": round(sum(r["cpu_percent_of_core"] for r in rows), 3),
+        "functions": rows,
+    }
+
+
+def read_costs(args: argparse.Namespace, repeat: int = 50) -> list[dict]:
+    """What each NVML read of the GPU rows costs alone on the first GPU: every field id as a batch of one,
+    every other call once per function and arguments, and the fast rows' field ids as the one batch the
+    agent makes; the calling thread's CPU ms a read (median of ``repeat``)."""
+    from gpufleet.agent.fields import FAST_FIELDS, SLOW_FIELDS, FieldValue
+
+    if args.simulate:
+        from gpufleet.agent.simulator import SimulatedNVML
+
+        lib: Any = SimulatedNVML(args.simulate, seed=1, workload="busy")
+    else:
+        from gpufleet.agent.nvml import load_library
+
+        lib = load_library()
+    lib.nvmlInit()
+    handle = lib.nvmlDeviceGetHandleByIndex(0)
+
+    def cost(fn: Callable[[], object]) -> tuple[float, bool]:
+        times = []
+        for _ in range(repeat):
+            c0 = time.thread_time()
+            try:
+                fn()
+                ok = True
+            except lib.NVMLError:
+                ok = False
+            times.append(time.thread_time() - c0)
+        return 1000 * statistics.median(times), ok
+
+    rows: list[dict] = []
+    fast_ids: list[tuple[int, int]] = []
+    seen: set[object] = set()
+    for part, fields in (("fast", FAST_FIELDS), ("slow", SLOW_FIELDS)):
+        for f in fields:
+            if f.per_link:
+                continue
+            for r in f.sources():
+                key = (r.id, r.scope) if isinstance(r, FieldValue) else (r.fn, r.args)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if isinstance(r, FieldValue):
+                    if part == "fast":
+                        fast_ids.append((r.id, r.scope))
+                    if len(rows) > 200:
+                        continue
+                    ms, ok = cost(lambda r=r: lib.nvmlDeviceGetFieldValues(handle, [(r.id, r.scope)]))
+                    what = f"field {r.id}" + (f" scope {r.scope}" if r.scope else "")
+                else:
+                    fn = getattr(lib, r.fn, None)
+                    if fn is None:
+                        continue
+                    ms, ok = cost(lambda fn=fn, r=r: fn(handle, *r.args))
+                    what = f"{r.fn}{r.args if r.args else ''}"
+                rows.append(
+                    {"read": what, "row": f.name, "part": part, "cpu_ms": round(ms, 4), "answers": ok}
+                )
+    ms, ok = cost(lambda: lib.nvmlDeviceGetFieldValues(handle, fast_ids))
+    rows.append(
+        {
+            "read": f"the fast rows' {len(fast_ids)} field ids in one batch",
+            "row": "",
+            "part": "fast",
+            "cpu_ms": round(ms, 4),
+            "answers": ok,
+        }
+    )
+    lib.nvmlShutdown()
+    return sorted(rows, key=lambda r: -r["cpu_ms"])
+
+
 def sample_cost(args: argparse.Namespace) -> dict:
     if args.simulate:
         from gpufleet.agent.simulator import SimulatedNVML
@@ -405,7 +581,12 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
         f"| per GPU | {run['per_gpu_cpu_percent']} % of one core |",
     ]
     prof = run.get("profile")
-    if prof and "simulator_cpu_percent" in prof:
+    if prof and "on_cpu_percent" in prof:
+        md.append(
+            f"| threads on a CPU (py-spy, {prof['seconds']:.0f} s at {prof['rate_hz']} Hz; "
+            f"agent_cost_profile.txt) | {prof['on_cpu_percent']} % of one core |"
+        )
+    elif prof and "simulator_cpu_percent" in prof:
         md += [
             f"| of the node total, the simulated GPUs (py-spy, {prof['seconds']:.0f} s at {prof['rate_hz']} Hz) | "
             f"{prof['simulator_cpu_percent']} % |",
@@ -420,7 +601,40 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
         f"{result['agent_sample_ms']} ms ({result['agent_sample_ms_per_gpu']} ms per GPU) |",
         f"| baseline: {result['baseline']} (median) | {result['baseline_ms']} ms |",
         f"| ratio baseline / agent sample | {result['ratio_baseline_over_agent_sample']}x |",
-        f"| slow-row refresh (every 10 s, off the sampling path) | {result['slow_refresh_ms']} ms |",
+        f"| slow-row refresh (every {AgentSettings().slow_interval:.0f} s, off the sampling path) | "
+        f"{result['slow_refresh_ms']} ms |",
+    ]
+    b = result.get("nvml_breakdown")
+    if b:
+        md += [
+            "",
+            f"The GPU reads alone, at the agent's pace ({b['gpus']} GPU(s), 1 Hz, slow rows every "
+            f"{b['slow_interval_s']:.0f} s, "
+            f"the XID event thread), {b['seconds']} s in this process: {b['process_cpu_percent']} % of one core, "
+            f"of it {b['nvml_cpu_percent']} % inside NVML calls (thread CPU time, user and system).",
+            "",
+            "| NVML function | calls/s | wall ms a call | CPU ms a call | % of one core |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        md += [
+            f"| {r['function']} | {r['calls_per_s']} | {r['wall_ms_per_call']} | {r['cpu_ms_per_call']} | "
+            f"{r['cpu_percent_of_core']} |"
+            for r in b["functions"][:15]
+        ]
+    costs = result.get("read_costs")
+    if costs:
+        md += [
+            "",
+            "Each read of the GPU rows alone (first GPU, thread CPU ms, median of 50); the costliest:",
+            "",
+            "| read | row | fast/slow | CPU ms | answers |",
+            "| --- | --- | --- | ---: | --- |",
+        ]
+        md += [
+            f"| {r['read']} | {r['row']} | {r['part']} | {r['cpu_ms']} | {'yes' if r['answers'] else 'no'} |"
+            for r in costs[:25]
+        ]
+    md += [
         "",
         "Goals: "
         + ", ".join(
@@ -449,6 +663,12 @@ def main() -> None:
     )
     ap.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--samples", type=int, default=200, help="samples timed for the per-sample cost")
+    ap.add_argument(
+        "--breakdown-seconds",
+        type=float,
+        default=60.0,
+        help="window of the per-NVML-function breakdown at the agent's pace; 0: none",
+    )
     args = ap.parse_args()
     if args.seconds <= 0 or args.scrape_interval <= 0 or args.warmup < 0:
         ap.error("--seconds and --scrape-interval must be positive and --warmup not negative")
@@ -469,6 +689,9 @@ def main() -> None:
     # the agent first, alone: the timing loops below would load the machine it is measured on
     result["run"] = run_agent(args, out)
     result.update(sample_cost(args))
+    if args.breakdown_seconds > 0:
+        result["nvml_breakdown"] = nvml_breakdown(args)
+        result["read_costs"] = read_costs(args)
     run = result["run"]
     per_gpu = run.get("agent_only_per_gpu_cpu_percent", run["per_gpu_cpu_percent"])
     result["goals"] = {

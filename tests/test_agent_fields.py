@@ -10,6 +10,7 @@ import pytest
 from gpufleet.agent import fields as F
 from gpufleet.agent.fields import FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
 from gpufleet.agent.nvml import Nvml
+from gpufleet.agent.settings import AgentSettings
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
 from tests.fake_nvml import GPU_IS_LOST, FakeNVML
@@ -393,7 +394,7 @@ def test_injected_memory_and_link_faults_show_in_their_rows():
     sim.inject(1, "row_remap")
     sim.inject(1, "pcie_replay", count=3)
     sim.inject(0, "nvlink_error", count=2)
-    clock.t += 11  # past the slow cadence (10 s): the replay counter is a slow row
+    clock.t += AgentSettings().slow_interval + 1  # past the slow cadence: the replay counter is a slow row
     fams = src.collect()
     rows = {f.name: f for f in FIELDS}
 

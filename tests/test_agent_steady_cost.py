@@ -14,6 +14,7 @@ from gpufleet.agent.core import Agent
 from gpufleet.agent.families import Family, Snapshot
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.push import Pusher
+from gpufleet.agent.settings import AgentSettings
 from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources.gpu import GpuSource
 from gpufleet.agent.sources.host import HostSource
@@ -170,7 +171,7 @@ def test_a_gpu_leaving_mig_mode_loses_its_instances_series_and_its_info_says_so(
     gpu.start()
 
     def sample() -> dict[str, list[dict[str, str]]]:
-        clock.t += 11  # past the slow interval: the MIG layout is read again
+        clock.t += AgentSettings().slow_interval + 1  # past the slow interval: the MIG layout is read again
         return {f.name: [labels for labels, _ in f.samples] for f in gpu.collect()}
 
     before = sample()

@@ -20,7 +20,9 @@ from gpufleet.collector.rules.backtest import replay
 from gpufleet.collector.rules.model import default_rules_path, load_pack
 from tests.conftest import free_port, wait_until
 
-SLOW_CADENCE_S = 10  # the GPU source's slow rows, NVLink counters and state among them
+SLOW_CADENCE_S = (
+    AgentSettings().slow_interval
+)  # the GPU source's slow rows, NVLink counters and state among them
 STEP_S = 5
 INJECT_AT_S = 60
 

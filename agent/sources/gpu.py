@@ -292,7 +292,7 @@ class GpuSource:
         cluster: str | None = None,
         on_event: Callable[[], None] | None = None,
         watch_events: bool = True,
-        slow_interval: float = 10.0,
+        slow_interval: float = 30.0,
         background: bool = True,
         clock: Callable[[], float] = time.monotonic,
         process_metrics: bool = False,

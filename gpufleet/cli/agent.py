@@ -63,6 +63,15 @@ def sampling_options(*, push_interval: float = 5.0) -> Decorator:
             help="Time between pushes, seconds or a duration (urgent events go at once).",
         ),
         click.option(
+            "--slow-interval",
+            type=Duration(1.0),
+            default=30.0,
+            envvar="GPUFLEET_SLOW_INTERVAL",
+            show_default=True,
+            help="Time between reads of the slow GPU rows (energy, throttle time, PCIe throughput, limits), "
+            "seconds or a duration: they cost the driver 10x what a sample does.",
+        ),
+        click.option(
             "--metric-names",
             type=click.Choice(["gpufleet", "dcgm", "both"]),
             default="gpufleet",
