@@ -52,6 +52,7 @@ from gpufleet.collector.auth import (
     Access,
     RateLimit,
     Refused,
+    SampleRate,
     Token,
     TokenSet,
     scope_problem,
@@ -107,6 +108,10 @@ class Limits:
     # it, 400: the store would drop such samples uncounted, or make partitions for them that nothing retires.
     max_future: float = 3600.0
     max_past: float | None = None
+    # Samples a second one write token may send on average (0: no limit), and how many at once (0: ten seconds'
+    # worth); past it, 429 + Retry-After, and the agent sends the batch again then.
+    write_rate_limit: float = 0.0
+    write_burst: int = 0
 
 
 # The series Metrics exports, as a running collector's /metrics shows them (a test scrapes one and compares).
@@ -400,6 +405,12 @@ def create_app(
     read_set = read_tokens if isinstance(read_tokens, TokenSet) else TokenSet.parse(read_tokens or [])
     access = Access(token_set, read_set)
     silence_rate = RateLimit(silence_changes_per_minute)
+    write_rate = (
+        SampleRate(limits.write_rate_limit, limits.write_burst or 10 * limits.write_rate_limit)
+        if limits.write_rate_limit > 0
+        else None
+    )
+    write_rate_logged = RateLimit(1)
 
     def read_scope(request: Request) -> str | None:
         """The cluster a read keeps to (None: every cluster); Refused (401) without a token of ours. A
@@ -541,6 +552,23 @@ def create_app(
             if problem:
                 log.warning("refused a write: %s", problem)
                 return fail(403, "forbidden", problem)
+        if write_rate is not None:  # per token: one client cannot take every other one's share of the CPU
+            name = f"token {token.name}" if token is not None else "open writes"
+            wait = write_rate.take(name, req.sample_count)
+            if wait > 0:
+                metrics.requests.labels("rate_limited").inc()
+                message = (
+                    f"{name} sent more than --write-rate-limit {limits.write_rate_limit:g} samples/s (bursts "
+                    f"of {write_rate.burst:g}); nothing was stored, send it again in {wait:.1f} s, or raise "
+                    "--write-rate-limit / --write-burst (GPUFLEET_WRITE_RATE_LIMIT, GPUFLEET_WRITE_BURST)"
+                )
+                if write_rate_logged.take(name) == 0:  # a line a minute per token; the metric counts each
+                    log.warning("refused a write: %s", message)
+                return JSONResponse(
+                    {"error": message},
+                    status_code=429,
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
         # Refused before it is stored, so the agent keeps the batch: a target's forward queue is full.
         backlog = forwarder.backlog(req.sample_count, len(body)) if forwarder is not None else None
         if backlog is not None:

@@ -208,6 +208,35 @@ class RateLimit:
         return 0.0
 
 
+class SampleRate:
+    """A token bucket per key: ``rate`` samples a second on average, ``burst`` at once. ``take(key, n)`` says 0
+    and counts ``n`` when they fit now, else the seconds until they would (and counts nothing). A request
+    larger than ``burst`` passes once the bucket is full, leaving it in debt, so no request is refused for good
+    by the rate alone."""
+
+    MAX_KEYS = 10_000  # past it, full buckets (keys quiet long enough to refill) are forgotten
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (samples left, when)
+
+    def take(self, key: str, n: int) -> float:
+        now = self._clock()
+        left, at = self._buckets.get(key, (self.burst, now))
+        left = min(self.burst, left + (now - at) * self.rate)
+        need = min(n, self.burst)
+        if left < need:
+            self._buckets[key] = (left, now)
+            return (need - left) / self.rate
+        self._buckets[key] = (left - n, now)
+        if len(self._buckets) > self.MAX_KEYS:
+            full = self.burst / self.rate
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full}
+        return 0.0
+
+
 def scope_problem(token: Token, series_labels: Iterable[dict[str, str]]) -> str | None:
     """Why a request may not be written with ``token``: the first series outside its cluster."""
     if token.cluster is None:

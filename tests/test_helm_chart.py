@@ -137,6 +137,8 @@ MATRIX: dict[str, dict] = {
                 "maxLabels": 60,
                 "maxLabelLength": 4096,
                 "maxInflightWrites": 128,
+                "writeRateLimit": 600_000,
+                "writeBurst": 6_000_000,
                 "maxSilenceChangesPerMinute": 60,
                 "maxFuture": "2h",
                 "maxPast": "7d",
@@ -666,6 +668,8 @@ def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
         "maxLabels": "GPUFLEET_MAX_LABELS",
         "maxLabelLength": "GPUFLEET_MAX_LABEL_LENGTH",
         "maxInflightWrites": "GPUFLEET_MAX_INFLIGHT_WRITES",
+        "writeRateLimit": "GPUFLEET_WRITE_RATE_LIMIT",
+        "writeBurst": "GPUFLEET_WRITE_BURST",
         "maxSilenceChangesPerMinute": "GPUFLEET_MAX_SILENCE_CHANGES_PER_MINUTE",
         "maxFuture": "GPUFLEET_MAX_FUTURE",
         "maxPast": "GPUFLEET_MAX_PAST",
@@ -680,7 +684,9 @@ def test_mutual_tls_client_certificates_token_file_and_limits(rendered):
     }
     assert {names[k]: str(v) for k, v in limits.items()} == {n: env[n]["value"] for n in names.values()}
     assert not [
-        n for n in env_of(container(rendered["defaults"], "collector")) if n.startswith("GPUFLEET_MAX_")
+        n
+        for n in env_of(container(rendered["defaults"], "collector"))
+        if n.startswith(("GPUFLEET_MAX_", "GPUFLEET_WRITE_"))
     ]
     assert env["GPUFLEET_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     # The agents present their client certificate; the key is readable by their group only.

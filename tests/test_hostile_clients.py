@@ -1153,3 +1153,26 @@ def test_label_values_that_look_like_slack_markup_reach_slack_escaped_from_a_rea
         (header,) = [b["text"] for b in attachment["blocks"] if b["type"] == "header"]
         assert header["type"] == "plain_text" and MARKUP_NODE in header["text"]  # Slack shows it literally
         assert slack.problems == []
+
+
+# ---- per-token write rate: one token's flood is refused (429), others write on -----------------------------
+def test_a_token_past_its_write_rate_gets_429_with_retry_after_while_another_token_writes_on(
+    hostile: HostileSetup,
+):
+    h = hostile
+    h.extra_args = ["--write-rate-limit", "100", "--write-burst", "2000"]
+    collector = h.restart()
+    # east's burst: 2,000 samples at once go through, the next 500 are refused until the bucket refills
+    answers = [send_as(h, EAST, made_up_gpus(k * 500, 500)) for k in range(5)]
+    assert [a.status for a in answers] == [204] * 4 + [429], [a.problem for a in answers]
+    refused = answers[-1]
+    assert "--write-rate-limit 100 samples/s" in refused.detail and "nothing was stored" in refused.detail
+    assert refused.retry_after_s is not None and 1 <= refused.retry_after_s <= 5
+    # west has a bucket of its own
+    h.push(hot_gpus("west", ["w1"]), WEST)
+    assert scraped(h.url, "gpufleet_collector_write_requests_total", outcome="rate_limited") == 1
+    assert "refused a write: token sha256:" in h.output() and EAST not in h.output()
+    # the refused batch goes through once the wait it was told has passed, and nothing of it was lost
+    time.sleep(refused.retry_after_s)
+    assert send_as(h, EAST, made_up_gpus(2000, 500)).status == 204
+    assert collector.metric("gpufleet_collector_label_sets_cached") >= 2500

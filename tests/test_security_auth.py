@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import urllib3
 
-from gpufleet.collector.auth import Token, TokenSet, hash_token, parse_token
+from gpufleet.collector.auth import SampleRate, Token, TokenSet, hash_token, parse_token
 from gpufleet.collector.service import Collector, CollectorSettings
 from gpufleet.core import remote_write as rw
 from tests.conftest import free_port
@@ -124,3 +125,18 @@ def test_the_collector_refuses_to_run_open_on_a_reachable_address_and_hash_token
         timeout=60,
     )
     assert out.stdout.strip() == f"sha256:{hash_token('s3cret')}"
+
+
+def test_a_write_token_bucket_refills_at_its_rate_and_lets_a_batch_over_its_burst_through_once_full():
+    clock = SimpleNamespace(t=0.0)
+    rate = SampleRate(100, 1000, clock=lambda: clock.t)
+    assert rate.take("a", 800) == 0
+    assert rate.take("a", 500) == pytest.approx(3.0)  # 200 left, 300 more at 100 a second
+    assert rate.take("b", 1000) == 0  # a bucket per token
+    clock.t += 3.0
+    assert rate.take("a", 500) == 0
+    # a batch larger than the burst waits for a full bucket, then goes through and leaves it in debt
+    assert rate.take("a", 5000) == pytest.approx(10.0)
+    clock.t += 10.0
+    assert rate.take("a", 5000) == 0
+    assert rate.take("a", 1) == pytest.approx(40.01)

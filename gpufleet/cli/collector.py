@@ -340,6 +340,24 @@ def _security_options() -> Decorator:
             show_default=True,
             help="Writes decoded or stored at once; past it: 503 + Retry-After.",
         ),
+        click.option(
+            "--write-rate-limit",
+            type=click.FloatRange(0),
+            default=0.0,
+            envvar="GPUFLEET_WRITE_RATE_LIMIT",
+            show_default=True,
+            help="Samples a second one write token may send on average; past it: 429 + Retry-After. 0: no "
+            "limit. Size it at twice what the token's agents send (a GPU at 1 Hz sends about 74 a second).",
+        ),
+        click.option(
+            "--write-burst",
+            type=click.IntRange(0),
+            default=0,
+            envvar="GPUFLEET_WRITE_BURST",
+            show_default=True,
+            help="Samples one write token may send at once above its rate (an agent's spool after an outage). "
+            "0: ten seconds of --write-rate-limit.",
+        ),
         # What one /api/v1/query_range may cost; the defaults are QueryLimits' (docs/security.md says why).
         click.option(
             "--query-max-series",
