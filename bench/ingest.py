@@ -138,22 +138,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def push(port: int, bodies: list[tuple[bytes, int]], seconds: float | None, workers: int) -> dict:
+HEADERS = {
+    "Content-Type": rw.CONTENT_TYPE,
+    "Content-Encoding": rw.CONTENT_ENCODING,
+    "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION,
+}
+
+
+def push(
+    port: int,
+    bodies: list[tuple[bytes, int]],
+    seconds: float | None,
+    workers: int,
+    connect: Callable[[int], tuple[http.client.HTTPConnection, str]] | None = None,
+) -> dict:
     """Push pre-encoded requests over ``workers`` keep-alive connections as fast as the receiver takes
     them, until they run out or ``seconds`` pass; count what was acknowledged (the number that goes
-    with each body) with 2xx."""
+    with each body) with 2xx. ``connect(i)``: worker i's connection and the name its acknowledged requests
+    are counted under in ``by_connection`` (a replica's); default a connection to 127.0.0.1:``port``."""
     lock = threading.Lock()
     it = iter(bodies)
-    done: dict = {"acked": 0, "requests": 0, "errors": 0, "ran_out": False, "first_error": None}
+    done: dict = {
+        "acked": 0,
+        "requests": 0,
+        "errors": 0,
+        "ran_out": False,
+        "first_error": None,
+        "by_connection": {},
+    }
     stop_at = time.monotonic() + seconds if seconds is not None else float("inf")
 
-    def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {
-            "Content-Type": rw.CONTENT_TYPE,
-            "Content-Encoding": rw.CONTENT_ENCODING,
-            "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION,
-        }
+    def worker(conn: http.client.HTTPConnection, name: str) -> None:
         while time.monotonic() < stop_at:
             with lock:
                 item = next(it, None)
@@ -161,25 +176,37 @@ def push(port: int, bodies: list[tuple[bytes, int]], seconds: float | None, work
                 done["ran_out"] = True
                 return
             body, count = item
-            conn.request("POST", "/api/v1/write", body=body, headers=headers)
+            conn.request("POST", "/api/v1/write", body=body, headers=HEADERS)
             resp = conn.getresponse()
             text = resp.read()
             with lock:
                 if 200 <= resp.status < 300:
                     done["acked"] += count
                     done["requests"] += 1
+                    done["by_connection"][name] = done["by_connection"].get(name, 0) + 1
                 else:
                     done["errors"] += 1
                     done["first_error"] = done["first_error"] or f"{resp.status} {text[:300]!r}"
 
+    conns = [
+        connect(i) if connect is not None else (http.client.HTTPConnection("127.0.0.1", port, timeout=60), "")
+        for i in range(workers)
+    ]
     t0 = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    threads = [threading.Thread(target=worker, args=c) for c in conns]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - t0
-    return {**done, "seconds": round(elapsed, 2), "per_s": round(done["acked"] / elapsed)}
+    for c, _ in conns:
+        c.close()
+    return {
+        **done,
+        "connections": sorted(name for _, name in conns),
+        "seconds": round(elapsed, 2),
+        "per_s": round(done["acked"] / elapsed),
+    }
 
 
 def wait_ready(url: str, proc: subprocess.Popen, what: str, log: Path | None = None) -> None:

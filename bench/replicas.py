@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,13 +63,10 @@ from bench.ingest import (  # noqa: E402
     start_collector,
     storage,
 )
-from gpufleet.core import remote_write as rw  # noqa: E402
+from bench.ingest import (
+    push as send,
+)
 
-HEADERS = {
-    "Content-Type": rw.CONTENT_TYPE,
-    "Content-Encoding": rw.CONTENT_ENCODING,
-    "X-Prometheus-Remote-Write-Version": rw.PROTOCOL_VERSION,
-}
 SERIES = FLEET_GPUS * len(CORE)
 
 
@@ -113,54 +109,11 @@ def push(
     port: int, bodies: list[tuple[bytes, int]], seconds: float | None, replicas: list[str], senders: int
 ) -> dict:
     """`bench/ingest.py`'s sender, each connection placed with a replica (sender i: replicas[i % n])."""
-    lock = threading.Lock()
-    it = iter(bodies)
-    done: dict = {
-        "acked": 0,
-        "requests": 0,
-        "errors": 0,
-        "ran_out": False,
-        "first_error": None,
-        "by_replica": {},
-    }
-    stop_at = time.monotonic() + seconds if seconds is not None else float("inf")
-
-    def sender(i: int, conn: http.client.HTTPConnection, replica: str) -> None:
-        while time.monotonic() < stop_at:
-            with lock:
-                item = next(it, None)
-            if item is None:
-                done["ran_out"] = True
-                return
-            body, count = item
-            conn.request("POST", "/api/v1/write", body=body, headers=HEADERS)
-            resp = conn.getresponse()
-            text = resp.read()
-            with lock:
-                if 200 <= resp.status < 300:
-                    done["acked"] += count
-                    done["requests"] += 1
-                    done["by_replica"][replica] = done["by_replica"].get(replica, 0) + 1
-                else:
-                    done["errors"] += 1
-                    done["first_error"] = done["first_error"] or f"{resp.status} {text[:300]!r}"
-
-    conns = [connect_to(port, replicas[i % len(replicas)]) for i in range(senders)]
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=sender, args=(i, c, r)) for i, (c, r) in enumerate(conns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - t0
-    for c, _ in conns:
-        c.close()
-    return {
-        **done,
-        "connections": sorted(r for _, r in conns),
-        "seconds": round(elapsed, 2),
-        "per_s": round(done["acked"] / elapsed),
-    }
+    out = send(
+        port, bodies, seconds, senders, connect=lambda i: connect_to(port, replicas[i % len(replicas)])
+    )
+    out["by_replica"] = out.pop("by_connection")
+    return out
 
 
 class MachineCpu:

@@ -18,8 +18,8 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -29,6 +29,7 @@ import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.ingest import start_collector  # noqa: E402
 from gpufleet.core import remote_write as rw  # noqa: E402
 
 SERIES_PER_GPU = 40
@@ -87,37 +88,16 @@ def main() -> None:
     db_url = args.pg.rsplit("/", 1)[0] + "/" + db_name
     port = 20000 + random.randrange(20000)
     url = f"http://127.0.0.1:{port}"
-    coll = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gpufleet.cli",
-            "collector",
-            "--db",
-            db_url,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--eval-interval",
-            "5",
-            "--max-active-series",
-            str(args.steps * args.step + 1000),
-            "--max-active-series-per-cluster",
-            str(args.steps * args.step + 1000),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    log = Path(tempfile.mkdtemp(prefix="series-memory-")) / "collector.log"
+    limit = str(args.steps * args.step + 1000)
+    coll = start_collector(
+        db_url,
+        port,
+        log,
+        ["--eval-interval", "5", "--max-active-series", limit, "--max-active-series-per-cluster", limit],
     )
     rows = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=2)
-                break
-            except OSError:
-                if coll.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("the collector did not start")
-                time.sleep(0.2)
         proc = psutil.Process(coll.pid)
         post(url, gpu_series(10**6, 1, int(time.time() * 1000)))  # warm: every code path once
         get(url + "/api/v1/fleet")
