@@ -752,7 +752,7 @@ GPM_FIELDS: tuple[GpmField, ...] = (
     GpmField(
         "gpufleet_gpu_graphics_engine_active_ratio",
         1,
-        "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), over the last 10 s window.",
+        "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), over the slow rows' window.",
         "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
         slow=True,
     ),

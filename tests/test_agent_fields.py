@@ -419,3 +419,29 @@ def test_docs_metrics_md_shows_the_table_as_it_is():
 
     doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
     assert render() in doc, "docs/metrics.md is stale: run python -m gpufleet.cli.catalogue"
+
+
+def test_graphics_activity_shows_after_a_second_then_is_worked_out_once_per_slow_window():
+    """GPM GRAPHICS_UTIL costs a millisecond or more a call: computed over the slow rows' window, the first
+    window a second long so the series is there from the start."""
+    clock = SimpleNamespace(t=0.0)
+    sim = SimulatedNVML(1, clock=lambda: clock.t, seed=2, workload="busy")
+    calls: list[float] = []
+    metrics_get = sim.nvmlGpmMetricsGet
+
+    def counted(mg):
+        if any(mg.metrics[i].metricId == 1 for i in range(mg.numMetrics)):  # GRAPHICS_UTIL
+            calls.append(clock.t)
+        return metrics_get(mg)
+
+    sim.nvmlGpmMetricsGet = counted
+    src = GpuSource(Nvml(sim), "n", watch_events=False, background=False, clock=lambda: clock.t)
+    src.start()
+    name = "gpufleet_gpu_graphics_engine_active_ratio"
+    seen = []
+    for _ in range(70):  # 70 s at 1 Hz
+        seen.append(any(f.name == name and f.samples for f in src.collect()))
+        clock.t += 1.0
+    slow = AgentSettings().slow_interval
+    assert seen[0] is False and all(seen[1:])
+    assert calls == [1.0, 1.0 + slow, 1.0 + 2 * slow]

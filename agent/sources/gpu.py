@@ -50,9 +50,10 @@ log = logging.getLogger(__name__)
 
 EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
 EVENT_DBE = 0x2  # nvmlEventTypeDoubleBitEccError
-# Seconds over which the costly GPM metrics (GPM_FIELDS marked slow) are computed and then served from a cache:
-# a GPM sample and a metrics call per window, a fraction of a millisecond, so not the slow rows' cadence.
-GPM_SLOW_WINDOW_S = 10.0
+# The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.7 ms a call on an H200) are computed over
+# the slow rows' window and served from a cache in between; the first window after start is this short, so
+# they show from the first seconds on, not a whole window later.
+GPM_FIRST_WINDOW_S = 1.0
 NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId of a process outside MIG
 _GPM_IDS = [g.metric_id for g in GPM_FIELDS if not g.slow]
 _GPM_SLOW_IDS = [g.metric_id for g in GPM_FIELDS if g.slow]
@@ -573,8 +574,8 @@ class GpuSource:
             fam(name, "gauge", g.help).add(labels, v)
 
     def _slow_gpm(self, key: str, current: Any, take: Callable[[Any], Any]) -> dict[int, float | None]:
-        """Costly GPM metrics, computed once per GPM_SLOW_WINDOW_S (between a window-start sample and
-        ``current``) and served from a cache in between."""
+        """Costly GPM metrics, computed once per slow window (between a window-start sample and ``current``)
+        and served from a cache in between; the first window is GPM_FIRST_WINDOW_S long."""
         if not _GPM_SLOW_IDS:
             return {}
         window = self._gpm_slow.get(key)
@@ -585,7 +586,7 @@ class GpuSource:
                 return {}
             window = self._gpm_slow[key] = [start, now, {}]
         start, started_at, cached = window
-        if now - started_at >= GPM_SLOW_WINDOW_S:
+        if now - started_at >= (self._slow_interval if cached else GPM_FIRST_WINDOW_S):
             cached = self._nvml.gpm_metrics(None, start, current, _GPM_SLOW_IDS)
             if take(start) is not None:  # the next window starts now
                 window[:] = [start, now, cached]
