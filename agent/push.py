@@ -16,12 +16,12 @@ from gpufleet.agent.core import Snapshot
 from gpufleet.agent.fields import FIELDS
 from gpufleet.agent.spool import Spool
 from gpufleet.core import remote_write as rw
+from gpufleet.core.loglines import LineLimit
 from gpufleet.core.retry import RetryPolicy, Verdict
 from gpufleet.core.sender import HttpTransport, RemoteWriteSender, http_pool
 
 log = logging.getLogger(__name__)
 
-REFUSAL_LOG_EVERY_S = 60.0
 # Families whose change is worth a push now: a GPU lost, an XID, a throttle reason switching on, ECC errors.
 URGENT = {"gpufleet_gpu_up", "gpufleet_gpu_xid_errors_total"} | {f.name for f in FIELDS if f.urgent}
 
@@ -169,7 +169,7 @@ class Pusher:
         self.failed_pushes = 0
         # Samples given up on, by reason: the collector refused them for good, or over max_pending_samples.
         self.dropped_samples: dict[str, int] = {"refused": 0, "pending_limit": 0}
-        self._refusals_logged: dict[int, tuple[float, int]] = {}  # HTTP status -> (last line at, held back)
+        self._refusals_logged = LineLimit(clock=clock)  # a line per HTTP status a minute
         self.last_error: str | None = None
         self._failures = 0  # consecutive failed sends; 0 while the collector takes batches
         self._retry_after: float | None = None
@@ -324,20 +324,15 @@ class Pusher:
             # the batches behind it go on. A sender whose every batch is refused (its clock far off) would
             # log each one: a line per status a minute, counting the ones held back.
             status = result.status or 0
-            now = self._clock()
-            last, held = self._refusals_logged.get(status, (None, 0))
-            if last is not None and now - last < REFUSAL_LOG_EVERY_S:
-                self._refusals_logged[status] = (last, held + 1)
-            else:
-                self._refusals_logged[status] = (now, 0)
-                more = f" ({held} more refused batches dropped since the last line)" if held else ""
+            held = self._refusals_logged.take(status)
+            if held is not None:
                 log.error(
                     "collector at %s refused a batch of %d samples (HTTP %d), dropped it: %s%s",
                     self.url,
                     n,
                     status,
                     result.detail,
-                    more,
+                    held.since_last("refused batches dropped"),
                 )
             return "refused"
         where = f"spooled to {self._spool.dir}" if self._spool is not None else "kept in memory"

@@ -257,6 +257,8 @@ def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: P
     own: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():  # a line without a stack
+            continue
         n = int(count)
         frames = stack.split(";")
         total += n
@@ -372,6 +374,17 @@ def run_agent(args: argparse.Namespace, out: Path) -> dict:
 
 
 # ---- one sample, in this process --------------------------------------------------------------------------
+def nvml_library(args: argparse.Namespace) -> Any:
+    """What the bench's in-process GPU reads go through: ``--simulate N`` GPUs, else the real NVML bindings."""
+    if args.simulate:
+        from gpufleet.agent.simulator import SimulatedNVML
+
+        return SimulatedNVML(args.simulate, seed=1, workload="busy")
+    from gpufleet.agent.nvml import load_library
+
+    return load_library()
+
+
 class TimedLib:
     """The NVML bindings (or the simulator) with every ``nvml*`` function timed: calls, wall seconds and the
     calling thread's CPU seconds (user and system: the driver's work in the kernel counts)."""
@@ -405,15 +418,7 @@ def nvml_breakdown(args: argparse.Namespace) -> dict:
     """Each NVML function's share of the agent's GPU reads, at the agent's own pace: a sample a second, the
     slow rows every --slow-interval and the XID event thread waiting 500 ms at a time, for
     ``--breakdown-seconds``."""
-    if args.simulate:
-        from gpufleet.agent.simulator import SimulatedNVML
-
-        lib: object = SimulatedNVML(args.simulate, seed=1, workload="busy")
-    else:
-        from gpufleet.agent.nvml import load_library
-
-        lib = load_library()
-    timed = TimedLib(lib)
+    timed = TimedLib(nvml_library(args))
     slow = AgentSettings().slow_interval
     src = GpuSource(Nvml(timed), "bench", watch_events=True, background=True, slow_interval=slow)
     src.start()
@@ -456,14 +461,7 @@ def read_costs(args: argparse.Namespace, repeat: int = 50) -> list[dict]:
     agent makes; the calling thread's CPU ms a read (median of ``repeat``)."""
     from gpufleet.agent.fields import FAST_FIELDS, SLOW_FIELDS, FieldValue
 
-    if args.simulate:
-        from gpufleet.agent.simulator import SimulatedNVML
-
-        lib: Any = SimulatedNVML(args.simulate, seed=1, workload="busy")
-    else:
-        from gpufleet.agent.nvml import load_library
-
-        lib = load_library()
+    lib = nvml_library(args)
     lib.nvmlInit()
     handle = lib.nvmlDeviceGetHandleByIndex(0)
 
@@ -522,13 +520,9 @@ def read_costs(args: argparse.Namespace, repeat: int = 50) -> list[dict]:
 
 
 def sample_cost(args: argparse.Namespace) -> dict:
-    if args.simulate:
-        from gpufleet.agent.simulator import SimulatedNVML
-
-        lib = SimulatedNVML(args.simulate, seed=1, workload="busy")
-    else:
-        lib = None
-    src = GpuSource(Nvml(lib), "bench", watch_events=False, background=False, slow_interval=1e9)
+    src = GpuSource(
+        Nvml(nvml_library(args)), "bench", watch_events=False, background=False, slow_interval=1e9
+    )
     src.start()
     for _ in range(3):
         src.collect()

@@ -33,6 +33,10 @@ hour boundary: the new hour's partition, and a few minutes later the compaction 
 (written in PostgreSQL, as the collector's own writes would have left them) and brings the rollups up to
 date, so the compaction at the boundary merges a full hour, as in a run that had been going all hour.
 
+``--profile S`` records the collector with py-spy (200 Hz, non-blocking) for S seconds from the agents'
+start and writes collector_profile.raw and collector_profile.txt: each function's inclusive share of the
+samples, the figures that compare a hostile run with a clean one.
+
 Prints and writes to $OUT (default ./out) soak.json (figures, the 10-s time line, maintenance steps) and
 soak.md (the figures, a table per minute and the maintenance steps): samples produced / acknowledged /
 stored (lost = produced - stored), how late pushes went out, 503s, the collector's RSS at start, after
@@ -58,7 +62,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -229,6 +233,46 @@ class Hostile:
             },
             "collector_active_series_at_end": active_series,
         }
+
+
+def profile_collector(pid: int, seconds: float, out_dir: Path) -> subprocess.Popen:
+    """py-spy on the collector for ``seconds`` (200 Hz, non-blocking, raw stacks) into collector_profile.raw."""
+    spy = Path(sys.executable).with_name("py-spy")
+    cmd = [
+        str(spy) if spy.exists() else "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+    ]
+    cmd += ["--rate", "200", "--nonblocking", "--format", "raw", "-o", str(out_dir / "collector_profile.raw")]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def write_profile_shares(out_dir: Path, top: int = 150) -> None:
+    """collector_profile.txt: each function's share of the samples whose stacks it is in (once a stack)."""
+    raw = out_dir / "collector_profile.raw"
+    if not raw.exists():
+        (out_dir / "collector_profile.txt").write_text(
+            "py-spy wrote nothing (is it installed? pip install py-spy)\n"
+        )
+        return
+    total, inclusive = 0, Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        inclusive.update(dict.fromkeys({re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")}, n))
+    lines = [f"{total} samples; inclusive share of each function (threading and runpy frames left out)"]
+    lines += [
+        f"{100 * n / max(1, total):5.1f} %  {fn}"
+        for fn, n in inclusive.most_common()
+        if "threading.py" not in fn and "runpy" not in fn
+    ][:top]
+    (out_dir / "collector_profile.txt").write_text("\n".join(lines) + "\n")
 
 
 def pg_admin(url: str, sql: str) -> None:
@@ -558,6 +602,9 @@ def main() -> None:
     )
     ap.add_argument("--keep-db", action="store_true")
     ap.add_argument(
+        "--profile", type=float, default=0.0, help="seconds of py-spy on the collector from the agents' start"
+    )
+    ap.add_argument(
         "--hostile",
         action="store_true",
         help="beside the agents, a cardinality bomb and a heavy range query (see above); off by default",
@@ -662,6 +709,7 @@ def main() -> None:
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
     sampler = Sampler(proc, f"http://127.0.0.1:{port}/metrics", db_url, db_name).start()
+    spy = profile_collector(coll.pid, args.profile, out_dir) if args.profile > 0 else None
 
     http = urllib3.PoolManager(maxsize=args.workers, retries=False, timeout=urllib3.Timeout(total=30))
     headers = {
@@ -750,6 +798,9 @@ def main() -> None:
             pass
     time.sleep(WINDOW_S)  # the last window's readings
     sampler.stop()
+    if spy is not None:
+        spy.wait()
+        write_profile_shares(out_dir)
     rss_end = proc.memory_info().rss
     produced = sum(a.produced for a in agents)
     backlog = sum(len(a.pending_ticks) * len(a.labels) for a in agents)

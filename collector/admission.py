@@ -16,13 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gpufleet.core import remote_write as rw
 from gpufleet.core.durations import format_duration
+from gpufleet.core.loglines import LineLimit
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +195,13 @@ class RefusalLog:
     the next one (every refusal is in ``gpufleet_collector_refused_samples_total`` either way)."""
 
     def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._every_s = every_s
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lines = LineLimit(every_s, clock)
 
     def note(self, refusal: Refusal, samples: int) -> None:
-        now = self._clock()
-        with self._lock:
-            last = self._last.get(refusal.reason)
-            if last is not None and now - last < self._every_s:
-                self._held[refusal.reason] = self._held.get(refusal.reason, 0) + 1
-                return
-            self._last[refusal.reason] = now
-            held = self._held.pop(refusal.reason, 0)
-        more = f" ({held} more refused for this reason since the last line)" if held else ""
+        held = self._lines.take(refusal.reason)
+        if held is None:
+            return
+        more = held.since_last("refused for this reason")
         log.warning(
             "refused a write of %d samples (%s): %s%s", samples, refusal.reason, refusal.message, more
         )

@@ -82,6 +82,7 @@ from gpufleet.collector.store.series_limit import RETRY_AFTER_S as SERIES_LIMIT_
 from gpufleet.collector.store.series_limit import RefusalLog as SeriesRefusalLog
 from gpufleet.collector.store.series_limit import SeriesLimitExceeded
 from gpufleet.core import remote_write as rw
+from gpufleet.core.loglines import LineLimit
 from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
@@ -410,7 +411,7 @@ def create_app(
         if limits.write_rate_limit > 0
         else None
     )
-    write_rate_logged = RateLimit(1)
+    write_rate_logged = LineLimit()
 
     def read_scope(request: Request) -> str | None:
         """The cluster a read keeps to (None: every cluster); Refused (401) without a token of ours. A
@@ -562,8 +563,9 @@ def create_app(
                     f"of {write_rate.burst:g}); nothing was stored, send it again in {wait:.1f} s, or raise "
                     "--write-rate-limit / --write-burst (GPUFLEET_WRITE_RATE_LIMIT, GPUFLEET_WRITE_BURST)"
                 )
-                if write_rate_logged.take(name) == 0:  # a line a minute per token; the metric counts each
-                    log.warning("refused a write: %s", message)
+                held = write_rate_logged.take(name)  # a line a minute per token; the metric counts each
+                if held is not None:
+                    log.warning("refused a write: %s%s", message, held.since_last("refused"))
                 return JSONResponse(
                     {"error": message},
                     status_code=429,

@@ -1122,14 +1122,7 @@ def test_label_values_that_look_like_slack_markup_reach_slack_escaped_from_a_rea
 ):
     h = hostile
     with SlackDouble() as slack:
-        h.extra_args = [
-            "--slack-token",
-            "xoxb-test-token",
-            "--slack-channel",
-            "C0ONCALL",
-            "--slack-base-url",
-            slack.base_url,
-        ]
+        h.extra_args = slack.collector_flags()
         h.restart()
         (hot,) = hot_gpus("east", [MARKUP_NODE])
         hot.labels["pod"] = "train&eval"

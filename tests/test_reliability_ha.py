@@ -24,12 +24,7 @@ def start(pg_url: str, port: int, rules, slack: SlackDouble, name: str, log_dir)
         str(EVAL_S),
         "--name",
         name,
-        "--slack-token",
-        "xoxb-test-token",
-        "--slack-channel",
-        "C0ONCALL",
-        "--slack-base-url",
-        slack.base_url,
+        *slack.collector_flags(),
     ]
     return CollectorProcess(port, args, log_dir / f"{name}.log")
 

@@ -98,12 +98,7 @@ def test_the_silence_command_in_a_two_alert_message_run_as_printed_mutes_both_al
                 "1",
                 "--tokens",
                 TOKEN,
-                "--slack-token",
-                "xoxb-test-token",
-                "--slack-channel",
-                "C0ONCALL",
-                "--slack-base-url",
-                slack.base_url,
+                *slack.collector_flags(),
             ],
             tmp_path / "collector.log",
         )

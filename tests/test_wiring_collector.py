@@ -27,17 +27,6 @@ def rules(tmp_path):
     return path
 
 
-def slack_flags(slack: SlackDouble) -> list[str]:
-    return [
-        "--slack-token",
-        "xoxb-test-token",
-        "--slack-channel",
-        "C0ONCALL",
-        "--slack-base-url",
-        slack.base_url,
-    ]
-
-
 def test_a_hot_gpu_is_told_on_the_console_in_slack_and_as_a_grafana_annotation(tmp_path, rules):
     with SlackDouble() as slack, GrafanaDouble() as grafana:
         c = CollectorProcess(
@@ -50,7 +39,7 @@ def test_a_hot_gpu_is_told_on_the_console_in_slack_and_as_a_grafana_annotation(t
                 "--eval-interval",
                 "0.5",
                 "--console",
-                *slack_flags(slack),
+                *slack.collector_flags(),
                 "--grafana-url",
                 grafana.url,
                 "--grafana-token",
@@ -77,7 +66,7 @@ def test_an_xid_pushed_as_urgent_reaches_slack_long_before_the_next_evaluation(t
     with SlackDouble() as slack:
         c = CollectorProcess(
             free_port(),
-            ["--db", f"sqlite:///{tmp_path / 'c.db'}", "--eval-interval", "10m", *slack_flags(slack)],
+            ["--db", f"sqlite:///{tmp_path / 'c.db'}", "--eval-interval", "10m", *slack.collector_flags()],
             tmp_path / "collector.log",
         )
         agent = None

@@ -28,6 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from gpufleet.collector.store import schema
 from gpufleet.core.durations import format_duration
+from gpufleet.core.loglines import LineLimit
 
 log = logging.getLogger(__name__)
 
@@ -163,29 +164,19 @@ class RefusalLog:
     """Writes refused for series, logged at once and then a line per writer and limit a minute at most, with
     what was refused since: a client that keeps sending new series does not flood the log."""
 
-    EVERY_S = 60.0
-
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: dict[tuple[str, str], float] = {}
-        self._writes: Counter[tuple[str, str]] = Counter()  # refused since the last line
-        self._series: Counter[tuple[str, str]] = Counter()
+        self._lines = LineLimit(60.0, clock)
 
     def note(self, writer: str, exc: SeriesLimitExceeded) -> None:
-        key = (writer, exc.flag)
-        now = self._clock()
-        with self._lock:
-            self._writes[key] += 1
-            self._series[key] += exc.new
-            if now - self._last.get(key, -self.EVERY_S) < self.EVERY_S:
-                return
-            self._last[key] = now
-            writes, series = self._writes.pop(key), self._series.pop(key)
-            if len(self._last) > 10_000:  # writers quiet for a minute are forgotten
-                self._last = {k: t for k, t in self._last.items() if now - t < self.EVERY_S}
+        held = self._lines.take((writer, exc.flag), exc.new)
+        if held is None:
+            return
         log.warning(
-            "refused %d writes of %s (%d new series) since the last line: %s", writes, writer, series, exc
+            "refused %d writes of %s (%d new series) since the last line: %s",
+            held.lines + 1,
+            writer,
+            held.amount,
+            exc,
         )
 
 

@@ -73,6 +73,17 @@ class SlackDouble:
         self.base_url = f"http://127.0.0.1:{self._server.server_port}/api/"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
+    def collector_flags(self, channel: str = "C0ONCALL") -> list[str]:
+        """`gpufleet collector`'s flags that send its notifications here."""
+        return [
+            "--slack-token",
+            "xoxb-test-token",
+            "--slack-channel",
+            channel,
+            "--slack-base-url",
+            self.base_url,
+        ]
+
     def __enter__(self) -> SlackDouble:
         self._thread.start()
         return self
