@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import selectors
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
@@ -111,6 +113,10 @@ class AgentServer:
             host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
         )
         self.port = self._server.server_port
+        self._server.timeout = (
+            1.0  # handle_request() after a readable select: never held by a vanished client
+        )
+        self._wake_r, self._wake_w = socket.socketpair()
         self._thread: threading.Thread | None = None
 
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
@@ -142,9 +148,25 @@ class AgentServer:
         )
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="agent-http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="agent-http", daemon=True)
         self._thread.start()
 
+    def _serve(self) -> None:
+        """Answer requests until :meth:`stop`, asleep in between (``serve_forever`` wakes twice a second to
+        look for a shutdown, a fifth of an idle agent's CPU time)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in sel.select()}
+                if self._wake_r in ready:
+                    return
+                self._server.handle_request()
+
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread is not None:
+            self._wake_w.send(b"x")
+            self._thread.join(timeout=5)
         self._server.server_close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -106,6 +106,7 @@ class Nvml:
         self._lib: Any = lib  # the pynvml module or a stand-in; loaded on start() when not given
         self._started = False
         self._lock = threading.Lock()
+        self._waiting = 0  # threads inside an event wait
         self.simulated = bool(getattr(lib, "SIMULATED", False))
 
     def start(self) -> None:
@@ -140,8 +141,14 @@ class Nvml:
         return f"cannot start NVML: {why}; to try gpufleet without a GPU, run with --simulate 2"
 
     def shutdown(self) -> None:
+        """Shut NVML down. Not under a thread still inside an event wait: NVML cannot cut a wait short, and
+        its state must outlive the wait (the process is ending, or the wait ends within its timeout and the
+        waiting thread frees its event set). A library that ends its waits on shutdown says so with
+        ``SHUTDOWN_ENDS_WAITS`` (the simulator)."""
         with self._lock:
             if self._started:
+                if self._waiting and not getattr(self._lib, "SHUTDOWN_ENDS_WAITS", False):
+                    return
                 with contextlib.suppress(Exception):
                     self._lib.nvmlShutdown()
                 self._started = False
@@ -181,10 +188,15 @@ class Nvml:
     def wait_event(self, event_set: Any, timeout_ms: int) -> NvmlEvent | None:
         """The next event within ``timeout_ms``; ``None`` on timeout or a transient NVML failure. Anything
         other than an NVML error is raised."""
+        with self._lock:
+            self._waiting += 1
         try:
             data = self._lib.nvmlEventSetWait_v2(event_set, timeout_ms)
         except self._lib.NVMLError:
             return None
+        finally:
+            with self._lock:
+                self._waiting -= 1
         return NvmlEvent(self.handle_key(data.device), int(data.eventType), int(data.eventData))
 
     def free_event_set(self, event_set: Any) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 SIMULATED = True
 
 # Error codes and constants, as nvml.h defines them.
+NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_TIMEOUT = 10
@@ -198,6 +199,7 @@ class SimulatedNVML:
     """A pynvml-shaped object simulating ``count`` GPUs. ``clock`` gives seconds (injectable for tests)."""
 
     SIMULATED = True
+    SHUTDOWN_ENDS_WAITS = True  # nvmlShutdown ends every event wait at once (see Nvml.shutdown)
     NVMLError = NVMLError
 
     def __init__(
@@ -491,7 +493,7 @@ class SimulatedNVML:
     def _gpu(self, handle: Any, *, mig_ok: bool = False) -> _Gpu:
         """The GPU of a handle; a MIG device handle is refused unless the function works on MIG devices."""
         if not self._initialised:
-            raise NVMLError(1)
+            raise NVMLError(NVML_ERROR_UNINITIALIZED)
         self._advance()
         g = self._gpus[handle.index]
         if g.lost:
@@ -511,7 +513,9 @@ class SimulatedNVML:
         self._initialised = True
 
     def nvmlShutdown(self) -> None:
-        self._initialised = False
+        with self._event_cv:
+            self._initialised = False
+            self._event_cv.notify_all()
 
     def nvmlSystemGetDriverVersion(self) -> str:
         return self._driver
@@ -869,6 +873,8 @@ class SimulatedNVML:
                             gpuInstanceId=0xFFFFFFFF,
                             computeInstanceId=0xFFFFFFFF,
                         )
+                if not self._initialised:
+                    raise NVMLError(NVML_ERROR_UNINITIALIZED)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise NVMLError(NVML_ERROR_TIMEOUT)

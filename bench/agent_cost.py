@@ -13,6 +13,7 @@
    scrape), as a ratio; the slow-row refresh is timed too.
 
 Real GPUs:        python3 bench/agent_cost.py
+More than at hand: python3 bench/agent_cost.py --replicate 8   (each real GPU read as 8; see replicated_gpus.py)
 Without a GPU:    python3 bench/agent_cost.py --simulate 8
 The collector: ``--collector local`` (default) is a remote-write receiver in this process that takes every
 batch (it answers 204 and reads nothing), ``--collector unreachable`` a port nobody listens on (the agent
@@ -300,13 +301,16 @@ def run_agent(args: argparse.Namespace, out: Path) -> dict:
         collector = args.collector
     port = free_port()
     spool = tempfile.mkdtemp(prefix="agent-cost-spool-")
-    cmd = agent_command() + ["agent", "--listen", f"127.0.0.1:{port}", "--node", "bench"]
+    launcher = agent_command()
+    if args.replicate > 1:  # each real GPU shown to the agent --replicate times (bench/replicated_gpus.py)
+        launcher = [sys.executable, str(Path(__file__).with_name("replicated_gpus.py")), str(args.replicate)]
+    cmd = launcher + ["agent", "--listen", f"127.0.0.1:{port}", "--node", "bench"]
     cmd += ["--interval", "1", "--collector", collector, "--spool-dir", spool, "--log-level", "warning"]
     if args.simulate:
         cmd += ["--simulate", str(args.simulate)]
     with (out / "agent_cost_agent.log").open("w") as agent_log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=agent_log)
-        shown = ["gpufleet", *cmd[len(agent_command()) :]]
+        shown = ["gpufleet", *cmd[len(launcher) :]]
         result: dict = {"command": " ".join(shown), "collector": args.collector}
         try:
             health = wait_healthy(port, proc)
@@ -663,7 +667,16 @@ def main() -> None:
         default=60.0,
         help="window of the per-NVML-function breakdown at the agent's pace; 0: none",
     )
+    ap.add_argument(
+        "--replicate",
+        type=int,
+        default=1,
+        help="real GPUs only: show the agent each GPU N times (bench/replicated_gpus.py), every read a real "
+        "NVML call: a node of N times the GPUs at hand",
+    )
     args = ap.parse_args()
+    if args.replicate < 1 or (args.replicate > 1 and args.simulate):
+        ap.error("--replicate takes a count of 1 or more, and real GPUs (not with --simulate)")
     if args.seconds <= 0 or args.scrape_interval <= 0 or args.warmup < 0:
         ap.error("--seconds and --scrape-interval must be positive and --warmup not negative")
     if args.collector not in ("local", "unreachable") and not args.collector.startswith(
@@ -678,7 +691,9 @@ def main() -> None:
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
         f"{psutil.cpu_count()} CPUs)",
         "python": platform.python_version(),
-        "mode": f"simulated x{args.simulate}" if args.simulate else "real NVML",
+        "mode": f"simulated x{args.simulate}"
+        if args.simulate
+        else (f"real NVML, each GPU shown {args.replicate} times" if args.replicate > 1 else "real NVML"),
     }
     # the agent first, alone: the timing loops below would load the machine it is measured on
     result["run"] = run_agent(args, out)

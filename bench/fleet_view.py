@@ -12,7 +12,8 @@ real fleet (training, input-bound, idle, idle holding memory, hot, power-braked,
     p50 / p95 / max of CALLS sequential calls on one keep-alive connection, and the size of the answer
     (the fleet answers are kept for FLEET_POLL_S: their calls are spaced further apart, so each reads
     the store, as one page polling every 5 s does);
-    and the first call of each after a quiet spell, which waits for its read of the store;
+    and the first call of each after a quiet spell (answered from the answers the collector keeps warm;
+    how old they were is printed beside);
   * opens the fleet page in headless Chromium (tests/cdp.py) and times the first render (navigation start
     to the first frame after the page says "updated"), expanding a node, a cluster filter, and the main
     thread's long tasks (> 50 ms) over 15 s of refreshes.
@@ -482,19 +483,32 @@ def endpoints(fleet: Fleet, port: int, calls: int, cold: int, spy: Callable[[], 
 
 
 def cold_calls(port: int, calls: int) -> dict:
-    """The fleet answers asked for after a quiet spell, when nothing is being worked out ahead any more (no
-    call to either for FLEET_WATCH_S, and the last answers too old to hand out): each call waits for its
-    read of the store, its view and its encoding. The two endpoints take turns."""
+    """The fleet answers asked for after a quiet spell: no call to either for longer than the page's polls
+    keep them worked out ahead (FLEET_WATCH_S, and the last answers too old to hand out as a poll's). The
+    collector keeps them warm meanwhile, less often (FLEET_WARM_MIN_S at the most, for FLEET_KEEP_WARM of a
+    core), so such a call answers with one of those; how old it was (``generated_at`` of /api/v1/fleet) is
+    reported beside the time. The two endpoints take turns."""
     quiet = FLEET_WATCH_S + 3 * FLEET_POLL_S + 1
     ms: dict[str, list[float]] = {"/api/v1/fleet": [], "/api/v1/gpus": []}
+    ages: list[float] = []
     sizes = {}
     for _ in range(calls):
         for path in ms:
             time.sleep(quiet)
-            r = time_calls(port, path, 1)
-            ms[path].append(r["max_ms"])
-            sizes[path] = r["bytes"]
-    out = {}
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            t = time.perf_counter()
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            took = (time.perf_counter() - t) * 1000
+            conn.close()
+            if resp.status != 200:
+                raise RuntimeError(f"GET {path}: HTTP {resp.status} {body[:200]!r}")
+            ms[path].append(took)
+            sizes[path] = len(body)
+            if path == "/api/v1/fleet":
+                ages.append(time.time() - json.loads(body)["generated_at"])
+    out: dict = {}
     for path, xs in ms.items():
         out[f"{path} (first call after {quiet:g} s unasked)"] = {
             "p50_ms": round(statistics.median(xs), 1),
@@ -503,6 +517,9 @@ def cold_calls(port: int, calls: int) -> dict:
             "bytes": sizes[path],
             "calls": len(xs),
         }
+    fleet = out[f"/api/v1/fleet (first call after {quiet:g} s unasked)"]
+    fleet["answer_age_p50_s"] = round(statistics.median(ages), 1)
+    fleet["answer_age_max_s"] = round(max(ages), 1)
     print(f"cold: {out}", flush=True)
     return out
 
@@ -708,6 +725,8 @@ def report(r: dict) -> None:
     print(f"{'endpoint':<52} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'KiB':>8}")
     for name, e in r["endpoints"].items():
         failed = f"  ({len(e['failed'])} failed)" if "failed" in e else ""
+        if "answer_age_p50_s" in e:
+            failed += f"  (answers {e['answer_age_p50_s']} s old p50, {e['answer_age_max_s']} s max)"
         print(
             f"{name:<52} {e['p50_ms']:>8} {e['p95_ms']:>8} {e['max_ms']:>8} {e['bytes'] / 1024:>8.0f}{failed}"
         )

@@ -60,6 +60,7 @@ from gpufleet.collector.auth import (
 )
 from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
 from gpufleet.collector.fleet import (
+    FLEET_KEEP_WARM,
     FLEET_MAX_GPUS,
     FLEET_POLL_S,
     GPUS_PAGE,
@@ -631,11 +632,18 @@ def create_app(
 
     # Both fleet answers come from one read of the store, made at most once a poll interval however many
     # pages and `gpufleet top`s ask, and each is encoded once for all of them; while they are being asked
-    # for, they are worked out ahead, so a page's poll does not wait behind writes and rule evaluations.
+    # for, they are worked out ahead, so a page's poll does not wait behind writes and rule evaluations;
+    # once asked for, they are kept warm (for 1 % of a core at most), so a page opened after a quiet spell
+    # answers at once too, with an answer a few seconds old, and its next poll with a fresh one.
     # Both are bounded: /api/v1/gpus answers a page of GPUs at a time (the first page is the one kept), and
     # /api/v1/fleet lists at most fleet_max_gpus GPUs, however many GPUs writers make up.
     fleet_records = PerPoll(store.gpus, FLEET_POLL_S)
-    gpus_body = PerPoll(lambda: JsonBody(gpus_document(fleet_records.get())), FLEET_POLL_S, ahead=True)
+    gpus_body = PerPoll(
+        lambda: JsonBody(gpus_document(fleet_records.get())),
+        FLEET_POLL_S,
+        ahead=True,
+        keep_warm=FLEET_KEEP_WARM,
+    )
     fleet_body = PerPoll(
         lambda: JsonBody(
             fleet_summary(
@@ -646,6 +654,7 @@ def create_app(
         ),
         FLEET_POLL_S,
         ahead=True,
+        keep_warm=FLEET_KEEP_WARM,
     )
 
     def json_answer(request: Request, body: JsonBody) -> Response:

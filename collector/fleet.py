@@ -43,6 +43,10 @@ MAX_GPUS_PER_NODE = 128  # 8 GPUs of 7 MIG instances each is 56
 MAX_ALERTS_LISTED = 2_000  # the fleet's active alerts listed, firing and critical first; all are counted
 GPUS_PAGE = 2_000  # GPUs of one page of /api/v1/gpus unless `limit` says otherwise
 FLEET_WATCH_S = 15.0  # worked out ahead while asked for at least this often (3 of the page's polls)
+# Once nobody asks, the fleet answers are still worked out every FLEET_WARM_MIN_S or so, for at most
+# FLEET_KEEP_WARM of a core, so the first page opened after a quiet spell answers at once.
+FLEET_WARM_MIN_S = 10.0
+FLEET_KEEP_WARM = 0.01
 log = logging.getLogger(__name__)
 _IDENTITY = ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
 
@@ -358,7 +362,12 @@ class PerPoll(Generic[T]):
     ``ahead``: while calls keep coming (one in the last ``watch_s``), a thread of its own works the value out
     again every ``ttl_s``, so a call answers at once with a value at most ``ttl_s`` and one build old
     instead of waiting for a build behind the collector's writes and rule evaluations. Only the first
-    call after a quiet spell, or one that finds the value older than ``3 * ttl_s``, waits for a build."""
+    call after a quiet spell, or one that finds the value older than ``3 * ttl_s``, waits for a build.
+
+    ``keep_warm`` (a share of one core, with ``ahead``): once calls stop, the thread goes on working the
+    value out, less often: every ``warm_min_s`` at the most, and never more often than keeps its builds
+    (timed from start to end) under that share of the time. A call after a quiet spell then answers at once
+    with that value, and the thread is back to every ``ttl_s`` for the calls after it."""
 
     def __init__(
         self,
@@ -367,34 +376,57 @@ class PerPoll(Generic[T]):
         *,
         ahead: bool = False,
         watch_s: float = FLEET_WATCH_S,
+        keep_warm: float = 0.0,
+        warm_min_s: float = FLEET_WARM_MIN_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._build = build
         self._ttl_s = ttl_s
         self._ahead = ahead
         self._watch_s = watch_s
+        self._keep_warm = keep_warm if ahead else 0.0
+        self._warm_min_s = warm_min_s
         self._clock = clock
         self._lock = threading.Lock()  # the value, its time, the last call, the refresher
         self._building = threading.Lock()  # one build at a time
         self._value: T | None = None
         self._at = -math.inf
+        self._build_s = 0.0  # how long the last build took
         self._called = -math.inf
         self._refresher: threading.Thread | None = None
+        self._called_again = threading.Event()  # wakes a refresher that waits at the slow pace
 
     @property
     def refreshing(self) -> bool:
-        """Whether the value is being worked out ahead (it was asked for in the last ``watch_s``)."""
+        """Whether the value is being worked out ahead (it was asked for in the last ``watch_s``, or it is
+        kept warm)."""
         with self._lock:
             return self._refresher is not None
 
+    def warm_period(self) -> float:
+        """Seconds between builds while nobody asks, with ``keep_warm``."""
+        return max(self._warm_min_s, self._build_s / self._keep_warm) if self._keep_warm else math.inf
+
     def get(self) -> T:
         with self._lock:
-            self._called = now = self._clock()
+            now = self._clock()
+            quiet, self._called = now - self._called >= self._watch_s, now
             if self._ahead and self._refresher is None:
                 self._refresher = threading.Thread(target=self._refresh, name="fleet-refresh", daemon=True)
                 self._refresher.start()
+            elif quiet and self._keep_warm:
+                self._called_again.set()  # kept warm: back to every ttl_s
             age = now - self._at
-            if self._value is not None and (age < self._ttl_s or (self._ahead and age < 3 * self._ttl_s)):
+            if self._value is not None and (
+                age < self._ttl_s
+                or (self._ahead and age < 3 * self._ttl_s)
+                or (
+                    quiet
+                    and self._keep_warm
+                    and self._refresher is not None
+                    and age < self.warm_period() + 3 * self._ttl_s
+                )
+            ):
                 return self._value
         return self._rebuild(fresher_than=self._ttl_s)
 
@@ -403,24 +435,27 @@ class PerPoll(Generic[T]):
             with self._lock:  # built meanwhile by the caller this one waited for
                 if self._value is not None and self._clock() - self._at < fresher_than:
                     return self._value
-            started = self._clock()
+            started, t0 = self._clock(), time.monotonic()
             value = self._build()
             with self._lock:
                 # counted from the read, so the answer is never older than the time since then
-                self._value, self._at = value, started
+                self._value, self._at, self._build_s = value, started, time.monotonic() - t0
             return value
 
     def _refresh(self) -> None:
-        quiet = threading.Event()
         while True:
             with self._lock:
                 now = self._clock()
-                if now - self._called >= self._watch_s:
+                watched = now - self._called < self._watch_s
+                if not watched and not self._keep_warm:
                     self._refresher = None
                     return
-                wait = self._at + self._ttl_s - now
+                wait = self._at + (self._ttl_s if watched else self.warm_period()) - now
+                if watched:  # the watch ends without a call: wait no further than that
+                    wait = min(wait, self._called + self._watch_s - now)
             if wait > 0:
-                quiet.wait(wait)
+                if self._called_again.wait(wait):
+                    self._called_again.clear()
                 continue
             try:
                 self._rebuild(fresher_than=self._ttl_s)  # unless a caller's build just made it

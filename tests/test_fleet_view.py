@@ -211,6 +211,51 @@ def test_a_polled_fleet_view_is_worked_out_ahead_so_a_poll_does_not_wait_for_the
     assert fleet.get() == 3  # the first call after the quiet spell waits for its read again
 
 
+def test_a_fleet_view_kept_warm_answers_the_first_call_after_a_quiet_spell_at_once() -> None:
+    now = [0.0]
+    reads: list[float] = []
+
+    def read_the_store() -> int:
+        reads.append(now[0])
+        return len(reads)
+
+    fleet = PerPoll(
+        read_the_store,
+        ttl_s=1.0,
+        ahead=True,
+        watch_s=15.0,
+        keep_warm=0.01,
+        warm_min_s=10.0,
+        clock=lambda: now[0],
+    )
+    assert fleet.get() == 1  # the very first call waits for its read
+    assert fleet.warm_period() == 10.0  # a read that takes no time: every warm_min_s
+    now[0] = 30.0  # nobody asked for 15 s: the thread goes on, every 10 s
+    wait_until(lambda: reads[-1] == 30.0, timeout=10)
+    assert fleet.refreshing
+    n = len(reads)
+    now[0] = 36.0  # six seconds after that read: no read yet
+    time.sleep(0.3)
+    assert len(reads) == n
+    assert fleet.get() == n  # the page opened after the quiet spell answers at once, 6 s old
+    wait_until(lambda: len(reads) == n + 1, timeout=10)  # and the thread is back to once a poll interval
+    assert reads[-1] == 36.0
+    now[0] = 37.5
+    wait_until(lambda: len(reads) == n + 2, timeout=10)
+    assert fleet.get() == n + 2
+
+
+def test_a_slow_fleet_view_is_kept_warm_less_often() -> None:
+    def read_the_store() -> int:
+        time.sleep(0.2)
+        return 1
+
+    fleet = PerPoll(read_the_store, ttl_s=1.0, ahead=True, keep_warm=0.01, warm_min_s=10.0)
+    fleet.get()
+    # 0.2 s a build, 1 % of a core at most: once every 20 s, not every 10
+    assert 19.0 < fleet.warm_period() < 30.0
+
+
 # One object with what the page shows: each node's row, its GPU cells and cards, and the heat-map.
 PAGE_STATE = """(() => ({
   nodes: [...document.querySelectorAll('section.node')].map((s) => ({

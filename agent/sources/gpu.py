@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 
 EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
 EVENT_DBE = 0x2  # nvmlEventTypeDoubleBitEccError
+# How long one wait for an XID may last. An event ends a wait at once, so this bounds nothing a user sees;
+# each wait that times out costs the driver about 0.12 ms of CPU (H100), so 500 ms waits cost 0.025 % of a
+# core and 5 s waits 0.0025 % (docs/benchmarks.md). NVML cannot cut a wait short: at shutdown the waiting
+# thread is left to end with the process (see Nvml.shutdown).
+EVENT_WAIT_MS = 5000
 # The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.7 ms a call on an H200) are computed over
 # the slow rows' window and served from a cache in between; the first window after start is this short, so
 # they show from the first seconds on, not a whole window later.
@@ -356,7 +361,8 @@ class GpuSource:
     def close(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=2)
+            # the slow reader ends at once; the XID waiter only when its wait does (up to EVENT_WAIT_MS)
+            t.join(timeout=0.2 if t.name == "nvml-events" else 2)
         for pair in self._gpm_samples.values():
             for sample in pair[:2]:
                 self._nvml.call("nvmlGpmSampleFree", sample)
@@ -703,13 +709,13 @@ class GpuSource:
             by_key[nvml.handle_key(gpu.handle)] = gpu
         while not self._stop.is_set():
             try:
-                event = nvml.wait_event(event_set, 500)
+                event = nvml.wait_event(event_set, EVENT_WAIT_MS)
             except Exception:  # never let the event thread die
                 log.exception("NVML event wait failed")
                 self._stop.wait(1.0)
                 continue
             if event is None:
-                continue  # timeout (no event) or a transient failure; keep listening
+                continue  # timeout (no event), a transient failure or NVML shut down; keep listening
             holder = by_key.get(event.device)
             if holder is None:
                 continue

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -106,11 +108,28 @@ def announce(text: str) -> None:
 
 
 def wait_for_signal() -> None:
+    """Block the main thread until SIGINT or SIGTERM, without waking it in between.
+
+    A signal may reach any thread of the process, and one that reaches another thread does not end the main
+    thread's wait on a lock; polling for it woke the process twice a second. Python writes every signal it
+    catches to the wakeup file descriptor, whichever thread the kernel gave it to, so the main thread sleeps
+    in a read of that socket and runs the handlers when it returns.
+    """
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    before = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    try:
+        while not stop.is_set():
+            # a minute at most, in case a signal came before the wakeup socket was in place
+            if select.select([wake_r], [], [], 60.0)[0]:
+                wake_r.recv(64)
+    finally:
+        signal.set_wakeup_fd(before)
+        wake_r.close()
+        wake_w.close()
 
 
 def token_option(*, read_only: bool) -> Decorator:
