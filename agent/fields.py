@@ -18,7 +18,10 @@ asked again. ``SumOf`` adds per-link reads up to a per-GPU value, ``CountOf`` co
 ``slow`` rows are calls that cost milliseconds (energy counter ~3 ms, PCIe
 throughput ~20 ms because NVML samples the bus) or values that never change;
 they are read by a background reader every ``slow_interval`` seconds and
-served from its cache, so one sample of all GPUs stays cheap.
+served from its cache, so one sample of all GPUs stays cheap. ``costly`` slow rows (a millisecond or more
+of the driver's CPU a read on an H100: the energy counter, the clock-event violation counters, PCIe
+throughput) are read every ``COSTLY_EVERY``-th time: on an 8-GPU node at the defaults they were a quarter
+of the agent's CPU time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -236,6 +239,9 @@ class Field:
     urgent: bool = False
     # Read off the hot path by the background reader (costly or static values).
     slow: bool = False
+    # A slow row read only every COSTLY_EVERY-th slow refresh (a counter or a 20 ms snapshot: a slower
+    # cadence loses resolution, not events).
+    costly: bool = False
     # Also read on every MIG device of a GPU in MIG mode (as gpufleet_mig_*).
     mig: bool = False
     # One series per NVLink (and type): read only with --nvlink-per-link (series multiply by the links).
@@ -423,6 +429,7 @@ FIELDS: tuple[Field, ...] = (
         FieldValue(FI_TOTAL_ENERGY_CONSUMPTION),
         scale=1e-3,
         slow=True,
+        costly=True,
         dcgm="DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
         dcgm_kind="counter",
         dcgm_scale=1e3,
@@ -471,6 +478,7 @@ FIELDS: tuple[Field, ...] = (
         labels=("reason",),
         scale=1e-9,
         slow=True,
+        costly=True,
         dcgm={
             ("sw_power_cap",): "DCGM_FI_DEV_POWER_VIOLATION",
             ("thermal",): "DCGM_FI_DEV_THERMAL_VIOLATION",
@@ -626,6 +634,7 @@ FIELDS: tuple[Field, ...] = (
         Call("nvmlDeviceGetPcieThroughput", (PCIE_UTIL_TX_BYTES,)),
         scale=KIB,
         slow=True,
+        costly=True,
         dcgm="DCGM_FI_PROF_PCIE_TX_BYTES",
     ),
     Field(
@@ -636,6 +645,7 @@ FIELDS: tuple[Field, ...] = (
         Call("nvmlDeviceGetPcieThroughput", (PCIE_UTIL_RX_BYTES,)),
         scale=KIB,
         slow=True,
+        costly=True,
         dcgm="DCGM_FI_PROF_PCIE_RX_BYTES",
     ),
     # ---- NVLink -----------------------------------------------------------------------------------
@@ -752,7 +762,7 @@ GPM_FIELDS: tuple[GpmField, ...] = (
     GpmField(
         "gpufleet_gpu_graphics_engine_active_ratio",
         1,
-        "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), over the slow rows' window.",
+        "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), over the costly rows' window (4 slow intervals).",
         "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
         slow=True,
     ),
@@ -845,5 +855,7 @@ def mig_name(name: str) -> str:
 
 PER_LINK_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.per_link)
 MIG_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.mig)
+# The costly slow rows are read every COSTLY_EVERY-th slow refresh: every 2 minutes at the default 30 s.
+COSTLY_EVERY = 4
 FAST_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if not f.slow)
 SLOW_FIELDS: tuple[Field, ...] = tuple(f for f in FIELDS if f.slow)

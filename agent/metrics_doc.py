@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gpufleet.agent.dcgm_names import CLOCK_REASONS_NAME, MAPPING, XID_NAME
-from gpufleet.agent.fields import FIELDS, GPM_FIELDS, MIG_FIELDS, Source, mig_name
+from gpufleet.agent.fields import COSTLY_EVERY, FIELDS, GPM_FIELDS, MIG_FIELDS, Field, Source, mig_name
 from gpufleet.core.metricspec import MetricSpec
 
 BEGIN, END = "<!-- field table: begin (python -m gpufleet.cli.catalogue) -->", "<!-- field table: end -->"
@@ -52,10 +52,16 @@ def render() -> str:
         "| metric | type | unit | labels | help | NVML read | read | dcgm-exporter twin |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def _cadence(f: Field) -> str:
+        if f.costly:
+            return f"slow (background), every {COSTLY_EVERY}th refresh"
+        return "slow (background)" if f.slow else "every sample"
+
     for f in FIELDS:
         lines.append(
             f"| `{f.name}` | {f.kind} | {f.unit or '—'} | {', '.join(f.labels) or '—'} | {f.help} | "
-            f"{_read(f)} | {'slow (background)' if f.slow else 'every sample'} | {_dcgm(f.name)} |"
+            f"{_read(f)} | {_cadence(f)} | {_dcgm(f.name)} |"
         )
     for g in GPM_FIELDS:
         lines.append(

@@ -8,7 +8,7 @@ import pynvml
 import pytest
 
 from gpufleet.agent import fields as F
-from gpufleet.agent.fields import FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
+from gpufleet.agent.fields import COSTLY_EVERY, FIELDS, GPM_FIELDS, SLOW_FIELDS, Call, FieldValue
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.settings import AgentSettings
 from gpufleet.agent.simulator import SimulatedNVML
@@ -78,8 +78,9 @@ def test_every_row_reads_a_believable_value_on_the_simulator():
     )
     src.start()
     src.collect()
-    clock.t += 120  # two minutes of a training job
-    fams = src.collect()
+    for _ in range(COSTLY_EVERY):  # two minutes of a training job, sampled at each slow refresh
+        clock.t += AgentSettings().slow_interval
+        fams = src.collect()
     ranges = {
         "ratio": (0, 1),
         "celsius": (20, 100),
@@ -331,10 +332,19 @@ def test_one_sample_makes_each_nvml_call_once_per_gpu_and_leaves_slow_rows_to_th
     assert slow_only & set(fake.calls) == set(), "slow rows were read on the hot path"
     # ... yet their values are in every sample, from the slow reader's cache
     assert row_values(src.collect(), SLOW_FIELDS[0])
-    fake.calls.clear()
-    clock.t += 10.0
-    src.collect()
-    assert fake.calls.count("nvmlDeviceGetPcieThroughput") == 4  # due again: 2 GPUs x tx, rx
+    # The slow rows are read again every slow interval; the costly ones (PCIe throughput, the energy and
+    # violation counters) every COSTLY_EVERY-th time.
+    pcie, limits = [], []
+    for _ in range(2 * COSTLY_EVERY):
+        fake.calls.clear()
+        clock.t += 10.0
+        src.collect()
+        pcie.append(fake.calls.count("nvmlDeviceGetPcieThroughput"))
+        limits.append(fake.calls.count("nvmlDeviceGetEnforcedPowerLimit"))
+    assert limits == [2] * (2 * COSTLY_EVERY)  # a cheap slow row: every refresh, 2 GPUs
+    assert pcie == ([0] * (COSTLY_EVERY - 1) + [4]) * 2  # 2 GPUs x tx, rx, every COSTLY_EVERY-th refresh
+    # ... and their values stay in every sample in between
+    assert row_values(src.collect(), next(f for f in SLOW_FIELDS if f.costly))
 
 
 def test_the_background_reader_refreshes_slow_rows_without_a_sample():
@@ -421,9 +431,9 @@ def test_docs_metrics_md_shows_the_table_as_it_is():
     assert render() in doc, "docs/metrics.md is stale: run python -m gpufleet.cli.catalogue"
 
 
-def test_graphics_activity_shows_after_a_second_then_is_worked_out_once_per_slow_window():
-    """GPM GRAPHICS_UTIL costs a millisecond or more a call: computed over the slow rows' window, the first
-    window a second long so the series is there from the start."""
+def test_graphics_activity_shows_after_a_second_then_is_worked_out_once_per_costly_window():
+    """GPM GRAPHICS_UTIL costs a millisecond or more a call: computed over the costly rows' window
+    (COSTLY_EVERY slow intervals), the first window a second long so the series is there from the start."""
     clock = SimpleNamespace(t=0.0)
     sim = SimulatedNVML(1, clock=lambda: clock.t, seed=2, workload="busy")
     calls: list[float] = []
@@ -439,9 +449,9 @@ def test_graphics_activity_shows_after_a_second_then_is_worked_out_once_per_slow
     src.start()
     name = "gpufleet_gpu_graphics_engine_active_ratio"
     seen = []
-    for _ in range(70):  # 70 s at 1 Hz
+    window = AgentSettings().slow_interval * COSTLY_EVERY
+    for _ in range(int(2 * window) + 10):  # two windows and a bit, at 1 Hz
         seen.append(any(f.name == name and f.samples for f in src.collect()))
         clock.t += 1.0
-    slow = AgentSettings().slow_interval
     assert seen[0] is False and all(seen[1:])
-    assert calls == [1.0, 1.0 + slow, 1.0 + 2 * slow]
+    assert calls == [1.0, 1.0 + window, 1.0 + 2 * window]

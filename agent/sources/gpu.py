@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from gpufleet.agent.families import Families, Family
 from gpufleet.agent.fields import (
+    COSTLY_EVERY,
     FAST_FIELDS,
     FIELDS,
     GPM_FIELDS,
@@ -55,9 +56,10 @@ EVENT_DBE = 0x2  # nvmlEventTypeDoubleBitEccError
 # core and 5 s waits 0.0025 % (docs/benchmarks.md). NVML cannot cut a wait short: at shutdown the waiting
 # thread is left to end with the process (see Nvml.shutdown).
 EVENT_WAIT_MS = 5000
-# The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.7 ms a call on an H200) are computed over
-# the slow rows' window and served from a cache in between; the first window after start is this short, so
-# they show from the first seconds on, not a whole window later.
+# The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.4 to 1.7 ms a call on an H100 and H200) are
+# computed over the costly rows' window (COSTLY_EVERY slow intervals: an average over it, not a snapshot) and
+# served from a cache in between; the first window after start is this short, so they show from the first
+# seconds on, not a whole window later.
 GPM_FIRST_WINDOW_S = 1.0
 NO_INSTANCE = 0xFFFFFFFF  # gpuInstanceId of a process outside MIG
 _GPM_IDS = [g.metric_id for g in GPM_FIELDS if not g.slow]
@@ -318,7 +320,9 @@ class GpuSource:
         self._clock = clock
         self._process_metrics = process_metrics
         self._proc_root = Path(proc_root)
-        self._slow_rows = tuple(f for f in SLOW_FIELDS if nvlink_per_link or not f.per_link)
+        slow_rows = [f for f in SLOW_FIELDS if nvlink_per_link or not f.per_link]
+        self._slow_rows = tuple(f for f in slow_rows if not f.costly)
+        self._costly_rows = tuple(f for f in slow_rows if f.costly)  # every COSTLY_EVERY-th refresh
         # (GPU uuid, "fast" | "slow" | MIG instance uuid): what the device answers. Fast and slow rows learn
         # apart, as the background reader and the sampler read them from two threads.
         self._learned: dict[tuple[str, str], Learned] = {}
@@ -330,6 +334,8 @@ class GpuSource:
         self._gpm_slow: dict[str, list[Any]] = {}  # uuid -> [window-start sample, its time, cached values]
         self._xid_counts: dict[tuple[str, int], int] = {}
         self._slow: dict[str, list[Value]] = {}
+        self._costly: dict[str, list[Value]] = {}
+        self._refreshes = 0
         self._slow_at: float | None = None
         self._mig: dict[str, list[MigDevice]] = {}
         self._mig_mode: dict[str, str] = {}
@@ -383,15 +389,20 @@ class GpuSource:
 
     # ---- slow rows, MIG layout -------------------------------------------------------------------
     def refresh_slow(self) -> None:
-        """Read the slow rows and the MIG layout of every GPU (background reader, or inline when due)."""
+        """Read the slow rows and the MIG layout of every GPU (background reader, or inline when due); the
+        costly rows the first time and every COSTLY_EVERY-th time after."""
+        costly_due = self._refreshes % COSTLY_EVERY == 0
+        self._refreshes += 1
         for gpu in self._gpus:
+            learned = self._learned_for(gpu.uuid, "slow")
+            costly = None
             try:
-                values = read_rows(
-                    self._nvml, gpu.handle, self._slow_rows, self._learned_for(gpu.uuid, "slow")
-                )
+                values = read_rows(self._nvml, gpu.handle, self._slow_rows, learned)
+                if costly_due:
+                    costly = read_rows(self._nvml, gpu.handle, self._costly_rows, learned)
                 mode, migs = self._discover_mig(gpu)
             except GpuLost:
-                values, mode, migs = [], "", []
+                values, costly, mode, migs = [], [], "", []
             else:
                 links_up = next((v for f, _, v in values if f.name == LINKS_UP), None)
                 shape, before = (mode, links_up), self._shape.get(gpu.uuid)
@@ -401,6 +412,8 @@ class GpuSource:
                     self.relearn(gpu.uuid)
             with self._lock:
                 self._slow[gpu.uuid] = values
+                if costly is not None:
+                    self._costly[gpu.uuid] = costly
                 self._mig_mode[gpu.uuid] = mode
                 self._mig[gpu.uuid] = migs
         self._slow_at = self._clock()
@@ -499,6 +512,7 @@ class GpuSource:
             values = read_rows(self._nvml, gpu.handle, FAST_FIELDS, self._learned_for(gpu.uuid, "fast"))
             with self._lock:
                 values += self._slow.get(gpu.uuid, [])
+                values += self._costly.get(gpu.uuid, [])
                 migs = self._mig.get(gpu.uuid, [])
             self._emit(values, labels, fam, rename=None)
             self._sample_gpm(
@@ -580,7 +594,7 @@ class GpuSource:
             fam(name, "gauge", g.help).add(labels, v)
 
     def _slow_gpm(self, key: str, current: Any, take: Callable[[Any], Any]) -> dict[int, float | None]:
-        """Costly GPM metrics, computed once per slow window (between a window-start sample and ``current``)
+        """Costly GPM metrics, computed once per costly window (between a window-start sample and ``current``)
         and served from a cache in between; the first window is GPM_FIRST_WINDOW_S long."""
         if not _GPM_SLOW_IDS:
             return {}
@@ -592,7 +606,7 @@ class GpuSource:
                 return {}
             window = self._gpm_slow[key] = [start, now, {}]
         start, started_at, cached = window
-        if now - started_at >= (self._slow_interval if cached else GPM_FIRST_WINDOW_S):
+        if now - started_at >= (self._slow_interval * COSTLY_EVERY if cached else GPM_FIRST_WINDOW_S):
             cached = self._nvml.gpm_metrics(None, start, current, _GPM_SLOW_IDS)
             if take(start) is not None:  # the next window starts now
                 window[:] = [start, now, cached]

@@ -68,8 +68,8 @@ def sampling_options(*, push_interval: float = 5.0) -> Decorator:
             default=30.0,
             envvar="GPUFLEET_SLOW_INTERVAL",
             show_default=True,
-            help="Time between reads of the slow GPU rows (energy, throttle time, PCIe throughput, limits), "
-            "seconds or a duration: they cost the driver 10x what a sample does.",
+            help="Time between reads of the slow GPU rows (limits, NVLink state and errors, PCIe link), seconds "
+            "or a duration; the costliest (energy, throttle time, PCIe throughput) are read every 4th time.",
         ),
         click.option(
             "--metric-names",
