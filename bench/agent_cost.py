@@ -420,8 +420,8 @@ class TimedLib:
 
 def nvml_breakdown(args: argparse.Namespace) -> dict:
     """Each NVML function's share of the agent's GPU reads, at the agent's own pace: a sample a second, the
-    slow rows every --slow-interval and the XID event thread waiting 500 ms at a time, for
-    ``--breakdown-seconds``."""
+    slow rows every --slow-interval (the costly ones every COSTLY_EVERY-th time) and the XID event thread
+    waiting EVENT_WAIT_MS at a time, for ``--breakdown-seconds``."""
     timed = TimedLib(nvml_library(args))
     slow = AgentSettings().slow_interval
     src = GpuSource(Nvml(timed), "bench", watch_events=True, background=True, slow_interval=slow)

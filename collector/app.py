@@ -695,8 +695,9 @@ def create_app(
         responses={
             200: {
                 "description": "A page of the GPUs in fleet order (cluster, node, GPU index), as of two "
-                "seconds ago at most: `gpus`, `total` (all GPUs), `offset`, and `next`, the address of the "
-                "next page (null on the last).",
+                "seconds ago at most while polled (the first call after a quiet spell: up to about ten): "
+                "`gpus`, `total` (all GPUs), `offset`, and `next`, the address of the next page (null on the "
+                "last).",
                 **JSON_OBJECT,
             },
             **READ_REFUSALS,
@@ -954,8 +955,9 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "description": "The fleet, as of two seconds ago at most. Past --fleet-max-gpus GPUs its lists "
-                "are cut (the totals count every GPU) and `truncated` says what was left out.",
+                "description": "The fleet, as of two seconds ago at most while polled (the first call after a "
+                "quiet spell: up to about ten; `generated_at` says). Past --fleet-max-gpus GPUs its lists are "
+                "cut (the totals count every GPU) and `truncated` says what was left out.",
                 **JSON_OBJECT,
             },
             **READ_REFUSALS,
