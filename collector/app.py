@@ -657,6 +657,8 @@ def create_app(
         keep_warm=FLEET_KEEP_WARM,
     )
 
+    app.state.kept_warm = (gpus_body, fleet_body)  # closed with the collector
+
     def json_answer(request: Request, body: JsonBody) -> Response:
         if "gzip" not in request.headers.get("accept-encoding", ""):
             return Response(body.raw, media_type="application/json", headers={"Vary": "Accept-Encoding"})

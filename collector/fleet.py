@@ -395,6 +395,7 @@ class PerPoll(Generic[T]):
         self._called = -math.inf
         self._refresher: threading.Thread | None = None
         self._called_again = threading.Event()  # wakes a refresher that waits at the slow pace
+        self._closed = False
 
     @property
     def refreshing(self) -> bool:
@@ -402,6 +403,15 @@ class PerPoll(Generic[T]):
         kept warm)."""
         with self._lock:
             return self._refresher is not None
+
+    def close(self) -> None:
+        """Stop working the value out ahead (the collector is closing); a later call builds it itself."""
+        with self._lock:
+            self._closed = True
+            refresher = self._refresher
+        self._called_again.set()
+        if refresher is not None:
+            refresher.join(timeout=5)
 
     def warm_period(self) -> float:
         """Seconds between builds while nobody asks, with ``keep_warm``."""
@@ -411,7 +421,7 @@ class PerPoll(Generic[T]):
         with self._lock:
             now = self._clock()
             quiet, self._called = now - self._called >= self._watch_s, now
-            if self._ahead and self._refresher is None:
+            if self._ahead and self._refresher is None and not self._closed:
                 self._refresher = threading.Thread(target=self._refresh, name="fleet-refresh", daemon=True)
                 self._refresher.start()
             elif quiet and self._keep_warm:
@@ -447,7 +457,7 @@ class PerPoll(Generic[T]):
             with self._lock:
                 now = self._clock()
                 watched = now - self._called < self._watch_s
-                if not watched and not self._keep_warm:
+                if self._closed or (not watched and not self._keep_warm):
                     self._refresher = None
                     return
                 wait = self._at + (self._ttl_s if watched else self.warm_period()) - now

@@ -505,6 +505,8 @@ class Collector:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.leadership.release()
+        for body in getattr(self.app.state, "kept_warm", ()):
+            body.close()
         self.engine.close()
         if self.forwarder is not None:
             # What was acknowledged but not yet forwarded lives in memory only: give the targets time to take it.

@@ -243,6 +243,11 @@ def test_a_fleet_view_kept_warm_answers_the_first_call_after_a_quiet_spell_at_on
     now[0] = 37.5
     wait_until(lambda: len(reads) == n + 2, timeout=10)
     assert fleet.get() == n + 2
+    fleet.close()  # the collector closes: nothing is worked out ahead any more
+    assert not fleet.refreshing
+    now[0] = 100.0
+    time.sleep(0.3)
+    assert len(reads) == n + 2
 
 
 def test_a_slow_fleet_view_is_kept_warm_less_often() -> None:
