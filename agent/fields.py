@@ -762,7 +762,7 @@ GPM_FIELDS: tuple[GpmField, ...] = (
     GpmField(
         "gpufleet_gpu_graphics_engine_active_ratio",
         1,
-        "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), over the costly rows' window (4 slow intervals).",
+        "Share of time the graphics/compute engine was active (GPM GRAPHICS_UTIL), averaged over 4 slow intervals (2 minutes at the default).",
         "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
         slow=True,
     ),
