@@ -890,10 +890,12 @@ def test_a_batch_the_database_cannot_encode_fails_alone_with_400_never_503(tmp_p
 QUERY_MAX_SERIES = 1_500  # --query-max-series of this test
 QUERY_TIMEOUT_S = 1.0  # --query-timeout of this test
 QUERY_SLOTS = 2  # --query-max-concurrent of this test
-# Rack "a" holds an hour of samples every 500 ms (--interval 500ms) per GPU: 10 million samples, several times
-# what one query gets through in QUERY_TIMEOUT_S; rack "b" one sample per GPU. Both racks together are over
-# QUERY_MAX_SERIES.
-RACK_A, RACK_B, HOUR_OF_SAMPLES = 1_400, 600, 7_200
+# Rack "a" holds an hour of samples every 167 ms per GPU: 30 million samples, under the test's
+# --query-max-samples and about three times what one query gets through in QUERY_TIMEOUT_S on an idle 2-core
+# machine (10 million took 1.2 to 1.5 s there: too close to the budget); rack "b" one sample per GPU. Both
+# racks together are over QUERY_MAX_SERIES.
+RACK_A, RACK_B, HOUR_OF_SAMPLES = 1_400, 600, 21_600
+QUERY_MAX_SAMPLES = 50_000_000  # --query-max-samples of this test: over rack a's samples
 HEAVY_AT_ONCE = 10  # five times the slots: some wait out QUERY_SLOT_WAIT_S (2 s) behind the others
 # What waves of heavy queries may leave behind in the collector's memory. Each reads 1,400 series a fetch at
 # a time (about 100,000 samples) and holds one series' samples at once: ~50 MiB of working memory here, which
@@ -919,10 +921,11 @@ def power_gpus(rack: str, n: int, at_ms: int) -> list[rw.Series]:
     ]
 
 
-def store_an_hour_of_samples(db: str, rack: str, before_ms: int) -> None:
-    """An hour of samples every 500 ms for every GPU of ``rack``, written into the store as the collector lays
-    them out (one chunk row per series; migration 0002), straight into PostgreSQL: 10 million samples would
-    take minutes through remote-write. Kept inside the hour of ``before_ms``, whose partition exists."""
+def store_an_hour_of_samples(db: str, rack: str, before_ms: int) -> int:
+    """An hour of samples every 167 ms for every GPU of ``rack``, written into the store as the collector lays
+    them out (one chunk row per series; migration 0002), straight into PostgreSQL: 30 million samples would
+    take minutes through remote-write. Kept inside the hour of ``before_ms``, whose partition exists: early in
+    an hour they are closer together. Returns the time of the first."""
     import psycopg
 
     from gpufleet.collector.store.chunks import HOUR_MS
@@ -938,12 +941,19 @@ def store_an_hour_of_samples(db: str, rack: str, before_ms: int) -> None:
             "ON CONFLICT DO NOTHING",
             {"start": start, "gap": gap, "n": HOUR_OF_SAMPLES, "rack": rack},
         )
+    return start
 
 
-def query_power(h: HostileSetup, **labels: str) -> tuple[Response, float]:
-    """The last hour of GPU power, every 15 s, as a dashboard asks; and the seconds the answer took."""
+def query_power(h: HostileSetup, since_ms: int | None = None, **labels: str) -> tuple[Response, float]:
+    """The last hour of GPU power, every 15 s, as a dashboard asks; and the seconds the answer took. With
+    ``since_ms`` (the first of the samples stored): from then on, in as many steps, so that a query over them
+    is as heavy early in an hour, when they are closer together, as late in it."""
     now = time.time()
-    q = {"metric": "gpufleet_gpu_power_watts", "start": now - 3600, "end": now, "step": 15, **labels}
+    start, step = now - 3600, 15.0
+    if since_ms is not None:
+        start = since_ms / 1000
+        step = max(now - start, 1.0) / 240
+    q = {"metric": "gpufleet_gpu_power_watts", "start": start, "end": now, "step": step, **labels}
     t0 = time.perf_counter()
     r = h.get("/api/v1/query_range?" + urllib.parse.urlencode(q), READ_ALL)
     return r, time.perf_counter() - t0
@@ -995,12 +1005,14 @@ def test_a_heavy_query_range_is_refused_or_stopped_within_its_budget_and_the_api
         f"{QUERY_TIMEOUT_S:g}s",
         "--query-max-concurrent",
         str(QUERY_SLOTS),
+        "--query-max-samples",
+        str(QUERY_MAX_SAMPLES),
     ]
     collector = h.restart()
     now_ms = int(time.time() * 1000)
     h.push(power_gpus("a", RACK_A, now_ms), EAST)
     h.push(power_gpus("b", RACK_B, now_ms), EAST)
-    store_an_hour_of_samples(h.db, "a", now_ms)
+    since_ms = store_an_hour_of_samples(h.db, "a", now_ms)
     small, _ = query_power(h, node="b-0")  # rack b's first node: eight GPUs, one sample each
     assert small.status == 200 and len(small.body["data"]["result"]) == 8, small.body
     assert h.get("/api/v1/gpus", READ_ALL).status == 200  # the fleet view has learnt the GPUs before
@@ -1015,7 +1027,7 @@ def test_a_heavy_query_range_is_refused_or_stopped_within_its_budget_and_the_api
     assert "SELECT" not in error.upper()
 
     # within the series limit but too heavy to finish: stopped at the budget, by the database too
-    stopped, took = query_power(h, rack="a")
+    stopped, took = query_power(h, since_ms, rack="a")
     assert stopped.status == 503, stopped.body
     assert f"{QUERY_TIMEOUT_S:g} s (--query-timeout)" in stopped.body["error"], stopped.body
     assert took < QUERY_TIMEOUT_S + 1.0, f"stopped after {took:.1f} s"
@@ -1026,7 +1038,7 @@ def test_a_heavy_query_range_is_refused_or_stopped_within_its_budget_and_the_api
     answers: list[Response] = []
 
     def heavy() -> None:
-        answers.append(query_power(h, rack="a")[0])
+        answers.append(query_power(h, since_ms, rack="a")[0])
 
     evaluations = h.evaluations()
     wave = [threading.Thread(target=heavy) for _ in range(HEAVY_AT_ONCE)]
@@ -1050,7 +1062,14 @@ def test_a_heavy_query_range_is_refused_or_stopped_within_its_budget_and_the_api
     wait_until(lambda: collector.metric("gpufleet_collector_queries_running") == 0, timeout=10)
     cancelled = query_outcomes(h).get("cancelled", 0)
     now = time.time()
-    q = {"metric": "gpufleet_gpu_power_watts", "rack": "a", "start": now - 3600, "end": now, "step": 15}
+    step = max(now - since_ms / 1000, 1.0) / 240  # as heavy early in an hour as late in it (query_power)
+    q = {
+        "metric": "gpufleet_gpu_power_watts",
+        "rack": "a",
+        "start": since_ms / 1000,
+        "end": now,
+        "step": step,
+    }
     hang_up_during_a_query(h, "/api/v1/query_range?" + urllib.parse.urlencode(q))
     wait_until(lambda: query_outcomes(h).get("cancelled", 0) == cancelled + 1, timeout=10)
     assert wait_until(lambda: statements_reading_samples(h.db) == [], timeout=5)
