@@ -18,7 +18,7 @@ asked again. ``SumOf`` adds per-link reads up to a per-GPU value, ``CountOf`` co
 ``slow`` rows are calls that cost milliseconds (energy counter ~3 ms, PCIe
 throughput ~20 ms because NVML samples the bus) or values that never change;
 they are read by a background reader every ``slow_interval`` seconds and
-served from its cache, so one sample of all GPUs stays cheap. ``costly`` slow rows (a millisecond or more
+served from its cache, so one sample of all GPUs stays cheap. ``costly`` slow rows (half a millisecond or more
 of the driver's CPU a read on an H100: the energy counter, the clock-event violation counters, PCIe
 throughput) are read every ``COSTLY_EVERY``-th time: on an 8-GPU node at the defaults they were a quarter
 of the agent's CPU time (docs/benchmarks.md).

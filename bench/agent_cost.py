@@ -39,7 +39,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil  # noqa: E402
 
+from bench.nvml_profile import TimedLibrary  # noqa: E402
+from bench.profiles import inclusive, own, read_stacks, share_lines  # noqa: E402
 from gpufleet.agent.nvml import Nvml  # noqa: E402
 from gpufleet.agent.settings import AgentSettings  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
@@ -254,24 +255,23 @@ def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: P
         return {
             "error": f"py-spy failed: {log.strip().splitlines()[-1] if log.strip() else spy_proc.returncode}"
         }
-    total = in_simulator = 0
-    own: Counter[str] = Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():  # a line without a stack
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        total += n
-        if any("simulator.py:" in f for f in frames):
-            in_simulator += n
-        own[re.sub(r":\d+\)$", ")", frames[-1])] += n
-    top = [f"{n:6d} {100 * n / max(1, total):5.1f}%  {fn}" for fn, n in own.most_common(30)]
+    stacks = read_stacks(raw)
+    total = sum(n for _, n in stacks)
+    in_simulator = sum(n for frames, n in stacks if any("simulator.py" in f for f in frames))
     how = "--gil" if simulated else "(threads on a CPU)"
     (out / "agent_cost_profile.txt").write_text(
-        f"py-spy {how} --nonblocking at {rate} Hz over {seconds:.0f} s: {total} samples, "
-        f"{in_simulator} in the simulator\nsamples / own function (the innermost frame)\n"
-        + "\n".join(top)
+        "\n".join(
+            [
+                f"py-spy {how} --nonblocking at {rate} Hz over {seconds:.0f} s: {total} samples, "
+                f"{in_simulator} in the simulator",
+                "samples / each thread",
+                *share_lines(inclusive(stacks), total, 20, lambda name: name.startswith("thread: ")),
+                "samples / own function (the innermost frame)",
+                *share_lines(own(stacks), total, 30),
+                "samples / inclusive, each function in the stack (threading frames left out)",
+                *share_lines(inclusive(stacks), total, 60, lambda name: "threading.py" not in name),
+            ]
+        )
         + "\n"
     )
     if not simulated:
@@ -389,40 +389,11 @@ def nvml_library(args: argparse.Namespace) -> Any:
     return load_library()
 
 
-class TimedLib:
-    """The NVML bindings (or the simulator) with every ``nvml*`` function timed: calls, wall seconds and the
-    calling thread's CPU seconds (user and system: the driver's work in the kernel counts)."""
-
-    def __init__(self, lib: object) -> None:
-        self._lib = lib
-        self.stats: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> object:
-        value = getattr(self._lib, name)
-        if not (name.startswith("nvml") and callable(value)):
-            return value
-
-        def timed(*a: object, **k: object) -> object:
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return value(*a, **k)
-            finally:
-                wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-                with self._lock:
-                    st = self.stats.setdefault(name, [0, 0.0, 0.0])
-                    st[0] += 1
-                    st[1] += wall
-                    st[2] += cpu
-
-        return timed
-
-
 def nvml_breakdown(args: argparse.Namespace) -> dict:
     """Each NVML function's share of the agent's GPU reads, at the agent's own pace: a sample a second, the
     slow rows every --slow-interval (the costly ones every COSTLY_EVERY-th time) and the XID event thread
     waiting EVENT_WAIT_MS at a time, for ``--breakdown-seconds``."""
-    timed = TimedLib(nvml_library(args))
+    timed = TimedLibrary(nvml_library(args))
     slow = AgentSettings().slow_interval
     src = GpuSource(Nvml(timed), "bench", watch_events=True, background=True, slow_interval=slow)
     src.start()

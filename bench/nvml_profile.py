@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,23 +25,31 @@ from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
 
 
 class TimedLibrary:
-    """The NVML bindings, with every function call timed."""
+    """The NVML bindings (or the simulator) with every ``nvml*`` function timed: ``stats[name]`` holds its
+    calls, wall seconds and the calling thread's CPU seconds (user and system: the driver's work in the kernel
+    counts). ``bench/agent_cost.py`` times the agent's reads through it too."""
 
-    def __init__(self, lib) -> None:
+    def __init__(self, lib: object) -> None:
         self._lib = lib
-        self.times: dict[str, list[float]] = defaultdict(list)
+        self.stats: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
 
-    def __getattr__(self, name):
-        attr = getattr(self._lib, name)
-        if not callable(attr) or not name.startswith("nvml"):
-            return attr
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._lib, name)
+        if not (name.startswith("nvml") and callable(value)):
+            return value
 
-        def timed(*args, **kw):
-            t0 = time.perf_counter()
+        def timed(*a: object, **k: object) -> object:
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
-                return attr(*args, **kw)
+                return value(*a, **k)
             finally:
-                self.times[name].append(time.perf_counter() - t0)
+                wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                with self._lock:
+                    st = self.stats.setdefault(name, [0, 0.0, 0.0])
+                    st[0] += 1
+                    st[1] += wall
+                    st[2] += cpu
 
         return timed
 
@@ -55,23 +63,22 @@ def main() -> None:
     src = GpuSource(nvml, "profile", watch_events=False, background=False, slow_interval=1e9)
     src.start()
     src.collect()
-    lib.times.clear()
+    lib.stats.clear()
     t0 = time.perf_counter()
     for _ in range(args.samples):
         src.collect()
     total = (time.perf_counter() - t0) / args.samples
-    nvml_total = sum(sum(v) for v in lib.times.values()) / args.samples
-    rows = sorted(lib.times.items(), key=lambda kv: -sum(kv[1]))
+    nvml_total = sum(wall for _, wall, _ in lib.stats.values()) / args.samples
+    rows = sorted(lib.stats.items(), key=lambda kv: -kv[1][1])
     out = [
         f"One sample of {len(src.gpus)} GPU(s): {total * 1e3:.3f} ms, of which NVML calls {nvml_total * 1e3:.3f} ms",
         "",
         "| NVML function | calls per sample | mean µs per call | µs per sample |",
         "| --- | --- | --- | --- |",
     ]
-    for name, ts in rows:
+    for name, (n, wall, _) in rows:
         out.append(
-            f"| {name} | {len(ts) / args.samples:g} | {sum(ts) / len(ts) * 1e6:.1f} | "
-            f"{sum(ts) / args.samples * 1e6:.1f} |"
+            f"| {name} | {n / args.samples:g} | {wall / n * 1e6:.1f} | {wall / args.samples * 1e6:.1f} |"
         )
     # each field id of the batched read, on its own
     h = src.gpus[0].handle

@@ -62,7 +62,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -72,6 +72,7 @@ import psycopg
 import urllib3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.profiles import inclusive, read_stacks, share_lines  # noqa: E402
 from gpufleet.core import remote_write as rw  # noqa: E402
 
 METRICS = [
@@ -258,20 +259,12 @@ def write_profile_shares(out_dir: Path, top: int = 150) -> None:
             "py-spy wrote nothing (is it installed? pip install py-spy)\n"
         )
         return
-    total, inclusive = 0, Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        total += n
-        inclusive.update(dict.fromkeys({re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")}, n))
+    stacks = read_stacks(raw)
+    total = sum(n for _, n in stacks)
     lines = [f"{total} samples; inclusive share of each function (threading and runpy frames left out)"]
-    lines += [
-        f"{100 * n / max(1, total):5.1f} %  {fn}"
-        for fn, n in inclusive.most_common()
-        if "threading.py" not in fn and "runpy" not in fn
-    ][:top]
+    lines += share_lines(
+        inclusive(stacks), total, top, lambda name: "threading.py" not in name and "runpy" not in name
+    )
     (out_dir / "collector_profile.txt").write_text("\n".join(lines) + "\n")
 
 

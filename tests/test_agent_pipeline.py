@@ -4,6 +4,7 @@ agent's own metrics as the union of what its components report."""
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gpufleet.agent.simulator import SimulatedNVML
 from gpufleet.agent.sources import SOURCES, SourceContext, selected
 from gpufleet.agent.sources.gpu import GpuSource
 from gpufleet.agent.spool import Spool
+from tests.conftest import wait_until
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 
@@ -138,6 +140,60 @@ def test_xid_events_are_read_through_the_nvml_gateway():
     event = nvml.wait_event(events, 1000)
     assert event == NvmlEvent(nvml.handle_key(gpus[1].handle), 0x8, 48)
     nvml.free_event_set(events)
+
+
+class _WaitsItsTimeOut(SimulatedNVML):
+    """The simulator, with an event wait NVML-like in that nothing cuts it short (it ends when the test says,
+    standing in for its timeout), and shutdowns recorded."""
+
+    SHUTDOWN_ENDS_WAITS = False
+
+    def __init__(self) -> None:
+        super().__init__(1, seed=7)
+        self.in_wait = threading.Event()
+        self.timeout = threading.Event()
+        self.shutdowns = 0
+
+    def nvmlEventSetWait_v2(self, event_set, timeout_ms):
+        self.in_wait.set()
+        self.timeout.wait(60)
+        raise self.NVMLError(10)  # NVML_ERROR_TIMEOUT
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+        super().nvmlShutdown()
+
+
+def test_nvml_is_not_shut_down_under_a_thread_inside_an_event_wait_and_is_once_the_wait_ends():
+    lib = _WaitsItsTimeOut()
+    nvml = Nvml(lib)
+    nvml.start()
+    events = nvml.event_set()
+    waiter = threading.Thread(target=nvml.wait_event, args=(events, 5000))
+    waiter.start()
+    assert lib.in_wait.wait(10)
+    nvml.shutdown()  # the agent stopping while the XID thread waits: NVML stays up under it
+    assert lib.shutdowns == 0
+    lib.timeout.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    nvml.shutdown()
+    assert lib.shutdowns == 1
+
+
+def test_shutting_the_simulator_down_ends_an_event_wait_at_once():
+    sim = SimulatedNVML(1, seed=8)
+    nvml = Nvml(sim)
+    nvml.start()
+    events = nvml.event_set()
+    assert all(nvml.register_events(g.handle, 0x8, events) for g in nvml.gpus())
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(nvml.wait_event(events, 600_000)))
+    waiter.start()
+    wait_until(lambda: nvml._waiting == 1, timeout=10)  # inside the wait
+    nvml.shutdown()
+    waiter.join(30)  # a ten-minute wait, ended by the shutdown
+    assert not waiter.is_alive() and got == [None]
 
 
 def test_no_agent_module_but_the_gateway_reaches_the_nvml_library():

@@ -53,10 +53,10 @@ EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
 EVENT_DBE = 0x2  # nvmlEventTypeDoubleBitEccError
 # How long one wait for an XID may last. An event ends a wait at once, so this bounds nothing a user sees;
 # each wait that times out costs the driver about 0.12 ms of CPU (H100), so 500 ms waits cost 0.025 % of a
-# core and 5 s waits 0.0025 % (docs/benchmarks.md). NVML cannot cut a wait short: at shutdown the waiting
+# core and 5 s waits 0.0024 % (docs/benchmarks.md). NVML cannot cut a wait short: at shutdown the waiting
 # thread is left to end with the process (see Nvml.shutdown).
 EVENT_WAIT_MS = 5000
-# The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.4 to 1.7 ms a call on an H100 and H200) are
+# The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.7 ms a call on an H200) are
 # computed over the costly rows' window (COSTLY_EVERY slow intervals: an average over it, not a snapshot) and
 # served from a cache in between; the first window after start is this short, so they show from the first
 # seconds on, not a whole window later.
@@ -333,8 +333,8 @@ class GpuSource:
         self._gpm_supported: dict[str, bool] = {}
         self._gpm_slow: dict[str, list[Any]] = {}  # uuid -> [window-start sample, its time, cached values]
         self._xid_counts: dict[tuple[str, int], int] = {}
-        self._slow: dict[str, list[Value]] = {}
-        self._costly: dict[str, list[Value]] = {}
+        self._slow: dict[str, list[Value]] = {}  # uuid -> the slow rows' values, the costly ones' included
+        self._costly: dict[str, list[Value]] = {}  # uuid -> the costly rows' values, as last read
         self._refreshes = 0
         self._slow_at: float | None = None
         self._mig: dict[str, list[MigDevice]] = {}
@@ -343,7 +343,7 @@ class GpuSource:
         self._proc_owner: dict[int, tuple[str, str, str]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: list[tuple[threading.Thread, float]] = []  # (thread, seconds close() waits for it)
         # GPU uuid, or a MIG instance's identity -> its series' label dicts (the sampler's thread only)
         self._series_labels: dict[str | tuple[str, int, int, str], SeriesLabels] = {}
         self.driver: str | None = None
@@ -355,20 +355,20 @@ class GpuSource:
         self._gpus = self._nvml.gpus()
         self.refresh_slow()
         if self._watch_events and self._gpus:
-            self._spawn(self._watch, "nvml-events")
+            # close() waits briefly for the XID waiter: it ends only when its wait does (up to EVENT_WAIT_MS)
+            self._spawn(self._watch, "nvml-events", join_s=0.2)
         if self._background and self._gpus:
             self._spawn(self._slow_loop, "nvml-slow-fields")
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str, join_s: float = 2.0) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
-        self._threads.append(t)
+        self._threads.append((t, join_s))
 
     def close(self) -> None:
         self._stop.set()
-        for t in self._threads:
-            # the slow reader ends at once; the XID waiter only when its wait does (up to EVENT_WAIT_MS)
-            t.join(timeout=0.2 if t.name == "nvml-events" else 2)
+        for t, join_s in self._threads:
+            t.join(timeout=join_s)
         for pair in self._gpm_samples.values():
             for sample in pair[:2]:
                 self._nvml.call("nvmlGpmSampleFree", sample)
@@ -411,9 +411,9 @@ class GpuSource:
                     # A MIG mode change or a link going down or up changes what the GPU answers.
                     self.relearn(gpu.uuid)
             with self._lock:
-                self._slow[gpu.uuid] = values
                 if costly is not None:
                     self._costly[gpu.uuid] = costly
+                self._slow[gpu.uuid] = values + self._costly.get(gpu.uuid, [])
                 self._mig_mode[gpu.uuid] = mode
                 self._mig[gpu.uuid] = migs
         self._slow_at = self._clock()
@@ -512,7 +512,6 @@ class GpuSource:
             values = read_rows(self._nvml, gpu.handle, FAST_FIELDS, self._learned_for(gpu.uuid, "fast"))
             with self._lock:
                 values += self._slow.get(gpu.uuid, [])
-                values += self._costly.get(gpu.uuid, [])
                 migs = self._mig.get(gpu.uuid, [])
             self._emit(values, labels, fam, rename=None)
             self._sample_gpm(
