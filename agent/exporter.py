@@ -113,9 +113,8 @@ class AgentServer:
             host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
         )
         self.port = self._server.server_port
-        self._server.timeout = (
-            1.0  # handle_request() after a readable select: never held by a vanished client
-        )
+        # handle_request() runs after a readable select; a client that vanished meanwhile holds it 1 s at most
+        self._server.timeout = 1.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: threading.Thread | None = None
 

@@ -426,19 +426,16 @@ class PerPoll(Generic[T]):
                 self._refresher.start()
             elif quiet and self._keep_warm:
                 self._called_again.set()  # kept warm: back to every ttl_s
-            age = now - self._at
-            if self._value is not None and (
-                age < self._ttl_s
-                or (self._ahead and age < 3 * self._ttl_s)
-                or (
-                    quiet
-                    and self._keep_warm
-                    and self._refresher is not None
-                    and age < self.warm_period() + 3 * self._ttl_s
-                )
-            ):
+            if self._value is not None and now - self._at < self._may_hand_out(quiet):
                 return self._value
         return self._rebuild(fresher_than=self._ttl_s)
+
+    def _may_hand_out(self, quiet: bool) -> float:
+        """How old a value a call may be answered with: a poll interval; three while worked out ahead (one
+        build may be under way); after a quiet spell, a kept-warm value's period and three more."""
+        if quiet and self._keep_warm and self._refresher is not None:
+            return self.warm_period() + 3 * self._ttl_s
+        return 3 * self._ttl_s if self._ahead else self._ttl_s
 
     def _rebuild(self, fresher_than: float) -> T:
         with self._building:
