@@ -56,22 +56,36 @@ class DeviceLabels:
 
     def __init__(self, attribution: Attribution) -> None:
         self._attribution = attribution
+        # id(series labels) -> (those labels, the holder's labels, the two joined): while a device's holder
+        # stays, its series get the same joined dict every sample, which the sinks know by its identity (see
+        # Family). Entries not used in a sample are forgotten after it.
+        self._joined: dict[int, tuple[dict[str, str], tuple[tuple[str, str], ...], dict[str, str]]] = {}
 
     def enrich(self, families: list[Family]) -> list[Family]:
-        holders: dict[str, dict[str, str]] = {}  # one lookup per device and sample, however many series
+        holders: dict[str, tuple[tuple[str, str], ...]] = {}  # one lookup per device and sample
+        joined, self._joined = self._joined, {}
         out: list[Family] = []
         for fam in families:
-            samples: list[tuple[dict[str, str], float]] = []
-            for labels, value in fam.samples:
+            samples: list[tuple[dict[str, str], float]] | None = None  # made when a sample changes
+            for i, (labels, value) in enumerate(fam.samples):
                 device = labels.get("mig_uuid") if "compute_instance" in labels else labels.get("uuid")
                 if device is None:
-                    samples.append((labels, value))
                     continue
                 held_by = holders.get(device)
                 if held_by is None:
-                    held_by = holders[device] = self._attribution(device)
-                samples.append(({**labels, **held_by} if held_by else labels, value))
-            out.append(Family(fam.name, fam.kind, fam.help, samples))
+                    held_by = holders[device] = tuple(self._attribution(device).items())
+                if not held_by:
+                    continue
+                ref = id(labels)
+                hit = joined.get(ref) or self._joined.get(ref)
+                if hit is None or hit[0] is not labels or hit[1] != held_by:
+                    hit = (labels, held_by, {**labels, **dict(held_by)})
+                self._joined[ref] = hit
+                if samples is None:
+                    samples = list(fam.samples)
+                samples[i] = (hit[2], value)
+            # a family none of whose series is held goes on as it came (families are read-only downstream)
+            out.append(fam if samples is None else Family(fam.name, fam.kind, fam.help, samples))
         return out
 
 

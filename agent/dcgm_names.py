@@ -11,15 +11,13 @@ In ``both`` naming mode (:func:`to_both`) an agent serves each series under both
 dashboards and rules of either naming work against the same agents. :func:`naming` describes the renaming for
 PromQL (``gpufleet.core.naming``), so the rules and dashboards that ship follow an agent's naming mode.
 
-dcgm-exporter exposes counters without ``_total``, which prometheus-client cannot write, so these modes have
-their own small text-format writer (:func:`render_text`).
+dcgm-exporter exposes counters without ``_total``; the agent's text writer (agent/exposition.py) writes names as
+given.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
-
-from prometheus_client.utils import floatToGoString
 
 from gpufleet.agent.families import Families, Family
 from gpufleet.agent.fields import CLOCK_EVENT_REASONS, FIELDS, GPM_FIELDS, INFO, XID, mig_name
@@ -206,25 +204,3 @@ def naming() -> Naming:
                     name=twin.dcgm, scale=twin.scale, identity=identity, matchers=matchers
                 )
     return Naming("dcgm", twins, dict(LABELS))
-
-
-def _escape(value: str, quote: bool) -> str:
-    value = value.replace("\\", r"\\").replace("\n", r"\n")
-    return value.replace('"', r"\"") if quote else value
-
-
-def render_text(families: list[Family]) -> bytes:
-    """Prometheus text format 0.0.4, names exactly as given (counters without ``_total`` included)."""
-    lines = []
-    for f in families:
-        if not f.samples:
-            continue
-        lines.append(f"# HELP {f.name} {_escape(f.help, quote=False)}")
-        lines.append(f"# TYPE {f.name} {f.kind}")
-        for labels, value in f.samples:
-            if labels:
-                body = ",".join(f'{k}="{_escape(str(v), quote=True)}"' for k, v in sorted(labels.items()))
-                lines.append(f"{f.name}{{{body}}} {floatToGoString(value)}")
-            else:
-                lines.append(f"{f.name} {floatToGoString(value)}")
-    return ("\n".join(lines) + "\n").encode()

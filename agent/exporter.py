@@ -1,4 +1,4 @@
-"""``/metrics`` and ``/healthz`` on the agent's port, from the latest snapshot on a private registry."""
+"""``/metrics`` and ``/healthz`` on the agent's port: ``/metrics`` writes the latest snapshot (agent/exposition.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import logging
 import selectors
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import gzip_accepted
 
+from gpufleet.agent.exposition import CONTENT_TYPE, TextExposition
 from gpufleet.agent.families import Family
 from gpufleet.agent.pipeline import MetricsCollector
 from gpufleet.agent.sinks import LatestSnapshot
@@ -24,9 +23,8 @@ from gpufleet.agent.sinks import LatestSnapshot
 log = logging.getLogger(__name__)
 
 
-class SnapshotCollector:
-    """A prometheus-client custom collector: yields the latest snapshot, then the agent's own metrics,
-    at scrape time.
+class SnapshotFamilies:
+    """What a scrape shows: the latest snapshot, then the agent's own metrics, read at scrape time.
 
     ``rename`` maps our families to another naming scheme (dcgm-exporter's) on the way out.
     """
@@ -48,22 +46,6 @@ class SnapshotCollector:
         if self._rename:
             families = self._rename(families)
         return families
-
-    def collect(self) -> Iterator[Metric]:
-        for fam in self.families():
-            if not fam.samples:
-                continue
-            label_names = sorted({k for labels, _ in fam.samples for k in labels})
-            if fam.kind == "counter":
-                base = fam.name[:-6] if fam.name.endswith("_total") else fam.name
-                out: CounterMetricFamily | GaugeMetricFamily = CounterMetricFamily(
-                    base, fam.help, labels=label_names
-                )
-            else:
-                out = GaugeMetricFamily(fam.name, fam.help, labels=label_names)
-            for labels, value in fam.samples:
-                out.add_metric([labels.get(k, "") for k in label_names], value)
-            yield out
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -98,15 +80,9 @@ class AgentServer:
         routes: dict[tuple[str, str], Route] | None = None,
         own: MetricsCollector | None = None,
         rename: Callable[[list[Family]], list[Family]] | None = None,
-        render: Callable[[list[Family]], bytes] | None = None,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self._snapshots = SnapshotCollector(snapshots, own, rename)
-        self.registry.register(self._snapshots)
-        # A naming scheme whose names prometheus-client cannot write (dcgm-exporter's counters lack _total)
-        # brings its own text writer.
-        self._render = render
-        self._metrics_app = make_wsgi_app(self.registry)
+        self._snapshots = SnapshotFamilies(snapshots, own, rename)
+        self._exposition = TextExposition()
         self._health = health
         self._routes = routes or {}
         self._server = make_server(
@@ -121,17 +97,15 @@ class AgentServer:
     def _app(self, environ: dict, start_response: Callable) -> list[bytes]:
         path, method = environ.get("PATH_INFO", "/"), environ.get("REQUEST_METHOD", "GET")
         if path == "/metrics":
-            if self._render is not None:
-                data = self._render(self._snapshots.families())
-                headers = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")]
-                # as prometheus-client decides for the gpufleet exposition: a GPU node's text shrinks ~tenfold
-                if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
-                    data = gzip.compress(data, compresslevel=6)
-                    headers.append(("Content-Encoding", "gzip"))
-                headers.append(("Content-Length", str(len(data))))
-                start_response("200 OK", headers)
-                return [data]
-            return self._metrics_app(environ, start_response)
+            data = self._exposition.render(self._snapshots.families())
+            headers = [("Content-Type", CONTENT_TYPE)]
+            # as prometheus-client decides: a GPU node's text shrinks about tenfold
+            if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+                data = gzip.compress(data, compresslevel=6)
+                headers.append(("Content-Encoding", "gzip"))
+            headers.append(("Content-Length", str(len(data))))
+            start_response("200 OK", headers)
+            return [data]
         if path == "/healthz":
             body = self._health()
             return json_response(

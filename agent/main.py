@@ -129,11 +129,11 @@ class RunningAgent:
             routes[("GET", "/simulate/gpus")] = lambda env, sr: json_response(
                 sr, "200 OK", simulator.describe()
             )
-        rename = render = None
+        rename = None
         if settings.metric_names in ("dcgm", "both"):
-            from gpufleet.agent.dcgm_names import render_text, to_both, to_dcgm
+            from gpufleet.agent.dcgm_names import to_both, to_dcgm
 
-            rename, render = (to_dcgm if settings.metric_names == "dcgm" else to_both), render_text
+            rename = to_dcgm if settings.metric_names == "dcgm" else to_both
         self.server = AgentServer(
             host,
             port,
@@ -142,7 +142,6 @@ class RunningAgent:
             routes=routes,
             own=self.own_metrics,
             rename=rename,
-            render=render,
         )
         self._threads: list[threading.Thread] = []
 

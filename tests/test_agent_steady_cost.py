@@ -148,6 +148,37 @@ def test_a_gpus_series_carry_the_same_label_dicts_sample_after_sample():
         assert all(la is lb for (la, _), (lb, _) in zip(a.samples, b.samples, strict=True)), a.name
 
 
+def test_a_held_gpus_series_carry_the_same_joined_labels_until_its_holder_changes():
+    clock = Clock()
+    gpu = GpuSource(Nvml(SimulatedNVML(2, seed=3, clock=clock)), "n", watch_events=False, background=False)
+    gpu.start()
+    held, free = gpu.gpus[0].uuid, gpu.gpus[1].uuid
+    holders = {held: {"pod": "trainer-0", "namespace": "ml"}}
+    agent = Agent([gpu], node="n", clock=clock, enrichers=[DeviceLabels(lambda d: dict(holders.get(d, {})))])
+
+    def series() -> dict[tuple[str, str, str], dict[str, str]]:
+        clock.t += 1
+        snap = agent.sample()
+        return {
+            (f.name, labels["uuid"], str(sorted(labels.items()))): labels
+            for f in snap.families
+            for labels, _ in f.samples
+            if "uuid" in labels and "compute_instance" not in labels
+        }
+
+    series()
+    first, second = series(), series()
+    assert first.keys() == second.keys()
+    assert all(first[k] is second[k] for k in first)  # the same dicts: the pusher knows them by identity
+    assert {labels.get("pod") for (_, uuid, _), labels in first.items() if uuid == held} == {"trainer-0"}
+    assert not any("pod" in labels for (_, uuid, _), labels in first.items() if uuid == free)
+
+    holders[held] = {"pod": "trainer-1", "namespace": "ml"}  # the GPU goes to another pod
+    third = series()
+    assert {labels.get("pod") for (_, uuid, _), labels in third.items() if uuid == held} == {"trainer-1"}
+    assert all(third[k] is second[k] for k in third if k in second and k[1] == free)
+
+
 class MigTurnsOff:
     """The simulator, until GPU 0 is told to leave MIG mode: then NVML shows it without instances."""
 
@@ -222,3 +253,32 @@ def test_the_sampling_loop_leaves_what_lives_as_long_as_the_agent_out_of_full_co
         agent.stop()
         loop.join(5)
         gc.unfreeze()
+
+
+def test_a_scrape_writes_what_writing_every_series_anew_writes_and_forgets_series_that_left():
+    from prometheus_client.utils import floatToGoString
+
+    from gpufleet.agent.exposition import TextExposition, escape, series_head
+
+    def naive(families: list[Family]) -> bytes:
+        lines = []
+        for f in families:
+            if f.samples:
+                lines += [f"# HELP {f.name} {escape(f.help, quote=False)}", f"# TYPE {f.name} {f.kind}"]
+                lines += [f"{series_head(f.name, la)} {floatToGoString(v)}" for la, v in f.samples]
+        return ("\n".join(lines) + "\n").encode()
+
+    clock = Clock()
+    gpu = mig_node(clock)
+    gpu.start()
+    pod = {"pod": 'we"ird\\name\n', "namespace": "ml"}
+    agent = Agent([gpu, Workload()], node="n", clock=clock, enrichers=[DeviceLabels(lambda d: dict(pod))])
+    text = TextExposition()
+    for _ in range(3):
+        clock.t += 1
+        families = agent.sample().families
+        assert text.render(families) == naive(families)
+    assert 'pod="we\\"ird\\\\name\\n"' in text.render(families).decode()
+    assert len(text._heads) == sum(len(f.samples) for f in families)
+    text.render(families[:1])  # the other series left: their heads go
+    assert len(text._heads) == len(families[0].samples)

@@ -25,6 +25,7 @@ from gpufleet.agent.catalogue import AGENT_METRICS, SECTIONS
 from gpufleet.agent.core import Agent
 from gpufleet.agent.dcgm_names import to_dcgm
 from gpufleet.agent.families import Family
+from gpufleet.agent.fields import XID
 from gpufleet.agent.inference.config import Endpoint, InferenceSettings, Slo
 from gpufleet.agent.nvml import Nvml
 from gpufleet.agent.push import Pusher
@@ -42,7 +43,7 @@ from gpufleet.collector.rules.model import default_rules_path, load_pack
 from gpufleet.collector.service import Collector, CollectorSettings
 from gpufleet.core.metricspec import MetricSpec
 from gpufleet.core.promql import reads
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.inference_servers import MetricsServer, TritonMetrics, VllmMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,6 @@ def simulated_gpu_families(mig: bool) -> list[Family]:
         Nvml(sim),
         "node-a",
         cluster="c1",
-        watch_events=False,
         background=False,
         clock=lambda: clock.t,
         process_metrics=True,
@@ -86,8 +86,14 @@ def simulated_gpu_families(mig: bool) -> list[Family]:
     try:
         src.collect()
         clock.t += 60
-        sim.inject(0, "xid", xid=13)
-        return src.collect()
+        sim.inject(0, "xid", xid=13)  # the event thread counts it: the XID family has a series from then on
+
+        def with_xid() -> list[Family] | None:
+            clock.t += 1  # GPM rates need time between two samples
+            fams = src.collect()
+            return fams if any(f.name == XID[0] and f.samples for f in fams) else None
+
+        return wait_until(with_xid, timeout=10)
     finally:
         src.close()
 

@@ -57,7 +57,7 @@ def _gpu(ctx: SourceContext) -> Source:
 def _host(ctx: SourceContext) -> Source:
     from gpufleet.agent.sources.host import HostSource
 
-    return HostSource(ctx.settings.node, cluster=ctx.settings.cluster)
+    return HostSource(ctx.settings.node, cluster=ctx.settings.cluster, proc_root=ctx.settings.proc_root)
 
 
 def _inference(ctx: SourceContext) -> Source:

@@ -496,7 +496,8 @@ class GpuSource:
             for code, n in sorted(counts):
                 xid.add(labels.row(_XID_LABELS, (str(code),)), n)
         self._forget_gone_devices()
-        return list(families.values())
+        # rows this node has no series of (MIG, per-link, what its GPUs do not answer) go no further
+        return [f for f in families.values() if f.samples]
 
     def _forget_gone_devices(self) -> None:
         """Drop the label dicts of MIG instances no longer in any GPU's layout."""

@@ -1,12 +1,24 @@
-"""Host source: CPU, memory and load of the node, through psutil."""
+"""Host source: CPU, memory and load of the node.
+
+On Linux it reads ``/proc/stat``, ``/proc/meminfo`` and ``/proc/loadavg`` itself, through files it keeps
+open (as node_exporter's procfs does, a read from the start of each). A sample every second is then three
+``pread`` calls: opening and parsing them anew through psutil each second was a fifth of an idle agent's
+CPU time (bench/agent_cost.py). Where ``/proc`` is not there (a laptop running ``--simulate``) it asks psutil.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from gpufleet.agent.families import Family
 from gpufleet.core.metricspec import MetricSpec
+
+# Logical cores rarely change (hotplug); they are counted again at most this often, not every sample.
+CORES_EVERY_S = 60.0
 
 
 class VirtualMemory(Protocol):
@@ -18,7 +30,7 @@ class VirtualMemory(Protocol):
 
 
 class Psutil(Protocol):
-    """The part of the psutil module the source reads; tests pass a stand-in."""
+    """The part of the psutil module the source reads where there is no ``/proc``."""
 
     def cpu_percent(self, interval: float | None = None) -> float: ...
 
@@ -27,45 +39,137 @@ class Psutil(Protocol):
     def cpu_count(self) -> int | None: ...
 
 
+class ProcFile:
+    """A ``/proc`` file kept open and read from its start on each :meth:`read` (the kernel writes it anew)."""
+
+    __slots__ = ("_fd", "_size", "path")
+
+    def __init__(self, path: Path, size: int = 8192) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._size = size
+
+    def read(self) -> bytes:
+        data = os.pread(self._fd, self._size, 0)
+        while len(data) == self._size:  # larger than the last read: grow once and read whole
+            self._size *= 2
+            data = os.pread(self._fd, self._size, 0)
+        return data
+
+    def first_line(self) -> bytes:
+        """The first line alone: ``/proc/stat`` of a large node is many kilobytes, its first line the total."""
+        data = os.pread(self._fd, 256, 0)
+        return data.split(b"\n", 1)[0]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class ProcStats:
+    """CPU busy share since the last read, memory and load, from ``<proc_root>/{stat,meminfo,loadavg}``."""
+
+    def __init__(self, proc_root: Path) -> None:
+        self._stat = ProcFile(proc_root / "stat")
+        self._meminfo = ProcFile(proc_root / "meminfo")
+        self._loadavg = ProcFile(proc_root / "loadavg")
+        self._last: tuple[int, int] | None = None
+        self.cpu_busy_ratio()  # prime: the first call has no period to measure
+
+    def cpu_busy_ratio(self) -> float:
+        """The share of all cores' time since the last call that was neither idle nor waiting on I/O (as
+        ``psutil.cpu_percent`` counts it); guest time is inside user time, so it is not added again."""
+        # cpu  user nice system idle iowait irq softirq steal [guest guest_nice]
+        ticks = [int(x) for x in self._stat.first_line().split()[1:9]]
+        total, idle = sum(ticks), ticks[3] + ticks[4]
+        last, self._last = self._last, (total, idle)
+        if last is None or total <= last[0]:
+            return 0.0
+        return min(max(1.0 - (idle - last[1]) / (total - last[0]), 0.0), 1.0)
+
+    def memory(self) -> tuple[int, int]:
+        """(total, available) bytes; without MemAvailable (kernels before 3.14) free + buffers + cached."""
+        kb: dict[bytes, int] = {}
+        for line in self._meminfo.read().splitlines():
+            key, _, rest = line.partition(b":")
+            if key in _MEMINFO_KEYS:
+                kb[key] = int(rest.split()[0])
+        total = kb.get(b"MemTotal", 0)
+        available = kb.get(b"MemAvailable")
+        if available is None:
+            available = kb.get(b"MemFree", 0) + kb.get(b"Buffers", 0) + kb.get(b"Cached", 0)
+        return total * 1024, available * 1024
+
+    def load1(self) -> float:
+        return float(self._loadavg.read().split(None, 1)[0])
+
+    def close(self) -> None:
+        for f in (self._stat, self._meminfo, self._loadavg):
+            f.close()
+
+
+_MEMINFO_KEYS = frozenset((b"MemTotal", b"MemAvailable", b"MemFree", b"Buffers", b"Cached"))
+
+
 class HostSource:
     name = "host"
     names_devices = False
 
-    def __init__(self, node: str, *, cluster: str | None = None, psutil_module: Psutil | None = None) -> None:
-        if psutil_module is None:
-            import psutil
-
-            psutil_module = psutil
-        self._ps: Psutil = psutil_module
+    def __init__(
+        self,
+        node: str,
+        *,
+        cluster: str | None = None,
+        proc_root: str | Path = "/proc",
+        psutil_module: Psutil | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._labels = {"node": node, **({"cluster": cluster} if cluster else {})}
-        self._ps.cpu_percent(interval=None)  # prime: the first call has no period to measure
+        self._clock = clock
+        self._proc: ProcStats | None = None
+        self._ps: Psutil | None = psutil_module
+        if psutil_module is None:
+            try:
+                self._proc = ProcStats(Path(proc_root))
+            except OSError:  # no /proc (not Linux): psutil knows the platform's way
+                import psutil
+
+                self._ps = psutil
+        if self._ps is not None:
+            self._ps.cpu_percent(interval=None)  # prime, as above
+        self._cores = 0
+        self._cores_at: float | None = None
 
     def start(self) -> None:
         return None
 
     def close(self) -> None:
-        return None
+        if self._proc is not None:
+            self._proc.close()
+
+    def _core_count(self) -> int:
+        now = self._clock()
+        if self._cores_at is None or now - self._cores_at >= CORES_EVERY_S:
+            self._cores = (self._ps.cpu_count() if self._ps is not None else os.cpu_count()) or 0
+            self._cores_at = now
+        return self._cores
 
     def collect(self) -> list[Family]:
-        ps, labels = self._ps, self._labels
-        cpu = Family(
-            "gpufleet_host_cpu_utilization_ratio",
-            "gauge",
-            "Share of all CPU cores busy since the last sample.",
-        )
-        cpu.add(labels, ps.cpu_percent(interval=None) / 100.0)
-        vm = ps.virtual_memory()
-        used = Family(
-            "gpufleet_host_memory_used_bytes", "gauge", "Host memory in use (total minus available), bytes."
-        )
-        used.add(labels, vm.total - vm.available)
-        total = Family("gpufleet_host_memory_total_bytes", "gauge", "Host memory in total, bytes.")
-        total.add(labels, vm.total)
-        load = Family("gpufleet_host_load1", "gauge", "One-minute load average.")
-        load.add(labels, os.getloadavg()[0])
-        cores = Family("gpufleet_host_cpu_cores", "gauge", "Logical CPU cores.")
-        cores.add(labels, ps.cpu_count() or 0)
-        return [cpu, used, total, load, cores]
+        if self._proc is not None:
+            busy = self._proc.cpu_busy_ratio()
+            total, available = self._proc.memory()
+            load1 = self._proc.load1()
+        else:
+            assert self._ps is not None
+            busy = self._ps.cpu_percent(interval=None) / 100.0
+            vm = self._ps.virtual_memory()
+            total, available = vm.total, vm.available
+            load1 = os.getloadavg()[0]
+        labels = self._labels
+        values = (busy, total - available, total, load1, self._core_count())
+        return [
+            Family(spec.name, spec.kind, spec.help, [(labels, float(value))])
+            for spec, value in zip(METRICS, values, strict=True)
+        ]
 
 
 _HOST_LABELS = ("cluster", "node")

@@ -1,0 +1,71 @@
+"""The text of ``/metrics``: Prometheus text format 0.0.4, the families' names exactly as given.
+
+A scrape writes every series of the latest snapshot, and the series are the same scrape after scrape. The
+``name{labels}`` head of a series is written once and kept while the series is scraped (known by its label
+dict, which a source hands out unchanged every sample: see :class:`gpufleet.agent.families.Family`), so a
+scrape writes one value per series. Through prometheus-client's writer (OpenMetrics, gzip) a scrape of 8 GPUs
+cost 6.6 ms of CPU, at a 15 s scrape interval 0.04 % of a core (docs/benchmarks.md). One writer serves every
+naming mode: dcgm-exporter's counters lack ``_total``, which prometheus-client cannot write.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client.utils import floatToGoString
+
+from gpufleet.agent.families import Family
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_Head = tuple[dict[str, str], str]  # the label dict (held, so its id stays its own) and the series' head
+
+
+def escape(value: str, *, quote: bool) -> str:
+    """Escape a help text (``quote=False``) or a label value as the text format requires."""
+    value = value.replace("\\", r"\\").replace("\n", r"\n")
+    return value.replace('"', r"\"") if quote else value
+
+
+def series_head(name: str, labels: dict[str, str]) -> str:
+    """``name{a="1",b="2"}``, labels sorted by name, or the bare name."""
+    if not labels:
+        return name
+    body = ",".join(f'{k}="{escape(str(v), quote=True)}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{body}}}"
+
+
+class TextExposition:
+    """Writes families as the text format, each series' head kept from the scrape before (:func:`render`).
+
+    Heads not written in a scrape are forgotten after the next, so a pod's series that went away do not
+    stay. Label dicts made anew for each scrape (the agent's own metrics, a renaming) are written anew.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # scrapes may come at once (two Prometheus replicas)
+        self._heads: dict[tuple[str, int], _Head] = {}
+
+    def render(self, families: list[Family]) -> bytes:
+        with self._lock:
+            before, heads = self._heads, {}
+            lines: list[str] = []
+            for f in families:
+                if not f.samples:
+                    continue
+                name = f.name
+                lines.append(f"# HELP {name} {escape(f.help, quote=False)}")
+                lines.append(f"# TYPE {name} {f.kind}")
+                for labels, value in f.samples:
+                    ref = (name, id(labels))
+                    hit = before.get(ref)
+                    if hit is None or hit[0] is not labels:
+                        hit = (labels, series_head(name, labels))
+                    heads[ref] = hit
+                    lines.append(f"{hit[1]} {floatToGoString(value)}")
+            self._heads = heads
+        lines.append("")
+        return "\n".join(lines).encode()
+
+
+__all__ = ["CONTENT_TYPE", "TextExposition", "escape", "series_head"]
