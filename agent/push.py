@@ -163,6 +163,7 @@ class Pusher:
         self._lock = threading.Lock()
         self._flush = threading.Event()
         self._flushed_at = clock()
+        self._sampled_at: float | None = None
         self._urgent_pending = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,9 +201,12 @@ class Pusher:
             self._buffer.append(snap)
             if urgent:
                 self._urgent_pending = True
-        # The push is due: wake the pusher now, right after a sample, not on a timer of its own. A wake-up
-        # at a moment of its own found the CPU's caches cold and cost as much again as the push's work.
-        if urgent or (not self._failures and self._clock() - self._flushed_at >= self.interval):
+        # The push is due at the sample nearest its time (half a sample's spacing early or late): wake the
+        # pusher now, right after that sample, not on a timer of its own. A wake-up at a moment of its own
+        # found the CPU's caches cold and cost as much again as the push's work.
+        now = self._clock()
+        spacing, self._sampled_at = now - (self._sampled_at or now), now
+        if urgent or (not self._failures and now - self._flushed_at + spacing / 2 >= self.interval):
             self._flush.set()
 
     def pending_samples(self) -> int:

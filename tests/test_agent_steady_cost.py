@@ -282,3 +282,22 @@ def test_a_scrape_writes_what_writing_every_series_anew_writes_and_forgets_serie
     assert len(text._heads) == sum(len(f.samples) for f in families)
     text.render(families[:1])  # the other series left: their heads go
     assert len(text._heads) == len(families[0].samples)
+
+
+def test_a_push_goes_at_the_sample_that_makes_it_due_every_interval_not_a_sample_later():
+    from tests.conftest import wait_until
+
+    clock, http = Clock(), Capturing()
+    pusher = Pusher("http://collector:9446", http=http, interval=5.0, clock=clock)
+    pusher.start()
+    try:
+        for second in range(1, 31):
+            clock.t += 1.0 - (0.002 if second % 2 else 0.001)  # a sampler's tick a little early
+            pusher(throttle(0.0))
+            if second % 5 == 0:  # the fifth sample since the last push sends the five
+                wait_until(lambda second=second: len(http.sent) == second // 5, timeout=5)
+                assert rw.decode(http.sent[-1][0]).sample_count == 5
+            else:
+                assert len(http.sent) == second // 5
+    finally:
+        pusher.stop()
