@@ -71,7 +71,9 @@ def _inference(ctx: SourceContext) -> Source:
 
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec("gpu", _gpu, True, "NVIDIA GPUs through NVML: field table, GPM, XID events"),
-    SourceSpec("host", _host, True, "the node's CPU, memory and load through psutil"),
+    SourceSpec(
+        "host", _host, True, "the node's CPU, memory and load from /proc (psutil where there is none)"
+    ),
     # Off unless something is configured to scrape, probe or receive (AgentSettings.inference.configured()):
     # an agent with no inference server costs nothing.
     SourceSpec(

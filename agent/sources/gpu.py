@@ -24,7 +24,6 @@ from gpufleet.agent.families import Families, Family
 from gpufleet.agent.fields import (
     COSTLY_EVERY,
     FAST_FIELDS,
-    FIELDS,
     GPM_FIELDS,
     INFO,
     MIG_FIELDS,
@@ -52,10 +51,11 @@ log = logging.getLogger(__name__)
 EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
 EVENT_DBE = 0x2  # nvmlEventTypeDoubleBitEccError
 # How long one wait for an XID may last. An event ends a wait at once, so this bounds nothing a user sees;
-# each wait that times out costs the driver about 0.12 ms of CPU (H100), so 500 ms waits cost 0.025 % of a
-# core and 5 s waits 0.0024 % (docs/benchmarks.md). NVML cannot cut a wait short: at shutdown the waiting
-# thread is left to end with the process (see Nvml.shutdown).
-EVENT_WAIT_MS = 5000
+# each wait that times out costs the driver about 0.12 ms of CPU (H100), and the thread's waking a cold CPU more,
+# so 500 ms waits cost 0.025 % of a core, 5 s waits 0.0024 % and 30 s waits 0.0004 % in the driver
+# (docs/benchmarks.md). NVML cannot cut a wait short: at shutdown the waiting thread is left to end with the
+# process (see Nvml.shutdown).
+EVENT_WAIT_MS = 30000
 # The costly GPM metrics (GPM_FIELDS marked slow: GRAPHICS_UTIL, 1.7 ms a call on an H200) are
 # computed over the costly rows' window (COSTLY_EVERY slow intervals: an average over it, not a snapshot) and
 # served from a cache in between; the first window after start is this short, so they show from the first
@@ -473,12 +473,9 @@ class GpuSource:
             self.refresh_slow()
         families = fam = Families()
 
+        # families are made as their first series comes (a row no GPU here answers makes none)
         up = fam(UP[0], "gauge", UP[1])
         info = fam(INFO[0], "gauge", INFO[1])
-        for f in FIELDS:
-            fam(f.name, f.kind, f.help)
-        for g in GPM_FIELDS:
-            fam(g.name, "gauge", g.help)
         xid = fam(XID[0], "counter", XID[1])
         for gpu in self._gpus:
             labels = self._series_labels.get(gpu.uuid)
@@ -496,8 +493,7 @@ class GpuSource:
             for code, n in sorted(counts):
                 xid.add(labels.row(_XID_LABELS, (str(code),)), n)
         self._forget_gone_devices()
-        # rows this node has no series of (MIG, per-link, what its GPUs do not answer) go no further
-        return [f for f in families.values() if f.samples]
+        return [f for f in families.values() if f.samples]  # no XID yet: no XID family
 
     def _forget_gone_devices(self) -> None:
         """Drop the label dicts of MIG instances no longer in any GPU's layout."""

@@ -2,8 +2,9 @@
 
 On Linux it reads ``/proc/stat``, ``/proc/meminfo`` and ``/proc/loadavg`` itself, through files it keeps
 open (as node_exporter's procfs does, a read from the start of each). A sample every second is then three
-``pread`` calls: opening and parsing them anew through psutil each second was a fifth of an idle agent's
-CPU time (bench/agent_cost.py). Where ``/proc`` is not there (a laptop running ``--simulate``) it asks psutil.
+``pread`` calls. Opening and parsing them anew through psutil each second took about a fifth of the on-CPU
+samples of an agent with no GPU source (the py-spy profile of bench/agent_cost.py). Where ``/proc`` is not
+there (a laptop running ``--simulate``) it asks psutil.
 """
 
 from __future__ import annotations
