@@ -202,8 +202,8 @@ class Pusher:
             if urgent:
                 self._urgent_pending = True
         # The push is due at the sample nearest its time (half a sample's spacing early or late): wake the
-        # pusher now, right after that sample, not on a timer of its own. A wake-up at a moment of its own
-        # found the CPU's caches cold and cost as much again as the push's work.
+        # pusher now, not on a timer of its own, so a push carries the sample just taken and every push of a
+        # steady agent as many samples.
         now = self._clock()
         spacing, self._sampled_at = now - (self._sampled_at or now), now
         if urgent or (not self._failures and now - self._flushed_at + spacing / 2 >= self.interval):

@@ -3,6 +3,7 @@ are those the kernel writes, every sample sees the kernel's latest text, and wit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
@@ -98,3 +99,12 @@ def test_without_proc_psutil_answers(tmp_path):
     got = values(HostSource("n", proc_root=tmp_path / "no-proc-here"))
     assert got["gpufleet_host_memory_total_bytes"] == psutil.virtual_memory().total
     assert got["gpufleet_host_cpu_cores"] == psutil.cpu_count()
+
+
+def test_a_proc_without_one_of_the_files_falls_back_to_psutil_and_leaves_no_file_open(tmp_path):
+    root = proc_tree(tmp_path)
+    (root / "loadavg").unlink()
+    before = len(os.listdir("/proc/self/fd"))
+    got = values(HostSource("n", proc_root=root))
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert got["gpufleet_host_memory_total_bytes"] == psutil.virtual_memory().total

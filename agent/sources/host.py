@@ -70,9 +70,15 @@ class ProcStats:
     """CPU busy share since the last read, memory and load, from ``<proc_root>/{stat,meminfo,loadavg}``."""
 
     def __init__(self, proc_root: Path) -> None:
-        self._stat = ProcFile(proc_root / "stat")
-        self._meminfo = ProcFile(proc_root / "meminfo")
-        self._loadavg = ProcFile(proc_root / "loadavg")
+        opened: list[ProcFile] = []
+        try:
+            for name in ("stat", "meminfo", "loadavg"):
+                opened.append(ProcFile(proc_root / name))
+        except OSError:
+            for f in opened:
+                f.close()
+            raise
+        self._stat, self._meminfo, self._loadavg = opened
         self._last: tuple[int, int] | None = None
         self.cpu_busy_ratio()  # prime: the first call has no period to measure
 
