@@ -39,8 +39,8 @@ def series_head(name: str, labels: dict[str, str]) -> str:
 class TextExposition:
     """Writes families as the text format, each series' head kept from the scrape before (:func:`render`).
 
-    Heads not written in a scrape are forgotten after the next, so a pod's series that went away do not
-    stay. Label dicts made anew for each scrape (the agent's own metrics, a renaming) are written anew.
+    Heads are forgotten at the end of the first scrape that does not write them, so a pod's series that went
+    away do not stay. Label dicts made anew for each scrape (the agent's own metrics, a renaming) are written anew.
     """
 
     def __init__(self) -> None:

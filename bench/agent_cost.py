@@ -552,7 +552,7 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
         f"Agent cost — {result['mode']}, {gpus} GPU(s) {result.get('model', '')}, on {result['machine']}",
         "",
         f"Agent: `{run['command']}` (collector: {run['collector']}); scraped every {args.scrape_interval:g} s "
-        f"as Prometheus scrapes (OpenMetrics, gzip).",
+        f"as Prometheus scrapes (asking for OpenMetrics, with gzip).",
         f"Machine during the window: {run['machine_busy_percent']} % of its {run['machine_cpus']} CPUs busy in "
         f"all, load average {run['load_average'][0]}.",
         "",

@@ -256,6 +256,7 @@ def test_the_sampling_loop_leaves_what_lives_as_long_as_the_agent_out_of_full_co
 
 
 def test_a_scrape_writes_what_writing_every_series_anew_writes_and_forgets_series_that_left():
+    from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.utils import floatToGoString
 
     from gpufleet.agent.exposition import TextExposition, escape, series_head
@@ -279,6 +280,13 @@ def test_a_scrape_writes_what_writing_every_series_anew_writes_and_forgets_serie
         families = agent.sample().families
         assert text.render(families) == naive(families)
     assert 'pod="we\\"ird\\\\name\\n"' in text.render(families).decode()
+    # and Prometheus' own parser reads every sample back, labels and values as the snapshot holds them
+    parsed = {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for fam in text_string_to_metric_families(text.render(families).decode())
+        for s in fam.samples
+    }
+    assert parsed == {(f.name, tuple(sorted(la.items())), v) for f in families for la, v in f.samples}
     assert len(text._heads) == sum(len(f.samples) for f in families)
     text.render(families[:1])  # the other series left: their heads go
     assert len(text._heads) == len(families[0].samples)
@@ -299,5 +307,27 @@ def test_a_push_goes_at_the_sample_that_makes_it_due_every_interval_not_a_sample
                 assert rw.decode(http.sent[-1][0]).sample_count == 5
             else:
                 assert len(http.sent) == second // 5
+    finally:
+        pusher.stop()
+
+
+def test_samples_further_apart_than_half_the_push_interval_never_push_more_often_than_asked():
+    from tests.conftest import wait_until
+
+    clock, http = Clock(), Capturing()
+    pusher = Pusher("http://collector:9446", http=http, interval=5.0, clock=clock)
+    pusher.start()
+    try:
+        pushed_at = []
+        for second in range(2, 25, 2):  # a sample every 2 s
+            clock.t += 2.0
+            before = len(http.sent)
+            pusher(throttle(0.0))
+            if second % 6 == 0:  # the first sample a whole interval after the last push
+                wait_until(lambda before=before: len(http.sent) == before + 1, timeout=5)
+                pushed_at.append(second)
+            else:
+                assert len(http.sent) == before
+        assert pushed_at == [6, 12, 18, 24]
     finally:
         pusher.stop()

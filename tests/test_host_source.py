@@ -4,11 +4,13 @@ are those the kernel writes, every sample sees the kernel's latest text, and wit
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from gpufleet.agent.sources.host import HostSource, ProcFile
+from gpufleet.agent.sources.host import HostSource, ProcFile, ProcStats
 
 MEMINFO = """MemTotal:       16000000 kB
 MemFree:         2000000 kB
@@ -108,3 +110,36 @@ def test_a_proc_without_one_of_the_files_falls_back_to_psutil_and_leaves_no_file
     got = values(HostSource("n", proc_root=root))
     assert len(os.listdir("/proc/self/fd")) == before
     assert got["gpufleet_host_memory_total_bytes"] == psutil.virtual_memory().total
+
+
+def test_cpu_busy_counts_a_counter_that_went_back_from_zero_and_keeps_the_share_within_a_tick(tmp_path):
+    root = proc_tree(tmp_path)  # user 100, system 50, idle 800, iowait 50
+    src = HostSource("n", proc_root=root)
+    rewrite(root / "stat", stat(100 + 30, 50, 800 + 60, 50 - 20))  # iowait went back 20 ticks (proc(5))
+    assert values(src)["gpufleet_host_cpu_utilization_ratio"] == pytest.approx(30 / 90)
+    assert values(src)["gpufleet_host_cpu_utilization_ratio"] == pytest.approx(30 / 90)  # no tick since
+    src.close()
+    src.close()  # twice: nothing else is closed by it
+    assert src.collect() == []  # a sample under way at shutdown finds nothing to read, and says nothing
+
+
+def test_a_proc_whose_stat_is_not_the_kernels_falls_back_to_psutil_and_leaves_no_file_open(tmp_path):
+    root = proc_tree(tmp_path)
+    rewrite(root / "stat", "garbage\n")
+    before = len(os.listdir("/proc/self/fd"))
+    got = values(HostSource("n", proc_root=root))
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert got["gpufleet_host_memory_total_bytes"] == psutil.virtual_memory().total
+
+
+def test_the_files_kept_open_on_this_machines_proc_show_the_cpu_time_spent_meanwhile():
+    stats = ProcStats(Path("/proc"))
+    first = sum(int(x) for x in ProcFile(Path("/proc/stat")).first_line().split()[1:9])
+    end = time.thread_time() + 0.3
+    while time.thread_time() < end:  # a third of a second of one core's work
+        pass
+    busy = stats.cpu_busy_ratio()
+    again = sum(int(x) for x in stats._stat.first_line().split()[1:9])
+    assert again >= first + 30  # 10 ms ticks across all cores: at least this thread's 0.3 s
+    assert busy >= 0.5 / (os.cpu_count() or 1)  # one core of the node busy, at least half the time
+    stats.close()

@@ -1,8 +1,8 @@
 """Host source: CPU, memory and load of the node.
 
 On Linux it reads ``/proc/stat``, ``/proc/meminfo`` and ``/proc/loadavg`` itself, through files it keeps
-open (as node_exporter's procfs does, a read from the start of each). A sample every second is then three
-``pread`` calls. Opening and parsing them anew through psutil each second took about a fifth of the on-CPU
+open, each read from its start (the kernel writes the text anew for every read). A sample every second is
+then three ``pread`` calls, without an open and a close for each. Opening and parsing them anew through psutil each second took about a fifth of the on-CPU
 samples of an agent with no GPU source (the py-spy profile of bench/agent_cost.py). Where ``/proc`` is not
 there (a laptop running ``--simulate``) it asks psutil.
 """
@@ -51,6 +51,8 @@ class ProcFile:
         self._size = size
 
     def read(self) -> bytes:
+        if self._fd < 0:
+            raise OSError(f"{self.path} is closed")
         data = os.pread(self._fd, self._size, 0)
         while len(data) == self._size:  # larger than the last read: grow once and read whole
             self._size *= 2
@@ -58,12 +60,18 @@ class ProcFile:
         return data
 
     def first_line(self) -> bytes:
-        """The first line alone: ``/proc/stat`` of a large node is many kilobytes, its first line the total."""
+        """The first line alone (``/proc/stat``'s total over all cores): the kernel still writes the whole
+        text, but only its start is copied and split."""
+        if self._fd < 0:
+            raise OSError(f"{self.path} is closed")
         data = os.pread(self._fd, 256, 0)
         return data.split(b"\n", 1)[0]
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Close once; later calls do nothing, so a number the process reuses is never closed by mistake."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class ProcStats:
@@ -71,27 +79,40 @@ class ProcStats:
 
     def __init__(self, proc_root: Path) -> None:
         opened: list[ProcFile] = []
+        self._last: list[int] | None = None
+        self._ratio = 0.0
         try:
             for name in ("stat", "meminfo", "loadavg"):
                 opened.append(ProcFile(proc_root / name))
-        except OSError:
+            self._stat, self._meminfo, self._loadavg = opened
+            self.cpu_busy_ratio()  # prime: the first call has no period to measure
+            self.memory()
+            self.load1()
+        except (OSError, ValueError, IndexError):  # not the /proc it should be: the caller asks psutil
             for f in opened:
                 f.close()
             raise
-        self._stat, self._meminfo, self._loadavg = opened
-        self._last: tuple[int, int] | None = None
-        self.cpu_busy_ratio()  # prime: the first call has no period to measure
 
     def cpu_busy_ratio(self) -> float:
         """The share of all cores' time since the last call that was neither idle nor waiting on I/O (as
         ``psutil.cpu_percent`` counts it); guest time is inside user time, so it is not added again."""
         # cpu  user nice system idle iowait irq softirq steal [guest guest_nice]
-        ticks = [int(x) for x in self._stat.first_line().split()[1:9]]
-        total, idle = sum(ticks), ticks[3] + ticks[4]
-        last, self._last = self._last, (total, idle)
-        if last is None or total <= last[0]:
+        line = self._stat.first_line().split()
+        if len(line) < 6 or line[0] != b"cpu":
+            raise ValueError(f"{self._stat.path} does not start with the kernel's cpu line")
+        ticks = [int(x) for x in line[1:9]]
+        last = self._last
+        if last is None:
+            self._last = ticks
             return 0.0
-        return min(max(1.0 - (idle - last[1]) / (total - last[0]), 0.0), 1.0)
+        # iowait may go backwards (proc(5)): each field's change counts from 0, as psutil counts it
+        deltas = [max(now - before, 0) for now, before in zip(ticks, last, strict=False)]
+        total = sum(deltas)
+        if total == 0:  # under a tick since the last read (a sample an XID woke early): the last share
+            return self._ratio
+        self._last = ticks
+        self._ratio = min(max(1.0 - (deltas[3] + deltas[4]) / total, 0.0), 1.0)
+        return self._ratio
 
     def memory(self) -> tuple[int, int]:
         """(total, available) bytes; without MemAvailable (kernels before 3.14) free + buffers + cached."""
@@ -137,7 +158,7 @@ class HostSource:
         if psutil_module is None:
             try:
                 self._proc = ProcStats(Path(proc_root))
-            except OSError:  # no /proc (not Linux): psutil knows the platform's way
+            except (OSError, ValueError, IndexError):  # no /proc (not Linux): psutil knows the platform's way
                 import psutil
 
                 self._ps = psutil
@@ -145,11 +166,15 @@ class HostSource:
             self._ps.cpu_percent(interval=None)  # prime, as above
         self._cores = 0
         self._cores_at: float | None = None
+        self._closed = False
 
     def start(self) -> None:
         return None
 
     def close(self) -> None:
+        self._closed = (
+            True  # a sample already under way may still read: it finds the files closed, not reused
+        )
         if self._proc is not None:
             self._proc.close()
 
@@ -161,6 +186,8 @@ class HostSource:
         return self._cores
 
     def collect(self) -> list[Family]:
+        if self._closed:
+            return []
         if self._proc is not None:
             busy = self._proc.cpu_busy_ratio()
             total, available = self._proc.memory()
