@@ -201,13 +201,13 @@ class Pusher:
             self._buffer.append(snap)
             if urgent:
                 self._urgent_pending = True
-        # The push is due at the sample nearest its time (up to half a sample's spacing early, while samples
-        # come more than twice a push interval, so pushes never come more often than asked): wake the pusher
-        # now, not on a timer of its own, so a push carries the sample just taken and every push of a steady
-        # agent as many samples.
+        # The push is due at the first sample at its time, or a little before it: a sampler's tick comes a few
+        # milliseconds early or late, so up to half a sample's spacing, and never more than a twentieth of the
+        # interval (pushes come no more often than asked). Wake the pusher now, not on a timer of its own, so a
+        # push carries the sample just taken and every push of a steady agent as many samples.
         now = self._clock()
         spacing, self._sampled_at = now - (self._sampled_at or now), now
-        early = spacing / 2 if 2 * spacing <= self.interval else 0.0
+        early = min(spacing / 2, self.interval / 20)
         if urgent or (not self._failures and now - self._flushed_at + early >= self.interval):
             self._flush.set()
 
