@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from gpufleet.agent.families import Family
+from gpufleet.agent.families import Family, PerSeries
 from gpufleet.core.metricspec import MetricSpec
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,12 @@ class DeviceLabels:
 
     def __init__(self, attribution: Attribution) -> None:
         self._attribution = attribution
-        # id(series labels) -> (those labels, the holder's labels, the two joined): while a device's holder
-        # stays, its series get the same joined dict every sample, which the sinks know by its identity (see
-        # Family). Entries not used in a sample are forgotten after it.
-        self._joined: dict[int, tuple[dict[str, str], tuple[tuple[str, str], ...], dict[str, str]]] = {}
+        # (the holder's labels, a series' labels) -> the two joined: while a device's holder stays, its series
+        # get the same joined dict every sample, which the sinks know by its identity (see Family).
+        self._joined: PerSeries[dict[str, str]] = PerSeries()
 
     def enrich(self, families: list[Family]) -> list[Family]:
         holders: dict[str, tuple[tuple[str, str], ...]] = {}  # one lookup per device and sample
-        joined, self._joined = self._joined, {}
         out: list[Family] = []
         for fam in families:
             samples: list[tuple[dict[str, str], float]] | None = None  # made when a sample changes
@@ -76,16 +74,13 @@ class DeviceLabels:
                     held_by = holders[device] = tuple(self._attribution(device).items())
                 if not held_by:
                     continue
-                ref = id(labels)
-                hit = joined.get(ref) or self._joined.get(ref)
-                if hit is None or hit[0] is not labels or hit[1] != held_by:
-                    hit = (labels, held_by, {**labels, **dict(held_by)})
-                self._joined[ref] = hit
                 if samples is None:
                     samples = list(fam.samples)
-                samples[i] = (hit[2], value)
+                joined = self._joined.get(held_by, labels, lambda: {**labels, **dict(held_by)})  # noqa: B023
+                samples[i] = (joined, value)
             # a family none of whose series is held goes on as it came (families are read-only downstream)
             out.append(fam if samples is None else Family(fam.name, fam.kind, fam.help, samples))
+        self._joined.rotate()
         return out
 
 

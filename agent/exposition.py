@@ -15,11 +15,9 @@ import threading
 
 from prometheus_client.utils import floatToGoString
 
-from gpufleet.agent.families import Family
+from gpufleet.agent.families import Family, PerSeries
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-_Head = tuple[dict[str, str], str]  # the label dict (held, so its id stays its own) and the series' head
 
 
 def escape(value: str, *, quote: bool) -> str:
@@ -45,11 +43,11 @@ class TextExposition:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # scrapes may come at once (two Prometheus replicas)
-        self._heads: dict[tuple[str, int], _Head] = {}
+        self._heads: PerSeries[str] = PerSeries()
 
     def render(self, families: list[Family]) -> bytes:
         with self._lock:
-            before, heads = self._heads, {}
+            heads = self._heads
             lines: list[str] = []
             for f in families:
                 if not f.samples:
@@ -58,13 +56,9 @@ class TextExposition:
                 lines.append(f"# HELP {name} {escape(f.help, quote=False)}")
                 lines.append(f"# TYPE {name} {f.kind}")
                 for labels, value in f.samples:
-                    ref = (name, id(labels))
-                    hit = before.get(ref)
-                    if hit is None or hit[0] is not labels:
-                        hit = (labels, series_head(name, labels))
-                    heads[ref] = hit
-                    lines.append(f"{hit[1]} {floatToGoString(value)}")
-            self._heads = heads
+                    head = heads.get(name, labels, lambda: series_head(name, labels))  # noqa: B023
+                    lines.append(f"{head} {floatToGoString(value)}")
+            heads.rotate()
         lines.append("")
         return "\n".join(lines).encode()
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import cramjam
 
 from gpufleet.agent.core import Snapshot
+from gpufleet.agent.families import PerSeries
 from gpufleet.agent.fields import FIELDS
 from gpufleet.agent.spool import Spool
 from gpufleet.core import remote_write as rw
@@ -30,41 +31,30 @@ class _SeriesKeys:
     """Each series' labels as remote-write puts them on the wire (``__name__`` and its labels, sorted and
     encoded: :data:`gpufleet.core.remote_write.LabelKey`), worked out once per series, not once per sample.
 
-    A series is known by the identity of its label dict: the sources hand out the same dict for a series every
-    sample, and labels are read-only once in a family (see :class:`gpufleet.agent.families.Family`). An entry
-    holds its dict, so no other dict can take its ``id`` while the entry lives. A stage that makes its dicts
-    anew each sample (an enricher adding the pod that holds a GPU) is recognised by the dict's items instead,
-    and its dicts are not kept. Entries not asked for since the last :meth:`rotate` are forgotten then (the
-    series of a pod that left, of a MIG instance deleted).
+    A series is known by the identity of its label dict (:class:`gpufleet.agent.families.PerSeries`). A stage
+    that makes its dicts anew each sample (an inference server's own labels) is recognised by the dict's items
+    instead, so its series are not encoded again each sample.
     """
 
     def __init__(self) -> None:
-        self._by_dict: dict[tuple[str, int], tuple[dict[str, str], rw.LabelKey]] = {}
-        self._by_dict_before: dict[tuple[str, int], tuple[dict[str, str], rw.LabelKey]] = {}
+        self._by_dict: PerSeries[rw.LabelKey] = PerSeries()
         self._by_items: dict[tuple[str, tuple[tuple[str, str], ...]], rw.LabelKey] = {}
         self._by_items_before: dict[tuple[str, tuple[tuple[str, str], ...]], rw.LabelKey] = {}
 
     def __call__(self, name: str, labels: dict[str, str]) -> rw.LabelKey:
-        ref = (name, id(labels))
-        hit = self._by_dict.get(ref)
-        if hit is None or hit[0] is not labels:
-            hit = self._by_dict_before.get(ref)
-            if hit is None or hit[0] is not labels:
-                items = (name, tuple(labels.items()))
-                key = self._by_items.get(items) or self._by_items_before.get(items)
-                if key is not None:  # known labels in a new dict: a stage that makes them every sample
-                    self._by_items[items] = key
-                    return key
-                # sorted by name, as receivers such as Prometheus require (rw.encode sorts the same way)
-                key = self._by_items[items] = rw.LabelSet.of(
-                    dict(sorted({"__name__": name, **labels}.items()))
-                ).key
-                hit = (labels, key)
-            self._by_dict[ref] = hit
-        return hit[1]
+        return self._by_dict.get(name, labels, lambda: self._key(name, labels))
+
+    def _key(self, name: str, labels: dict[str, str]) -> rw.LabelKey:
+        items = (name, tuple(labels.items()))
+        key = self._by_items.get(items) or self._by_items_before.get(items)
+        if key is None:
+            # sorted by name, as receivers such as Prometheus require (rw.encode sorts the same way)
+            key = rw.LabelSet.of(dict(sorted({"__name__": name, **labels}.items()))).key
+        self._by_items[items] = key
+        return key
 
     def rotate(self) -> None:
-        self._by_dict_before, self._by_dict = self._by_dict, {}
+        self._by_dict.rotate()
         self._by_items_before, self._by_items = self._by_items, {}
 
 

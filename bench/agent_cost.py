@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 
 from bench.nvml_profile import TimedLibrary  # noqa: E402
-from bench.profiles import inclusive, own, read_stacks, share_lines  # noqa: E402
+from bench.profiles import inclusive, own, read_stacks, share_lines, thread_cpu_ms  # noqa: E402
 from gpufleet.agent.nvml import Nvml, NvmlUnavailable  # noqa: E402
 from gpufleet.agent.settings import AgentSettings  # noqa: E402
 from gpufleet.agent.sources.gpu import GpuSource  # noqa: E402
@@ -112,18 +112,6 @@ def median_ms(fn, n: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def median_cpu_ms_after_sleep(fn, n: int, sleep_s: float = 1.0) -> float:
-    """Median thread CPU ms of ``fn`` run once after each ``sleep_s`` asleep: as the agent runs a sample, with
-    the CPU's caches and the kernel's paths as a second of other work or idling left them."""
-    times = []
-    for _ in range(n):
-        time.sleep(sleep_s)
-        t0 = time.thread_time()
-        fn()
-        times.append(time.thread_time() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -269,6 +257,7 @@ def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: P
         }
     stacks = read_stacks(raw)
     total = sum(n for _, n in stacks)
+    anywhere = inclusive(stacks)
     in_simulator = sum(n for frames, n in stacks if any("simulator.py" in f for f in frames))
     how = "--gil" if simulated else "(threads on a CPU)"
     (out / "agent_cost_profile.txt").write_text(
@@ -277,11 +266,11 @@ def profile(pid: int, port: int, seconds: float, every: float, rate: int, out: P
                 f"py-spy {how} --nonblocking at {rate} Hz over {seconds:.0f} s: {total} samples, "
                 f"{in_simulator} in the simulator",
                 "samples / each thread",
-                *share_lines(inclusive(stacks), total, 20, lambda name: name.startswith("thread: ")),
+                *share_lines(anywhere, total, 20, lambda name: name.startswith("thread: ")),
                 "samples / own function (the innermost frame)",
                 *share_lines(own(stacks), total, 30),
                 "samples / inclusive, each function in the stack (threading frames left out)",
-                *share_lines(inclusive(stacks), total, 60, lambda name: "threading.py" not in name),
+                *share_lines(anywhere, total, 60, lambda name: "threading.py" not in name),
             ]
         )
         + "\n"
@@ -514,7 +503,7 @@ def sample_cost(args: argparse.Namespace) -> dict:
     for _ in range(3):
         src.collect()
     sample_ms = median_ms(src.collect, args.samples)
-    asleep_ms = median_cpu_ms_after_sleep(src.collect, min(args.samples, 10))
+    asleep_ms = thread_cpu_ms(src.collect, times=min(args.samples, 10), asleep_s=1.0)
     slow_ms = median_ms(src.refresh_slow, 5)
     src.close()
     result: dict = {

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics  # noqa: E402
 
+from bench.profiles import thread_cpu_ms  # noqa: E402
 from gpufleet.agent.exporter import SnapshotFamilies  # noqa: E402
 from gpufleet.agent.exposition import TextExposition  # noqa: E402
 from gpufleet.agent.families import Family  # noqa: E402
@@ -54,18 +53,6 @@ class Families:
             for labels, value in fam.samples:
                 out.add_metric([labels.get(k, "") for k in names], value)
             yield out
-
-
-def timed(fn: Callable[[], object], *, gap: float, times: int) -> float:
-    """Median thread CPU milliseconds of ``fn``, each call after ``gap`` seconds asleep."""
-    took = []
-    for _ in range(times):
-        if gap:
-            time.sleep(gap)
-        t0 = time.thread_time()
-        fn()
-        took.append(time.thread_time() - t0)
-    return 1000 * statistics.median(took)
 
 
 def main() -> None:
@@ -97,7 +84,7 @@ def main() -> None:
     print("| writer | after 1 s asleep | in a loop | ratio to the first row (asleep) |")
     print("| --- | ---: | ---: | ---: |")
     rows = {
-        name: (timed(fn, gap=1.0, times=args.scrapes), timed(fn, gap=0, times=50))
+        name: (thread_cpu_ms(fn, times=args.scrapes, asleep_s=1.0), thread_cpu_ms(fn, times=50))
         for name, fn in writers.items()
     }
     base = next(iter(rows.values()))[0]

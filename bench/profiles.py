@@ -5,7 +5,10 @@ the samples each function, or each thread, is in."""
 from __future__ import annotations
 
 import re
+import statistics
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 Stack = tuple[list[str], int]  # frames outermost first, samples
@@ -47,3 +50,17 @@ def share_lines(counts: Counter[str], total: int, top: int, keep=lambda name: Tr
     """``samples  share %  name`` for the ``top`` names ``keep`` lets through, most samples first."""
     rows = [(name, n) for name, n in counts.most_common() if keep(name)][:top]
     return [f"{n:6d} {100 * n / max(1, total):5.1f}%  {name}" for name, n in rows]
+
+
+def thread_cpu_ms(fn: Callable[[], object], *, times: int, asleep_s: float = 0.0) -> float:
+    """Median thread CPU milliseconds of ``fn``, each call after ``asleep_s`` seconds asleep: with a second
+    asleep, as the agent runs a sample or answers a scrape, the CPU's caches and the kernel's paths as other
+    work or idling left them."""
+    took = []
+    for _ in range(times):
+        if asleep_s:
+            time.sleep(asleep_s)
+        t0 = time.thread_time()
+        fn()
+        took.append(time.thread_time() - t0)
+    return 1000 * statistics.median(took)

@@ -505,7 +505,7 @@ class Collector:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.leadership.release()
-        for body in getattr(self.app.state, "kept_warm", ()):
+        for body in self.app.state.kept_warm:
             body.close()
         self.engine.close()
         if self.forwarder is not None:

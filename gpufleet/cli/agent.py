@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gpufleet.agent.attribution import DEFAULT_JOB_LABEL_KEYS
+from gpufleet.agent.fields import COSTLY_EVERY
 from gpufleet.cli.common import Command, Decorator, announce, apply, logging_options, wait_for_signal
 from gpufleet.cli.params import Duration, ListenAddress
 
@@ -69,7 +70,8 @@ def sampling_options(*, push_interval: float = 5.0) -> Decorator:
             envvar="GPUFLEET_SLOW_INTERVAL",
             show_default=True,
             help="Time between reads of the slow GPU rows (limits, NVLink state and errors, PCIe link), seconds "
-            "or a duration; the costliest (energy, throttle time, PCIe throughput) are read every 4th time.",
+            f"or a duration; the costliest (energy, throttle time, PCIe throughput) are read every {COSTLY_EVERY}th "
+            "time.",
         ),
         click.option(
             "--metric-names",

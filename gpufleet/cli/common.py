@@ -116,16 +116,16 @@ def wait_for_signal() -> None:
     in a read of that socket and runs the handlers when it returns.
     """
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)
+    # the wakeup socket first: a signal caught from here on ends the select below
     before = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.is_set():
-            # a minute at most, in case a signal came before the wakeup socket was in place
-            if select.select([wake_r], [], [], 60.0)[0]:
-                wake_r.recv(64)
+            select.select([wake_r], [], [])
+            wake_r.recv(64)
     finally:
         signal.set_wakeup_fd(before)
         wake_r.close()
