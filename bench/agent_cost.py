@@ -568,11 +568,13 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
     elif prof:
         md.append(f"| the simulated GPUs' share | not measured: {prof['error']} |")
     md.append(f"| process RSS at the end (peak) | {run['rss_mib']} MiB ({run['rss_peak_mib']} MiB) |")
+    # the in-process timings read the GPUs at hand, each once, whatever --replicate showed the agent
+    once = ", each real GPU once" if args.replicate > 1 else ""
     if "no_sample_cost" in result:
         md.append(f"| one full agent sample | not measured: {result['no_sample_cost']} |")
     else:
         md += [
-            f"| one full agent sample (all GPUs, median of {args.samples}, in this process) | "
+            f"| one full agent sample (all GPUs{once}, median of {args.samples}, in this process) | "
             f"{result['agent_sample_ms']} ms ({result['agent_sample_ms_per_gpu']} ms per GPU) |",
             f"| the same sample after 1 s asleep, as the running agent takes it (thread CPU, median of "
             f"{min(args.samples, 10)}) | {result['agent_sample_cpu_ms_after_sleep']} ms |",

@@ -60,6 +60,7 @@ from gpufleet.collector.auth import (
 )
 from gpufleet.collector.auth import hash_token as hash_token  # kept importable from here
 from gpufleet.collector.fleet import (
+    FLEET_AGE,
     FLEET_KEEP_WARM,
     FLEET_MAX_GPUS,
     FLEET_POLL_S,
@@ -696,8 +697,7 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "description": "A page of the GPUs in fleet order (cluster, node, GPU index), as of two "
-                "seconds ago at most while polled (the first call after a quiet spell: up to about ten): "
+                "description": f"A page of the GPUs in fleet order (cluster, node, GPU index), {FLEET_AGE}: "
                 "`gpus`, `total` (all GPUs), `offset`, and `next`, the address of the next page (null on the "
                 "last).",
                 **JSON_OBJECT,
@@ -957,8 +957,7 @@ def create_app(
         response_class=Response,
         responses={
             200: {
-                "description": "The fleet, as of two seconds ago at most while polled (the first call after a "
-                "quiet spell: up to about ten; `generated_at` says). Past --fleet-max-gpus GPUs its lists are "
+                "description": f"The fleet, {FLEET_AGE}. Past --fleet-max-gpus GPUs its lists are "
                 "cut (the totals count every GPU) and `truncated` says what was left out.",
                 **JSON_OBJECT,
             },

@@ -47,6 +47,12 @@ FLEET_WATCH_S = 15.0  # worked out ahead while asked for at least this often (3 
 # FLEET_KEEP_WARM of a core, so the first page opened after a quiet spell answers at once.
 FLEET_WARM_MIN_S = 10.0
 FLEET_KEEP_WARM = 0.01
+# How old a fleet answer may be, as PerPoll._may_hand_out allows it (the API's descriptions say so).
+FLEET_AGE = (
+    f"worked out every {FLEET_POLL_S:g} s while polled, so at most {3 * FLEET_POLL_S:g} s old; the first call "
+    f"after a quiet spell may get the answer kept warm, up to {FLEET_WARM_MIN_S + 3 * FLEET_POLL_S:g} s old "
+    f"(longer where one build takes over {FLEET_KEEP_WARM * FLEET_WARM_MIN_S:g} s); `generated_at` says"
+)
 log = logging.getLogger(__name__)
 _IDENTITY = ("uuid", "gpu", "node", "cluster", "model", "pod", "namespace", "container")
 
@@ -384,7 +390,11 @@ class PerPoll(Generic[T]):
         self._ttl_s = ttl_s
         self._ahead = ahead
         self._watch_s = watch_s
-        self._keep_warm = keep_warm if ahead else 0.0
+        if keep_warm and not ahead:
+            raise ValueError(
+                "keep_warm needs ahead=True: only the thread that works the value out ahead keeps it warm"
+            )
+        self._keep_warm = keep_warm
         self._warm_min_s = warm_min_s
         self._clock = clock
         self._lock = threading.Lock()  # the value, its time, the last call, the refresher

@@ -455,3 +455,8 @@ def test_a_trend_query_for_one_node_returns_that_nodes_gpus_only(store: Store) -
     # an empty matcher is "the label is absent", as before
     (nodeless,) = store.query_range("gpufleet_gpu_sm_active_ratio", {"node": ""}, 10, 10, 1)
     assert nodeless["metric"]["uuid"] == "GPU-x"
+
+
+def test_keeping_a_value_warm_without_working_it_out_ahead_is_refused():
+    with pytest.raises(ValueError, match="keep_warm needs ahead=True"):
+        PerPoll(lambda: 1, ttl_s=1.0, keep_warm=0.01)
